@@ -1,0 +1,628 @@
+//! Compilation: validated config + one proxy's identity → that proxy's [`Snapshot`].
+//!
+//! Istio's semantics are decided here, once, so the data plane only looks things up:
+//! which VirtualServices bind to which gateway or to the mesh, which match blocks apply to this
+//! proxy, which DestinationRule policy applies to which port and subset, which endpoints a subset
+//! selects. The output is deterministic: the same inputs give the same snapshot and version.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use crate::analyze::{hosts_intersect, strip_ns, MESH_GATEWAY};
+use crate::model::networking::{
+    DestinationRule, Gateway, HeaderOperations, Headers, HttpMatchRequest, HttpRoute, Labels, LoadBalancerSettings,
+    StringMatch, TrafficPolicy, VirtualService,
+};
+use crate::model::{Duration, Resource, Spec};
+use crate::registry::{selects, Protocol, Registry, Service, Workload};
+use crate::snapshot::*;
+
+/// Who the snapshot is for and where its listeners go (a proxy's bootstrap).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ProxySpec {
+    pub role: Role,
+    /// The workload (sidecar) or gateway deployment name.
+    pub name: String,
+    pub namespace: String,
+    pub labels: Labels,
+    /// Where gateway listeners bind.
+    pub bind_address: IpAddr,
+    /// Gateway server port → local port (Gateway port 80 served on 8080).
+    pub port_map: BTreeMap<u16, u16>,
+    pub inbound: Vec<InboundSpec>,
+    /// The HTTP proxy listener for the workload's egress.
+    pub outbound: Option<SocketAddr>,
+    pub upstreams: Vec<UpstreamSpec>,
+}
+
+impl Default for ProxySpec {
+    fn default() -> Self {
+        ProxySpec {
+            role: Role::Sidecar,
+            name: String::new(),
+            namespace: crate::model::DEFAULT_NAMESPACE.to_string(),
+            labels: Labels::new(),
+            bind_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port_map: BTreeMap::new(),
+            inbound: Vec::new(),
+            outbound: None,
+            upstreams: Vec::new(),
+        }
+    }
+}
+
+/// An inbound listener in front of a local application port.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct InboundSpec {
+    pub listen: SocketAddr,
+    pub app: SocketAddr,
+    /// The application protocol if known (`Downstream` otherwise).
+    pub protocol: Option<UpstreamProtocol>,
+}
+
+/// A local port bound to a named upstream (`host:port`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct UpstreamSpec {
+    pub listen: SocketAddr,
+    pub host: String,
+    pub port: u16,
+}
+
+/// Envoy's default connect timeout, which Istio keeps.
+const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Compiles the snapshot for `proxy`.
+pub fn compile(resources: &[Resource], extra: &[Workload], proxy: &ProxySpec) -> Snapshot {
+    let registry = Registry::build(resources, extra);
+    let mut cx = Compiler { resources, registry: &registry, proxy, clusters: BTreeMap::new() };
+    let mut snap = Snapshot {
+        version: String::new(),
+        node: NodeInfo {
+            role: proxy.role,
+            name: proxy.name.clone(),
+            namespace: proxy.namespace.clone(),
+            labels: proxy.labels.clone(),
+        },
+        ..Default::default()
+    };
+    match proxy.role {
+        Role::Gateway => cx.gateway(&mut snap),
+        Role::Sidecar => cx.sidecar(&mut snap),
+    }
+    snap.clusters = std::mem::take(&mut cx.clusters);
+    snap.version = version_of(&snap);
+    snap
+}
+
+/// A content hash of a snapshot (its version string).
+pub fn version_of(snap: &Snapshot) -> String {
+    let mut copy = snap.clone();
+    copy.version.clear();
+    let bytes = serde_json::to_vec(&copy).unwrap_or_default();
+    format!("{:016x}", crate::hash::fnv1a64(&bytes))
+}
+
+struct Compiler<'a> {
+    resources: &'a [Resource],
+    registry: &'a Registry,
+    proxy: &'a ProxySpec,
+    clusters: BTreeMap<String, Cluster>,
+}
+
+fn virtual_services(resources: &[Resource]) -> impl Iterator<Item = (&Resource, &VirtualService)> {
+    resources.iter().filter_map(|r| match &r.spec {
+        Spec::VirtualService(vs) => Some((r, vs)),
+        _ => None,
+    })
+}
+
+impl<'a> Compiler<'a> {
+
+    fn destination_rule(&self, hostname: &str) -> Option<&DestinationRule> {
+        self.resources.iter().find_map(|r| match &r.spec {
+            Spec::DestinationRule(dr) if self.registry.canonical(&dr.host, r.namespace()) == hostname => Some(dr),
+            _ => None,
+        })
+    }
+
+    // --- gateways ---
+
+    fn gateway(&mut self, snap: &mut Snapshot) {
+        // Servers by port: (gateway resource, server hosts).
+        let mut by_port: BTreeMap<u16, Vec<(&Resource, Vec<String>)>> = BTreeMap::new();
+        for r in self.resources {
+            let Spec::Gateway(Gateway { selector, servers }) = &r.spec else { continue };
+            if !selects(selector, &self.proxy.labels) {
+                continue;
+            }
+            for s in servers {
+                let proto = Protocol::parse(&s.port.protocol);
+                let Ok(port) = u16::try_from(s.port.number) else { continue };
+                if !proto.is_http() || port == 0 {
+                    continue;
+                }
+                by_port.entry(port).or_default().push((r, s.hosts.clone()));
+            }
+        }
+        for (port, servers) in by_port {
+            let table_name = format!("gateway|{port}");
+            let local = self.proxy.port_map.get(&port).copied().unwrap_or(port);
+            snap.listeners.push(Listener {
+                name: format!("gateway-{port}"),
+                address: SocketAddr::new(self.proxy.bind_address, local),
+                direction: Direction::Gateway,
+                routing: ListenerRouting::Table(table_name.clone()),
+            });
+            let mut vhosts: Vec<VirtualHost> = Vec::new();
+            let vss: Vec<(&Resource, &VirtualService)> = virtual_services(self.resources).collect();
+            for (vr, vs) in vss {
+                for (gr, server_hosts) in &servers {
+                    let gw_name = format!("{}/{}", gr.namespace(), gr.name());
+                    let bound = vs.gateways.iter().any(|g| qualify(g, vr.namespace()) == gw_name);
+                    if !bound {
+                        continue;
+                    }
+                    for h in &vs.hosts {
+                        for sh in server_hosts {
+                            if !server_admits_namespace(sh, vr.namespace(), gr.namespace()) {
+                                continue;
+                            }
+                            let sh = strip_ns(sh);
+                            if !hosts_intersect(h, sh) {
+                                continue;
+                            }
+                            let domain = more_specific(h, sh).to_ascii_lowercase();
+                            let routes = self.routes(vr, vs, Some(&gw_name), port);
+                            match vhosts.iter_mut().find(|v| v.domains == [domain.clone()]) {
+                                Some(v) => v.routes.extend(routes),
+                                None => vhosts.push(VirtualHost { name: domain.clone(), domains: vec![domain], routes }),
+                            }
+                        }
+                    }
+                }
+            }
+            snap.route_tables.insert(table_name, RouteTable { virtual_hosts: vhosts });
+        }
+    }
+
+    // --- sidecars ---
+
+    fn sidecar(&mut self, snap: &mut Snapshot) {
+        for ib in &self.proxy.inbound {
+            let port = ib.listen.port();
+            let cluster = format!("inbound|{port}||");
+            self.clusters.insert(
+                cluster.clone(),
+                Cluster {
+                    name: cluster.clone(),
+                    service: self.proxy.name.clone(),
+                    port: ib.app.port(),
+                    subset: None,
+                    protocol: ib.protocol.unwrap_or(UpstreamProtocol::Downstream),
+                    lb: LbPolicy::RoundRobin,
+                    connect_timeout: Duration(DEFAULT_CONNECT_TIMEOUT),
+                    endpoints: vec![Endpoint {
+                        address: ib.app.to_string(),
+                        labels: self.proxy.labels.clone(),
+                        weight: 1,
+                        workload: Some(self.proxy.name.clone()),
+                    }],
+                },
+            );
+            let table = format!("inbound|{port}");
+            snap.route_tables.insert(
+                table.clone(),
+                RouteTable {
+                    virtual_hosts: vec![VirtualHost {
+                        name: "inbound".into(),
+                        domains: vec!["*".into()],
+                        routes: vec![Route {
+                            name: "default".into(),
+                            source: None,
+                            matches: Vec::new(),
+                            action: Action::Forward(Forward {
+                                destinations: vec![WeightedCluster {
+                                    cluster,
+                                    weight: 100,
+                                    request_headers: HeaderOps::default(),
+                                    response_headers: HeaderOps::default(),
+                                }],
+                                rewrite: None,
+                            }),
+                            request_headers: HeaderOps::default(),
+                            response_headers: HeaderOps::default(),
+                            timeout: None,
+                        }],
+                    }],
+                },
+            );
+            snap.listeners.push(Listener {
+                name: format!("inbound-{port}"),
+                address: ib.listen,
+                direction: Direction::Inbound,
+                routing: ListenerRouting::Table(table),
+            });
+        }
+        if self.proxy.outbound.is_none() && self.proxy.upstreams.is_empty() {
+            return;
+        }
+        // Outbound tables, one per port any service listens on (and 80 for plain `http://name`).
+        let mut ports: BTreeSet<u16> = self.registry.services.iter().flat_map(|s| s.ports.iter().map(|p| p.number)).collect();
+        ports.insert(80);
+        ports.extend(self.proxy.upstreams.iter().map(|u| u.port));
+        for port in ports {
+            let table = self.outbound_table(port);
+            snap.route_tables.insert(outbound_table(port), table);
+        }
+        if let Some(addr) = self.proxy.outbound {
+            snap.listeners.push(Listener {
+                name: "outbound".into(),
+                address: addr,
+                direction: Direction::Outbound,
+                routing: ListenerRouting::ByRequestPort,
+            });
+        }
+        for u in &self.proxy.upstreams {
+            snap.listeners.push(Listener {
+                name: format!("upstream-{}", u.listen.port()),
+                address: u.listen,
+                direction: Direction::Outbound,
+                routing: ListenerRouting::Fixed { host: u.host.clone(), port: u.port },
+            });
+        }
+    }
+
+    fn outbound_table(&mut self, port: u16) -> RouteTable {
+        let ns = self.proxy.namespace.clone();
+        // The first mesh VirtualService claiming a host wins (Istio's rule for sidecars).
+        let mut claimed: BTreeMap<String, (&'a Resource, &'a VirtualService)> = BTreeMap::new();
+        let mut unresolved: Vec<(String, &'a Resource, &'a VirtualService)> = Vec::new();
+        let registry = self.registry;
+        for (r, vs) in virtual_services(self.resources) {
+            let for_mesh = vs.gateways.is_empty() || vs.gateways.iter().any(|g| g == MESH_GATEWAY);
+            if !for_mesh {
+                continue;
+            }
+            for h in &vs.hosts {
+                match registry.resolve(h, r.namespace()) {
+                    Some(svc) if !h.starts_with('*') => {
+                        claimed.entry(svc.hostname.clone()).or_insert((r, vs));
+                    }
+                    _ => unresolved.push((h.to_ascii_lowercase(), r, vs)),
+                }
+            }
+        }
+        let mut vhosts = Vec::new();
+        let services: Vec<&Service> = registry.services.iter().filter(|s| s.port(port).is_some() && !s.hostname.starts_with('*')).collect();
+        for svc in services {
+            let domains = svc.domains(&ns);
+            let routes = match claimed.get(&svc.hostname) {
+                Some((r, vs)) => self.routes(r, vs, None, port),
+                None => {
+                    let cluster = self.cluster(&svc.hostname, &svc.namespace, port, None);
+                    vec![default_route(cluster)]
+                }
+            };
+            vhosts.push(VirtualHost { name: format!("{}:{port}", svc.hostname), domains, routes });
+        }
+        for (h, r, vs) in unresolved {
+            let routes = self.routes(r, vs, None, port);
+            if !routes.is_empty() {
+                vhosts.push(VirtualHost { name: format!("{h}:{port}"), domains: vec![h], routes });
+            }
+        }
+        RouteTable { virtual_hosts: vhosts }
+    }
+
+    // --- routes ---
+
+    /// The routes of a VirtualService as seen by one gateway (`Some(ns/name)`) or by the mesh.
+    fn routes(&mut self, r: &Resource, vs: &VirtualService, gateway: Option<&str>, port: u16) -> Vec<Route> {
+        let mut out = Vec::new();
+        for (i, hr) in vs.http.iter().enumerate() {
+            let matches: Vec<RouteMatch> = hr
+                .matches
+                .iter()
+                .filter(|m| self.match_applies(m, r.namespace(), gateway, port))
+                .map(compile_match)
+                .collect();
+            if !hr.matches.is_empty() && matches.is_empty() {
+                continue; // No match block applies to this proxy.
+            }
+            let Some(action) = self.action(r, hr, port) else { continue };
+            let (request_headers, response_headers) = header_ops(hr.headers.as_ref());
+            out.push(Route {
+                name: hr.name.clone().unwrap_or_else(|| format!("{}.{}.{i}", r.name(), r.namespace())),
+                source: Some(format!("{} http[{i}]", r.id())),
+                matches,
+                action,
+                request_headers,
+                response_headers,
+                timeout: hr.timeout.filter(|t| !t.0.is_zero()),
+            });
+        }
+        out
+    }
+
+    fn match_applies(&self, m: &HttpMatchRequest, ns: &str, gateway: Option<&str>, port: u16) -> bool {
+        if !m.gateways.is_empty() {
+            let ok = match gateway {
+                Some(gw) => m.gateways.iter().any(|g| qualify(g, ns) == gw),
+                None => m.gateways.iter().any(|g| g == MESH_GATEWAY),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        if !selects(&m.source_labels, &self.proxy.labels) {
+            return false;
+        }
+        if let Some(sn) = &m.source_namespace {
+            if sn != &self.proxy.namespace {
+                return false;
+            }
+        }
+        // On sidecars a port match selects the outbound table; gateways check it per request
+        // against the listener port, which is this table's port too.
+        m.port.is_none_or(|p| p == u32::from(port))
+    }
+
+    fn action(&mut self, r: &Resource, hr: &HttpRoute, port: u16) -> Option<Action> {
+        if let Some(d) = &hr.direct_response {
+            let body = d.body.as_ref().and_then(|b| b.string.clone().or_else(|| b.bytes.clone())).unwrap_or_default();
+            return Some(Action::Direct { status: d.status as u16, body });
+        }
+        if let Some(rd) = &hr.redirect {
+            return Some(Action::Redirect(Redirect {
+                uri: rd.uri.clone(),
+                authority: rd.authority.clone(),
+                port: rd.port.and_then(|p| u16::try_from(p).ok()),
+                port_from_request: rd.derive_port.as_deref() == Some("FROM_REQUEST_PORT"),
+                scheme: rd.scheme.clone(),
+                code: rd.redirect_code.map(|c| c as u16).unwrap_or(301),
+            }));
+        }
+        if hr.route.is_empty() {
+            return None;
+        }
+        let single = hr.route.len() == 1;
+        let destinations = hr
+            .route
+            .iter()
+            .map(|d| {
+                let dest_port = d.destination.port.as_ref().and_then(|p| u16::try_from(p.number).ok());
+                let cluster = self.cluster_for(&d.destination.host, r.namespace(), dest_port, port, d.destination.subset.as_deref());
+                let (request_headers, response_headers) = header_ops(d.headers.as_ref());
+                WeightedCluster {
+                    cluster,
+                    weight: if single { 100 } else { d.weight.unwrap_or(0).max(0) as u32 },
+                    request_headers,
+                    response_headers,
+                }
+            })
+            .collect();
+        let rewrite = hr.rewrite.as_ref().map(|rw| Rewrite {
+            uri: rw.uri.clone(),
+            authority: rw.authority.clone(),
+            uri_regex: rw.uri_regex_rewrite.as_ref().map(|x| (x.pattern.clone(), x.rewrite.clone())),
+        });
+        Some(Action::Forward(Forward { destinations, rewrite }))
+    }
+
+    /// The cluster for a destination: its port is the one named, else the service's only port,
+    /// else the port the request came for.
+    fn cluster_for(&mut self, host: &str, ns: &str, dest_port: Option<u16>, req_port: u16, subset: Option<&str>) -> String {
+        let (hostname, svc_ns, port) = match self.registry.resolve(host, ns) {
+            Some(svc) => {
+                let port = dest_port.unwrap_or_else(|| if svc.ports.len() == 1 { svc.ports[0].number } else { req_port });
+                let hostname = if svc.hostname.starts_with('*') { host.to_ascii_lowercase() } else { svc.hostname.clone() };
+                (hostname, svc.namespace.clone(), port)
+            }
+            None => (host.to_ascii_lowercase(), ns.to_string(), dest_port.unwrap_or(req_port)),
+        };
+        self.cluster(&hostname, &svc_ns, port, subset)
+    }
+
+    fn cluster(&mut self, hostname: &str, ns: &str, port: u16, subset: Option<&str>) -> String {
+        let name = format!("outbound|{port}|{}|{hostname}", subset.unwrap_or(""));
+        if self.clusters.contains_key(&name) {
+            return name;
+        }
+        let svc = self.registry.resolve(hostname, ns).cloned();
+        let dr = self.destination_rule(hostname).cloned();
+        let subset_def = subset.and_then(|s| dr.as_ref().and_then(|d| d.subsets.iter().find(|x| x.name == s)).cloned());
+        // Policy precedence: subset (port level, then whole) over rule (port level, then whole).
+        let lb = [subset_def.as_ref().and_then(|s| s.traffic_policy.as_ref()), dr.as_ref().and_then(|d| d.traffic_policy.as_ref())]
+            .into_iter()
+            .flatten()
+            .find_map(|tp| lb_settings(tp, port))
+            .map(lb_policy)
+            .unwrap_or(LbPolicy::RoundRobin);
+        let (protocol, endpoints) = match &svc {
+            None => (UpstreamProtocol::Downstream, Vec::new()),
+            Some(svc) => {
+                let sp = svc.port(port).cloned();
+                let protocol = match sp.as_ref().map(|p| p.protocol) {
+                    Some(Protocol::Http) => UpstreamProtocol::Http1,
+                    Some(Protocol::Http2 | Protocol::Grpc) => UpstreamProtocol::Http2,
+                    _ => UpstreamProtocol::Downstream,
+                };
+                let endpoints = match &sp {
+                    None => Vec::new(),
+                    Some(_) if svc.resolve_dns => vec![Endpoint {
+                        address: format!("{}:{}", svc.hostname, sp.as_ref().map(|p| p.number).unwrap_or(port)),
+                        labels: Labels::new(),
+                        weight: 1,
+                        workload: None,
+                    }],
+                    Some(sp) => svc
+                        .endpoints
+                        .iter()
+                        .filter(|w| subset_def.as_ref().is_none_or(|s| selects(&s.labels, &w.labels)))
+                        .filter(|_| subset.is_none() || subset_def.is_some())
+                        .map(|w| Endpoint {
+                            address: join_host_port(&w.address, w.port_for(sp)),
+                            labels: w.labels.clone(),
+                            weight: w.weight,
+                            workload: Some(w.name.clone()),
+                        })
+                        .collect(),
+                };
+                (protocol, endpoints)
+            }
+        };
+        self.clusters.insert(
+            name.clone(),
+            Cluster {
+                name: name.clone(),
+                service: hostname.to_string(),
+                port,
+                subset: subset.map(str::to_string),
+                protocol,
+                lb,
+                connect_timeout: Duration(DEFAULT_CONNECT_TIMEOUT),
+                endpoints,
+            },
+        );
+        name
+    }
+}
+
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+fn default_route(cluster: String) -> Route {
+    Route {
+        name: "default".into(),
+        source: None,
+        matches: Vec::new(),
+        action: Action::Forward(Forward {
+            destinations: vec![WeightedCluster {
+                cluster,
+                weight: 100,
+                request_headers: HeaderOps::default(),
+                response_headers: HeaderOps::default(),
+            }],
+            rewrite: None,
+        }),
+        request_headers: HeaderOps::default(),
+        response_headers: HeaderOps::default(),
+        timeout: None,
+    }
+}
+
+fn lb_settings(tp: &TrafficPolicy, port: u16) -> Option<&LoadBalancerSettings> {
+    tp.port_level_settings
+        .iter()
+        .find(|p| p.port.as_ref().is_some_and(|s| s.number == u32::from(port)))
+        .and_then(|p| p.load_balancer.as_ref())
+        .or(tp.load_balancer.as_ref())
+}
+
+fn lb_policy(lb: &LoadBalancerSettings) -> LbPolicy {
+    if let Some(ch) = &lb.consistent_hash {
+        let min = ch.ring_hash.as_ref().and_then(|r| r.minimum_ring_size).or(ch.minimum_ring_size).unwrap_or(1024);
+        let hash = if let Some(h) = &ch.http_header_name {
+            HashPolicy::Header(h.to_ascii_lowercase())
+        } else if let Some(c) = &ch.http_cookie {
+            HashPolicy::Cookie { name: c.name.clone(), path: c.path.clone(), ttl: c.ttl }
+        } else if let Some(q) = &ch.http_query_parameter_name {
+            HashPolicy::QueryParam(q.clone())
+        } else {
+            HashPolicy::SourceIp
+        };
+        return LbPolicy::RingHash { hash, min_ring_size: min.clamp(16, 1 << 23) };
+    }
+    match lb.simple.as_deref() {
+        Some("LEAST_REQUEST" | "LEAST_CONN") => LbPolicy::LeastRequest,
+        Some("RANDOM") => LbPolicy::Random,
+        _ => LbPolicy::RoundRobin,
+    }
+}
+
+fn header_ops(h: Option<&Headers>) -> (HeaderOps, HeaderOps) {
+    let conv = |o: Option<&HeaderOperations>| match o {
+        None => HeaderOps::default(),
+        Some(o) => HeaderOps {
+            set: o.set.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect(),
+            add: o.add.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect(),
+            remove: o.remove.iter().map(|k| k.to_ascii_lowercase()).collect(),
+        },
+    };
+    match h {
+        None => (HeaderOps::default(), HeaderOps::default()),
+        Some(h) => (conv(h.request.as_ref()), conv(h.response.as_ref())),
+    }
+}
+
+fn string_matcher(sm: &StringMatch) -> Option<StringMatcher> {
+    if let Some(e) = &sm.exact {
+        Some(StringMatcher::Exact(e.clone()))
+    } else if let Some(p) = &sm.prefix {
+        Some(StringMatcher::Prefix(p.clone()))
+    } else {
+        sm.regex.as_ref().map(|r| StringMatcher::Regex(r.clone()))
+    }
+}
+
+fn compile_match(m: &HttpMatchRequest) -> RouteMatch {
+    let keys = |map: &BTreeMap<String, StringMatch>, invert: bool, lower: bool| {
+        map.iter()
+            .map(|(k, v)| KeyMatcher {
+                name: if lower { k.to_ascii_lowercase() } else { k.clone() },
+                value: string_matcher(v),
+                invert,
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut headers = keys(&m.headers, false, true);
+    headers.extend(keys(&m.without_headers, true, true));
+    let uri = m.uri.as_ref().and_then(string_matcher).map(|u| match (u, m.ignore_uri_case) {
+        (StringMatcher::Exact(s), true) => StringMatcher::Exact(s.to_ascii_lowercase()),
+        (StringMatcher::Prefix(s), true) => StringMatcher::Prefix(s.to_ascii_lowercase()),
+        (u, _) => u,
+    });
+    RouteMatch {
+        uri,
+        ignore_uri_case: m.ignore_uri_case,
+        scheme: m.scheme.as_ref().and_then(string_matcher),
+        method: m.method.as_ref().and_then(string_matcher),
+        authority: m.authority.as_ref().and_then(string_matcher),
+        headers,
+        query_params: keys(&m.query_params, false, false),
+        port: m.port.and_then(|p| u16::try_from(p).ok()),
+    }
+}
+
+/// `name` or `ns/name` → `ns/name`.
+fn qualify(gateway: &str, ns: &str) -> String {
+    if gateway.contains('/') {
+        gateway.to_string()
+    } else {
+        format!("{ns}/{gateway}")
+    }
+}
+
+/// Gateway server hosts may be written `ns/host`: `*/` and `./` (the gateway's own namespace).
+fn server_admits_namespace(server_host: &str, vs_ns: &str, gw_ns: &str) -> bool {
+    match server_host.split_once('/') {
+        None => true,
+        Some(("*", _)) => true,
+        Some((".", _)) => vs_ns == gw_ns,
+        Some((ns, _)) => ns == vs_ns,
+    }
+}
+
+fn more_specific<'a>(a: &'a str, b: &'a str) -> &'a str {
+    let score = |h: &str| if h == "*" { 0 } else if h.starts_with('*') { h.len() } else { usize::MAX };
+    if score(a) >= score(b) {
+        a
+    } else {
+        b
+    }
+}

@@ -1,0 +1,178 @@
+//! Findings: what `trellis analyze`, the proxy's reload and the control plane report about
+//! config. Codes are stable; docs/analyze.md lists each with an example and its Istio equivalent.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::model::Resource;
+use crate::yaml::{path_string, Pos, Seg};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Severity {
+    Error,
+    Warning,
+    Info,
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Severity::Error => "Error",
+            Severity::Warning => "Warning",
+            Severity::Info => "Info",
+        })
+    }
+}
+
+macro_rules! codes {
+    ($($variant:ident = $code:literal, $sev:ident, $title:literal;)*) => {
+        /// A stable finding code.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Code { $($variant),* }
+
+        impl Code {
+            pub const ALL: &'static [Code] = &[$(Code::$variant),*];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $(Code::$variant => $code),* }
+            }
+
+            pub fn severity(self) -> Severity {
+                match self { $(Code::$variant => Severity::$sev),* }
+            }
+
+            /// A short name for the rule.
+            pub fn title(self) -> &'static str {
+                match self { $(Code::$variant => $title),* }
+            }
+        }
+    };
+}
+
+codes! {
+    YamlSyntax = "TRL0001", Error, "yaml-syntax";
+    Schema = "TRL0002", Error, "schema";
+    UnknownField = "TRL0003", Warning, "unknown-field";
+    UnsupportedKind = "TRL0004", Warning, "unsupported-kind";
+    NotEnforced = "TRL0005", Info, "not-enforced-yet";
+    DuplicateResource = "TRL0006", Error, "duplicate-resource";
+    Unreadable = "TRL0007", Error, "unreadable-file";
+    InvalidRegex = "TRL0101", Error, "invalid-regex";
+    WeightsNot100 = "TRL0102", Error, "weights-not-100";
+    SubsetNotFound = "TRL0103", Error, "subset-not-found";
+    GatewayNotFound = "TRL0104", Error, "gateway-not-found";
+    HostNotFound = "TRL0105", Error, "host-not-found";
+    ShadowedMatch = "TRL0106", Warning, "shadowed-match";
+    DuplicateHost = "TRL0107", Error, "duplicate-host";
+    HostNotInGateway = "TRL0108", Warning, "host-not-in-gateway";
+    SubsetSelectsNothing = "TRL0109", Warning, "subset-selects-nothing";
+}
+
+impl fmt::Display for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for Code {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// One finding, located as precisely as the source allows.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Finding {
+    pub code: Code,
+    pub severity: Severity,
+    pub message: String,
+    pub file: Option<Arc<PathBuf>>,
+    pub line: Option<u32>,
+    pub column: Option<u32>,
+    /// `Kind namespace/name` of the resource, when the finding is about one.
+    pub resource: Option<String>,
+    /// The field, as `spec.http[0].route[1].weight`.
+    pub path: Option<String>,
+}
+
+impl Finding {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Finding {
+            code,
+            severity: code.severity(),
+            message: message.into(),
+            file: None,
+            line: None,
+            column: None,
+            resource: None,
+            path: None,
+        }
+    }
+
+    /// A finding about a field of a resource.
+    pub fn at(code: Code, res: &Resource, path: &[Seg], message: impl Into<String>) -> Self {
+        let mut f = Finding::new(code, message).in_file(res.source.file.clone(), Some(res.pos(path)));
+        f.resource = Some(res.id());
+        f.path = Some(path_string(path));
+        f
+    }
+
+    pub fn in_file(mut self, file: Arc<PathBuf>, pos: Option<Pos>) -> Self {
+        self.file = Some(file);
+        self.line = pos.map(|p| p.line);
+        self.column = pos.map(|p| p.column);
+        self
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
+
+    /// `file:line:column`, or what of it is known.
+    pub fn location(&self) -> String {
+        match (&self.file, self.line, self.column) {
+            (Some(f), Some(l), Some(c)) => format!("{}:{l}:{c}", f.display()),
+            (Some(f), _, _) => f.display().to_string(),
+            _ => "-".to_string(),
+        }
+    }
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} [{}] {}", self.severity, self.code, self.location())?;
+        if let Some(r) = &self.resource {
+            write!(f, " {r}")?;
+        }
+        if let Some(p) = &self.path {
+            write!(f, " ({p})")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Orders findings by file, line, column, then code, for stable output.
+pub fn sort(findings: &mut [Finding]) {
+    findings.sort_by(|a, b| {
+        (a.file.as_deref(), a.line, a.column, a.code.as_str(), &a.message).cmp(&(
+            b.file.as_deref(),
+            b.line,
+            b.column,
+            b.code.as_str(),
+            &b.message,
+        ))
+    });
+}
+
+/// `N errors, N warnings, N infos`.
+pub fn summary(findings: &[Finding]) -> String {
+    let count = |s| findings.iter().filter(|f| f.severity == s).count();
+    let plural = |n: usize, w: &str| if n == 1 { format!("{n} {w}") } else { format!("{n} {w}s") };
+    format!(
+        "{}, {}, {}",
+        plural(count(Severity::Error), "error"),
+        plural(count(Severity::Warning), "warning"),
+        plural(count(Severity::Info), "info")
+    )
+}

@@ -1,0 +1,200 @@
+//! The typed config model: every resource Trellis reads, with where it came from.
+//!
+//! A [`Resource`] is one YAML document: its kind, metadata, typed spec and source (file and node
+//! tree, so any field can be located for a finding). The model is plain data: it does not
+//! validate (see `analyze`) and does not route (see `compile`).
+
+pub mod duration;
+pub mod kube;
+pub mod networking;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+pub use duration::Duration;
+
+use crate::yaml::{Node, Pos, Seg};
+
+/// The kinds Trellis understands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum Kind {
+    Gateway,
+    VirtualService,
+    DestinationRule,
+    ServiceEntry,
+    WorkloadEntry,
+    Service,
+    PeerAuthentication,
+    AuthorizationPolicy,
+    RequestAuthentication,
+    Telemetry,
+}
+
+impl Kind {
+    /// Resolves `apiVersion` + `kind`; `Err` carries why the pair is not accepted.
+    pub fn resolve(api_version: &str, kind: &str) -> Result<Kind, String> {
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let known: &[(&str, &[&str], &[(&str, Kind)])] = &[
+            (
+                "networking.istio.io",
+                &["v1alpha3", "v1beta1", "v1"],
+                &[
+                    ("Gateway", Kind::Gateway),
+                    ("VirtualService", Kind::VirtualService),
+                    ("DestinationRule", Kind::DestinationRule),
+                    ("ServiceEntry", Kind::ServiceEntry),
+                    ("WorkloadEntry", Kind::WorkloadEntry),
+                ],
+            ),
+            (
+                "security.istio.io",
+                &["v1beta1", "v1"],
+                &[
+                    ("PeerAuthentication", Kind::PeerAuthentication),
+                    ("AuthorizationPolicy", Kind::AuthorizationPolicy),
+                    ("RequestAuthentication", Kind::RequestAuthentication),
+                ],
+            ),
+            ("telemetry.istio.io", &["v1alpha1", "v1"], &[("Telemetry", Kind::Telemetry)]),
+            ("", &["v1"], &[("Service", Kind::Service)]),
+        ];
+        for (g, versions, kinds) in known {
+            if *g != group {
+                continue;
+            }
+            let Some((_, k)) = kinds.iter().find(|(name, _)| *name == kind) else {
+                return Err(format!("kind {kind:?} of {api_version:?} is not read by Trellis; the resource is ignored"));
+            };
+            if !versions.contains(&version) {
+                return Err(format!(
+                    "apiVersion {api_version:?} is not supported for {kind}; use one of {}",
+                    versions.iter().map(|v| if g.is_empty() { v.to_string() } else { format!("{g}/{v}") }).collect::<Vec<_>>().join(", ")
+                ));
+            }
+            return Ok(*k);
+        }
+        Err(format!("{kind} ({api_version}) is not read by Trellis; the resource is ignored"))
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Gateway => "Gateway",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::ServiceEntry => "ServiceEntry",
+            Kind::WorkloadEntry => "WorkloadEntry",
+            Kind::Service => "Service",
+            Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::RequestAuthentication => "RequestAuthentication",
+            Kind::Telemetry => "Telemetry",
+        }
+    }
+
+    /// Kinds that are parsed and kept, but whose behaviour a later release enforces.
+    pub fn enforced(self) -> bool {
+        !matches!(
+            self,
+            Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication | Kind::Telemetry
+        )
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ObjectMeta {
+    pub name: String,
+    pub namespace: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    // Set by Kubernetes on objects exported from a cluster; accepted and ignored.
+    #[serde(skip_serializing)]
+    pub generate_name: Option<serde_json::Value>,
+    #[serde(skip_serializing)]
+    pub uid: Option<serde_json::Value>,
+    #[serde(skip_serializing)]
+    pub resource_version: Option<serde_json::Value>,
+    #[serde(skip_serializing)]
+    pub generation: Option<serde_json::Value>,
+    #[serde(skip_serializing)]
+    pub creation_timestamp: Option<serde_json::Value>,
+    #[serde(skip_serializing)]
+    pub owner_references: Option<serde_json::Value>,
+    #[serde(skip_serializing)]
+    pub finalizers: Option<serde_json::Value>,
+    #[serde(skip_serializing)]
+    pub managed_fields: Option<serde_json::Value>,
+}
+
+/// The namespace a resource lives in when its metadata names none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// A resource's typed specification.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(untagged)]
+pub enum Spec {
+    Gateway(networking::Gateway),
+    VirtualService(networking::VirtualService),
+    DestinationRule(networking::DestinationRule),
+    ServiceEntry(networking::ServiceEntry),
+    WorkloadEntry(networking::WorkloadEntry),
+    Service(kube::Service),
+    /// Security and telemetry kinds: parsed and kept; enforced by a later release.
+    Kept(serde_json::Value),
+}
+
+/// Where a resource was read from.
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub file: Arc<PathBuf>,
+    /// The whole document, to locate any field of the resource.
+    pub doc: Arc<Node>,
+}
+
+/// One resource of the config.
+#[derive(Clone, Debug)]
+pub struct Resource {
+    pub kind: Kind,
+    pub api_version: String,
+    pub meta: ObjectMeta,
+    pub spec: Spec,
+    pub source: Source,
+}
+
+impl Resource {
+    pub fn name(&self) -> &str {
+        &self.meta.name
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)
+    }
+
+    /// `Kind namespace/name`, as findings name a resource.
+    pub fn id(&self) -> String {
+        format!("{} {}/{}", self.kind, self.namespace(), self.meta.name)
+    }
+
+    /// The position of a field; falls back to the nearest enclosing node that exists.
+    pub fn pos(&self, path: &[Seg]) -> Pos {
+        self.source.doc.locate(path).0
+    }
+}
+
+/// Builds a path from mixed keys and indices: `path!["spec", "http", 0, "route"]`.
+#[macro_export]
+macro_rules! path {
+    ($($seg:expr),* $(,)?) => {
+        vec![$($crate::yaml::Seg::from($seg)),*]
+    };
+}

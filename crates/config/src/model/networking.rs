@@ -1,0 +1,304 @@
+//! `networking.istio.io` kinds, as Istio documents them (v1alpha3, v1beta1 and v1 share one schema).
+//!
+//! Field names follow Istio's YAML exactly. Fields Trellis reads but does not act on yet are kept
+//! as raw JSON values, so `trellis analyze` can say "not enforced yet" instead of "unknown field".
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::Value as Json;
+
+use super::Duration;
+
+pub type Labels = BTreeMap<String, String>;
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct VirtualService {
+    pub hosts: Vec<String>,
+    pub gateways: Vec<String>,
+    pub http: Vec<HttpRoute>,
+    pub tls: Option<Json>,
+    pub tcp: Option<Json>,
+    pub export_to: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct HttpRoute {
+    pub name: Option<String>,
+    #[serde(rename = "match")]
+    pub matches: Vec<HttpMatchRequest>,
+    pub route: Vec<HttpRouteDestination>,
+    pub redirect: Option<HttpRedirect>,
+    pub direct_response: Option<HttpDirectResponse>,
+    pub delegate: Option<Json>,
+    pub rewrite: Option<HttpRewrite>,
+    pub timeout: Option<Duration>,
+    pub headers: Option<Headers>,
+    // Resilience and traffic-shaping policies: parsed, enforced by a later release.
+    pub retries: Option<Json>,
+    pub fault: Option<Json>,
+    pub mirror: Option<Json>,
+    pub mirrors: Option<Json>,
+    pub mirror_percentage: Option<Json>,
+    pub mirror_percent: Option<Json>,
+    pub cors_policy: Option<Json>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct HttpMatchRequest {
+    pub name: Option<String>,
+    pub uri: Option<StringMatch>,
+    pub scheme: Option<StringMatch>,
+    pub method: Option<StringMatch>,
+    pub authority: Option<StringMatch>,
+    pub headers: BTreeMap<String, StringMatch>,
+    pub port: Option<u32>,
+    pub source_labels: Labels,
+    pub gateways: Vec<String>,
+    pub query_params: BTreeMap<String, StringMatch>,
+    pub ignore_uri_case: bool,
+    pub without_headers: BTreeMap<String, StringMatch>,
+    pub source_namespace: Option<String>,
+    pub stat_prefix: Option<String>,
+}
+
+/// Istio's `StringMatch` oneof: exactly one of `exact`, `prefix`, `regex`; none means "present".
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct StringMatch {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub regex: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct HttpRouteDestination {
+    pub destination: Destination,
+    pub weight: Option<i64>,
+    pub headers: Option<Headers>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Destination {
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<PortSelector>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct PortSelector {
+    pub number: u32,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct Headers {
+    pub request: Option<HeaderOperations>,
+    pub response: Option<HeaderOperations>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct HeaderOperations {
+    pub set: BTreeMap<String, String>,
+    pub add: BTreeMap<String, String>,
+    pub remove: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct HttpRewrite {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub uri_regex_rewrite: Option<RegexRewrite>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct RegexRewrite {
+    #[serde(rename = "match")]
+    pub pattern: String,
+    pub rewrite: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct HttpRedirect {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub port: Option<u32>,
+    pub derive_port: Option<String>,
+    pub scheme: Option<String>,
+    pub redirect_code: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct HttpDirectResponse {
+    pub status: u32,
+    pub body: Option<HttpBody>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct HttpBody {
+    pub string: Option<String>,
+    pub bytes: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct DestinationRule {
+    pub host: String,
+    pub traffic_policy: Option<TrafficPolicy>,
+    pub subsets: Vec<Subset>,
+    pub export_to: Vec<String>,
+    pub workload_selector: Option<WorkloadSelector>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    pub load_balancer: Option<LoadBalancerSettings>,
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+    // Enforced by later releases.
+    pub connection_pool: Option<Json>,
+    pub outlier_detection: Option<Json>,
+    pub tls: Option<Json>,
+    pub tunnel: Option<Json>,
+    pub proxy_protocol: Option<Json>,
+    pub retry_budget: Option<Json>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct PortTrafficPolicy {
+    pub port: Option<PortSelector>,
+    pub load_balancer: Option<LoadBalancerSettings>,
+    pub connection_pool: Option<Json>,
+    pub outlier_detection: Option<Json>,
+    pub tls: Option<Json>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct LoadBalancerSettings {
+    pub simple: Option<String>,
+    pub consistent_hash: Option<ConsistentHash>,
+    pub locality_lb_setting: Option<Json>,
+    pub warmup_duration_secs: Option<Json>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ConsistentHash {
+    pub http_header_name: Option<String>,
+    pub http_cookie: Option<HttpCookie>,
+    pub use_source_ip: Option<bool>,
+    pub http_query_parameter_name: Option<String>,
+    pub ring_hash: Option<RingHash>,
+    pub maglev: Option<Maglev>,
+    pub minimum_ring_size: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct HttpCookie {
+    pub name: String,
+    pub path: Option<String>,
+    pub ttl: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct RingHash {
+    pub minimum_ring_size: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Maglev {
+    pub table_size: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Subset {
+    pub name: String,
+    pub labels: Labels,
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    pub labels: Labels,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Gateway {
+    pub selector: Labels,
+    pub servers: Vec<Server>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Server {
+    pub port: ServerPort,
+    pub bind: Option<String>,
+    pub hosts: Vec<String>,
+    pub tls: Option<Json>,
+    pub name: Option<String>,
+    pub default_endpoint: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ServerPort {
+    pub number: u32,
+    pub protocol: String,
+    pub name: Option<String>,
+    pub target_port: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ServiceEntry {
+    pub hosts: Vec<String>,
+    pub addresses: Vec<String>,
+    pub ports: Vec<ServicePort>,
+    pub location: Option<String>,
+    pub resolution: Option<String>,
+    pub endpoints: Vec<WorkloadEntry>,
+    pub workload_selector: Option<WorkloadSelector>,
+    pub export_to: Vec<String>,
+    pub subject_alt_names: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ServicePort {
+    pub number: u32,
+    pub protocol: Option<String>,
+    pub name: Option<String>,
+    pub target_port: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct WorkloadEntry {
+    pub address: Option<String>,
+    pub ports: BTreeMap<String, u32>,
+    pub labels: Labels,
+    pub network: Option<String>,
+    pub locality: Option<String>,
+    pub weight: Option<u32>,
+    pub service_account: Option<String>,
+}

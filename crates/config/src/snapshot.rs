@@ -1,0 +1,261 @@
+//! The routing snapshot: everything one proxy needs, compiled from config, as plain data.
+//!
+//! This is the contract between whoever compiles config (the proxy itself in static mode, the
+//! control plane otherwise) and the data plane, which instantiates it into lock-free lookup
+//! tables. It is what `/config_dump` shows. Shape, from outside in:
+//! listeners → route tables → virtual hosts → ordered routes → weighted clusters → endpoints.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::networking::Labels;
+use crate::model::Duration;
+
+/// One proxy's complete configuration at one version.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// A content hash: equal snapshots have equal versions.
+    pub version: String,
+    pub node: NodeInfo,
+    pub listeners: Vec<Listener>,
+    pub route_tables: BTreeMap<String, RouteTable>,
+    pub clusters: BTreeMap<String, Cluster>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub role: Role,
+    pub name: String,
+    pub namespace: String,
+    pub labels: Labels,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    #[default]
+    Sidecar,
+    Gateway,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Serves a Gateway's servers.
+    Gateway,
+    /// In front of the local workload.
+    Inbound,
+    /// The workload's egress.
+    Outbound,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+    pub direction: Direction,
+    /// How a request picks its route table.
+    pub routing: ListenerRouting,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerRouting {
+    /// Every request uses this table.
+    Table(String),
+    /// The table is `outbound|<port>`, by the port of the request's authority (80 if none): an
+    /// HTTP proxy for the workload's `HTTP_PROXY` and Host-addressed requests.
+    ByRequestPort,
+    /// Requests are routed as if addressed to `host:port` (a local port bound to a named upstream,
+    /// for clients that cannot use a proxy).
+    Fixed { host: String, port: u16 },
+}
+
+/// Name of the outbound route table for a port.
+pub fn outbound_table(port: u16) -> String {
+    format!("outbound|{port}")
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RouteTable {
+    pub virtual_hosts: Vec<VirtualHost>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VirtualHost {
+    pub name: String,
+    /// Exact hosts, `*.suffix` wildcards or `*`; matched without the port, case-insensitively.
+    pub domains: Vec<String>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Route {
+    pub name: String,
+    /// The VirtualService rule it came from: `VirtualService ns/name http[i]`.
+    pub source: Option<String>,
+    /// Alternatives: the route applies when any matches; empty means every request.
+    pub matches: Vec<RouteMatch>,
+    pub action: Action,
+    #[serde(default, skip_serializing_if = "HeaderOps::is_empty")]
+    pub request_headers: HeaderOps,
+    #[serde(default, skip_serializing_if = "HeaderOps::is_empty")]
+    pub response_headers: HeaderOps,
+    pub timeout: Option<Duration>,
+    // Retries, fault injection, mirroring, CORS and rate limits attach here (later release).
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RouteMatch {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uri: Option<StringMatcher>,
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub ignore_uri_case: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<StringMatcher>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<StringMatcher>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authority: Option<StringMatcher>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub headers: Vec<KeyMatcher>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub query_params: Vec<KeyMatcher>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StringMatcher {
+    Exact(String),
+    Prefix(String),
+    /// A whole-string match (RE2 syntax, as Envoy's safe_regex).
+    Regex(String),
+}
+
+/// A header or query parameter condition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyMatcher {
+    pub name: String,
+    /// `None`: the key must be present (any value).
+    pub value: Option<StringMatcher>,
+    /// `withoutHeaders`: the condition must not hold.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub invert: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Forward(Forward),
+    Redirect(Redirect),
+    Direct { status: u16, body: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Forward {
+    pub destinations: Vec<WeightedCluster>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Rewrite>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WeightedCluster {
+    pub cluster: String,
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "HeaderOps::is_empty")]
+    pub request_headers: HeaderOps,
+    #[serde(default, skip_serializing_if = "HeaderOps::is_empty")]
+    pub response_headers: HeaderOps,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rewrite {
+    /// Replaces the matched prefix (or the whole path for exact/regex matches).
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    /// `(pattern, replacement)` applied to the path.
+    pub uri_regex: Option<(String, String)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Redirect {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub port: Option<u16>,
+    /// Keep the request's port (`derivePort: FROM_REQUEST_PORT`).
+    pub port_from_request: bool,
+    pub scheme: Option<String>,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeaderOps {
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub set: Vec<(String, String)>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub add: Vec<(String, String)>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub remove: Vec<String>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Cluster {
+    /// `outbound|<port>|<subset>|<host>` or `inbound|<port>||`, as Envoy names them.
+    pub name: String,
+    pub service: String,
+    pub port: u16,
+    pub subset: Option<String>,
+    pub protocol: UpstreamProtocol,
+    pub lb: LbPolicy,
+    pub connect_timeout: Duration,
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+    /// Whatever the downstream spoke (gRPC always goes over HTTP/2).
+    Downstream,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    RoundRobin,
+    /// Power of two choices over in-flight requests.
+    LeastRequest,
+    Random,
+    RingHash { hash: HashPolicy, min_ring_size: u64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashPolicy {
+    Header(String),
+    Cookie { name: String, path: Option<String>, ttl: Option<Duration> },
+    SourceIp,
+    QueryParam(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// `ip:port`, or `hostname:port` resolved at connect time.
+    pub address: String,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub labels: Labels,
+    pub weight: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+}
