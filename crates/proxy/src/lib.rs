@@ -1,1 +1,124 @@
+//! The Trellis data plane.
+//!
+//! A [`Proxy`] serves one routing snapshot at a time through its listeners:
+//! `listener` (accept, HTTP/1.1 + HTTP/2) → `handler` (route, act) → `upstream` (pools) and back,
+//! with direction-specific steps in `gateway`, `inbound` and `outbound`, balancing in `balance`,
+//! and the instantiated snapshot in `runtime`. Config arrives as a plain-data snapshot through
+//! [`Proxy::apply`], from a file watcher (`source`) or, later, the control plane.
+//! See docs/ARCHITECTURE.md for the picture.
+#![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod balance;
+mod gateway;
+pub mod handler;
+pub mod http;
+mod inbound;
+pub mod listener;
+mod outbound;
+pub mod runtime;
+pub mod source;
+pub mod state;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use trellis_config::snapshot::Snapshot;
+
+use crate::listener::Listeners;
+use crate::runtime::Runtime;
+use crate::state::{Rejection, Shared};
+
+/// One proxy process's data plane.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    listeners: Listeners,
+    /// Serialises snapshot application (the request path never takes it).
+    applying: tokio::sync::Mutex<()>,
+}
+
+impl Proxy {
+    pub fn new() -> Arc<Proxy> {
+        Arc::new(Proxy { shared: Arc::new(Shared::new()), listeners: Listeners::default(), applying: tokio::sync::Mutex::new(()) })
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Applies a snapshot atomically: builds its runtime and binds its new listeners, then swaps.
+    /// On any error nothing changes and the error is recorded as a rejection.
+    pub async fn apply(&self, snap: Snapshot) -> Result<(), String> {
+        let _g = self.applying.lock().await;
+        if self.shared.runtime().version() == snap.version && self.shared.is_ready() {
+            return Ok(());
+        }
+        let version = snap.version.clone();
+        let snap = Arc::new(snap);
+        let result = async {
+            let rt = Runtime::build(snap.clone(), &self.shared.pools)?;
+            let staged = self.listeners.stage(&snap).await?;
+            Ok::<_, String>((rt, staged))
+        }
+        .await;
+        match result {
+            Ok((rt, staged)) => {
+                self.shared.swap(rt);
+                self.listeners.commit(staged, &self.shared).await;
+                self.shared.update_status(|s| {
+                    s.applied += 1;
+                    s.applied_at = Some(SystemTime::now());
+                });
+                tracing::info!(%version, "snapshot applied");
+                Ok(())
+            }
+            Err(reason) => {
+                self.reject(reason.clone(), Vec::new());
+                Err(reason)
+            }
+        }
+    }
+
+    /// Records a config that was not applied (invalid config, a snapshot that failed to build).
+    pub fn reject(&self, reason: String, findings: Vec<trellis_config::Finding>) {
+        tracing::warn!("config rejected, the last good snapshot keeps serving: {reason}");
+        for f in &findings {
+            tracing::warn!("  {f}");
+        }
+        self.shared.update_status(|s| {
+            s.rejected += 1;
+            s.last_rejection = Some(Rejection { at: SystemTime::now(), reason, findings });
+        });
+    }
+
+    /// What `/config_dump` shows.
+    pub async fn config_dump(&self) -> serde_json::Value {
+        let rt = self.shared.runtime();
+        let status = self.shared.status();
+        let listeners: Vec<serde_json::Value> = self
+            .listeners
+            .addresses()
+            .await
+            .into_iter()
+            .map(|(n, a)| serde_json::json!({"name": n, "address": a.to_string()}))
+            .collect();
+        serde_json::json!({
+            "version": rt.version(),
+            "status": status,
+            "active_listeners": listeners,
+            "snapshot": &*rt.snapshot,
+        })
+    }
+
+    /// Drains: stops accepting, lets in-flight requests finish (HTTP/1.1 connections close after
+    /// their current response, HTTP/2 gets GOAWAY), waiting at most `deadline`.
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        self.shared.drain.start();
+        let left = self.shared.drain.wait_closed(deadline).await;
+        if left > 0 {
+            tracing::warn!(connections = left, "drain deadline passed with connections still open");
+        }
+        left
+    }
+}

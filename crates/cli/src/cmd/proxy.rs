@@ -1,10 +1,181 @@
-//! `trellis proxy`
+//! `trellis proxy`: run a gateway or sidecar proxy from config files (static mode).
 
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use trellis_config::compile::{InboundSpec, ProxySpec, UpstreamSpec};
+use trellis_config::snapshot::Role;
+use trellis_config::Spec;
+use trellis_proxy::source::StaticSource;
+use trellis_proxy::Proxy;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Config files or directories (Istio YAML), watched for changes.
+    #[arg(long = "config", short = 'c', required = true)]
+    config: Vec<PathBuf>,
+    /// What this proxy is.
+    #[arg(long, value_enum, default_value_t = RoleArg::Sidecar)]
+    role: RoleArg,
+    /// The workload this sidecar serves (labels and namespace come from its WorkloadEntry when
+    /// one has this name), or the gateway's deployment name.
+    #[arg(long, visible_alias = "name", default_value = "")]
+    workload: String,
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// Labels of this proxy (`key=value`), matched by Gateway selectors, subsets and sourceLabels.
+    /// A gateway without labels gets `istio=ingressgateway`.
+    #[arg(long = "label", value_parser = parse_kv)]
+    labels: Vec<(String, String)>,
+    /// Admin address (/ready, /config_dump, /quitquitquit).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// Address gateway listeners bind to.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: IpAddr,
+    /// Serve a Gateway port on another local port: `80=8080`.
+    #[arg(long = "port-map", value_parser = parse_port_map)]
+    port_map: Vec<(u16, u16)>,
+    /// Inbound listener in front of the app: `LISTEN_ADDR=APP_ADDR` (or `PORT=APP_PORT`).
+    #[arg(long = "inbound", value_parser = parse_inbound)]
+    inbound: Vec<InboundSpec>,
+    /// Outbound HTTP proxy listener for the app's `HTTP_PROXY`.
+    #[arg(long)]
+    outbound: Option<SocketAddr>,
+    /// A local port bound to a named upstream: `LISTEN_ADDR=HOST:PORT`.
+    #[arg(long = "upstream", value_parser = parse_upstream)]
+    upstreams: Vec<UpstreamSpec>,
+    /// How long a drain waits for in-flight requests.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    concurrency: Option<usize>,
+}
 
-pub fn run(_args: Args) -> ExitCode {
-    ExitCode::FAILURE
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum RoleArg {
+    Sidecar,
+    Gateway,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("expected key=value, got {s:?}"))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    trellis_config::model::duration::parse_duration(s)
+}
+
+fn parse_port_map(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('=').ok_or_else(|| format!("expected GATEWAY_PORT=LOCAL_PORT, got {s:?}"))?;
+    Ok((a.parse().map_err(|_| format!("bad port {a:?}"))?, b.parse().map_err(|_| format!("bad port {b:?}"))?))
+}
+
+fn addr_or_port(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(p) = s.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], p)));
+    }
+    s.parse().map_err(|_| format!("expected ADDRESS:PORT or PORT, got {s:?}"))
+}
+
+fn parse_inbound(s: &str) -> Result<InboundSpec, String> {
+    let (l, a) = s.split_once('=').ok_or_else(|| format!("expected LISTEN=APP, got {s:?}"))?;
+    Ok(InboundSpec { listen: addr_or_port(l)?, app: addr_or_port(a)?, protocol: None })
+}
+
+fn parse_upstream(s: &str) -> Result<UpstreamSpec, String> {
+    let (l, target) = s.split_once('=').ok_or_else(|| format!("expected LISTEN=HOST:PORT, got {s:?}"))?;
+    let (host, port) = target.rsplit_once(':').ok_or_else(|| format!("expected HOST:PORT, got {target:?}"))?;
+    Ok(UpstreamSpec { listen: addr_or_port(l)?, host: host.to_string(), port: port.parse().map_err(|_| format!("bad port {port:?}"))? })
+}
+
+pub fn run(args: Args) -> ExitCode {
+    super::init_logging("info");
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = args.concurrency {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = match rt.build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn proxy_spec(args: &Args) -> Result<ProxySpec> {
+    let role = match args.role {
+        RoleArg::Sidecar => Role::Sidecar,
+        RoleArg::Gateway => Role::Gateway,
+    };
+    let mut labels: BTreeMap<String, String> = BTreeMap::new();
+    let mut namespace = args.namespace.clone();
+    if role == Role::Sidecar && !args.workload.is_empty() {
+        // Labels and namespace of the workload's own WorkloadEntry, if the config has one.
+        let loaded = trellis_config::load_paths(&args.config);
+        if let Some(r) = loaded.resources.iter().find(|r| matches!(r.spec, Spec::WorkloadEntry(_)) && r.name() == args.workload) {
+            if let Spec::WorkloadEntry(we) = &r.spec {
+                labels.extend(we.labels.clone());
+            }
+            namespace = r.namespace().to_string();
+        }
+    }
+    labels.extend(args.labels.iter().cloned());
+    if role == Role::Gateway && labels.is_empty() {
+        labels.insert("istio".into(), "ingressgateway".into());
+    }
+    if role == Role::Sidecar && args.inbound.is_empty() && args.outbound.is_none() && args.upstreams.is_empty() {
+        bail!("a sidecar needs at least one of --inbound, --outbound or --upstream");
+    }
+    Ok(ProxySpec {
+        role,
+        name: args.workload.clone(),
+        namespace,
+        labels,
+        bind_address: args.bind,
+        port_map: args.port_map.iter().copied().collect(),
+        inbound: args.inbound.clone(),
+        outbound: args.outbound,
+        upstreams: args.upstreams.clone(),
+    })
+}
+
+async fn serve(args: Args) -> Result<()> {
+    let spec = proxy_spec(&args)?;
+    let source = StaticSource { paths: args.config.clone(), spec };
+    let proxy = Proxy::new();
+    let (snap, _warnings) = source.load().map_err(|findings| {
+        for f in findings.iter().filter(|f| f.is_error()) {
+            eprintln!("{f}");
+        }
+        anyhow!("config has errors; not starting (run `trellis analyze` for details)")
+    })?;
+    let admin = trellis_proxy::admin::serve(proxy.clone(), args.admin).await.with_context(|| format!("cannot bind admin address {}", args.admin))?;
+    proxy.apply(snap).await.map_err(|e| anyhow!(e))?;
+    source.clone().watch(proxy.clone()).context("cannot watch config files")?;
+    tracing::info!(admin = %admin, version = %proxy.shared().runtime().version(), "proxy ready");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; draining"),
+        _ = term.recv() => tracing::info!("terminated; draining"),
+        _ = proxy.shared().drain.started() => tracing::info!("drain requested; draining"),
+    }
+    let left = proxy.drain(args.drain_timeout).await;
+    tracing::info!(left, "drained; exiting");
+    Ok(())
 }

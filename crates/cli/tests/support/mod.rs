@@ -1,0 +1,417 @@
+//! The end-to-end harness: real `trellis` processes, real backends and clients, all on
+//! 127.0.0.1. Tests wait on readiness signals (`/ready`, a bound port), never on fixed sleeps.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+pub type TestBody = http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+pub fn trellis_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_trellis")
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// A temporary config directory.
+pub struct ConfigDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl ConfigDir {
+    pub fn new() -> ConfigDir {
+        ConfigDir { dir: tempfile::tempdir().expect("tempdir") }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a file atomically (write + rename, as editors and `kubectl` tools do).
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        let tmp = self.dir.path().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).expect("write config");
+        std::fs::rename(&tmp, &path).expect("rename config");
+        path
+    }
+}
+
+/// YAML for a ServiceEntry `host` (port 80, HTTP unless `protocol` says otherwise) served by
+/// the given endpoints `(address:port, labels)`.
+pub fn service(host: &str, protocol: &str, endpoints: &[(SocketAddr, &[(&str, &str)])]) -> String {
+    let mut eps = String::new();
+    for (addr, labels) in endpoints {
+        eps.push_str(&format!("  - address: {}\n    ports: {{http: {}}}\n", addr.ip(), addr.port()));
+        if !labels.is_empty() {
+            eps.push_str("    labels:\n");
+            for (k, v) in labels.iter() {
+                eps.push_str(&format!("      {k}: {v}\n"));
+            }
+        }
+    }
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\nspec:\n  hosts: [{host}]\n  ports:\n  - {{number: 80, name: http, protocol: {protocol}}}\n  resolution: STATIC\n  endpoints:\n{eps}---\n",
+        name = host.replace('.', "-"),
+    )
+}
+
+/// YAML for a Gateway selecting the default ingress labels, serving HTTP on `port`.
+pub fn gateway(name: &str, port: u16) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata:\n  name: {name}\nspec:\n  selector: {{istio: ingressgateway}}\n  servers:\n  - port: {{number: {port}, name: http, protocol: HTTP}}\n    hosts: [\"*\"]\n---\n"
+    )
+}
+
+// --- proxy processes ---
+
+/// A running `trellis proxy` (killed on drop).
+pub struct ProxyProc {
+    pub child: Child,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+    _logdir: tempfile::TempDir,
+}
+
+impl ProxyProc {
+    /// Starts `trellis proxy ARGS --admin <free>` and waits until `/ready` answers 200.
+    pub async fn start(args: &[&str]) -> ProxyProc {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let logdir = tempfile::tempdir().expect("tempdir");
+        let log = logdir.path().join("proxy.log");
+        let logfile = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(trellis_bin())
+            .arg("proxy")
+            .args(args)
+            .args(["--admin", &admin.to_string()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(logfile)
+            .spawn()
+            .expect("spawn trellis proxy");
+        let mut p = ProxyProc { child, admin, log, _logdir: logdir };
+        p.wait_ready().await;
+        p
+    }
+
+    pub async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("proxy exited with {status} before ready; log:\n{}", self.log_text());
+            }
+            if let Ok((200, _)) = admin_get(self.admin, "/ready").await {
+                return;
+            }
+            assert!(Instant::now() < deadline, "proxy not ready in 20 s; log:\n{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident set size (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub async fn config_dump(&self) -> serde_json::Value {
+        let (code, body) = admin_get(self.admin, "/config_dump").await.expect("config_dump");
+        assert_eq!(code, 200);
+        serde_json::from_str(&body).expect("config_dump json")
+    }
+
+    pub async fn version(&self) -> String {
+        self.config_dump().await["version"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Waits until the proxy runs a config version other than `old`.
+    pub async fn wait_version_change(&self, old: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.version().await;
+            if v != old {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "config version stayed {old}; log:\n{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits for the process to exit by itself.
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "proxy did not exit; log:\n{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ProxyProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GET on an admin port: (status, body).
+pub async fn admin_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let client = h1_client();
+    let resp = client
+        .request(Request::get(format!("http://{addr}{path}")).body(empty()).map_err(|e| e.to_string())?)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+// --- clients ---
+
+pub fn empty() -> TestBody {
+    full(Bytes::new())
+}
+
+pub fn full(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into()).map_err(|e| match e {}).boxed()
+}
+
+pub fn h1_client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2_client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+}
+
+/// A response read whole: status, headers, body text.
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The backend that answered (from the echo JSON).
+    pub fn server(&self) -> String {
+        self.json()["server"].as_str().unwrap_or_default().to_string()
+    }
+
+    pub fn flag(&self) -> Option<&str> {
+        self.header("x-trellis-response-flags")
+    }
+}
+
+pub async fn send(client: &Client<HttpConnector, TestBody>, req: Request<TestBody>) -> Reply {
+    let resp = client.request(req).await.expect("request failed");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Reply { status: parts.status, headers: parts.headers, body: String::from_utf8_lossy(&body).into_owned() }
+}
+
+/// GET `url` with extra headers over HTTP/1.1.
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut b = Request::get(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    send(&h1_client(), b.body(empty()).expect("request")).await
+}
+
+// --- backends ---
+
+/// An HTTP/1.1 + HTTP/2 test server on 127.0.0.1, named so tests can tell backends apart.
+///
+/// - `/slow?ms=N`: answers after N ms;
+/// - `/status/N`: answers status N;
+/// - `/bytes?n=N`: streams N bytes;
+/// - `/upload`: reads the body as it streams and reports its length;
+/// - `/trailers`: a body followed by trailers;
+/// - anything else: the request echoed as JSON (server, method, path, query, version, headers).
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub requests: Arc<AtomicUsize>,
+    pub in_flight: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+        let addr = listener.local_addr().expect("addr");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let (n, r, f) = (Arc::new(name.to_string()), requests.clone(), in_flight.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (n, r, f) = (n.clone(), r.clone(), f.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let (n, r, f) = (n.clone(), r.clone(), f.clone());
+                        async move {
+                            r.fetch_add(1, Ordering::SeqCst);
+                            f.fetch_add(1, Ordering::SeqCst);
+                            let resp = backend_handle(&n, req).await;
+                            f.fetch_sub(1, Ordering::SeqCst);
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Backend { addr, name: name.to_string(), requests, in_flight, task }
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.uri().query()?.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v))
+}
+
+async fn backend_handle(name: &str, req: Request<Incoming>) -> Response<TestBody> {
+    let path = req.uri().path().to_string();
+    if let Some(code) = path.strip_prefix("/status/") {
+        let mut r = Response::new(full(format!("status {code}")));
+        *r.status_mut() = code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST);
+        return r;
+    }
+    if path == "/slow" {
+        let ms: u64 = query_param(&req, "ms").and_then(|v| v.parse().ok()).unwrap_or(500);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        return Response::new(full(format!("{{\"server\":\"{name}\",\"slept_ms\":{ms}}}")));
+    }
+    if path == "/bytes" {
+        let n: u64 = query_param(&req, "n").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        let stream = futures_util::stream::unfold(n, move |left| {
+            let chunk = chunk.clone();
+            async move {
+                if left == 0 {
+                    return None;
+                }
+                let take = left.min(chunk.len() as u64) as usize;
+                Some((Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(chunk.slice(..take))), left - take as u64))
+            }
+        });
+        return Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    }
+    if path == "/upload" {
+        let mut body = req.into_body();
+        let mut total: u64 = 0;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => {
+                    if let Some(d) = f.data_ref() {
+                        total += d.len() as u64;
+                    }
+                }
+                Err(e) => return Response::new(full(format!("{{\"error\":\"{e}\"}}"))),
+            }
+        }
+        return Response::new(full(format!("{{\"server\":\"{name}\",\"received\":{total}}}")));
+    }
+    if path == "/trailers" {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-checksum", http::HeaderValue::from_static("abc123"));
+        let frames = vec![Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from_static(b"payload"))), Ok(Frame::trailers(trailers))];
+        return Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(frames))));
+    }
+    let headers: BTreeMap<String, String> =
+        req.headers().iter().map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
+    let version = format!("{:?}", req.version());
+    let method = req.method().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let body_len = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+    let json = serde_json::json!({
+        "server": name, "method": method, "path": path, "query": query,
+        "version": version, "headers": headers, "body_len": body_len,
+    });
+    let mut r = Response::new(full(json.to_string()));
+    r.headers_mut().insert("content-type", http::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert("x-backend", http::HeaderValue::from_str(name).expect("name"));
+    r
+}
+
+/// A server that accepts, reads the request head and closes the connection without answering
+/// (an upstream reset).
+pub async fn resetting_backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::AsyncReadExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.set_zero_linger();
+                drop(s);
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Counts answers by backend name.
+pub fn tally(names: impl IntoIterator<Item = String>) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for n in names {
+        *m.entry(n).or_insert(0) += 1;
+    }
+    m
+}

@@ -1,0 +1,78 @@
+//! The admin port: `/ready`, `/config_dump`, `/quitquitquit` (as Envoy and Istio name them).
+//!
+//! It serves operators and orchestrators, never application traffic, and stays up while the
+//! proxy drains so `/ready` can say so.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::http::{full, Body};
+use crate::Proxy;
+
+/// Binds the admin port and serves it until the process exits.
+pub async fn serve(proxy: Arc<Proxy>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let proxy = proxy.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let proxy = proxy.clone();
+                    async move { Ok::<_, Infallible>(route(&proxy, req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
+    let mut r = Response::new(full(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+async fn route(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/ready") => {
+            if proxy.shared().is_ready() {
+                text(StatusCode::OK, "LIVE\n")
+            } else if proxy.shared().drain.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING\n")
+            }
+        }
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "OK\n"),
+        (&Method::GET, "/config_dump") => {
+            let dump = proxy.config_dump().await;
+            match serde_json::to_string_pretty(&dump) {
+                Ok(s) => {
+                    let mut r = text(StatusCode::OK, s);
+                    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    r
+                }
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode config: {e}\n")),
+            }
+        }
+        (&Method::POST | &Method::GET, "/quitquitquit") => {
+            proxy.shared().drain.start();
+            text(StatusCode::OK, "OK\n")
+        }
+        (&Method::GET, "/") => text(
+            StatusCode::OK,
+            "trellis proxy admin\n  /ready          readiness (200 when serving)\n  /config_dump    the snapshot in force, as JSON\n  /quitquitquit   drain: stop accepting, finish in-flight, exit\n",
+        ),
+        _ => text(StatusCode::NOT_FOUND, "not found; see /\n"),
+    }
+}

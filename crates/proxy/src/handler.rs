@@ -1,0 +1,281 @@
+//! The request pipeline every listener shares:
+//!
+//! 1. validate the request's authority (400 on a bad one);
+//! 2. pick the route table (by listener, by the request's port, or fixed) and the virtual host;
+//! 3. pick the first matching route (404 `NR` if none);
+//! 4. act: direct response, redirect, or forward — pick a weighted destination, balance over
+//!    its endpoints (503 `UH` if none), rewrite, apply header operations, strip hop-by-hop
+//!    headers, and stream the request to the endpoint's pool under the route timeout
+//!    (503 `UF`/`UR`, 504 `UT`);
+//! 5. stream the response back with response header operations.
+//!
+//! Direction-specific steps (forwarded-for on gateways, ...) live in `gateway`, `inbound` and
+//! `outbound`; error-to-response mapping lives in `http::error`. Nothing here buffers a body.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+
+use trellis_config::snapshot::{Direction, ListenerRouting, UpstreamProtocol};
+
+use crate::balance::PickCtx;
+use crate::http::{boxed, full, headers, Body, ProxyError};
+use crate::runtime::route::{Action, RequestView};
+use crate::runtime::{RouteTable, Runtime};
+use crate::state::Shared;
+use crate::upstream::{body::Tracked, Wire};
+use crate::{gateway, inbound, outbound};
+
+/// The connection a request arrived on.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub listener: Arc<str>,
+    pub direction: Direction,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// Serves one request; never fails (errors become responses).
+pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<Body> {
+    let rt = shared.runtime();
+    let downstream_version = req.version();
+    let mut resp = match proxy(&rt, &conn, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(listener = %conn.listener, flag = %e.flag, "{e}");
+            e.into_response()
+        }
+    };
+    *resp.version_mut() = downstream_version;
+    resp
+}
+
+/// The request's authority: the absolute-form URI's, else `Host` (HTTP/1), else `:authority`.
+fn authority_of(req: &Request<Incoming>) -> Result<Option<Authority>, ProxyError> {
+    if let Some(a) = req.uri().authority() {
+        return Ok(Some(a.clone()));
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let Some(host) = hosts.next() else {
+        return if req.version() == Version::HTTP_11 {
+            Err(ProxyError::bad_request("missing Host header"))
+        } else {
+            Ok(None)
+        };
+    };
+    if hosts.next().is_some() {
+        return Err(ProxyError::bad_request("more than one Host header"));
+    }
+    match Authority::try_from(host.as_bytes()) {
+        Ok(a) if !a.as_str().contains('@') && !a.host().is_empty() => Ok(Some(a)),
+        _ => Err(ProxyError::bad_request(format!("invalid Host header {:?}", String::from_utf8_lossy(host.as_bytes())))),
+    }
+}
+
+async fn proxy(rt: &Runtime, conn: &ConnInfo, req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+    if req.method() == http::Method::CONNECT {
+        return Err(ProxyError::bad_request("CONNECT tunnels are not supported yet"));
+    }
+    let authority = authority_of(&req)?;
+    let (mut parts, body) = req.into_parts();
+    let scheme = parts.uri.scheme_str().unwrap_or("http").to_string();
+    let (mut host, req_port) = match &authority {
+        Some(a) => (a.host().to_ascii_lowercase(), a.port_u16()),
+        None => (String::new(), None),
+    };
+    let default_port = if scheme == "https" { 443 } else { 80 };
+
+    // Pick the route table.
+    let routing = rt.listener(&conn.listener).ok_or_else(|| ProxyError::no_route(&host, parts.uri.path()))?;
+    let table: &Arc<RouteTable> = match routing {
+        ListenerRouting::Table(name) => rt.table(name),
+        ListenerRouting::ByRequestPort => rt.outbound_table(req_port.unwrap_or(default_port)),
+        ListenerRouting::Fixed { host: h, port } => {
+            host = h.to_ascii_lowercase();
+            let a = if *port == 80 { h.clone() } else { format!("{h}:{port}") };
+            if let Ok(v) = HeaderValue::from_str(&a) {
+                parts.headers.insert(header::HOST, v);
+            }
+            rt.outbound_table(*port)
+        }
+    }
+    .ok_or_else(|| ProxyError::no_route(&host, parts.uri.path()))?;
+    let host = host.trim_end_matches('.');
+    let authority_str = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| authority.as_ref().map(|a| a.to_string()))
+        .unwrap_or_default();
+
+    let vhost = table.virtual_host(host).ok_or_else(|| ProxyError::no_route(host, parts.uri.path()))?;
+    let view = RequestView {
+        method: &parts.method,
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        scheme: &scheme,
+        authority: &authority_str,
+        headers: &parts.headers,
+    };
+    let matched = vhost.route(&view).ok_or_else(|| ProxyError::no_route(host, parts.uri.path()))?;
+    let route = matched.route;
+
+    let forward = match &route.action {
+        Action::Direct { status, body } => {
+            let mut resp = Response::new(full(body.clone()));
+            *resp.status_mut() = *status;
+            if !body.is_empty() {
+                resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            }
+            route.response_headers.apply(resp.headers_mut());
+            return Ok(resp);
+        }
+        Action::Redirect(rd) => return Ok(redirect(rd, &parts.uri, &scheme, host, req_port, route)),
+        Action::Forward(f) => f,
+    };
+
+    let dest = forward.pick();
+    let cluster = &dest.cluster;
+    let pick = cluster
+        .balancer
+        .pick(&cluster.endpoints, &PickCtx { headers: &parts.headers, query: parts.uri.query(), source_ip: conn.peer.ip() })
+        .ok_or_else(|| ProxyError::no_healthy_upstream(&cluster.name))?;
+    let (endpoint, _) = &cluster.endpoints[pick.0];
+
+    // Build the upstream request.
+    let grpc = is_grpc(&parts.headers);
+    let wire = match cluster.protocol {
+        UpstreamProtocol::Http2 => Wire::Http2,
+        UpstreamProtocol::Http1 if !grpc => Wire::Http1,
+        UpstreamProtocol::Http1 => Wire::Http2,
+        UpstreamProtocol::Downstream if parts.version == Version::HTTP_2 || grpc => Wire::Http2,
+        UpstreamProtocol::Downstream => Wire::Http1,
+    };
+    headers::strip_hop_by_hop(&mut parts.headers);
+    headers::ensure_request_id(&mut parts.headers);
+    match conn.direction {
+        Direction::Gateway => gateway::on_request(&mut parts.headers, conn),
+        Direction::Inbound => inbound::on_request(&mut parts.headers, conn),
+        Direction::Outbound => outbound::on_request(&mut parts.headers, conn),
+    }
+    let mut path_and_query = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut up_authority = authority_str.clone();
+    if let Some(rw) = &forward.rewrite {
+        if let Some(new) = rewrite_path(rw, matched.prefix, path_and_query.path()) {
+            let pq = match path_and_query.query() {
+                Some(q) => format!("{new}?{q}"),
+                None => new,
+            };
+            path_and_query = PathAndQuery::try_from(pq).map_err(|e| ProxyError::bad_request(format!("rewritten path is invalid: {e}")))?;
+        }
+        if let Some(a) = &rw.authority {
+            up_authority = a.to_str().unwrap_or_default().to_string();
+            parts.headers.insert(header::HOST, a.clone());
+        }
+    }
+    route.request_headers.apply(&mut parts.headers);
+    dest.request_headers.apply(&mut parts.headers);
+    parts.uri = match wire {
+        Wire::Http1 => {
+            if !parts.headers.contains_key(header::HOST) && !up_authority.is_empty() {
+                if let Ok(v) = HeaderValue::from_str(&up_authority) {
+                    parts.headers.insert(header::HOST, v);
+                }
+            }
+            parts.version = Version::HTTP_11;
+            Uri::from(path_and_query)
+        }
+        Wire::Http2 => {
+            parts.version = Version::HTTP_2;
+            let a = if up_authority.is_empty() { endpoint.address.clone() } else { up_authority };
+            parts.headers.remove(header::HOST);
+            Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(a.as_str())
+                .path_and_query(path_and_query)
+                .build()
+                .map_err(|e| ProxyError::bad_request(format!("invalid authority: {e}")))?
+        }
+    };
+    let upstream_req = Request::from_parts(parts, boxed(body));
+
+    let in_flight = endpoint.start_request();
+    let send = endpoint.send(upstream_req, wire, cluster.connect_timeout);
+    let resp = match route.timeout {
+        Some(t) => tokio::time::timeout(t, send).await.map_err(|_| ProxyError::timeout(t))??,
+        None => send.await?,
+    };
+
+    let (mut rparts, rbody) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut rparts.headers);
+    route.response_headers.apply(&mut rparts.headers);
+    dest.response_headers.apply(&mut rparts.headers);
+    if let Some(cookie) = pick.1 {
+        if let Ok(v) = HeaderValue::from_str(&cookie.0) {
+            rparts.headers.append(header::SET_COOKIE, v);
+        }
+    }
+    Ok(Response::from_parts(rparts, boxed(Tracked::new(rbody, in_flight))))
+}
+
+fn is_grpc(h: &http::HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// Istio's `rewrite.uri` replaces the matched prefix (or the whole path when the match was
+/// not a prefix); `uriRegexRewrite` substitutes every match in the path.
+fn rewrite_path(rw: &crate::runtime::route::Rewrite, matched_prefix: Option<&str>, path: &str) -> Option<String> {
+    if let Some(uri) = &rw.uri {
+        return Some(match matched_prefix {
+            Some(p) if path.len() >= p.len() => {
+                let rest = &path[p.len()..];
+                if uri.ends_with('/') && rest.starts_with('/') {
+                    format!("{uri}{}", &rest[1..])
+                } else {
+                    format!("{uri}{rest}")
+                }
+            }
+            _ => uri.clone(),
+        });
+    }
+    rw.uri_regex.as_ref().map(|(re, rep)| re.replace_all(path, rep.as_str()).into_owned())
+}
+
+fn redirect(
+    rd: &trellis_config::snapshot::Redirect,
+    uri: &Uri,
+    scheme: &str,
+    host: &str,
+    req_port: Option<u16>,
+    route: &crate::runtime::route::Route,
+) -> Response<Body> {
+    let scheme = rd.scheme.as_deref().unwrap_or(scheme);
+    let (auth_host, auth_port) = match &rd.authority {
+        Some(a) => match a.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => (h.to_string(), p.parse::<u16>().ok()),
+            _ => (a.clone(), None),
+        },
+        None => (host.to_string(), None),
+    };
+    let port = rd.port.or(auth_port).or(if rd.port_from_request { req_port } else { None });
+    let default = if scheme == "https" { 443 } else { 80 };
+    let port = match port {
+        Some(p) if p != default => format!(":{p}"),
+        _ => String::new(),
+    };
+    let path = rd.uri.clone().unwrap_or_else(|| uri.path().to_string());
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let location = format!("{scheme}://{auth_host}{port}{path}{query}");
+    let mut resp = Response::new(crate::http::empty());
+    *resp.status_mut() = http::StatusCode::from_u16(rd.code).unwrap_or(http::StatusCode::MOVED_PERMANENTLY);
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    route.response_headers.apply(resp.headers_mut());
+    resp
+}

@@ -1,0 +1,156 @@
+//! Proxy errors, the side they come from, and the one place they become responses.
+//!
+//! Every locally generated error carries a response flag with Envoy's meaning, so operators
+//! who know Envoy's access logs read ours the same way; logs and metrics share the flag.
+
+use std::fmt;
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::{full, Body};
+
+/// Envoy's response flags (the subset Trellis produces).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Flag {
+    /// No route configured for the request.
+    NoRoute,
+    /// No healthy upstream host in the cluster.
+    NoHealthyUpstream,
+    /// Upstream connection failure.
+    UpstreamConnectFailure,
+    /// Upstream reset the connection or stream before the response.
+    UpstreamReset,
+    /// Upstream request timeout.
+    UpstreamTimeout,
+    /// Downstream protocol error (a request the proxy cannot accept).
+    DownstreamProtocolError,
+    /// Downstream connection terminated (client went away).
+    DownstreamTerminated,
+}
+
+impl Flag {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flag::NoRoute => "NR",
+            Flag::NoHealthyUpstream => "UH",
+            Flag::UpstreamConnectFailure => "UF",
+            Flag::UpstreamReset => "UR",
+            Flag::UpstreamTimeout => "UT",
+            Flag::DownstreamProtocolError => "DPE",
+            Flag::DownstreamTerminated => "DC",
+        }
+    }
+}
+
+impl fmt::Display for Flag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which side of the proxy an error came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Downstream,
+    Upstream,
+    Proxy,
+}
+
+/// An error the proxy answers for itself.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ProxyError {
+    pub flag: Flag,
+    pub status: StatusCode,
+    pub side: Side,
+    /// Safe to retry: the request never reached an upstream application.
+    pub retryable: bool,
+    pub message: String,
+}
+
+/// Response header naming the flag on locally generated responses, for debugging.
+pub const FLAGS_HEADER: &str = "x-trellis-response-flags";
+
+impl ProxyError {
+    pub fn no_route(host: &str, path: &str) -> Self {
+        ProxyError {
+            flag: Flag::NoRoute,
+            status: StatusCode::NOT_FOUND,
+            side: Side::Proxy,
+            retryable: false,
+            message: format!("no route for host {host:?} and path {path:?}"),
+        }
+    }
+
+    pub fn no_healthy_upstream(cluster: &str) -> Self {
+        ProxyError {
+            flag: Flag::NoHealthyUpstream,
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            side: Side::Upstream,
+            retryable: true,
+            message: format!("no healthy upstream in cluster {cluster}"),
+        }
+    }
+
+    pub fn connect_failure(endpoint: &str, reason: impl fmt::Display) -> Self {
+        ProxyError {
+            flag: Flag::UpstreamConnectFailure,
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            side: Side::Upstream,
+            retryable: true,
+            message: format!("upstream connect error to {endpoint}: {reason}"),
+        }
+    }
+
+    pub fn reset(endpoint: &str, reason: impl fmt::Display) -> Self {
+        ProxyError {
+            flag: Flag::UpstreamReset,
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            side: Side::Upstream,
+            retryable: false,
+            message: format!("upstream {endpoint} reset before response headers: {reason}"),
+        }
+    }
+
+    pub fn timeout(after: std::time::Duration) -> Self {
+        ProxyError {
+            flag: Flag::UpstreamTimeout,
+            status: StatusCode::GATEWAY_TIMEOUT,
+            side: Side::Upstream,
+            retryable: true,
+            message: format!("upstream request timeout after {}", trellis_config::model::duration::format_duration(after)),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ProxyError {
+            flag: Flag::DownstreamProtocolError,
+            status: StatusCode::BAD_REQUEST,
+            side: Side::Downstream,
+            retryable: false,
+            message: message.into(),
+        }
+    }
+
+    pub fn downstream_gone(reason: impl fmt::Display) -> Self {
+        ProxyError {
+            flag: Flag::DownstreamTerminated,
+            status: StatusCode::BAD_REQUEST,
+            side: Side::Downstream,
+            retryable: false,
+            message: format!("downstream request body failed: {reason}"),
+        }
+    }
+
+    /// The response for this error: status, a one-line text body ending in the flag, and the
+    /// flag in [`FLAGS_HEADER`].
+    pub fn into_response(self) -> Response<Body> {
+        let body = format!("{} ({})\n", self.message, self.flag);
+        let mut resp = Response::new(full(body));
+        *resp.status_mut() = self.status;
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        h.insert(FLAGS_HEADER, HeaderValue::from_static(self.flag.as_str()));
+        resp
+    }
+}

@@ -1,0 +1,148 @@
+//! Header handling on the request path: hop-by-hop stripping (RFC 9110 §7.6.1), request ids,
+//! forwarded-for headers, and the compiled form of VirtualService header operations.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use trellis_config::snapshot::HeaderOps;
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes hop-by-hop headers, including those the `Connection` header names. `TE: trailers`
+/// survives (gRPC needs it end to end).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(conn) = headers.get(header::CONNECTION).cloned() {
+        if let Ok(list) = conn.to_str() {
+            for name in list.split(',') {
+                let name = name.trim();
+                if name.eq_ignore_ascii_case("te") {
+                    continue;
+                }
+                if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+                    headers.remove(n);
+                }
+            }
+        }
+    }
+    for h in [
+        header::CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TRAILER,
+    ] {
+        headers.remove(h);
+    }
+    if let Some(te) = headers.get(header::TE) {
+        let trailers = te.to_str().map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))).unwrap_or(false);
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        } else {
+            headers.remove(header::TE);
+        }
+    }
+}
+
+/// Adds an `x-request-id` (a UUID v4) when the request has none.
+pub fn ensure_request_id(headers: &mut HeaderMap) {
+    if !headers.contains_key(X_REQUEST_ID) {
+        let id = uuid::Uuid::new_v4();
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let s = id.hyphenated().encode_lower(&mut buf);
+        if let Ok(v) = HeaderValue::from_str(s) {
+            headers.insert(X_REQUEST_ID, v);
+        }
+    }
+}
+
+/// Gateways append the client address to `x-forwarded-for` and set `x-forwarded-proto`, as
+/// an edge Envoy does.
+pub fn set_forwarded(headers: &mut HeaderMap, client: std::net::IpAddr, proto: &'static str) {
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {client}"),
+        _ => client.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+}
+
+/// Header operations, validated once at snapshot build time.
+#[derive(Clone, Debug, Default)]
+pub struct HeaderRewrite {
+    set: Vec<(HeaderName, HeaderValue)>,
+    add: Vec<(HeaderName, HeaderValue)>,
+    remove: Vec<HeaderName>,
+}
+
+impl HeaderRewrite {
+    pub fn build(ops: &HeaderOps) -> Result<Self, String> {
+        let pair = |(k, v): &(String, String)| -> Result<(HeaderName, HeaderValue), String> {
+            let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("invalid header name {k:?}"))?;
+            let value = HeaderValue::from_str(v).map_err(|_| format!("invalid value for header {k:?}"))?;
+            Ok((name, value))
+        };
+        Ok(HeaderRewrite {
+            set: ops.set.iter().map(pair).collect::<Result<_, _>>()?,
+            add: ops.add.iter().map(pair).collect::<Result<_, _>>()?,
+            remove: ops
+                .remove
+                .iter()
+                .map(|k| HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("invalid header name {k:?}")))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+
+    /// Applies set, then add, then remove (Envoy's order).
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for (k, v) in &self.set {
+            headers.insert(k.clone(), v.clone());
+        }
+        for (k, v) in &self.add {
+            headers.append(k.clone(), v.clone());
+        }
+        for k in &self.remove {
+            headers.remove(k);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_connection_listed_and_keeps_te_trailers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private, te"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-private").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert_eq!(h.get(header::TE).map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+        assert!(h.get("x-keep").is_some());
+    }
+
+    #[test]
+    fn request_id_generated_once() {
+        let mut h = HeaderMap::new();
+        ensure_request_id(&mut h);
+        let id = h.get(X_REQUEST_ID).cloned();
+        assert_eq!(id.as_ref().map(|v| v.len()), Some(36));
+        ensure_request_id(&mut h);
+        assert_eq!(h.get(X_REQUEST_ID), id.as_ref());
+    }
+}

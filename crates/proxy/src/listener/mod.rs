@@ -1,0 +1,174 @@
+//! Listeners: binding the snapshot's sockets, accepting, and serving connections.
+//!
+//! A snapshot's listeners are reconciled in two steps so a request never meets a half-applied
+//! config: [`Listeners::stage`] binds every new socket (any failure rejects the snapshot and
+//! leaves everything as it was), then, after the runtime swap, [`Listeners::commit`] starts the
+//! new accept loops and stops the removed ones. One task per connection; HTTP/1.1 and HTTP/2
+//! (prior knowledge) are told apart by the connection preface.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use trellis_config::snapshot::{Direction, Listener as ListenerSpec, Snapshot};
+
+use crate::handler::{self, ConnInfo};
+use crate::state::Shared;
+
+struct Active {
+    address: SocketAddr,
+    direction: Direction,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// Sockets bound for a snapshot, not yet accepting.
+pub struct Staged {
+    bound: Vec<(ListenerSpec, TcpListener)>,
+    keep: Vec<String>,
+}
+
+#[derive(Default)]
+pub struct Listeners {
+    active: tokio::sync::Mutex<HashMap<String, Active>>,
+}
+
+impl Listeners {
+    /// Binds the listeners of `snap` that are not already open.
+    pub async fn stage(&self, snap: &Snapshot) -> Result<Staged, String> {
+        let mut active = self.active.lock().await;
+        let mut staged = Staged { bound: Vec::new(), keep: Vec::new() };
+        for l in &snap.listeners {
+            if let Some(a) = active.get(&l.name) {
+                if a.address == l.address && a.direction == l.direction {
+                    staged.keep.push(l.name.clone());
+                    continue;
+                }
+            }
+            let listener = match bind(l.address) {
+                Ok(s) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    // The address may belong to a listener this snapshot renames or replaces.
+                    let wanted: Vec<&str> = snap.listeners.iter().map(|x| x.name.as_str()).collect();
+                    let holder = active
+                        .iter()
+                        .find(|(name, a)| a.address == l.address && (!wanted.contains(&name.as_str()) || *name == &l.name))
+                        .map(|(n, _)| n.clone());
+                    match holder {
+                        Some(name) => {
+                            if let Some(a) = active.remove(&name) {
+                                stop(a).await;
+                            }
+                            bind(l.address).map_err(|e| format!("listener {}: cannot bind {}: {e}", l.name, l.address))?
+                        }
+                        None => return Err(format!("listener {}: cannot bind {}: {e}", l.name, l.address)),
+                    }
+                }
+                Err(e) => return Err(format!("listener {}: cannot bind {}: {e}", l.name, l.address)),
+            };
+            staged.bound.push((l.clone(), listener));
+        }
+        Ok(staged)
+    }
+
+    /// Starts accepting on the staged sockets and stops listeners the snapshot dropped.
+    pub async fn commit(&self, staged: Staged, shared: &Arc<Shared>) {
+        let mut active = self.active.lock().await;
+        let mut wanted: Vec<String> = staged.keep;
+        for (spec, listener) in staged.bound {
+            if let Some(old) = active.remove(&spec.name) {
+                stop(old).await;
+            }
+            let (tx, rx) = watch::channel(false);
+            let name: Arc<str> = Arc::from(spec.name.as_str());
+            tracing::info!(listener = %name, address = %spec.address, direction = ?spec.direction, "listening");
+            let task = tokio::spawn(accept_loop(listener, name, spec.direction, shared.clone(), rx));
+            wanted.push(spec.name.clone());
+            active.insert(spec.name, Active { address: spec.address, direction: spec.direction, stop: tx, task });
+        }
+        let removed: Vec<String> = active.keys().filter(|k| !wanted.contains(k)).cloned().collect();
+        for name in removed {
+            if let Some(a) = active.remove(&name) {
+                tracing::info!(listener = %name, address = %a.address, "listener removed");
+                stop(a).await;
+            }
+        }
+    }
+
+    /// The addresses currently accepting.
+    pub async fn addresses(&self) -> Vec<(String, SocketAddr)> {
+        self.active.lock().await.iter().map(|(n, a)| (n.clone(), a.address)).collect()
+    }
+}
+
+async fn stop(a: Active) {
+    a.stop.send_replace(true);
+    let _ = a.task.await;
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+async fn accept_loop(listener: TcpListener, name: Arc<str>, direction: Direction, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let local = listener.local_addr().ok();
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => break,
+            _ = shared.drain.started() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let conn = Arc::new(ConnInfo {
+                        listener: name.clone(),
+                        direction,
+                        peer,
+                        local: local.unwrap_or(peer),
+                    });
+                    tokio::spawn(serve(stream, conn, shared.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(listener = %name, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn serve(stream: TcpStream, conn: Arc<ConnInfo>, shared: Arc<Shared>) {
+    let _open = shared.drain.track();
+    let _ = stream.set_nodelay(true);
+    let svc_shared = shared.clone();
+    let svc_conn = conn.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let (s, c) = (svc_shared.clone(), svc_conn.clone());
+        async move { Ok::<_, Infallible>(handler::handle(s, c, req).await) }
+    });
+    let served = shared.server.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(served);
+    let result = tokio::select! {
+        r = served.as_mut() => r,
+        _ = shared.drain.started() => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(listener = %conn.listener, peer = %conn.peer, error = %e, "connection ended with error");
+    }
+}

@@ -1,0 +1,97 @@
+//! The instantiated snapshot: what the hot path reads.
+//!
+//! [`Runtime::build`] turns a plain-data [`spec::Snapshot`] into lookup tables with compiled
+//! regexes, header values and balancers, and endpoints drawn from the shared [`Pools`]. A build
+//! error rejects the whole snapshot (the proxy keeps the one it has). A request loads one
+//! `Arc<Runtime>` and uses it to the end, so it never sees half of a config.
+
+pub mod route;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use trellis_config::snapshot::{self as spec, ListenerRouting, UpstreamProtocol};
+
+use crate::balance::Balancer;
+use crate::upstream::{Endpoint, Pools};
+pub use route::RouteTable;
+
+pub struct Runtime {
+    pub snapshot: Arc<spec::Snapshot>,
+    tables: HashMap<String, Arc<RouteTable>>,
+    /// Outbound tables by port, for `ByRequestPort` and `Fixed` listeners.
+    outbound: HashMap<u16, Arc<RouteTable>>,
+    listeners: HashMap<String, ListenerRouting>,
+    pub clusters: HashMap<String, Arc<Cluster>>,
+}
+
+/// A cluster: endpoints, how to balance over them, and how to talk to them.
+pub struct Cluster {
+    pub name: String,
+    pub protocol: UpstreamProtocol,
+    pub connect_timeout: Duration,
+    pub endpoints: Vec<(Arc<Endpoint>, u32)>,
+    pub balancer: Balancer,
+}
+
+impl Runtime {
+    /// An empty runtime (before the first snapshot).
+    pub fn empty() -> Runtime {
+        Runtime {
+            snapshot: Arc::new(spec::Snapshot::default()),
+            tables: HashMap::new(),
+            outbound: HashMap::new(),
+            listeners: HashMap::new(),
+            clusters: HashMap::new(),
+        }
+    }
+
+    pub fn build(snapshot: Arc<spec::Snapshot>, pools: &Pools) -> Result<Runtime, String> {
+        let mut clusters = HashMap::new();
+        for (name, c) in &snapshot.clusters {
+            let endpoints: Vec<(Arc<Endpoint>, u32)> = c.endpoints.iter().map(|e| (pools.endpoint(&e.address), e.weight.max(1))).collect();
+            let balancer = Balancer::new(&c.lb, &endpoints);
+            clusters.insert(
+                name.clone(),
+                Arc::new(Cluster { name: name.clone(), protocol: c.protocol, connect_timeout: c.connect_timeout.0, endpoints, balancer }),
+            );
+        }
+        let mut tables = HashMap::new();
+        let mut outbound = HashMap::new();
+        for (name, t) in &snapshot.route_tables {
+            let table = Arc::new(RouteTable::build(t, &clusters).map_err(|e| format!("route table {name}: {e}"))?);
+            if let Some(port) = name.strip_prefix("outbound|").and_then(|p| p.parse::<u16>().ok()) {
+                outbound.insert(port, table.clone());
+            }
+            tables.insert(name.clone(), table);
+        }
+        let mut listeners = HashMap::new();
+        for l in &snapshot.listeners {
+            if let ListenerRouting::Table(t) = &l.routing {
+                if !tables.contains_key(t) {
+                    return Err(format!("listener {} uses unknown route table {t}", l.name));
+                }
+            }
+            listeners.insert(l.name.clone(), l.routing.clone());
+        }
+        pools.collect();
+        Ok(Runtime { snapshot, tables, outbound, listeners, clusters })
+    }
+
+    pub fn version(&self) -> &str {
+        &self.snapshot.version
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&ListenerRouting> {
+        self.listeners.get(name)
+    }
+
+    pub fn table(&self, name: &str) -> Option<&Arc<RouteTable>> {
+        self.tables.get(name)
+    }
+
+    pub fn outbound_table(&self, port: u16) -> Option<&Arc<RouteTable>> {
+        self.outbound.get(&port)
+    }
+}

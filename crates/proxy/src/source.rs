@@ -1,0 +1,91 @@
+//! Static config: the proxy reads its config from files (like Envoy's bootstrap or ztunnel's
+//! local config), compiles its own snapshot, and re-reads on change. A change is validated with
+//! the same rules as `trellis analyze`; one with errors is reported and the last good snapshot
+//! keeps serving.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use trellis_config::compile::{compile, ProxySpec};
+use trellis_config::snapshot::Snapshot;
+use trellis_config::Finding;
+
+use crate::Proxy;
+
+/// Config files plus the proxy's own identity and listeners.
+#[derive(Clone, Debug)]
+pub struct StaticSource {
+    pub paths: Vec<PathBuf>,
+    pub spec: ProxySpec,
+}
+
+/// How long to wait for an editor's burst of writes to settle.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+
+impl StaticSource {
+    /// Reads and validates the config; compiles it when it has no errors. Warnings come along.
+    pub fn load(&self) -> Result<(Snapshot, Vec<Finding>), Vec<Finding>> {
+        let loaded = trellis_config::check(&self.paths);
+        if loaded.findings.iter().any(Finding::is_error) {
+            return Err(loaded.findings);
+        }
+        Ok((compile(&loaded.resources, &[], &self.spec), loaded.findings))
+    }
+
+    /// Loads and applies once; on failure returns the reason.
+    pub async fn reload(&self, proxy: &Proxy) -> Result<(), String> {
+        match self.load() {
+            Ok((snap, warnings)) => {
+                for w in warnings.iter().filter(|w| w.severity == trellis_config::Severity::Warning) {
+                    tracing::warn!("{w}");
+                }
+                proxy.apply(snap).await
+            }
+            Err(findings) => {
+                let errors = findings.iter().filter(|f| f.is_error()).count();
+                let reason = format!("config has {errors} error(s)");
+                proxy.reject(reason.clone(), findings.into_iter().filter(Finding::is_error).collect());
+                Err(reason)
+            }
+        }
+    }
+
+    /// Watches the config paths and reloads on every change, until the proxy drains.
+    pub fn watch(self, proxy: Arc<Proxy>) -> notify::Result<()> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if let Ok(ev) = ev {
+                if !ev.kind.is_access() {
+                    let _ = tx.send(());
+                }
+            }
+        })?;
+        for p in &self.paths {
+            if p.is_dir() {
+                watcher.watch(p, RecursiveMode::Recursive)?;
+            } else {
+                // Watch the directory: editors replace files by renaming over them.
+                let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+                watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+            }
+        }
+        tokio::spawn(async move {
+            let _watcher = watcher;
+            let drained = proxy.shared().clone();
+            loop {
+                tokio::select! {
+                    ev = rx.recv() => if ev.is_none() { break },
+                    _ = drained.drain.started() => break,
+                }
+                tokio::time::sleep(DEBOUNCE).await;
+                while rx.try_recv().is_ok() {}
+                if let Err(e) = self.reload(&proxy).await {
+                    tracing::warn!("reload failed: {e}");
+                }
+            }
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,160 @@
+//! State shared by every listener and connection of one proxy: the current runtime (swapped
+//! atomically), the endpoint pools, the drain signal, and what the admin port reports.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::sync::{watch, Notify};
+
+use crate::runtime::Runtime;
+use crate::upstream::Pools;
+
+/// Largest request head accepted; larger gets 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+pub struct Shared {
+    runtime: ArcSwap<Runtime>,
+    pub pools: Pools,
+    pub drain: Drain,
+    pub server: auto::Builder<TokioExecutor>,
+    ready: AtomicBool,
+    pub status: Mutex<ConfigStatus>,
+}
+
+/// What the admin port reports about config.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ConfigStatus {
+    pub applied_at: Option<SystemTime>,
+    pub applied: u64,
+    pub rejected: u64,
+    pub last_rejection: Option<Rejection>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Rejection {
+    pub at: SystemTime,
+    pub reason: String,
+    pub findings: Vec<trellis_config::Finding>,
+}
+
+impl Shared {
+    pub fn new() -> Shared {
+        let mut server = auto::Builder::new(TokioExecutor::new());
+        server
+            .http1()
+            .timer(TokioTimer::new())
+            .max_buf_size(MAX_HEADER_BYTES)
+            .header_read_timeout(Duration::from_secs(30));
+        server
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .adaptive_window(true)
+            .max_concurrent_streams(1024);
+        Shared {
+            runtime: ArcSwap::from_pointee(Runtime::empty()),
+            pools: Pools::default(),
+            drain: Drain::new(),
+            server,
+            ready: AtomicBool::new(false),
+            status: Mutex::new(ConfigStatus::default()),
+        }
+    }
+
+    /// The runtime in force; hold it for the whole request.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    pub(crate) fn swap(&self, rt: Runtime) {
+        self.runtime.store(Arc::new(rt));
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Ready: a snapshot is in force and the proxy is not draining.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.drain.is_draining()
+    }
+
+    pub fn status(&self) -> ConfigStatus {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn update_status(&self, f: impl FnOnce(&mut ConfigStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared::new()
+    }
+}
+
+/// Graceful drain: a signal every listener and connection watches, and a count of open
+/// connections to wait on.
+pub struct Drain {
+    tx: watch::Sender<bool>,
+    open: AtomicUsize,
+    closed: Notify,
+}
+
+/// Held by each connection task.
+pub struct ConnGuard<'a>(&'a Drain);
+
+impl Drop for ConnGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.closed.notify_waiters();
+        }
+    }
+}
+
+impl Drain {
+    fn new() -> Drain {
+        Drain { tx: watch::channel(false).0, open: AtomicUsize::new(0), closed: Notify::new() }
+    }
+
+    pub fn track(&self) -> ConnGuard<'_> {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        ConnGuard(self)
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.tx.borrow()
+    }
+
+    pub fn start(&self) {
+        self.tx.send_replace(true);
+    }
+
+    /// Resolves once draining has started.
+    pub async fn started(&self) {
+        let mut rx = self.tx.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    /// Waits until every connection has closed, or `deadline` passes; returns how many were
+    /// still open.
+    pub async fn wait_closed(&self, deadline: Duration) -> usize {
+        let wait = async {
+            loop {
+                let notified = self.closed.notified();
+                if self.open.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(deadline, wait).await;
+        self.open_connections()
+    }
+}

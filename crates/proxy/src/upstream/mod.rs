@@ -1,0 +1,275 @@
+//! Upstream endpoints and their connection pools.
+//!
+//! An [`Endpoint`] outlives snapshots: the [`Pools`] registry hands the same `Arc<Endpoint>` to
+//! every snapshot that names the same address, so a config change keeps warm connections and
+//! in-flight counts. HTTP/1.1 connections are pooled one request at a time (idle queue,
+//! lock-free); HTTP/2 uses one multiplexed connection per endpoint.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use crossbeam_queue::SegQueue;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::http::{Body, ProxyError};
+
+pub mod body;
+
+/// Idle HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE_PER_ENDPOINT: usize = 256;
+
+/// Where an endpoint lives.
+#[derive(Clone, Debug)]
+enum Target {
+    Socket(SocketAddr),
+    /// Resolved at connect time.
+    Dns(String),
+}
+
+/// One upstream address with its pools and load counters.
+pub struct Endpoint {
+    pub address: String,
+    target: Target,
+    in_flight: AtomicUsize,
+    idle_h1: SegQueue<http1::SendRequest<Body>>,
+    idle_count: AtomicUsize,
+    h2: ArcSwapOption<http2::SendRequest<Body>>,
+    h2_connecting: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint").field("address", &self.address).finish()
+    }
+}
+
+/// Which wire protocol to speak to an endpoint for one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    Http1,
+    Http2,
+}
+
+/// Counts a request as in flight on an endpoint until dropped.
+pub struct InFlight(Arc<Endpoint>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+// === impl Endpoint ===
+
+impl Endpoint {
+    fn new(address: &str) -> Endpoint {
+        let target = match address.parse::<SocketAddr>() {
+            Ok(sa) => Target::Socket(sa),
+            Err(_) => Target::Dns(address.to_string()),
+        };
+        Endpoint {
+            address: address.to_string(),
+            target,
+            in_flight: AtomicUsize::new(0),
+            idle_h1: SegQueue::new(),
+            idle_count: AtomicUsize::new(0),
+            h2: ArcSwapOption::empty(),
+            h2_connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Requests in flight (for least-request balancing).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn start_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    async fn connect(&self, timeout: Duration) -> Result<TcpStream, ProxyError> {
+        let fut = async {
+            match &self.target {
+                Target::Socket(sa) => TcpStream::connect(sa).await,
+                Target::Dns(hp) => TcpStream::connect(hp.as_str()).await,
+            }
+        };
+        let stream = match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(ProxyError::connect_failure(&self.address, e)),
+            Err(_) => return Err(ProxyError::connect_failure(&self.address, "connect timeout")),
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// Sends `req` and returns the response head (the body streams on).
+    pub async fn send(self: &Arc<Self>, req: Request<Body>, wire: Wire, connect_timeout: Duration) -> Result<Response<Incoming>, ProxyError> {
+        match wire {
+            Wire::Http1 => self.send_h1(req, connect_timeout).await,
+            Wire::Http2 => self.send_h2(req, connect_timeout).await,
+        }
+    }
+
+    fn pop_idle_h1(&self) -> Option<http1::SendRequest<Body>> {
+        while let Some(s) = self.idle_h1.pop() {
+            self.idle_count.fetch_sub(1, Ordering::Relaxed);
+            if s.is_ready() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    async fn connect_h1(&self, timeout: Duration) -> Result<http1::SendRequest<Body>, ProxyError> {
+        let stream = self.connect(timeout).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ProxyError::connect_failure(&self.address, e))?;
+        let addr = self.address.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = %addr, error = %e, "upstream HTTP/1.1 connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn send_h1(self: &Arc<Self>, mut req: Request<Body>, timeout: Duration) -> Result<Response<Incoming>, ProxyError> {
+        // A pooled connection may have been closed by the upstream in the meantime; a request
+        // that was never written to it is retried once on a fresh connection.
+        loop {
+            let (mut sender, fresh) = match self.pop_idle_h1() {
+                Some(s) => (s, false),
+                None => (self.connect_h1(timeout).await?, true),
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    self.recycle_h1(sender);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(r) if !fresh => req = r,
+                    _ => return Err(classify(&self.address, e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// Returns the connection to the idle queue once the response has been read through.
+    fn recycle_h1(self: &Arc<Self>, mut sender: http1::SendRequest<Body>) {
+        let ep = self.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() && ep.idle_count.load(Ordering::Relaxed) < MAX_IDLE_PER_ENDPOINT {
+                ep.idle_count.fetch_add(1, Ordering::Relaxed);
+                ep.idle_h1.push(sender);
+            }
+        });
+    }
+
+    async fn h2_sender(&self, timeout: Duration) -> Result<http2::SendRequest<Body>, ProxyError> {
+        if let Some(s) = self.h2.load_full() {
+            if !s.is_closed() {
+                return Ok((*s).clone());
+            }
+        }
+        let _guard = self.h2_connecting.lock().await;
+        if let Some(s) = self.h2.load_full() {
+            if !s.is_closed() {
+                return Ok((*s).clone());
+            }
+        }
+        let stream = self.connect(timeout).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .adaptive_window(true)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(false)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ProxyError::connect_failure(&self.address, e))?;
+        let addr = self.address.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(upstream = %addr, error = %e, "upstream HTTP/2 connection ended");
+            }
+        });
+        self.h2.store(Some(Arc::new(sender.clone())));
+        Ok(sender)
+    }
+
+    async fn send_h2(&self, mut req: Request<Body>, timeout: Duration) -> Result<Response<Incoming>, ProxyError> {
+        let mut retried = false;
+        loop {
+            let mut sender = self.h2_sender(timeout).await?;
+            if let Err(e) = sender.ready().await {
+                if retried {
+                    return Err(classify(&self.address, e));
+                }
+                retried = true;
+                self.h2.store(None);
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(r) if !retried => {
+                        retried = true;
+                        self.h2.store(None);
+                        req = r;
+                    }
+                    _ => return Err(classify(&self.address, e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+/// Maps a hyper client error to the flag Envoy would log.
+fn classify(address: &str, e: hyper::Error) -> ProxyError {
+    if e.is_user() {
+        // The request body (the downstream) failed, not the upstream.
+        return ProxyError::downstream_gone(e);
+    }
+    let reason = match std::error::Error::source(&e) {
+        Some(src) => format!("{e}: {src}"),
+        None => e.to_string(),
+    };
+    ProxyError::reset(address, reason)
+}
+
+/// The registry that lets endpoints (and their pools) outlive snapshots.
+#[derive(Default)]
+pub struct Pools {
+    endpoints: Mutex<HashMap<String, Weak<Endpoint>>>,
+}
+
+impl Pools {
+    /// The endpoint for `address`, shared with any earlier snapshot that still uses it.
+    /// Called only while building a snapshot, never per request.
+    pub fn endpoint(&self, address: &str) -> Arc<Endpoint> {
+        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ep) = map.get(address).and_then(Weak::upgrade) {
+            return ep;
+        }
+        let ep = Arc::new(Endpoint::new(address));
+        map.insert(address.to_string(), Arc::downgrade(&ep));
+        ep
+    }
+
+    /// Forgets endpoints no snapshot uses any more.
+    pub fn collect(&self) {
+        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, w| w.strong_count() > 0);
+    }
+}
