@@ -157,12 +157,11 @@ fn decode_resource(file: Arc<PathBuf>, doc: Arc<Node>, findings: &mut Vec<Findin
         Ok(v) => v,
         Err(e) => {
             let pos = e.pos.unwrap_or(doc.pos);
-            findings.push(
-                Finding {
-                    resource: Some(format!("{kind} {}", resource_label(&doc))),
-                    ..schema(pos, format!("invalid {kind}: {}", e.message))
-                },
-            );
+            findings.push(Finding {
+                resource: Some(format!("{kind} {}", resource_label(&doc))),
+                path: doc.path_to(pos).filter(|p| !p.is_empty()).map(|p| yaml::path_string(&p)),
+                ..schema(pos, format!("invalid {kind}: {}", e.message))
+            });
             return None;
         }
     };

@@ -259,6 +259,33 @@ impl Node {
         (node.pos, true)
     }
 
+    /// The path from this node to the node at `pos`, if one is there (used to name the field of
+    /// a decoding error).
+    pub fn path_to(&self, pos: Pos) -> Option<Vec<Seg>> {
+        if self.pos == pos {
+            return Some(Vec::new());
+        }
+        match &self.value {
+            Value::Seq(items) => items.iter().enumerate().find_map(|(i, n)| {
+                n.path_to(pos).map(|mut p| {
+                    p.insert(0, Seg::Index(i));
+                    p
+                })
+            }),
+            Value::Map(entries) => entries.iter().find_map(|(k, v)| {
+                let key = Seg::Key(k.as_str().unwrap_or_default().to_string());
+                if k.pos == pos {
+                    return Some(vec![key]);
+                }
+                v.path_to(pos).map(|mut p| {
+                    p.insert(0, key);
+                    p
+                })
+            }),
+            _ => None,
+        }
+    }
+
     fn invalid_type<E: de::Error>(&self, exp: &dyn de::Expected) -> E {
         let unexp = match &self.value {
             Value::Null => de::Unexpected::Unit,

@@ -263,7 +263,7 @@ pub async fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
 
 /// An HTTP/1.1 + HTTP/2 test server on 127.0.0.1, named so tests can tell backends apart.
 ///
-/// - `/slow?ms=N`: answers after N ms;
+/// - `/slow?ms=N`: answers after N ms (any path with `sleep_ms=N` sleeps first, too);
 /// - `/status/N`: answers status N;
 /// - `/bytes?n=N`: streams N bytes;
 /// - `/upload`: reads the body as it streams and reports its length;
@@ -274,6 +274,10 @@ pub struct Backend {
     pub name: String,
     pub requests: Arc<AtomicUsize>,
     pub in_flight: Arc<AtomicUsize>,
+    /// The most requests ever in flight at once.
+    pub peak: Arc<AtomicUsize>,
+    /// Connections accepted.
+    pub connections: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -289,17 +293,21 @@ impl Backend {
         let addr = listener.local_addr().expect("addr");
         let requests = Arc::new(AtomicUsize::new(0));
         let in_flight = Arc::new(AtomicUsize::new(0));
-        let (n, r, f) = (Arc::new(name.to_string()), requests.clone(), in_flight.clone());
+        let peak = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (n, r, f, pk, conns) = (Arc::new(name.to_string()), requests.clone(), in_flight.clone(), peak.clone(), connections.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
-                let (n, r, f) = (n.clone(), r.clone(), f.clone());
+                conns.fetch_add(1, Ordering::SeqCst);
+                let (n, r, f, pk) = (n.clone(), r.clone(), f.clone(), pk.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
-                        let (n, r, f) = (n.clone(), r.clone(), f.clone());
+                        let (n, r, f, pk) = (n.clone(), r.clone(), f.clone(), pk.clone());
                         async move {
                             r.fetch_add(1, Ordering::SeqCst);
-                            f.fetch_add(1, Ordering::SeqCst);
+                            let now = f.fetch_add(1, Ordering::SeqCst) + 1;
+                            pk.fetch_max(now, Ordering::SeqCst);
                             let resp = backend_handle(&n, req).await;
                             f.fetch_sub(1, Ordering::SeqCst);
                             Ok::<_, Infallible>(resp)
@@ -311,7 +319,7 @@ impl Backend {
                 });
             }
         });
-        Backend { addr, name: name.to_string(), requests, in_flight, task }
+        Backend { addr, name: name.to_string(), requests, in_flight, peak, connections, task }
     }
 
     pub fn count(&self) -> usize {
@@ -325,6 +333,9 @@ fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
 
 async fn backend_handle(name: &str, req: Request<Incoming>) -> Response<TestBody> {
     let path = req.uri().path().to_string();
+    if let Some(ms) = query_param(&req, "sleep_ms").and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     if let Some(code) = path.strip_prefix("/status/") {
         let mut r = Response::new(full(format!("status {code}")));
         *r.status_mut() = code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST);
