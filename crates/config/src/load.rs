@@ -60,8 +60,15 @@ pub fn load_paths(paths: &[PathBuf]) -> Loaded {
     let files = match list_files(paths) {
         Ok(f) => f,
         Err(e) => {
-            let shown = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
-            loaded.findings.push(Finding::new(Code::Unreadable, format!("cannot read {shown}: {e}")));
+            let shown = paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            loaded.findings.push(Finding::new(
+                Code::Unreadable,
+                format!("cannot read {shown}: {e}"),
+            ));
             return loaded;
         }
     };
@@ -69,7 +76,8 @@ pub fn load_paths(paths: &[PathBuf]) -> Loaded {
         match std::fs::read_to_string(&file) {
             Ok(text) => load_str_into(&mut loaded, &file, &text),
             Err(e) => loaded.findings.push(
-                Finding::new(Code::Unreadable, format!("cannot read file: {e}")).in_file(Arc::new(file.clone()), None),
+                Finding::new(Code::Unreadable, format!("cannot read file: {e}"))
+                    .in_file(Arc::new(file.clone()), None),
             ),
         }
         loaded.files.push(file);
@@ -91,7 +99,8 @@ fn load_str_into(loaded: &mut Loaded, file: &Path, text: &str) {
         Ok(d) => d,
         Err(e) => {
             loaded.findings.push(
-                Finding::new(Code::YamlSyntax, format!("invalid YAML: {}", e.message)).in_file(file, Some(e.pos)),
+                Finding::new(Code::YamlSyntax, format!("invalid YAML: {}", e.message))
+                    .in_file(file, Some(e.pos)),
             );
             return;
         }
@@ -120,23 +129,42 @@ struct Envelope<S> {
     status: Option<serde_json::Value>,
 }
 
-fn decode_resource(file: Arc<PathBuf>, doc: Arc<Node>, findings: &mut Vec<Finding>) -> Option<Resource> {
-    let schema = |pos, msg: String| Finding::new(Code::Schema, msg).in_file(file.clone(), Some(pos));
+fn decode_resource(
+    file: Arc<PathBuf>,
+    doc: Arc<Node>,
+    findings: &mut Vec<Finding>,
+) -> Option<Resource> {
+    let schema =
+        |pos, msg: String| Finding::new(Code::Schema, msg).in_file(file.clone(), Some(pos));
     if !matches!(doc.value, yaml::Value::Map(_)) {
-        findings.push(schema(doc.pos, format!("expected a resource (a map with apiVersion and kind), found {}", doc.describe())));
+        findings.push(schema(
+            doc.pos,
+            format!(
+                "expected a resource (a map with apiVersion and kind), found {}",
+                doc.describe()
+            ),
+        ));
         return None;
     }
     let field = |name: &str| doc.get(name).and_then(|n| n.as_str()).map(str::to_string);
     let (Some(api_version), Some(kind_name)) = (field("apiVersion"), field("kind")) else {
-        let missing = if field("apiVersion").is_none() { "apiVersion" } else { "kind" };
-        findings.push(schema(doc.pos, format!("missing required field `{missing}`")));
+        let missing = if field("apiVersion").is_none() {
+            "apiVersion"
+        } else {
+            "kind"
+        };
+        findings.push(schema(
+            doc.pos,
+            format!("missing required field `{missing}`"),
+        ));
         return None;
     };
     let kind = match Kind::resolve(&api_version, &kind_name) {
         Ok(k) => k,
         Err(msg) => {
             let pos = doc.get("kind").map(|n| n.pos).unwrap_or(doc.pos);
-            findings.push(Finding::new(Code::UnsupportedKind, msg).in_file(file.clone(), Some(pos)));
+            findings
+                .push(Finding::new(Code::UnsupportedKind, msg).in_file(file.clone(), Some(pos)));
             return None;
         }
     };
@@ -144,14 +172,23 @@ fn decode_resource(file: Arc<PathBuf>, doc: Arc<Node>, findings: &mut Vec<Findin
     let mut unknown: Vec<Vec<Seg>> = Vec::new();
     let decoded: Result<(ObjectMeta, Option<Spec>), yaml::DeError> = match kind {
         Kind::Gateway => decode_as::<networking::Gateway>(&doc, &mut unknown, Spec::Gateway),
-        Kind::VirtualService => decode_as::<networking::VirtualService>(&doc, &mut unknown, Spec::VirtualService),
-        Kind::DestinationRule => decode_as::<networking::DestinationRule>(&doc, &mut unknown, Spec::DestinationRule),
-        Kind::ServiceEntry => decode_as::<networking::ServiceEntry>(&doc, &mut unknown, Spec::ServiceEntry),
-        Kind::WorkloadEntry => decode_as::<networking::WorkloadEntry>(&doc, &mut unknown, Spec::WorkloadEntry),
-        Kind::Service => decode_as::<kube::Service>(&doc, &mut unknown, Spec::Service),
-        Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication | Kind::Telemetry => {
-            decode_as::<serde_json::Value>(&doc, &mut unknown, Spec::Kept)
+        Kind::VirtualService => {
+            decode_as::<networking::VirtualService>(&doc, &mut unknown, Spec::VirtualService)
         }
+        Kind::DestinationRule => {
+            decode_as::<networking::DestinationRule>(&doc, &mut unknown, Spec::DestinationRule)
+        }
+        Kind::ServiceEntry => {
+            decode_as::<networking::ServiceEntry>(&doc, &mut unknown, Spec::ServiceEntry)
+        }
+        Kind::WorkloadEntry => {
+            decode_as::<networking::WorkloadEntry>(&doc, &mut unknown, Spec::WorkloadEntry)
+        }
+        Kind::Service => decode_as::<kube::Service>(&doc, &mut unknown, Spec::Service),
+        Kind::PeerAuthentication
+        | Kind::AuthorizationPolicy
+        | Kind::RequestAuthentication
+        | Kind::Telemetry => decode_as::<serde_json::Value>(&doc, &mut unknown, Spec::Kept),
     };
     let (meta, spec) = match decoded {
         Ok(v) => v,
@@ -159,14 +196,26 @@ fn decode_resource(file: Arc<PathBuf>, doc: Arc<Node>, findings: &mut Vec<Findin
             let pos = e.pos.unwrap_or(doc.pos);
             findings.push(Finding {
                 resource: Some(format!("{kind} {}", resource_label(&doc))),
-                path: doc.path_to(pos).filter(|p| !p.is_empty()).map(|p| yaml::path_string(&p)),
+                path: doc
+                    .path_to(pos)
+                    .filter(|p| !p.is_empty())
+                    .map(|p| yaml::path_string(&p)),
                 ..schema(pos, format!("invalid {kind}: {}", e.message))
             });
             return None;
         }
     };
     let spec = spec.unwrap_or_else(|| empty_spec(kind));
-    let res = Resource { kind, api_version, meta, spec, source: Source { file: file.clone(), doc: doc.clone() } };
+    let res = Resource {
+        kind,
+        api_version,
+        meta,
+        spec,
+        source: Source {
+            file: file.clone(),
+            doc: doc.clone(),
+        },
+    };
     for path in unknown {
         findings.push(Finding::at(
             Code::UnknownField,
@@ -176,14 +225,19 @@ fn decode_resource(file: Arc<PathBuf>, doc: Arc<Node>, findings: &mut Vec<Findin
         ));
     }
     if res.meta.name.is_empty() {
-        findings.push(Finding::at(Code::Schema, &res, &crate::path!["metadata"], "missing required field `metadata.name`"));
+        findings.push(Finding::at(
+            Code::Schema,
+            &res,
+            &[Seg::from("metadata")],
+            "missing required field `metadata.name`",
+        ));
         return None;
     }
     if !kind.enforced() {
         findings.push(Finding::at(
             Code::NotEnforced,
             &res,
-            &crate::path!["kind"],
+            &[Seg::from("kind")],
             format!("{kind} is parsed and kept, but not enforced yet"),
         ));
     }
@@ -192,8 +246,14 @@ fn decode_resource(file: Arc<PathBuf>, doc: Arc<Node>, findings: &mut Vec<Findin
 
 fn resource_label(doc: &Node) -> String {
     let meta = doc.get("metadata");
-    let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("?");
-    let ns = meta.and_then(|m| m.get("namespace")).and_then(|n| n.as_str()).unwrap_or(crate::model::DEFAULT_NAMESPACE);
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("?");
+    let ns = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(|n| n.as_str())
+        .unwrap_or(crate::model::DEFAULT_NAMESPACE);
     format!("{ns}/{name}")
 }
 

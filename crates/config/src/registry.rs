@@ -81,7 +81,11 @@ impl Workload {
             name: name.to_string(),
             namespace: namespace.to_string(),
             address: we.address.clone()?,
-            ports: we.ports.iter().filter_map(|(k, v)| Some((k.clone(), u16::try_from(*v).ok()?))).collect(),
+            ports: we
+                .ports
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), u16::try_from(*v).ok()?)))
+                .collect(),
             labels: we.labels.clone(),
             weight: we.weight.unwrap_or(1).max(1),
             service_account: we.service_account.clone(),
@@ -179,7 +183,10 @@ impl Registry {
                                     .as_deref()
                                     .map(Protocol::parse)
                                     .unwrap_or_else(|| Protocol::from_port_name(&name)),
-                                target_port: p.target_port.and_then(|t| u16::try_from(t).ok()).map(TargetPort::Number),
+                                target_port: p
+                                    .target_port
+                                    .and_then(|t| u16::try_from(t).ok())
+                                    .map(TargetPort::Number),
                                 name,
                             })
                         })
@@ -188,13 +195,17 @@ impl Registry {
                         .endpoints
                         .iter()
                         .enumerate()
-                        .filter_map(|(i, we)| Workload::from_entry(&format!("{}-{i}", r.name()), r.namespace(), we))
+                        .filter_map(|(i, we)| {
+                            Workload::from_entry(&format!("{}-{i}", r.name()), r.namespace(), we)
+                        })
                         .collect();
                     if let Some(sel) = &se.workload_selector {
                         endpoints.extend(
                             workloads
                                 .iter()
-                                .filter(|w| w.namespace == r.namespace() && selects(&sel.labels, &w.labels))
+                                .filter(|w| {
+                                    w.namespace == r.namespace() && selects(&sel.labels, &w.labels)
+                                })
                                 .cloned(),
                         );
                     }
@@ -228,9 +239,11 @@ impl Registry {
                                     .map(Protocol::parse)
                                     .filter(|p| *p != Protocol::Unknown)
                                     .unwrap_or_else(|| Protocol::from_port_name(&pname)),
-                                target_port: p.target_port.as_ref().map(|t| match t.parse::<u16>() {
-                                    Ok(n) => TargetPort::Number(n),
-                                    Err(_) => TargetPort::Name(t.clone()),
+                                target_port: p.target_port.as_ref().map(|t| {
+                                    match t.parse::<u16>() {
+                                        Ok(n) => TargetPort::Number(n),
+                                        Err(_) => TargetPort::Name(t.clone()),
+                                    }
                                 }),
                                 name: pname,
                             })
@@ -269,7 +282,7 @@ impl Registry {
         let idx = self.services.len();
         if let Some(suffix) = svc.hostname.strip_prefix('*') {
             self.wildcards.push((suffix.to_string(), idx));
-            self.wildcards.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+            self.wildcards.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
         } else {
             self.by_name.insert(svc.hostname.clone(), idx);
             for a in &svc.aliases {
@@ -287,11 +300,17 @@ impl Registry {
             return Some(&self.services[*i]);
         }
         if !host.contains('.') {
-            if let Some(i) = self.by_name.get(&format!("{host}.{namespace}.{CLUSTER_DOMAIN}")) {
+            if let Some(i) = self
+                .by_name
+                .get(&format!("{host}.{namespace}.{CLUSTER_DOMAIN}"))
+            {
                 return Some(&self.services[*i]);
             }
         }
-        self.wildcards.iter().find(|(suffix, _)| host.ends_with(suffix.as_str())).map(|(_, i)| &self.services[*i])
+        self.wildcards
+            .iter()
+            .find(|(suffix, _)| host.ends_with(suffix.as_str()))
+            .map(|(_, i)| &self.services[*i])
     }
 
     /// The canonical form of a host named in `namespace`: the service's hostname when it resolves,

@@ -237,14 +237,21 @@ pub enum LbPolicy {
     /// Power of two choices over in-flight requests.
     LeastRequest,
     Random,
-    RingHash { hash: HashPolicy, min_ring_size: u64 },
+    RingHash {
+        hash: HashPolicy,
+        min_ring_size: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HashPolicy {
     Header(String),
-    Cookie { name: String, path: Option<String>, ttl: Option<Duration> },
+    Cookie {
+        name: String,
+        path: Option<String>,
+        ttl: Option<Duration>,
+    },
     SourceIp,
     QueryParam(String),
 }

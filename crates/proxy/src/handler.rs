@@ -40,7 +40,11 @@ pub struct ConnInfo {
 }
 
 /// Serves one request; never fails (errors become responses).
-pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let rt = shared.runtime();
     let downstream_version = req.version();
     let mut resp = match proxy(&rt, &conn, req).await {
@@ -72,13 +76,22 @@ fn authority_of(req: &Request<Incoming>) -> Result<Option<Authority>, ProxyError
     }
     match Authority::try_from(host.as_bytes()) {
         Ok(a) if !a.as_str().contains('@') && !a.host().is_empty() => Ok(Some(a)),
-        _ => Err(ProxyError::bad_request(format!("invalid Host header {:?}", String::from_utf8_lossy(host.as_bytes())))),
+        _ => Err(ProxyError::bad_request(format!(
+            "invalid Host header {:?}",
+            String::from_utf8_lossy(host.as_bytes())
+        ))),
     }
 }
 
-async fn proxy(rt: &Runtime, conn: &ConnInfo, req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+async fn proxy(
+    rt: &Runtime,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
     if req.method() == http::Method::CONNECT {
-        return Err(ProxyError::bad_request("CONNECT tunnels are not supported yet"));
+        return Err(ProxyError::bad_request(
+            "CONNECT tunnels are not supported yet",
+        ));
     }
     let authority = authority_of(&req)?;
     let (mut parts, body) = req.into_parts();
@@ -90,13 +103,19 @@ async fn proxy(rt: &Runtime, conn: &ConnInfo, req: Request<Incoming>) -> Result<
     let default_port = if scheme == "https" { 443 } else { 80 };
 
     // Pick the route table.
-    let routing = rt.listener(&conn.listener).ok_or_else(|| ProxyError::no_route(&host, parts.uri.path()))?;
+    let routing = rt
+        .listener(&conn.listener)
+        .ok_or_else(|| ProxyError::no_route(&host, parts.uri.path()))?;
     let table: &Arc<RouteTable> = match routing {
         ListenerRouting::Table(name) => rt.table(name),
         ListenerRouting::ByRequestPort => rt.outbound_table(req_port.unwrap_or(default_port)),
         ListenerRouting::Fixed { host: h, port } => {
             host = h.to_ascii_lowercase();
-            let a = if *port == 80 { h.clone() } else { format!("{h}:{port}") };
+            let a = if *port == 80 {
+                h.clone()
+            } else {
+                format!("{h}:{port}")
+            };
             if let Ok(v) = HeaderValue::from_str(&a) {
                 parts.headers.insert(header::HOST, v);
             }
@@ -113,7 +132,9 @@ async fn proxy(rt: &Runtime, conn: &ConnInfo, req: Request<Incoming>) -> Result<
         .or_else(|| authority.as_ref().map(|a| a.to_string()))
         .unwrap_or_default();
 
-    let vhost = table.virtual_host(host).ok_or_else(|| ProxyError::no_route(host, parts.uri.path()))?;
+    let vhost = table
+        .virtual_host(host)
+        .ok_or_else(|| ProxyError::no_route(host, parts.uri.path()))?;
     let view = RequestView {
         method: &parts.method,
         path: parts.uri.path(),
@@ -122,7 +143,9 @@ async fn proxy(rt: &Runtime, conn: &ConnInfo, req: Request<Incoming>) -> Result<
         authority: &authority_str,
         headers: &parts.headers,
     };
-    let matched = vhost.route(&view).ok_or_else(|| ProxyError::no_route(host, parts.uri.path()))?;
+    let matched = vhost
+        .route(&view)
+        .ok_or_else(|| ProxyError::no_route(host, parts.uri.path()))?;
     let route = matched.route;
 
     let forward = match &route.action {
@@ -130,12 +153,15 @@ async fn proxy(rt: &Runtime, conn: &ConnInfo, req: Request<Incoming>) -> Result<
             let mut resp = Response::new(full(body.clone()));
             *resp.status_mut() = *status;
             if !body.is_empty() {
-                resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                resp.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
             }
             route.response_headers.apply(resp.headers_mut());
             return Ok(resp);
         }
-        Action::Redirect(rd) => return Ok(redirect(rd, &parts.uri, &scheme, host, req_port, route)),
+        Action::Redirect(rd) => {
+            return Ok(redirect(rd, &parts.uri, &scheme, host, req_port, route))
+        }
         Action::Forward(f) => f,
     };
 
@@ -143,7 +169,14 @@ async fn proxy(rt: &Runtime, conn: &ConnInfo, req: Request<Incoming>) -> Result<
     let cluster = &dest.cluster;
     let pick = cluster
         .balancer
-        .pick(&cluster.endpoints, &PickCtx { headers: &parts.headers, query: parts.uri.query(), source_ip: conn.peer.ip() })
+        .pick(
+            &cluster.endpoints,
+            &PickCtx {
+                headers: &parts.headers,
+                query: parts.uri.query(),
+                source_ip: conn.peer.ip(),
+            },
+        )
         .ok_or_else(|| ProxyError::no_healthy_upstream(&cluster.name))?;
     let (endpoint, _) = &cluster.endpoints[pick.0];
 
@@ -163,7 +196,11 @@ async fn proxy(rt: &Runtime, conn: &ConnInfo, req: Request<Incoming>) -> Result<
         Direction::Inbound => inbound::on_request(&mut parts.headers, conn),
         Direction::Outbound => outbound::on_request(&mut parts.headers, conn),
     }
-    let mut path_and_query = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut up_authority = authority_str.clone();
     if let Some(rw) = &forward.rewrite {
         if let Some(new) = rewrite_path(rw, matched.prefix, path_and_query.path()) {
@@ -171,7 +208,8 @@ async fn proxy(rt: &Runtime, conn: &ConnInfo, req: Request<Incoming>) -> Result<
                 Some(q) => format!("{new}?{q}"),
                 None => new,
             };
-            path_and_query = PathAndQuery::try_from(pq).map_err(|e| ProxyError::bad_request(format!("rewritten path is invalid: {e}")))?;
+            path_and_query = PathAndQuery::try_from(pq)
+                .map_err(|e| ProxyError::bad_request(format!("rewritten path is invalid: {e}")))?;
         }
         if let Some(a) = &rw.authority {
             up_authority = a.to_str().unwrap_or_default().to_string();
@@ -192,7 +230,11 @@ async fn proxy(rt: &Runtime, conn: &ConnInfo, req: Request<Incoming>) -> Result<
         }
         Wire::Http2 => {
             parts.version = Version::HTTP_2;
-            let a = if up_authority.is_empty() { endpoint.address.clone() } else { up_authority };
+            let a = if up_authority.is_empty() {
+                endpoint.address.clone()
+            } else {
+                up_authority
+            };
             parts.headers.remove(header::HOST);
             Uri::builder()
                 .scheme(Scheme::HTTP)
@@ -207,7 +249,9 @@ async fn proxy(rt: &Runtime, conn: &ConnInfo, req: Request<Incoming>) -> Result<
     let in_flight = endpoint.start_request();
     let send = endpoint.send(upstream_req, wire, cluster.connect_timeout);
     let resp = match route.timeout {
-        Some(t) => tokio::time::timeout(t, send).await.map_err(|_| ProxyError::timeout(t))??,
+        Some(t) => tokio::time::timeout(t, send)
+            .await
+            .map_err(|_| ProxyError::timeout(t))??,
         None => send.await?,
     };
 
@@ -220,16 +264,25 @@ async fn proxy(rt: &Runtime, conn: &ConnInfo, req: Request<Incoming>) -> Result<
             rparts.headers.append(header::SET_COOKIE, v);
         }
     }
-    Ok(Response::from_parts(rparts, boxed(Tracked::new(rbody, in_flight))))
+    Ok(Response::from_parts(
+        rparts,
+        boxed(Tracked::new(rbody, in_flight)),
+    ))
 }
 
 fn is_grpc(h: &http::HeaderMap) -> bool {
-    h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/grpc"))
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
 /// Istio's `rewrite.uri` replaces the matched prefix (or the whole path when the match was
 /// not a prefix); `uriRegexRewrite` substitutes every match in the path.
-fn rewrite_path(rw: &crate::runtime::route::Rewrite, matched_prefix: Option<&str>, path: &str) -> Option<String> {
+fn rewrite_path(
+    rw: &crate::runtime::route::Rewrite,
+    matched_prefix: Option<&str>,
+    path: &str,
+) -> Option<String> {
     if let Some(uri) = &rw.uri {
         return Some(match matched_prefix {
             Some(p) if path.len() >= p.len() => {
@@ -243,7 +296,9 @@ fn rewrite_path(rw: &crate::runtime::route::Rewrite, matched_prefix: Option<&str
             _ => uri.clone(),
         });
     }
-    rw.uri_regex.as_ref().map(|(re, rep)| re.replace_all(path, rep.as_str()).into_owned())
+    rw.uri_regex
+        .as_ref()
+        .map(|(re, rep)| re.replace_all(path, rep.as_str()).into_owned())
 }
 
 fn redirect(
@@ -262,7 +317,10 @@ fn redirect(
         },
         None => (host.to_string(), None),
     };
-    let port = rd.port.or(auth_port).or(if rd.port_from_request { req_port } else { None });
+    let port = rd
+        .port
+        .or(auth_port)
+        .or(if rd.port_from_request { req_port } else { None });
     let default = if scheme == "https" { 443 } else { 80 };
     let port = match port {
         Some(p) if p != default => format!(":{p}"),
@@ -272,7 +330,8 @@ fn redirect(
     let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     let location = format!("{scheme}://{auth_host}{port}{path}{query}");
     let mut resp = Response::new(crate::http::empty());
-    *resp.status_mut() = http::StatusCode::from_u16(rd.code).unwrap_or(http::StatusCode::MOVED_PERMANENTLY);
+    *resp.status_mut() =
+        http::StatusCode::from_u16(rd.code).unwrap_or(http::StatusCode::MOVED_PERMANENTLY);
     if let Ok(v) = HeaderValue::from_str(&location) {
         resp.headers_mut().insert(header::LOCATION, v);
     }

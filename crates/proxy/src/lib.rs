@@ -40,7 +40,11 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new() -> Arc<Proxy> {
-        Arc::new(Proxy { shared: Arc::new(Shared::new()), listeners: Listeners::default(), applying: tokio::sync::Mutex::new(()) })
+        Arc::new(Proxy {
+            shared: Arc::new(Shared::new()),
+            listeners: Listeners::default(),
+            applying: tokio::sync::Mutex::new(()),
+        })
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -88,7 +92,11 @@ impl Proxy {
         }
         self.shared.update_status(|s| {
             s.rejected += 1;
-            s.last_rejection = Some(Rejection { at: SystemTime::now(), reason, findings });
+            s.last_rejection = Some(Rejection {
+                at: SystemTime::now(),
+                reason,
+                findings,
+            });
         });
     }
 
@@ -117,7 +125,10 @@ impl Proxy {
         self.shared.drain.start();
         let left = self.shared.drain.wait_closed(deadline).await;
         if left > 0 {
-            tracing::warn!(connections = left, "drain deadline passed with connections still open");
+            tracing::warn!(
+                connections = left,
+                "drain deadline passed with connections still open"
+            );
         }
         left
     }

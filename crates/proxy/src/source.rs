@@ -38,7 +38,10 @@ impl StaticSource {
     pub async fn reload(&self, proxy: &Proxy) -> Result<(), String> {
         match self.load() {
             Ok((snap, warnings)) => {
-                for w in warnings.iter().filter(|w| w.severity == trellis_config::Severity::Warning) {
+                for w in warnings
+                    .iter()
+                    .filter(|w| w.severity == trellis_config::Severity::Warning)
+                {
                     tracing::warn!("{w}");
                 }
                 proxy.apply(snap).await
@@ -46,7 +49,10 @@ impl StaticSource {
             Err(findings) => {
                 let errors = findings.iter().filter(|f| f.is_error()).count();
                 let reason = format!("config has {errors} error(s)");
-                proxy.reject(reason.clone(), findings.into_iter().filter(Finding::is_error).collect());
+                proxy.reject(
+                    reason.clone(),
+                    findings.into_iter().filter(Finding::is_error).collect(),
+                );
                 Err(reason)
             }
         }
@@ -67,7 +73,11 @@ impl StaticSource {
                 watcher.watch(p, RecursiveMode::Recursive)?;
             } else {
                 // Watch the directory: editors replace files by renaming over them.
-                let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+                let dir = p
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("."));
                 watcher.watch(&dir, RecursiveMode::NonRecursive)?;
             }
         }

@@ -37,9 +37,18 @@ pub fn run(args: Args) -> ExitCode {
                 println!("{f}");
             }
             if loaded.findings.is_empty() {
-                println!("✔ No validation issues found when analyzing {} resources in {} files.", loaded.resources.len(), loaded.files.len());
+                println!(
+                    "✔ No validation issues found when analyzing {} resources in {} files.",
+                    loaded.resources.len(),
+                    loaded.files.len()
+                );
             } else {
-                println!("{} in {} resources, {} files.", finding::summary(&loaded.findings), loaded.resources.len(), loaded.files.len());
+                println!(
+                    "{} in {} resources, {} files.",
+                    finding::summary(&loaded.findings),
+                    loaded.resources.len(),
+                    loaded.files.len()
+                );
             }
         }
     }

@@ -64,7 +64,9 @@ enum RoleArg {
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
-    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("expected key=value, got {s:?}"))
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -72,26 +74,46 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_port_map(s: &str) -> Result<(u16, u16), String> {
-    let (a, b) = s.split_once('=').ok_or_else(|| format!("expected GATEWAY_PORT=LOCAL_PORT, got {s:?}"))?;
-    Ok((a.parse().map_err(|_| format!("bad port {a:?}"))?, b.parse().map_err(|_| format!("bad port {b:?}"))?))
+    let (a, b) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected GATEWAY_PORT=LOCAL_PORT, got {s:?}"))?;
+    Ok((
+        a.parse().map_err(|_| format!("bad port {a:?}"))?,
+        b.parse().map_err(|_| format!("bad port {b:?}"))?,
+    ))
 }
 
 fn addr_or_port(s: &str) -> Result<SocketAddr, String> {
     if let Ok(p) = s.parse::<u16>() {
         return Ok(SocketAddr::from(([127, 0, 0, 1], p)));
     }
-    s.parse().map_err(|_| format!("expected ADDRESS:PORT or PORT, got {s:?}"))
+    s.parse()
+        .map_err(|_| format!("expected ADDRESS:PORT or PORT, got {s:?}"))
 }
 
 fn parse_inbound(s: &str) -> Result<InboundSpec, String> {
-    let (l, a) = s.split_once('=').ok_or_else(|| format!("expected LISTEN=APP, got {s:?}"))?;
-    Ok(InboundSpec { listen: addr_or_port(l)?, app: addr_or_port(a)?, protocol: None })
+    let (l, a) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected LISTEN=APP, got {s:?}"))?;
+    Ok(InboundSpec {
+        listen: addr_or_port(l)?,
+        app: addr_or_port(a)?,
+        protocol: None,
+    })
 }
 
 fn parse_upstream(s: &str) -> Result<UpstreamSpec, String> {
-    let (l, target) = s.split_once('=').ok_or_else(|| format!("expected LISTEN=HOST:PORT, got {s:?}"))?;
-    let (host, port) = target.rsplit_once(':').ok_or_else(|| format!("expected HOST:PORT, got {target:?}"))?;
-    Ok(UpstreamSpec { listen: addr_or_port(l)?, host: host.to_string(), port: port.parse().map_err(|_| format!("bad port {port:?}"))? })
+    let (l, target) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected LISTEN=HOST:PORT, got {s:?}"))?;
+    let (host, port) = target
+        .rsplit_once(':')
+        .ok_or_else(|| format!("expected HOST:PORT, got {target:?}"))?;
+    Ok(UpstreamSpec {
+        listen: addr_or_port(l)?,
+        host: host.to_string(),
+        port: port.parse().map_err(|_| format!("bad port {port:?}"))?,
+    })
 }
 
 pub fn run(args: Args) -> ExitCode {
@@ -127,7 +149,11 @@ fn proxy_spec(args: &Args) -> Result<ProxySpec> {
     if role == Role::Sidecar && !args.workload.is_empty() {
         // Labels and namespace of the workload's own WorkloadEntry, if the config has one.
         let loaded = trellis_config::load_paths(&args.config);
-        if let Some(r) = loaded.resources.iter().find(|r| matches!(r.spec, Spec::WorkloadEntry(_)) && r.name() == args.workload) {
+        if let Some(r) = loaded
+            .resources
+            .iter()
+            .find(|r| matches!(r.spec, Spec::WorkloadEntry(_)) && r.name() == args.workload)
+        {
             if let Spec::WorkloadEntry(we) = &r.spec {
                 labels.extend(we.labels.clone());
             }
@@ -138,7 +164,11 @@ fn proxy_spec(args: &Args) -> Result<ProxySpec> {
     if role == Role::Gateway && labels.is_empty() {
         labels.insert("istio".into(), "ingressgateway".into());
     }
-    if role == Role::Sidecar && args.inbound.is_empty() && args.outbound.is_none() && args.upstreams.is_empty() {
+    if role == Role::Sidecar
+        && args.inbound.is_empty()
+        && args.outbound.is_none()
+        && args.upstreams.is_empty()
+    {
         bail!("a sidecar needs at least one of --inbound, --outbound or --upstream");
     }
     Ok(ProxySpec {
@@ -156,7 +186,10 @@ fn proxy_spec(args: &Args) -> Result<ProxySpec> {
 
 async fn serve(args: Args) -> Result<()> {
     let spec = proxy_spec(&args)?;
-    let source = StaticSource { paths: args.config.clone(), spec };
+    let source = StaticSource {
+        paths: args.config.clone(),
+        spec,
+    };
     let proxy = Proxy::new();
     let (snap, _warnings) = source.load().map_err(|findings| {
         for f in findings.iter().filter(|f| f.is_error()) {
@@ -164,9 +197,14 @@ async fn serve(args: Args) -> Result<()> {
         }
         anyhow!("config has errors; not starting (run `trellis analyze` for details)")
     })?;
-    let admin = trellis_proxy::admin::serve(proxy.clone(), args.admin).await.with_context(|| format!("cannot bind admin address {}", args.admin))?;
+    let admin = trellis_proxy::admin::serve(proxy.clone(), args.admin)
+        .await
+        .with_context(|| format!("cannot bind admin address {}", args.admin))?;
     proxy.apply(snap).await.map_err(|e| anyhow!(e))?;
-    source.clone().watch(proxy.clone()).context("cannot watch config files")?;
+    source
+        .clone()
+        .watch(proxy.clone())
+        .context("cannot watch config files")?;
     tracing::info!(admin = %admin, version = %proxy.shared().runtime().version(), "proxy ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

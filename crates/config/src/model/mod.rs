@@ -38,7 +38,8 @@ impl Kind {
     /// Resolves `apiVersion` + `kind`; `Err` carries why the pair is not accepted.
     pub fn resolve(api_version: &str, kind: &str) -> Result<Kind, String> {
         let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
-        let known: &[(&str, &[&str], &[(&str, Kind)])] = &[
+        type Group<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, Kind)]);
+        let known: &[Group<'_>] = &[
             (
                 "networking.istio.io",
                 &["v1alpha3", "v1beta1", "v1"],
@@ -59,7 +60,11 @@ impl Kind {
                     ("RequestAuthentication", Kind::RequestAuthentication),
                 ],
             ),
-            ("telemetry.istio.io", &["v1alpha1", "v1"], &[("Telemetry", Kind::Telemetry)]),
+            (
+                "telemetry.istio.io",
+                &["v1alpha1", "v1"],
+                &[("Telemetry", Kind::Telemetry)],
+            ),
             ("", &["v1"], &[("Service", Kind::Service)]),
         ];
         for (g, versions, kinds) in known {
@@ -72,12 +77,22 @@ impl Kind {
             if !versions.contains(&version) {
                 return Err(format!(
                     "apiVersion {api_version:?} is not supported for {kind}; use one of {}",
-                    versions.iter().map(|v| if g.is_empty() { v.to_string() } else { format!("{g}/{v}") }).collect::<Vec<_>>().join(", ")
+                    versions
+                        .iter()
+                        .map(|v| if g.is_empty() {
+                            v.to_string()
+                        } else {
+                            format!("{g}/{v}")
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ));
             }
             return Ok(*k);
         }
-        Err(format!("{kind} ({api_version}) is not read by Trellis; the resource is ignored"))
+        Err(format!(
+            "{kind} ({api_version}) is not read by Trellis; the resource is ignored"
+        ))
     }
 
     pub fn as_str(self) -> &'static str {
@@ -99,7 +114,10 @@ impl Kind {
     pub fn enforced(self) -> bool {
         !matches!(
             self,
-            Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication | Kind::Telemetry
+            Kind::PeerAuthentication
+                | Kind::AuthorizationPolicy
+                | Kind::RequestAuthentication
+                | Kind::Telemetry
         )
     }
 }

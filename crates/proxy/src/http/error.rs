@@ -118,7 +118,10 @@ impl ProxyError {
             status: StatusCode::GATEWAY_TIMEOUT,
             side: Side::Upstream,
             retryable: true,
-            message: format!("upstream request timeout after {}", trellis_config::model::duration::format_duration(after)),
+            message: format!(
+                "upstream request timeout after {}",
+                trellis_config::model::duration::format_duration(after)
+            ),
         }
     }
 
@@ -149,7 +152,10 @@ impl ProxyError {
         let mut resp = Response::new(full(body));
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         h.insert(FLAGS_HEADER, HeaderValue::from_static(self.flag.as_str()));
         resp
     }

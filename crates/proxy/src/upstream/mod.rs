@@ -47,7 +47,9 @@ pub struct Endpoint {
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Endpoint").field("address", &self.address).finish()
+        f.debug_struct("Endpoint")
+            .field("address", &self.address)
+            .finish()
     }
 }
 
@@ -106,14 +108,24 @@ impl Endpoint {
         let stream = match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(ProxyError::connect_failure(&self.address, e)),
-            Err(_) => return Err(ProxyError::connect_failure(&self.address, "connect timeout")),
+            Err(_) => {
+                return Err(ProxyError::connect_failure(
+                    &self.address,
+                    "connect timeout",
+                ))
+            }
         };
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }
 
     /// Sends `req` and returns the response head (the body streams on).
-    pub async fn send(self: &Arc<Self>, req: Request<Body>, wire: Wire, connect_timeout: Duration) -> Result<Response<Incoming>, ProxyError> {
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<Body>,
+        wire: Wire,
+        connect_timeout: Duration,
+    ) -> Result<Response<Incoming>, ProxyError> {
         match wire {
             Wire::Http1 => self.send_h1(req, connect_timeout).await,
             Wire::Http2 => self.send_h2(req, connect_timeout).await,
@@ -145,7 +157,11 @@ impl Endpoint {
         Ok(sender)
     }
 
-    async fn send_h1(self: &Arc<Self>, mut req: Request<Body>, timeout: Duration) -> Result<Response<Incoming>, ProxyError> {
+    async fn send_h1(
+        self: &Arc<Self>,
+        mut req: Request<Body>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, ProxyError> {
         // A pooled connection may have been closed by the upstream in the meantime; a request
         // that was never written to it is retried once on a fresh connection.
         loop {
@@ -170,7 +186,9 @@ impl Endpoint {
     fn recycle_h1(self: &Arc<Self>, mut sender: http1::SendRequest<Body>) {
         let ep = self.clone();
         tokio::spawn(async move {
-            if sender.ready().await.is_ok() && ep.idle_count.load(Ordering::Relaxed) < MAX_IDLE_PER_ENDPOINT {
+            if sender.ready().await.is_ok()
+                && ep.idle_count.load(Ordering::Relaxed) < MAX_IDLE_PER_ENDPOINT
+            {
                 ep.idle_count.fetch_add(1, Ordering::Relaxed);
                 ep.idle_h1.push(sender);
             }
@@ -208,7 +226,11 @@ impl Endpoint {
         Ok(sender)
     }
 
-    async fn send_h2(&self, mut req: Request<Body>, timeout: Duration) -> Result<Response<Incoming>, ProxyError> {
+    async fn send_h2(
+        &self,
+        mut req: Request<Body>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let mut retried = false;
         loop {
             let mut sender = self.h2_sender(timeout).await?;
