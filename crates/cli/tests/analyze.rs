@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn data(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/analyze")
-        .join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/analyze").join(rel)
 }
 
 fn analyze_json(paths: &[PathBuf]) -> (i32, Vec<serde_json::Value>) {
@@ -21,13 +19,8 @@ fn analyze_json(paths: &[PathBuf]) -> (i32, Vec<serde_json::Value>) {
         .args(paths)
         .output()
         .expect("run analyze");
-    let findings: Vec<serde_json::Value> =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "json output ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
-        });
+    let findings: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("json output ({e}): {}", String::from_utf8_lossy(&out.stdout)));
     (out.status.code().unwrap_or(-1), findings)
 }
 
@@ -36,20 +29,14 @@ fn markers(path: &Path) -> Vec<(String, u64)> {
     let text = std::fs::read_to_string(path).expect("read");
     text.lines()
         .enumerate()
-        .filter_map(|(i, l)| {
-            l.split_once("# <- ")
-                .map(|(_, code)| (code.trim().to_string(), i as u64 + 1))
-        })
+        .filter_map(|(i, l)| l.split_once("# <- ").map(|(_, code)| (code.trim().to_string(), i as u64 + 1)))
         .collect()
 }
 
 #[test]
 fn every_rule_reports_its_code_file_and_line() {
     let dir = data("bad");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("dir")
-        .map(|e| e.expect("entry").path())
-        .collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).expect("dir").map(|e| e.expect("entry").path()).collect();
     files.sort();
     let mut covered = std::collections::BTreeSet::new();
     for file in files {
@@ -57,12 +44,7 @@ fn every_rule_reports_its_code_file_and_line() {
         let (code, findings) = analyze_json(std::slice::from_ref(&file));
         let got: Vec<(String, u64)> = findings
             .iter()
-            .map(|f| {
-                (
-                    f["code"].as_str().unwrap_or_default().to_string(),
-                    f["line"].as_u64().unwrap_or(0),
-                )
-            })
+            .map(|f| (f["code"].as_str().unwrap_or_default().to_string(), f["line"].as_u64().unwrap_or(0)))
             .collect();
         for f in &findings {
             assert!(
@@ -81,17 +63,12 @@ fn every_rule_reports_its_code_file_and_line() {
         have.sort();
         assert_eq!(have, want, "findings of {}: {findings:#?}", file.display());
         let has_error = findings.iter().any(|f| f["severity"] == "Error");
-        assert_eq!(
-            code,
-            if has_error { 1 } else { 0 },
-            "exit code for {}",
-            file.display()
-        );
+        assert_eq!(code, if has_error { 1 } else { 0 }, "exit code for {}", file.display());
         covered.extend(expected.into_iter().map(|(c, _)| c));
     }
     let all = [
-        "TRL0001", "TRL0002", "TRL0003", "TRL0004", "TRL0005", "TRL0006", "TRL0101", "TRL0102",
-        "TRL0103", "TRL0104", "TRL0105", "TRL0106", "TRL0107", "TRL0108", "TRL0109",
+        "TRL0001", "TRL0002", "TRL0003", "TRL0004", "TRL0005", "TRL0006", "TRL0101", "TRL0102", "TRL0103", "TRL0104",
+        "TRL0105", "TRL0106", "TRL0107", "TRL0108", "TRL0109",
     ];
     for c in all {
         assert!(covered.contains(c), "no failing example for {c}");
@@ -103,38 +80,24 @@ fn a_valid_mesh_has_no_findings_and_exits_zero() {
     let (code, findings) = analyze_json(&[data("good")]);
     assert_eq!(code, 0);
     assert!(findings.is_empty(), "{findings:#?}");
-    let out = Command::new(support::trellis_bin())
-        .arg("analyze")
-        .arg(data("good"))
-        .output()
-        .expect("run");
+    let out = Command::new(support::trellis_bin()).arg("analyze").arg(data("good")).output().expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("No validation issues found"), "{text}");
 }
 
 #[test]
 fn human_output_names_file_line_column_resource_and_field() {
-    let out = Command::new(support::trellis_bin())
-        .arg("analyze")
-        .arg(data("bad/routes.yaml"))
-        .output()
-        .expect("run");
+    let out = Command::new(support::trellis_bin()).arg("analyze").arg(data("bad/routes.yaml")).output().expect("run");
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.contains("TRL0105"))
-        .unwrap_or_else(|| panic!("{text}"));
+    let line = text.lines().find(|l| l.contains("TRL0105")).unwrap_or_else(|| panic!("{text}"));
     assert!(line.starts_with("Error [TRL0105] "), "{line}");
-    assert!(line.contains("routes.yaml:44:9 VirtualService default/reviews (spec.http[3].route[0].destination.host)"), "{line}");
-    assert!(line.contains("\"ratings\""), "{line}");
     assert!(
-        text.lines()
-            .last()
-            .unwrap_or_default()
-            .contains("5 errors, 2 warnings"),
-        "{text}"
+        line.contains("routes.yaml:44:9 VirtualService default/reviews (spec.http[3].route[0].destination.host)"),
+        "{line}"
     );
+    assert!(line.contains("\"ratings\""), "{line}");
+    assert!(text.lines().last().unwrap_or_default().contains("5 errors, 2 warnings"), "{text}");
 }
 
 #[test]
@@ -152,14 +115,7 @@ fn istio_tutorial_manifests_are_read_unchanged() {
     assert_eq!(findings.len(), 1, "{findings:#?}");
     assert_eq!(findings[0]["code"], "TRL0105");
     let text = std::fs::read_to_string(&file).expect("read");
-    let line = text
-        .lines()
-        .position(|l| l.trim() == "host: frontend")
-        .expect("host line") as u64
-        + 1;
+    let line = text.lines().position(|l| l.trim() == "host: frontend").expect("host line") as u64 + 1;
     assert_eq!(findings[0]["line"], line);
-    assert!(findings[0]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .contains("\"frontend\""));
+    assert!(findings[0]["message"].as_str().unwrap_or_default().contains("\"frontend\""));
 }

@@ -12,9 +12,7 @@ use trellis_demo::echo::{EchoClient, EchoRequest};
 use support::*;
 
 async fn echo_server(name: &str) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let name = name.to_string();
     tokio::spawn(async move { trellis_demo::echo::serve(listener, &name).await });
@@ -26,28 +24,17 @@ fn echo_service(host: &str, endpoint: SocketAddr) -> String {
 }
 
 fn req(message: &str) -> EchoRequest {
-    EchoRequest {
-        message: message.into(),
-        count: 0,
-        fail_code: 0,
-    }
+    EchoRequest { message: message.into(), count: 0, fail_code: 0 }
 }
 
 /// Every call shape, checked against a channel to `target`.
 async fn exercise(target: String, expect_server: &str) {
     let mut c = EchoClient::connect(target).await.expect("connect");
     let r = c.unary(req("hi")).await.expect("unary").into_inner();
-    assert_eq!(
-        (r.message.as_str(), r.server.as_str()),
-        ("hi", expect_server)
-    );
+    assert_eq!((r.message.as_str(), r.server.as_str()), ("hi", expect_server));
 
     let mut stream = c
-        .server_stream(EchoRequest {
-            message: "s".into(),
-            count: 7,
-            fail_code: 0,
-        })
+        .server_stream(EchoRequest { message: "s".into(), count: 7, fail_code: 0 })
         .await
         .expect("server stream")
         .into_inner();
@@ -67,31 +54,17 @@ async fn exercise(target: String, expect_server: &str) {
 
     // Bidirectional: each reply comes back before the next request is sent.
     let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let mut replies = c
-        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("bidi")
-        .into_inner();
+    let mut replies = c.bidi(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("bidi").into_inner();
     for i in 0..20 {
         tx.send(req(&format!("b{i}"))).await.expect("send");
         let r = replies.next().await.expect("reply").expect("ok");
         assert_eq!((r.message, r.index), (format!("b{i}"), i));
     }
     drop(tx);
-    assert!(
-        replies.next().await.is_none(),
-        "stream ends with OK trailers"
-    );
+    assert!(replies.next().await.is_none(), "stream ends with OK trailers");
 
     // A failing call: status code and message travel in trailers.
-    let err = c
-        .unary(EchoRequest {
-            message: "boom".into(),
-            count: 0,
-            fail_code: 5,
-        })
-        .await
-        .expect_err("must fail");
+    let err = c.unary(EchoRequest { message: "boom".into(), count: 0, fail_code: 5 }).await.expect_err("must fail");
     assert_eq!(err.code(), tonic::Code::NotFound);
     assert_eq!(err.message(), "failed on request: boom");
 }
@@ -154,14 +127,9 @@ async fn tonic_through_outbound_and_inbound_sidecars() {
 async fn python_grpcio_client_interoperates() {
     let server = echo_server("echo-py").await;
     let (_d, _p, port) = grpc_gateway(server).await;
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/grpc/echo_client.py");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/grpc/echo_client.py");
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .arg(script)
-            .arg(format!("127.0.0.1:{port}"))
-            .output()
-            .expect("python3")
+        std::process::Command::new("python3").arg(script).arg(format!("127.0.0.1:{port}")).output().expect("python3")
     })
     .await
     .expect("join");

@@ -35,26 +35,16 @@ async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (u16, String, Ve
         }
         let mut chunk = [0u8; 8192];
         let n = s.read(&mut chunk).await.expect("read");
-        assert!(
-            n > 0,
-            "connection closed before a response: {:?}",
-            String::from_utf8_lossy(buf)
-        );
+        assert!(n > 0, "connection closed before a response: {:?}", String::from_utf8_lossy(buf));
         buf.extend_from_slice(&chunk[..n]);
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
     buf.drain(..head_end);
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status");
+    let status: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status");
     let lower = head.to_ascii_lowercase();
     let mut body = Vec::new();
-    if let Some(len) = lower
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse::<usize>().ok())
+    if let Some(len) =
+        lower.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse::<usize>().ok())
     {
         while buf.len() < len {
             let mut chunk = [0u8; 8192];
@@ -72,8 +62,7 @@ async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (u16, String, Ve
                 buf.extend_from_slice(&chunk[..n]);
             }
             let i = buf.windows(2).position(|w| w == b"\r\n").expect("line");
-            let size = usize::from_str_radix(String::from_utf8_lossy(&buf[..i]).trim(), 16)
-                .expect("chunk size");
+            let size = usize::from_str_radix(String::from_utf8_lossy(&buf[..i]).trim(), 16).expect("chunk size");
             buf.drain(..i + 2);
             while buf.len() < size + 2 {
                 let mut chunk = [0u8; 8192];
@@ -94,14 +83,10 @@ async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>) -> (u16, String, Ve
 #[tokio::test]
 async fn http1_keep_alive_and_chunked_bodies() {
     let (_d, _p, port, b) = simple_gateway("HTTP").await;
-    let mut s = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
     let mut buf = Vec::new();
     for i in 0..5 {
-        s.write_all(format!("GET /req/{i} HTTP/1.1\r\nHost: app.test\r\n\r\n").as_bytes())
-            .await
-            .expect("write");
+        s.write_all(format!("GET /req/{i} HTTP/1.1\r\nHost: app.test\r\n\r\n").as_bytes()).await.expect("write");
         let (status, _, body) = read_response(&mut s, &mut buf).await;
         assert_eq!(status, 200);
         let j: serde_json::Value = serde_json::from_slice(&body).expect("json");
@@ -114,16 +99,10 @@ async fn http1_keep_alive_and_chunked_bodies() {
     let j: serde_json::Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(j["received"], 11);
     // A streamed response without a length arrives chunked.
-    s.write_all(b"GET /bytes?n=200000 HTTP/1.1\r\nHost: app.test\r\n\r\n")
-        .await
-        .expect("write");
+    s.write_all(b"GET /bytes?n=200000 HTTP/1.1\r\nHost: app.test\r\n\r\n").await.expect("write");
     let (status, head, body) = read_response(&mut s, &mut buf).await;
     assert_eq!(status, 200);
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("transfer-encoding: chunked"),
-        "{head}"
-    );
+    assert!(head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{head}");
     assert_eq!(body.len(), 200_000);
     assert_eq!(
         b.connections.load(std::sync::atomic::Ordering::SeqCst),
@@ -135,24 +114,18 @@ async fn http1_keep_alive_and_chunked_bodies() {
 #[tokio::test]
 async fn http2_carries_100_concurrent_streams_on_one_connection() {
     let (_d, _p, port, b) = simple_gateway("HTTP").await;
-    let stream = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    let (sender, conn) = hyper::client::conn::http2::handshake::<_, _, TestBody>(
-        TokioExecutor::new(),
-        TokioIo::new(stream),
-    )
-    .await
-    .expect("h2 handshake");
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake::<_, _, TestBody>(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
     tokio::spawn(conn);
     let mut tasks = Vec::new();
     for i in 0..100 {
         let mut s = sender.clone();
         tasks.push(tokio::spawn(async move {
             s.ready().await.expect("ready");
-            let req = http::Request::get(format!("http://app.test/slow?ms=1000&i={i}"))
-                .body(empty())
-                .expect("req");
+            let req = http::Request::get(format!("http://app.test/slow?ms=1000&i={i}")).body(empty()).expect("req");
             let resp = s.send_request(req).await.expect("response");
             let status = resp.status();
             let _ = resp.into_body().collect().await;
@@ -163,11 +136,7 @@ async fn http2_carries_100_concurrent_streams_on_one_connection() {
         assert_eq!(t.await.expect("join"), 200);
     }
     assert_eq!(b.count(), 100);
-    assert_eq!(
-        b.peak.load(std::sync::atomic::Ordering::SeqCst),
-        100,
-        "all 100 streams were in flight at once"
-    );
+    assert_eq!(b.peak.load(std::sync::atomic::Ordering::SeqCst), 100, "all 100 streams were in flight at once");
 }
 
 #[tokio::test]
@@ -176,9 +145,10 @@ async fn streams_100_mb_each_way_in_bounded_memory() {
     let (_d, proxy, port, _b) = simple_gateway("HTTP").await;
     // Upload: 100 MB generated as it is sent.
     let chunk = Bytes::from(vec![b'u'; 256 * 1024]);
-    let frames = futures_util::stream::iter((0..SIZE / chunk.len() as u64).map(move |_| {
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(chunk.clone()))
-    }));
+    let frames = futures_util::stream::iter(
+        (0..SIZE / chunk.len() as u64)
+            .map(move |_| Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(chunk.clone()))),
+    );
     let req = http::Request::post(format!("http://127.0.0.1:{port}/upload"))
         .body(BodyExt::boxed(StreamBody::new(frames)))
         .expect("req");
@@ -187,11 +157,7 @@ async fn streams_100_mb_each_way_in_bounded_memory() {
     assert_eq!(r.json()["received"], SIZE);
     // Download: 100 MB counted as it arrives.
     let resp = h1_client()
-        .request(
-            http::Request::get(format!("http://127.0.0.1:{port}/bytes?n={SIZE}"))
-                .body(empty())
-                .expect("req"),
-        )
+        .request(http::Request::get(format!("http://127.0.0.1:{port}/bytes?n={SIZE}")).body(empty()).expect("req"))
         .await
         .expect("resp");
     let mut body = resp.into_body();
@@ -204,18 +170,13 @@ async fn streams_100_mb_each_way_in_bounded_memory() {
     assert_eq!(total, SIZE);
     let rss = proxy.peak_rss_kib();
     println!("proxy peak RSS after 2 x 100 MB: {rss} KiB");
-    assert!(
-        rss > 0 && rss < 64 * 1024,
-        "peak RSS {rss} KiB must stay under 64 MiB"
-    );
+    assert!(rss > 0 && rss < 64 * 1024, "peak RSS {rss} KiB must stay under 64 MiB");
 }
 
 /// Runs curl off the test's runtime (the backends run on it and must keep serving).
 async fn curl(args: &[&str]) -> (u16, String, String) {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || curl_blocking(&args))
-        .await
-        .expect("curl task")
+    tokio::task::spawn_blocking(move || curl_blocking(&args)).await.expect("curl task")
 }
 
 fn curl_blocking(args: &[String]) -> (u16, String, String) {
@@ -226,11 +187,7 @@ fn curl_blocking(args: &[String]) -> (u16, String, String) {
         .expect("curl must be installed");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     (status, head.to_ascii_lowercase(), body.to_string())
 }
 
@@ -240,11 +197,7 @@ async fn curl_gets_the_same_answers_as_rust_clients() {
     for path in ["/echo?x=1", "/missing/thing", "/status/503"] {
         let url = format!("http://127.0.0.1:{port}{path}");
         let rust_h1 = get(&url, &[]).await;
-        let rust_h2 = send(
-            &h2_client(),
-            http::Request::get(&url).body(empty()).expect("req"),
-        )
-        .await;
+        let rust_h2 = send(&h2_client(), http::Request::get(&url).body(empty()).expect("req")).await;
         for mode in ["--http1.1", "--http2-prior-knowledge"] {
             let (status, head, body) = curl(&[mode, &url]).await;
             assert_eq!(status, rust_h1.status.as_u16(), "{mode} {path}");
@@ -265,9 +218,7 @@ async fn curl_gets_the_same_answers_as_rust_clients() {
 }
 
 async fn raw_exchange(port: u16, bytes: &[u8]) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
     s.write_all(bytes).await.expect("write");
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
@@ -281,31 +232,17 @@ async fn malformed_requests_get_4xx_and_the_proxy_keeps_serving() {
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
 
     let big = "a".repeat(70 * 1024);
-    let reply = raw_exchange(
-        port,
-        format!("GET / HTTP/1.1\r\nHost: app.test\r\nX-Big: {big}\r\n\r\n").as_bytes(),
-    )
-    .await;
-    assert!(
-        reply.starts_with("HTTP/1.1 431"),
-        "{}",
-        &reply[..reply.len().min(200)]
-    );
+    let reply =
+        raw_exchange(port, format!("GET / HTTP/1.1\r\nHost: app.test\r\nX-Big: {big}\r\n\r\n").as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 431"), "{}", &reply[..reply.len().min(200)]);
 
-    let reply = raw_exchange(
-        port,
-        b"GET / HTTP/1.1\r\nHost: bad host name\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let reply = raw_exchange(port, b"GET / HTTP/1.1\r\nHost: bad host name\r\nConnection: close\r\n\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
     assert!(reply.contains("x-trellis-response-flags: DPE"), "{reply}");
     assert!(reply.contains("invalid Host header"), "{reply}");
 
-    let reply = raw_exchange(
-        port,
-        b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let reply =
+        raw_exchange(port, b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
 
     let reply = raw_exchange(port, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
@@ -327,38 +264,23 @@ async fn http2_upstreams_are_multiplexed_and_trailers_pass() {
     for _ in 0..20 {
         let c = c.clone();
         let url = format!("http://127.0.0.1:{port}/slow?ms=300");
-        tasks.push(tokio::spawn(async move {
-            send(&c, http::Request::get(url).body(empty()).expect("req"))
-                .await
-                .status
-        }));
+        tasks.push(tokio::spawn(
+            async move { send(&c, http::Request::get(url).body(empty()).expect("req")).await.status },
+        ));
     }
     for t in tasks {
         assert_eq!(t.await.expect("join"), 200);
     }
-    assert_eq!(
-        b.connections.load(std::sync::atomic::Ordering::SeqCst),
-        1,
-        "one multiplexed upstream connection"
-    );
-    let j = get(&format!("http://127.0.0.1:{port}/echo"), &[])
-        .await
-        .json();
+    assert_eq!(b.connections.load(std::sync::atomic::Ordering::SeqCst), 1, "one multiplexed upstream connection");
+    let j = get(&format!("http://127.0.0.1:{port}/echo"), &[]).await.json();
     assert_eq!(j["version"], "HTTP/2.0");
 
     let resp = h2_client()
-        .request(
-            http::Request::get(format!("http://127.0.0.1:{port}/trailers"))
-                .body(empty())
-                .expect("req"),
-        )
+        .request(http::Request::get(format!("http://127.0.0.1:{port}/trailers")).body(empty()).expect("req"))
         .await
         .expect("resp");
     let collected = resp.into_body().collect().await.expect("body");
     let trailers = collected.trailers().cloned().expect("trailers arrive");
-    assert_eq!(
-        trailers.get("x-checksum").map(|v| v.as_bytes()),
-        Some(&b"abc123"[..])
-    );
+    assert_eq!(trailers.get("x-checksum").map(|v| v.as_bytes()), Some(&b"abc123"[..]));
     assert_eq!(collected.to_bytes(), Bytes::from_static(b"payload"));
 }

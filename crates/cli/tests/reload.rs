@@ -14,10 +14,7 @@ fn split_config(port: u16, v1: &Backend, v2: &Backend, w1: u32, w2: u32) -> Stri
     y.push_str(&service(
         "color.internal",
         "HTTP",
-        &[
-            (v1.addr, &[("version", "blue")]),
-            (v2.addr, &[("version", "green")]),
-        ],
+        &[(v1.addr, &[("version", "blue")]), (v2.addr, &[("version", "green")])],
     ));
     y.push_str(&format!(
         r#"apiVersion: networking.istio.io/v1
@@ -62,16 +59,11 @@ async fn load(url: String, rate: u32, duration: Duration) -> Vec<Sample> {
         let (c, u, res) = (client.clone(), url.clone(), results.clone());
         tasks.push(tokio::spawn(async move {
             let sent = start.elapsed();
-            let (status, server) = match c
-                .request(http::Request::get(u).body(empty()).expect("req"))
-                .await
-            {
+            let (status, server) = match c.request(http::Request::get(u).body(empty()).expect("req")).await {
                 Ok(r) => {
                     let s = r.status().as_u16();
-                    let b = http_body_util::BodyExt::collect(r.into_body())
-                        .await
-                        .map(|b| b.to_bytes())
-                        .unwrap_or_default();
+                    let b =
+                        http_body_util::BodyExt::collect(r.into_body()).await.map(|b| b.to_bytes()).unwrap_or_default();
                     let server = serde_json::from_slice::<serde_json::Value>(&b)
                         .ok()
                         .and_then(|j| j["server"].as_str().map(String::from))
@@ -106,45 +98,20 @@ async fn weight_change_applies_under_load_with_zero_failures() {
     let changed_at = Instant::now();
     dir.write("mesh.yaml", &split_config(port, &blue, &green, 0, 100));
     let v1 = proxy.wait_version_change(&v0, Duration::from_secs(2)).await;
-    println!(
-        "config {v0} -> {v1} applied {:?} after the write",
-        changed_at.elapsed()
-    );
+    println!("config {v0} -> {v1} applied {:?} after the write", changed_at.elapsed());
     let samples = loader.await.expect("load");
 
     let failed: Vec<&Sample> = samples.iter().filter(|s| s.1 != 200).collect();
     assert!(failed.is_empty(), "failed requests: {failed:?}");
-    assert!(
-        samples.len() >= 990,
-        "only {} requests completed",
-        samples.len()
-    );
+    assert!(samples.len() >= 990, "only {} requests completed", samples.len());
     // Before the change everything is blue; from the last blue answer on, everything is green.
-    let last_blue = samples
-        .iter()
-        .filter(|s| s.2 == "blue")
-        .map(|s| s.0)
-        .max()
-        .expect("some blue");
-    let first_green = samples
-        .iter()
-        .filter(|s| s.2 == "green")
-        .map(|s| s.0)
-        .min()
-        .expect("some green");
+    let last_blue = samples.iter().filter(|s| s.2 == "blue").map(|s| s.0).max().expect("some blue");
+    let first_green = samples.iter().filter(|s| s.2 == "green").map(|s| s.0).min().expect("some green");
     assert!(samples.iter().all(|s| s.2 == "blue" || s.2 == "green"));
     let write_at = Duration::from_millis(1500);
-    println!(
-        "last blue sent at {last_blue:?}, first green at {first_green:?}, write at ~{write_at:?}"
-    );
-    assert!(
-        last_blue < write_at + Duration::from_secs(2),
-        "old weights served {last_blue:?} after start"
-    );
-    assert!(samples
-        .iter()
-        .filter(|s| s.0 > last_blue)
-        .all(|s| s.2 == "green"));
+    println!("last blue sent at {last_blue:?}, first green at {first_green:?}, write at ~{write_at:?}");
+    assert!(last_blue < write_at + Duration::from_secs(2), "old weights served {last_blue:?} after start");
+    assert!(samples.iter().filter(|s| s.0 > last_blue).all(|s| s.2 == "green"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,48 +134,26 @@ async fn invalid_change_is_rejected_and_traffic_keeps_flowing() {
         if dump["status"]["rejected"].as_u64().unwrap_or(0) > 0 {
             break dump["status"]["last_rejection"].clone();
         }
-        assert!(
-            Instant::now() < deadline,
-            "rejection not reported; log:\n{}",
-            proxy.log_text()
-        );
+        assert!(Instant::now() < deadline, "rejection not reported; log:\n{}", proxy.log_text());
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let samples = loader.await.expect("load");
-    assert!(
-        samples.iter().all(|s| s.1 == 200 && s.2 == "blue"),
-        "last good config keeps serving"
-    );
+    assert!(samples.iter().all(|s| s.1 == 200 && s.2 == "blue"), "last good config keeps serving");
     assert_eq!(proxy.version().await, v0);
 
     let finding = &rejection["findings"][0];
     assert_eq!(finding["code"], "TRL0102");
-    assert!(finding["file"]
-        .as_str()
-        .unwrap_or_default()
-        .ends_with("mesh.yaml"));
+    assert!(finding["file"].as_str().unwrap_or_default().ends_with("mesh.yaml"));
     let text = std::fs::read_to_string(&cfg).expect("read");
-    let route_line = text
-        .lines()
-        .position(|l| l.trim() == "- route:")
-        .expect("route line") as u64
-        + 1;
+    let route_line = text.lines().position(|l| l.trim() == "- route:").expect("route line") as u64 + 1;
     assert_eq!(finding["line"], route_line);
     let log = proxy.log_text();
-    assert!(
-        log.contains("TRL0102") && log.contains("mesh.yaml"),
-        "the rejection is logged with its finding:\n{log}"
-    );
+    assert!(log.contains("TRL0102") && log.contains("mesh.yaml"), "the rejection is logged with its finding:\n{log}");
 
     // Fixing the file applies again.
     dir.write("mesh.yaml", &split_config(port, &blue, &green, 0, 100));
     proxy.wait_version_change(&v0, Duration::from_secs(5)).await;
-    assert_eq!(
-        get(&format!("http://127.0.0.1:{port}/"), &[])
-            .await
-            .server(),
-        "green"
-    );
+    assert_eq!(get(&format!("http://127.0.0.1:{port}/"), &[]).await.server(), "green");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,33 +171,14 @@ async fn a_snapshot_that_cannot_bind_is_rejected_whole() {
     let moved = split_config(taken, &blue, &green, 0, 100);
     dir.write("mesh.yaml", &moved);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while proxy.config_dump().await["status"]["rejected"]
-        .as_u64()
-        .unwrap_or(0)
-        == 0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no rejection; log:\n{}",
-            proxy.log_text()
-        );
+    while proxy.config_dump().await["status"]["rejected"].as_u64().unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "no rejection; log:\n{}", proxy.log_text());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let dump = proxy.config_dump().await;
-    assert!(
-        dump["status"]["last_rejection"]["reason"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("cannot bind"),
-        "{dump}"
-    );
+    assert!(dump["status"]["last_rejection"]["reason"].as_str().unwrap_or_default().contains("cannot bind"), "{dump}");
     assert_eq!(proxy.version().await, v0);
-    assert_eq!(
-        get(&format!("http://127.0.0.1:{port}/"), &[])
-            .await
-            .server(),
-        "blue"
-    );
+    assert_eq!(get(&format!("http://127.0.0.1:{port}/"), &[]).await.server(), "blue");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,16 +187,15 @@ async fn quitquitquit_drains_in_flight_requests() {
     let port = free_port();
     let dir = ConfigDir::new();
     let cfg = dir.write("mesh.yaml", &split_config(port, &blue, &green, 100, 0));
-    let mut proxy =
-        ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
+    let mut proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
 
     let mut slow = Vec::new();
     for i in 0..20 {
         let url = format!("http://127.0.0.1:{port}/slow?ms=1500&i={i}");
         let client = if i % 2 == 0 { h1_client() } else { h2_client() };
-        slow.push(tokio::spawn(async move {
-            send(&client, http::Request::get(url).body(empty()).expect("req")).await
-        }));
+        slow.push(tokio::spawn(
+            async move { send(&client, http::Request::get(url).body(empty()).expect("req")).await },
+        ));
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while blue.in_flight.load(std::sync::atomic::Ordering::SeqCst) < 20 {
@@ -291,9 +216,5 @@ async fn quitquitquit_drains_in_flight_requests() {
         assert_eq!(r.server(), "blue");
     }
     let status = proxy.wait_exit(Duration::from_secs(10)).await;
-    assert!(
-        status.success(),
-        "proxy exits 0 after draining; log:\n{}",
-        proxy.log_text()
-    );
+    assert!(status.success(), "proxy exits 0 after draining; log:\n{}", proxy.log_text());
 }

@@ -147,34 +147,16 @@ spec:
 "#;
 
 async fn fixture() -> Fixture {
-    let (a, v1, v2) = (
-        Backend::start("a").await,
-        Backend::start("b-v1").await,
-        Backend::start("b-v2").await,
-    );
+    let (a, v1, v2) = (Backend::start("a").await, Backend::start("b-v1").await, Backend::start("b-v2").await);
     let port = free_port();
     let dir = ConfigDir::new();
     let mut yaml = gateway("gw", port);
     yaml.push_str(&service("a.internal", "HTTP", &[(a.addr, &[])]));
-    yaml.push_str(&service(
-        "b.internal",
-        "HTTP",
-        &[
-            (v1.addr, &[("version", "v1")]),
-            (v2.addr, &[("version", "v2")]),
-        ],
-    ));
+    yaml.push_str(&service("b.internal", "HTTP", &[(v1.addr, &[("version", "v1")]), (v2.addr, &[("version", "v2")])]));
     yaml.push_str(ROUTES);
     let cfg = dir.write("mesh.yaml", &yaml);
     let proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
-    Fixture {
-        _dir: dir,
-        proxy,
-        port,
-        a,
-        v1,
-        v2,
-    }
+    Fixture { _dir: dir, proxy, port, a, v1, v2 }
 }
 
 #[tokio::test]
@@ -183,146 +165,56 @@ async fn uri_matches_exact_prefix_regex_and_ignore_case() {
     let r = get(&f.url("/exact"), &[]).await;
     assert_eq!(r.header("x-route"), Some("exact"));
     // An exact match does not match a longer path; the catch-all takes it.
-    assert_eq!(
-        get(&f.url("/exact/more"), &[]).await.header("x-route"),
-        Some("default")
-    );
-    assert_eq!(
-        get(&f.url("/items/42"), &[]).await.header("x-route"),
-        Some("regex")
-    );
+    assert_eq!(get(&f.url("/exact/more"), &[]).await.header("x-route"), Some("default"));
+    assert_eq!(get(&f.url("/items/42"), &[]).await.header("x-route"), Some("regex"));
     // Regexes match the whole path.
-    assert_eq!(
-        get(&f.url("/items/42x"), &[]).await.header("x-route"),
-        Some("default")
-    );
-    assert_eq!(
-        get(&f.url("/case/x"), &[]).await.header("x-route"),
-        Some("ignore-case")
-    );
-    assert_eq!(
-        get(&f.url("/CASE"), &[]).await.header("x-route"),
-        Some("ignore-case")
-    );
+    assert_eq!(get(&f.url("/items/42x"), &[]).await.header("x-route"), Some("default"));
+    assert_eq!(get(&f.url("/case/x"), &[]).await.header("x-route"), Some("ignore-case"));
+    assert_eq!(get(&f.url("/CASE"), &[]).await.header("x-route"), Some("ignore-case"));
     assert_eq!(f.a.count(), 6);
 }
 
 #[tokio::test]
 async fn method_authority_and_header_matches() {
     let f = fixture().await;
-    let post = send(
-        &h1_client(),
-        http::Request::post(f.url("/m"))
-            .body(full("x"))
-            .expect("req"),
-    )
-    .await;
+    let post = send(&h1_client(), http::Request::post(f.url("/m")).body(full("x")).expect("req")).await;
     assert_eq!(post.header("x-route"), Some("method"));
-    assert_eq!(
-        get(&f.url("/m"), &[]).await.header("x-route"),
-        Some("default")
-    );
+    assert_eq!(get(&f.url("/m"), &[]).await.header("x-route"), Some("default"));
 
     let r = get(&f.url("/anything"), &[("host", "auth.example")]).await;
     assert_eq!(r.header("x-route"), Some("authority"));
 
     let r = get(&f.url("/x"), &[("x-user", "alice")]).await;
-    assert_eq!(
-        (r.header("x-route"), r.server().as_str()),
-        (Some("header-exact"), "b-v2")
-    );
-    assert_eq!(
-        get(&f.url("/x"), &[("x-user", "alicex")])
-            .await
-            .header("x-route"),
-        Some("default")
-    );
+    assert_eq!((r.header("x-route"), r.server().as_str()), (Some("header-exact"), "b-v2"));
+    assert_eq!(get(&f.url("/x"), &[("x-user", "alicex")]).await.header("x-route"), Some("default"));
     let r = get(&f.url("/x"), &[("x-team", "blue-42")]).await;
-    assert_eq!(
-        (r.header("x-route"), r.server().as_str()),
-        (Some("header-prefix"), "b-v1")
-    );
-    assert_eq!(
-        get(&f.url("/x"), &[("x-version", "v12")])
-            .await
-            .header("x-route"),
-        Some("header-regex")
-    );
-    assert_eq!(
-        get(&f.url("/x"), &[("x-version", "12")])
-            .await
-            .header("x-route"),
-        Some("default")
-    );
-    assert_eq!(
-        get(&f.url("/dbg"), &[("x-debug", "")])
-            .await
-            .header("x-route"),
-        Some("header-present")
-    );
-    assert_eq!(
-        get(&f.url("/dbg"), &[]).await.header("x-route"),
-        Some("default")
-    );
-    assert_eq!(
-        get(&f.url("/without"), &[]).await.header("x-route"),
-        Some("without-header")
-    );
-    assert_eq!(
-        get(&f.url("/without"), &[("x-skip", "1")])
-            .await
-            .header("x-route"),
-        Some("default")
-    );
+    assert_eq!((r.header("x-route"), r.server().as_str()), (Some("header-prefix"), "b-v1"));
+    assert_eq!(get(&f.url("/x"), &[("x-version", "v12")]).await.header("x-route"), Some("header-regex"));
+    assert_eq!(get(&f.url("/x"), &[("x-version", "12")]).await.header("x-route"), Some("default"));
+    assert_eq!(get(&f.url("/dbg"), &[("x-debug", "")]).await.header("x-route"), Some("header-present"));
+    assert_eq!(get(&f.url("/dbg"), &[]).await.header("x-route"), Some("default"));
+    assert_eq!(get(&f.url("/without"), &[]).await.header("x-route"), Some("without-header"));
+    assert_eq!(get(&f.url("/without"), &[("x-skip", "1")]).await.header("x-route"), Some("default"));
 }
 
 #[tokio::test]
 async fn query_parameter_matches() {
     let f = fixture().await;
-    assert_eq!(
-        get(&f.url("/q?mode=fast"), &[]).await.header("x-route"),
-        Some("query-exact")
-    );
-    assert_eq!(
-        get(&f.url("/q?a=1&mode=slow"), &[]).await.header("x-route"),
-        Some("query-prefix")
-    );
-    assert_eq!(
-        get(&f.url("/q?id=beef"), &[]).await.header("x-route"),
-        Some("query-regex")
-    );
-    assert_eq!(
-        get(&f.url("/q?id=beefy"), &[]).await.header("x-route"),
-        Some("default")
-    );
-    assert_eq!(
-        get(&f.url("/q?debug"), &[]).await.header("x-route"),
-        Some("query-present")
-    );
-    assert_eq!(
-        get(&f.url("/q?mode=medium"), &[]).await.header("x-route"),
-        Some("default")
-    );
+    assert_eq!(get(&f.url("/q?mode=fast"), &[]).await.header("x-route"), Some("query-exact"));
+    assert_eq!(get(&f.url("/q?a=1&mode=slow"), &[]).await.header("x-route"), Some("query-prefix"));
+    assert_eq!(get(&f.url("/q?id=beef"), &[]).await.header("x-route"), Some("query-regex"));
+    assert_eq!(get(&f.url("/q?id=beefy"), &[]).await.header("x-route"), Some("default"));
+    assert_eq!(get(&f.url("/q?debug"), &[]).await.header("x-route"), Some("query-present"));
+    assert_eq!(get(&f.url("/q?mode=medium"), &[]).await.header("x-route"), Some("default"));
 }
 
 #[tokio::test]
 async fn first_match_wins() {
     let f = fixture().await;
-    assert_eq!(
-        get(&f.url("/p/special/1"), &[]).await.header("x-route"),
-        Some("special")
-    );
-    assert_eq!(
-        get(&f.url("/p/other"), &[]).await.header("x-route"),
-        Some("general")
-    );
+    assert_eq!(get(&f.url("/p/special/1"), &[]).await.header("x-route"), Some("special"));
+    assert_eq!(get(&f.url("/p/other"), &[]).await.header("x-route"), Some("general"));
     // `x-user: alice` (route 4) beats the later `/p` prefix route.
-    assert_eq!(
-        get(&f.url("/p/other"), &[("x-user", "alice")])
-            .await
-            .header("x-route"),
-        Some("header-exact")
-    );
+    assert_eq!(get(&f.url("/p/other"), &[("x-user", "alice")]).await.header("x-route"), Some("header-exact"));
 }
 
 #[tokio::test]
@@ -339,44 +231,24 @@ async fn rewrites_redirects_and_direct_responses() {
 
     let r = get(&f.url("/redir?keep=1"), &[]).await;
     assert_eq!(r.status, 302);
-    assert_eq!(
-        r.header("location"),
-        Some("http://elsewhere.example/target?keep=1")
-    );
+    assert_eq!(r.header("location"), Some("http://elsewhere.example/target?keep=1"));
 
     let r = get(&f.url("/direct"), &[]).await;
     assert_eq!(r.status, 418);
     assert_eq!(r.body, "short and stout");
-    assert_eq!(
-        f.a.count(),
-        2,
-        "redirect and direct response never reach a backend"
-    );
+    assert_eq!(f.a.count(), 2, "redirect and direct response never reach a backend");
 }
 
 #[tokio::test]
 async fn header_operations_on_request_and_response() {
     let f = fixture().await;
-    let r = get(
-        &f.url("/hdr"),
-        &[
-            ("x-remove-me", "1"),
-            ("x-set", "client"),
-            ("x-added", "zero"),
-        ],
-    )
-    .await;
+    let r = get(&f.url("/hdr"), &[("x-remove-me", "1"), ("x-set", "client"), ("x-added", "zero")]).await;
     let h = &r.json()["headers"];
     assert_eq!(h["x-set"], "route");
     assert_eq!(h["x-dest"], "a");
     assert!(h.get("x-remove-me").is_none());
     // `add` appends to the client's value.
-    let added: Vec<_> = h["x-added"]
-        .as_str()
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .collect();
+    let added: Vec<_> = h["x-added"].as_str().unwrap_or_default().split(',').map(str::trim).collect();
     assert!(added.contains(&"zero") || added.contains(&"one"), "{h}");
     assert_eq!(r.header("x-resp-set"), Some("yes"));
     assert_eq!(r.header("x-dest-resp"), Some("a"));
@@ -388,11 +260,7 @@ async fn gateway_adds_request_id_and_forwarded_headers_and_strips_hop_by_hop() {
     let f = fixture().await;
     let r = get(
         &f.url("/echo"),
-        &[
-            ("connection", "keep-alive, x-hop"),
-            ("x-hop", "secret"),
-            ("x-forwarded-for", "203.0.113.9"),
-        ],
+        &[("connection", "keep-alive, x-hop"), ("x-hop", "secret"), ("x-forwarded-for", "203.0.113.9")],
     )
     .await;
     let h = &r.json()["headers"];
@@ -400,18 +268,11 @@ async fn gateway_adds_request_id_and_forwarded_headers_and_strips_hop_by_hop() {
     assert_eq!(id.len(), 36);
     assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
     assert_eq!(h["x-forwarded-proto"], "http");
-    assert!(
-        h.get("x-hop").is_none(),
-        "a header named in Connection is hop-by-hop"
-    );
+    assert!(h.get("x-hop").is_none(), "a header named in Connection is hop-by-hop");
     assert!(h.get("connection").is_none() || h["connection"] != "keep-alive, x-hop");
 
     let r = get(&f.url("/echo"), &[("x-request-id", "given-id")]).await;
-    assert_eq!(
-        r.json()["headers"]["x-request-id"],
-        "given-id",
-        "an existing id is propagated"
-    );
+    assert_eq!(r.json()["headers"]["x-request-id"], "given-id", "an existing id is propagated");
 }
 
 #[tokio::test]
@@ -420,23 +281,14 @@ async fn weighted_split_lands_within_three_points() {
     let client = h1_client();
     let mut names = Vec::new();
     for _ in 0..3000 {
-        let r = send(
-            &client,
-            http::Request::get(f.url("/split"))
-                .body(empty())
-                .expect("req"),
-        )
-        .await;
+        let r = send(&client, http::Request::get(f.url("/split")).body(empty()).expect("req")).await;
         assert_eq!(r.status, 200);
         names.push(r.server());
     }
     let t = tally(names);
     let v1 = *t.get("b-v1").unwrap_or(&0) as f64 / 3000.0;
     println!("split: {t:?} (v1 = {v1:.3})");
-    assert!(
-        (v1 - 0.67).abs() <= 0.03,
-        "v1 share {v1:.3} not within 0.67 ± 0.03: {t:?}"
-    );
+    assert!((v1 - 0.67).abs() <= 0.03, "v1 share {v1:.3} not within 0.67 ± 0.03: {t:?}");
     assert_eq!(f.v1.count() + f.v2.count(), 3000);
 }
 
@@ -455,24 +307,11 @@ async fn route_timeout_returns_504_ut() {
 async fn http2_clients_route_the_same() {
     let f = fixture().await;
     let c = h2_client();
-    let r = send(
-        &c,
-        http::Request::get(f.url("/items/7"))
-            .body(empty())
-            .expect("req"),
-    )
-    .await;
+    let r = send(&c, http::Request::get(f.url("/items/7")).body(empty()).expect("req")).await;
     assert_eq!(r.header("x-route"), Some("regex"));
     // Default upstream protocol for an HTTP port is HTTP/1.1.
     assert_eq!(r.json()["version"], "HTTP/1.1");
-    let r = send(
-        &c,
-        http::Request::get(f.url("/x"))
-            .header("x-user", "alice")
-            .body(empty())
-            .expect("req"),
-    )
-    .await;
+    let r = send(&c, http::Request::get(f.url("/x")).header("x-user", "alice").body(empty()).expect("req")).await;
     assert_eq!(r.server(), "b-v2");
     let _ = (&f.v1, &f.proxy);
 }
@@ -519,19 +358,11 @@ spec:
     let u2 = format!("http://127.0.0.1:{p2}/");
     assert_eq!(get(&u1, &[("host", "shop.test")]).await.server(), "a");
     assert_eq!(get(&u1, &[("host", "api.example.com")]).await.server(), "a");
-    assert_eq!(
-        get(&u2, &[("host", "api.example.com")]).await.server(),
-        "b",
-        "port match selects the route"
-    );
+    assert_eq!(get(&u2, &[("host", "api.example.com")]).await.server(), "b", "port match selects the route");
     let r = get(&u1, &[("host", "other.test")]).await;
     assert_eq!(r.status, 404);
     assert_eq!(r.flag(), Some("NR"));
-    assert!(
-        r.body.contains("other.test") && r.body.contains("\"/\""),
-        "{}",
-        r.body
-    );
+    assert!(r.body.contains("other.test") && r.body.contains("\"/\""), "{}", r.body);
     // shop.test is not a host of the second server's VirtualServices on p2... it is: server
     // hosts `*` admit it, and the shop VirtualService binds to the whole gateway.
     assert_eq!(get(&u2, &[("host", "shop.test")]).await.server(), "a");
@@ -540,21 +371,14 @@ spec:
 // --- load balancing ---
 
 async fn lb_fixture(policy: &str) -> (ConfigDir, ProxyProc, u16, Vec<Backend>) {
-    let backends = vec![
-        Backend::start("e0").await,
-        Backend::start("e1").await,
-        Backend::start("e2").await,
-    ];
+    let backends = vec![Backend::start("e0").await, Backend::start("e1").await, Backend::start("e2").await];
     let port = free_port();
     let dir = ConfigDir::new();
     let mut y = gateway("gw", port);
     let idx = ["0", "1", "2"];
     let labels: Vec<[(&str, &str); 1]> = idx.iter().map(|i| [("idx", *i)]).collect();
-    let eps: Vec<(std::net::SocketAddr, &[(&str, &str)])> = backends
-        .iter()
-        .zip(&labels)
-        .map(|(b, l)| (b.addr, &l[..]))
-        .collect();
+    let eps: Vec<(std::net::SocketAddr, &[(&str, &str)])> =
+        backends.iter().zip(&labels).map(|(b, l)| (b.addr, &l[..])).collect();
     y.push_str(&service("lb.internal", "HTTP", &eps));
     // `/slow` goes to the first endpoint only (subset `first`), to make it busy.
     y.push_str(&format!(
@@ -572,22 +396,13 @@ async fn round_robin_spreads_evenly() {
     let mut names = Vec::new();
     for _ in 0..30 {
         names.push(
-            send(
-                &c,
-                http::Request::get(format!("http://127.0.0.1:{port}/"))
-                    .body(empty())
-                    .expect("req"),
-            )
-            .await
-            .server(),
+            send(&c, http::Request::get(format!("http://127.0.0.1:{port}/")).body(empty()).expect("req"))
+                .await
+                .server(),
         );
     }
     let t = tally(names);
-    assert_eq!(
-        t.values().copied().collect::<Vec<_>>(),
-        vec![10, 10, 10],
-        "{t:?}"
-    );
+    assert_eq!(t.values().copied().collect::<Vec<_>>(), vec![10, 10, 10], "{t:?}");
 }
 
 #[tokio::test]
@@ -595,11 +410,7 @@ async fn random_reaches_every_endpoint() {
     let (_d, _p, port, _b) = lb_fixture("      simple: RANDOM\n").await;
     let mut names = Vec::new();
     for _ in 0..150 {
-        names.push(
-            get(&format!("http://127.0.0.1:{port}/"), &[])
-                .await
-                .server(),
-        );
+        names.push(get(&format!("http://127.0.0.1:{port}/"), &[]).await.server());
     }
     let t = tally(names);
     assert_eq!(t.len(), 3, "{t:?}");
@@ -620,19 +431,12 @@ async fn least_request_avoids_busy_endpoints() {
         .collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while b[0].in_flight.load(std::sync::atomic::Ordering::SeqCst) < 5 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "slow requests did not arrive"
-        );
+        assert!(std::time::Instant::now() < deadline, "slow requests did not arrive");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut names = Vec::new();
     for _ in 0..40 {
-        names.push(
-            get(&format!("http://127.0.0.1:{port}/"), &[])
-                .await
-                .server(),
-        );
+        names.push(get(&format!("http://127.0.0.1:{port}/"), &[]).await.server());
     }
     let t = tally(names);
     assert_eq!(t.get("e0"), None, "busy endpoint picked: {t:?}");
@@ -644,45 +448,29 @@ async fn least_request_avoids_busy_endpoints() {
 
 #[tokio::test]
 async fn consistent_hash_on_header_and_cookie_is_sticky() {
-    let (_d, _p, port, _b) =
-        lb_fixture("      consistentHash:\n        httpHeaderName: x-user\n").await;
+    let (_d, _p, port, _b) = lb_fixture("      consistentHash:\n        httpHeaderName: x-user\n").await;
     let url = format!("http://127.0.0.1:{port}/");
     let mut owners = std::collections::BTreeSet::new();
     for user in 0..30 {
         let u = format!("user-{user}");
         let first = get(&url, &[("x-user", &u)]).await.server();
         for _ in 0..4 {
-            assert_eq!(
-                get(&url, &[("x-user", &u)]).await.server(),
-                first,
-                "user {u} moved"
-            );
+            assert_eq!(get(&url, &[("x-user", &u)]).await.server(), first, "user {u} moved");
         }
         owners.insert(first);
     }
     assert!(owners.len() >= 2, "hashing spreads users: {owners:?}");
 
-    let (_d2, _p2, port2, _b2) = lb_fixture(
-        "      consistentHash:\n        httpCookie: {name: session, ttl: 60s, path: /}\n",
-    )
-    .await;
+    let (_d2, _p2, port2, _b2) =
+        lb_fixture("      consistentHash:\n        httpCookie: {name: session, ttl: 60s, path: /}\n").await;
     let url = format!("http://127.0.0.1:{port2}/");
     let r = get(&url, &[]).await;
     let cookie = r.header("set-cookie").expect("cookie minted").to_string();
-    assert!(
-        cookie.starts_with("session=") && cookie.contains("Max-Age=60"),
-        "{cookie}"
-    );
+    assert!(cookie.starts_with("session=") && cookie.contains("Max-Age=60"), "{cookie}");
     let pair = cookie.split(';').next().expect("pair").to_string();
     let first = get(&url, &[("cookie", &pair)]).await;
-    assert!(
-        first.header("set-cookie").is_none(),
-        "no new cookie when the client has one"
-    );
+    assert!(first.header("set-cookie").is_none(), "no new cookie when the client has one");
     for _ in 0..10 {
-        assert_eq!(
-            get(&url, &[("cookie", &pair)]).await.server(),
-            first.server()
-        );
+        assert_eq!(get(&url, &[("cookie", &pair)]).await.server(), first.server());
     }
 }

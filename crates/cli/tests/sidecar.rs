@@ -38,10 +38,7 @@ async fn curl_via_proxy(proxy: SocketAddr, url: &str, extra: &[&str]) -> (u16, S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbound_http_proxy_routes_by_mesh_virtual_services() {
-    let (v1, v2) = (
-        Backend::start("reviews-v1").await,
-        Backend::start("reviews-v2").await,
-    );
+    let (v1, v2) = (Backend::start("reviews-v1").await, Backend::start("reviews-v2").await);
     let ratings = Backend::start("ratings").await;
     let outbound = free_port();
     let dir = ConfigDir::new();
@@ -82,23 +79,13 @@ async fn outbound_http_proxy_routes_by_mesh_virtual_services() {
     assert_eq!(j["path"], "/reviews/1");
     assert_eq!(j["headers"]["host"], "reviews:9080");
     assert!(j["headers"].get("proxy-connection").is_none());
-    let (_, body) = curl_via_proxy(
-        out_addr,
-        "http://reviews.bookinfo.svc.cluster.local:9080/r",
-        &["-H", "end-user: jason"],
-    )
-    .await;
-    assert_eq!(
-        serde_json::from_str::<serde_json::Value>(&body).expect("json")["server"],
-        "reviews-v2"
-    );
+    let (_, body) =
+        curl_via_proxy(out_addr, "http://reviews.bookinfo.svc.cluster.local:9080/r", &["-H", "end-user: jason"]).await;
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).expect("json")["server"], "reviews-v2");
     // A ServiceEntry host on port 80 with no VirtualService: the default route.
     let (code, body) = curl_via_proxy(out_addr, "http://ratings/x", &[]).await;
     assert_eq!(
-        (
-            code,
-            serde_json::from_str::<serde_json::Value>(&body).expect("json")["server"].clone()
-        ),
+        (code, serde_json::from_str::<serde_json::Value>(&body).expect("json")["server"].clone()),
         (200, "ratings".into())
     );
     // Origin-form with a Host header works too.
@@ -116,10 +103,7 @@ async fn upstream_ports_and_inbound_listener_connect_two_sidecars() {
     let (inbound, upstream) = (free_port(), free_port());
     let dir = ConfigDir::new();
     let in_addr: SocketAddr = format!("127.0.0.1:{inbound}").parse().expect("addr");
-    let cfg = dir.write(
-        "mesh.yaml",
-        &service("service-b", "HTTP", &[(in_addr, &[])]),
-    );
+    let cfg = dir.write("mesh.yaml", &service("service-b", "HTTP", &[(in_addr, &[])]));
     let cfg = cfg.to_str().expect("path");
     let _server = ProxyProc::start(&[
         "--workload",
@@ -130,28 +114,15 @@ async fn upstream_ports_and_inbound_listener_connect_two_sidecars() {
         &format!("{inbound}={}", app.addr.port()),
     ])
     .await;
-    let _client = ProxyProc::start(&[
-        "--workload",
-        "service-a",
-        "-c",
-        cfg,
-        "--upstream",
-        &format!("{upstream}=service-b:80"),
-    ])
-    .await;
+    let _client =
+        ProxyProc::start(&["--workload", "service-a", "-c", cfg, "--upstream", &format!("{upstream}=service-b:80")])
+            .await;
 
-    let r = get(
-        &format!("http://127.0.0.1:{upstream}/api/greeting"),
-        &[("x-request-id", "abc")],
-    )
-    .await;
+    let r = get(&format!("http://127.0.0.1:{upstream}/api/greeting"), &[("x-request-id", "abc")]).await;
     assert_eq!(r.status, 200);
     let j = r.json();
     assert_eq!(j["server"], "service-b");
-    assert_eq!(
-        j["headers"]["host"], "service-b",
-        "the fixed upstream's authority"
-    );
+    assert_eq!(j["headers"]["host"], "service-b", "the fixed upstream's authority");
     assert_eq!(j["headers"]["x-request-id"], "abc");
     // Inbound forwards whatever it gets to the app, keep-alive on both sides.
     let r = get(&format!("http://{in_addr}/direct"), &[("host", "anything")]).await;

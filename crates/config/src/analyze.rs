@@ -5,9 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::finding::{Code, Finding};
-use crate::model::networking::{
-    HttpMatchRequest, HttpRoute, StringMatch, TrafficPolicy, VirtualService,
-};
+use crate::model::networking::{HttpMatchRequest, HttpRoute, StringMatch, TrafficPolicy, VirtualService};
 use crate::model::{Kind, Resource, Spec};
 use crate::path;
 use crate::registry::{selects, Protocol, Registry, Workload};
@@ -19,18 +17,12 @@ pub const MESH_GATEWAY: &str = "mesh";
 /// Runs every rule over `resources` (already loaded), with `extra` workloads known to the caller.
 pub fn analyze(resources: &[Resource], extra: &[Workload]) -> Vec<Finding> {
     let registry = Registry::build(resources, extra);
-    let mut cx = Cx {
-        registry: &registry,
-        findings: Vec::new(),
-        subsets: HashMap::new(),
-        gateways: HashMap::new(),
-    };
+    let mut cx = Cx { registry: &registry, findings: Vec::new(), subsets: HashMap::new(), gateways: HashMap::new() };
     cx.duplicates(resources);
     for r in resources {
         match &r.spec {
             Spec::Gateway(gw) => {
-                cx.gateways
-                    .insert((r.namespace().to_string(), r.name().to_string()), r);
+                cx.gateways.insert((r.namespace().to_string(), r.name().to_string()), r);
                 for (i, s) in gw.servers.iter().enumerate() {
                     cx.gateway_server(r, i, s);
                 }
@@ -51,12 +43,7 @@ pub fn analyze(resources: &[Resource], extra: &[Workload]) -> Vec<Finding> {
             Spec::VirtualService(vs) => cx.virtual_service(r, vs, &mut mesh_hosts),
             Spec::DestinationRule(dr) => {
                 if dr.host.is_empty() {
-                    cx.push(
-                        Code::Schema,
-                        r,
-                        path!["spec", "host"],
-                        "missing required field `host`".into(),
-                    );
+                    cx.push(Code::Schema, r, path!["spec", "host"], "missing required field `host`".into());
                 }
                 let svc = registry.resolve(&dr.host, r.namespace());
                 if let Some(tp) = &dr.traffic_policy {
@@ -65,12 +52,7 @@ pub fn analyze(resources: &[Resource], extra: &[Workload]) -> Vec<Finding> {
                 let mut names = HashSet::new();
                 for (i, s) in dr.subsets.iter().enumerate() {
                     if s.name.is_empty() {
-                        cx.push(
-                            Code::Schema,
-                            r,
-                            path!["spec", "subsets", i],
-                            "subset has no `name`".into(),
-                        );
+                        cx.push(Code::Schema, r, path!["spec", "subsets", i], "subset has no `name`".into());
                     } else if !names.insert(s.name.as_str()) {
                         cx.push(
                             Code::Schema,
@@ -83,14 +65,15 @@ pub fn analyze(resources: &[Resource], extra: &[Workload]) -> Vec<Finding> {
                         cx.traffic_policy(r, path!["spec", "subsets", i, "trafficPolicy"], tp);
                     }
                     if let Some(svc) = svc {
-                        if !svc.resolve_dns
-                            && !svc.endpoints.iter().any(|w| selects(&s.labels, &w.labels))
-                        {
+                        if !svc.resolve_dns && !svc.endpoints.iter().any(|w| selects(&s.labels, &w.labels)) {
                             cx.push(
                                 Code::SubsetSelectsNothing,
                                 r,
                                 path!["spec", "subsets", i, "labels"],
-                                format!("subset {:?} selects no endpoint of {}: its traffic will fail with 503 (UH)", s.name, svc.hostname),
+                                format!(
+                                    "subset {:?} selects no endpoint of {}: its traffic will fail with 503 (UH)",
+                                    s.name, svc.hostname
+                                ),
                             );
                         }
                     }
@@ -98,40 +81,30 @@ pub fn analyze(resources: &[Resource], extra: &[Workload]) -> Vec<Finding> {
             }
             Spec::ServiceEntry(se) => {
                 if se.hosts.is_empty() {
-                    cx.push(
-                        Code::Schema,
-                        r,
-                        path!["spec", "hosts"],
-                        "a ServiceEntry needs at least one host".into(),
-                    );
+                    cx.push(Code::Schema, r, path!["spec", "hosts"], "a ServiceEntry needs at least one host".into());
                 }
                 for (i, p) in se.ports.iter().enumerate() {
                     cx.port_number(r, path!["spec", "ports", i, "number"], p.number);
                 }
                 if let Some(res) = &se.resolution {
                     if !["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"].contains(&res.as_str()) {
-                        cx.push(Code::Schema, r, path!["spec", "resolution"], format!("unknown resolution {res:?}: use NONE, STATIC, DNS or DNS_ROUND_ROBIN"));
+                        cx.push(
+                            Code::Schema,
+                            r,
+                            path!["spec", "resolution"],
+                            format!("unknown resolution {res:?}: use NONE, STATIC, DNS or DNS_ROUND_ROBIN"),
+                        );
                     }
                 }
                 for (i, e) in se.endpoints.iter().enumerate() {
                     if e.address.as_deref().unwrap_or("").is_empty() {
-                        cx.push(
-                            Code::Schema,
-                            r,
-                            path!["spec", "endpoints", i],
-                            "endpoint has no `address`".into(),
-                        );
+                        cx.push(Code::Schema, r, path!["spec", "endpoints", i], "endpoint has no `address`".into());
                     }
                 }
             }
             Spec::WorkloadEntry(we) => {
                 if we.address.as_deref().unwrap_or("").is_empty() {
-                    cx.push(
-                        Code::Schema,
-                        r,
-                        path!["spec", "address"],
-                        "missing required field `address`".into(),
-                    );
+                    cx.push(Code::Schema, r, path!["spec", "address"], "missing required field `address`".into());
                 }
                 for (name, port) in &we.ports {
                     cx.port_number(r, path!["spec", "ports", name.as_str()], *port);
@@ -180,28 +153,14 @@ impl<'a> Cx<'a> {
 
     fn port_number(&mut self, r: &Resource, path: Vec<Seg>, n: u32) {
         if n == 0 || n > 65535 {
-            self.push(
-                Code::Schema,
-                r,
-                path,
-                format!("port {n} is out of range 1-65535"),
-            );
+            self.push(Code::Schema, r, path, format!("port {n} is out of range 1-65535"));
         }
     }
 
     fn gateway_server(&mut self, r: &Resource, i: usize, s: &crate::model::networking::Server) {
-        self.port_number(
-            r,
-            path!["spec", "servers", i, "port", "number"],
-            s.port.number,
-        );
+        self.port_number(r, path!["spec", "servers", i, "port", "number"], s.port.number);
         if s.hosts.is_empty() {
-            self.push(
-                Code::Schema,
-                r,
-                path!["spec", "servers", i, "hosts"],
-                "a server needs at least one host".into(),
-            );
+            self.push(Code::Schema, r, path!["spec", "servers", i, "hosts"], "a server needs at least one host".into());
         }
         match Protocol::parse(&s.port.protocol) {
             Protocol::Http | Protocol::Http2 | Protocol::Grpc => {}
@@ -218,10 +177,7 @@ impl<'a> Cx<'a> {
                 Code::Schema,
                 r,
                 path!["spec", "servers", i, "port", "protocol"],
-                format!(
-                    "unknown protocol {:?}: use HTTP, HTTP2, GRPC, HTTPS, TLS or TCP",
-                    s.port.protocol
-                ),
+                format!("unknown protocol {:?}: use HTTP, HTTP2, GRPC, HTTPS, TLS or TCP", s.port.protocol),
             ),
         }
         if s.tls.is_some() {
@@ -245,11 +201,7 @@ impl<'a> Cx<'a> {
         }
         for (i, pl) in tp.port_level_settings.iter().enumerate() {
             if let Some(lb) = &pl.load_balancer {
-                self.load_balancer(
-                    r,
-                    at(&["portLevelSettings".into(), i.into(), "loadBalancer".into()]),
-                    lb,
-                );
+                self.load_balancer(r, at(&["portLevelSettings".into(), i.into(), "loadBalancer".into()]), lb);
             }
         }
         for (field, present) in [
@@ -271,23 +223,11 @@ impl<'a> Cx<'a> {
         }
     }
 
-    fn load_balancer(
-        &mut self,
-        r: &Resource,
-        base: Vec<Seg>,
-        lb: &crate::model::networking::LoadBalancerSettings,
-    ) {
+    fn load_balancer(&mut self, r: &Resource, base: Vec<Seg>, lb: &crate::model::networking::LoadBalancerSettings) {
         let mut p = base.clone();
         if let Some(simple) = &lb.simple {
-            if ![
-                "UNSPECIFIED",
-                "ROUND_ROBIN",
-                "LEAST_REQUEST",
-                "LEAST_CONN",
-                "RANDOM",
-                "PASSTHROUGH",
-            ]
-            .contains(&simple.as_str())
+            if !["UNSPECIFIED", "ROUND_ROBIN", "LEAST_REQUEST", "LEAST_CONN", "RANDOM", "PASSTHROUGH"]
+                .contains(&simple.as_str())
             {
                 p.push("simple".into());
                 self.push(
@@ -300,12 +240,7 @@ impl<'a> Cx<'a> {
             }
             if lb.consistent_hash.is_some() {
                 p.push("simple".into());
-                self.push(
-                    Code::Schema,
-                    r,
-                    p,
-                    "set either `simple` or `consistentHash`, not both".into(),
-                );
+                self.push(Code::Schema, r, p, "set either `simple` or `consistentHash`, not both".into());
                 return;
             }
         }
@@ -337,12 +272,7 @@ impl<'a> Cx<'a> {
         if lb.locality_lb_setting.is_some() {
             let mut p = base;
             p.push("localityLbSetting".into());
-            self.push(
-                Code::NotEnforced,
-                r,
-                p,
-                "localityLbSetting is parsed but not enforced yet".into(),
-            );
+            self.push(Code::NotEnforced, r, p, "localityLbSetting is parsed but not enforced yet".into());
         }
     }
 
@@ -351,9 +281,7 @@ impl<'a> Cx<'a> {
             return Some(None);
         }
         let (ns, n) = name.split_once('/').unwrap_or((r.namespace(), name));
-        self.gateways
-            .get(&(ns.to_string(), n.to_string()))
-            .map(|g| Some(*g))
+        self.gateways.get(&(ns.to_string(), n.to_string())).map(|g| Some(*g))
     }
 
     fn virtual_service(
@@ -363,12 +291,7 @@ impl<'a> Cx<'a> {
         mesh_hosts: &mut HashMap<String, (String, usize)>,
     ) {
         if vs.hosts.is_empty() {
-            self.push(
-                Code::Schema,
-                r,
-                path!["spec", "hosts"],
-                "a VirtualService needs at least one host".into(),
-            );
+            self.push(Code::Schema, r, path!["spec", "hosts"], "a VirtualService needs at least one host".into());
         }
         let mut bound_gateways: Vec<&Resource> = Vec::new();
         for (i, g) in vs.gateways.iter().enumerate() {
@@ -377,25 +300,16 @@ impl<'a> Cx<'a> {
                     Code::GatewayNotFound,
                     r,
                     path!["spec", "gateways", i],
-                    format!(
-                        "referenced gateway {g:?} is not defined (no Gateway {g} in namespace {})",
-                        r.namespace()
-                    ),
+                    format!("referenced gateway {g:?} is not defined (no Gateway {g} in namespace {})", r.namespace()),
                 ),
                 Some(Some(gw)) => bound_gateways.push(gw),
                 Some(None) => {}
             }
         }
-        let applies_to_mesh =
-            vs.gateways.is_empty() || vs.gateways.iter().any(|g| g == MESH_GATEWAY);
+        let applies_to_mesh = vs.gateways.is_empty() || vs.gateways.iter().any(|g| g == MESH_GATEWAY);
         for (i, host) in vs.hosts.iter().enumerate() {
             if host.is_empty() {
-                self.push(
-                    Code::Schema,
-                    r,
-                    path!["spec", "hosts", i],
-                    "empty host".into(),
-                );
+                self.push(Code::Schema, r, path!["spec", "hosts", i], "empty host".into());
                 continue;
             }
             if applies_to_mesh {
@@ -412,11 +326,8 @@ impl<'a> Cx<'a> {
             }
             for gw in &bound_gateways {
                 let Spec::Gateway(g) = &gw.spec else { continue };
-                let matched = g
-                    .servers
-                    .iter()
-                    .flat_map(|s| s.hosts.iter())
-                    .any(|sh| hosts_intersect(strip_ns(sh), host));
+                let matched =
+                    g.servers.iter().flat_map(|s| s.hosts.iter()).any(|sh| hosts_intersect(strip_ns(sh), host));
                 if !matched {
                     self.push(
                         Code::HostNotInGateway,
@@ -432,20 +343,10 @@ impl<'a> Cx<'a> {
         }
         self.shadowing(r, &vs.http);
         if vs.tcp.is_some() {
-            self.push(
-                Code::NotEnforced,
-                r,
-                path!["spec", "tcp"],
-                "tcp routes are not enforced yet".into(),
-            );
+            self.push(Code::NotEnforced, r, path!["spec", "tcp"], "tcp routes are not enforced yet".into());
         }
         if vs.tls.is_some() {
-            self.push(
-                Code::NotEnforced,
-                r,
-                path!["spec", "tls"],
-                "tls routes are not enforced yet".into(),
-            );
+            self.push(Code::NotEnforced, r, path!["spec", "tls"], "tls routes are not enforced yet".into());
         }
     }
 
@@ -477,8 +378,7 @@ impl<'a> Cx<'a> {
                 Code::Schema,
                 r,
                 base.clone(),
-                "http route may have only one of route, redirect, directResponse or delegate"
-                    .into(),
+                "http route may have only one of route, redirect, directResponse or delegate".into(),
             );
         }
         for (m, mr) in route.matches.iter().enumerate() {
@@ -487,21 +387,16 @@ impl<'a> Cx<'a> {
                 p.extend_from_slice(extra);
                 p
             };
-            for (field, sm) in [
-                ("uri", &mr.uri),
-                ("scheme", &mr.scheme),
-                ("method", &mr.method),
-                ("authority", &mr.authority),
-            ] {
+            for (field, sm) in
+                [("uri", &mr.uri), ("scheme", &mr.scheme), ("method", &mr.method), ("authority", &mr.authority)]
+            {
                 if let Some(sm) = sm {
                     self.string_match(r, mp(&[field.into()]), sm, false);
                 }
             }
-            for (field, map) in [
-                ("headers", &mr.headers),
-                ("queryParams", &mr.query_params),
-                ("withoutHeaders", &mr.without_headers),
-            ] {
+            for (field, map) in
+                [("headers", &mr.headers), ("queryParams", &mr.query_params), ("withoutHeaders", &mr.without_headers)]
+            {
                 for (name, sm) in map {
                     self.string_match(r, mp(&[field.into(), name.as_str().into()]), sm, true);
                 }
@@ -528,12 +423,7 @@ impl<'a> Cx<'a> {
             let mut p = dp.clone();
             p.extend(["destination".into(), "host".into()]);
             if host.is_empty() {
-                self.push(
-                    Code::Schema,
-                    r,
-                    p,
-                    "missing required field `destination.host`".into(),
-                );
+                self.push(Code::Schema, r, p, "missing required field `destination.host`".into());
                 continue;
             }
             let w = dest.weight.unwrap_or(0);
@@ -576,12 +466,7 @@ impl<'a> Cx<'a> {
             }
         }
         if route.route.len() > 1 && total != 100 {
-            let weights = route
-                .route
-                .iter()
-                .map(|d| d.weight.unwrap_or(0).to_string())
-                .collect::<Vec<_>>()
-                .join(" + ");
+            let weights = route.route.iter().map(|d| d.weight.unwrap_or(0).to_string()).collect::<Vec<_>>().join(" + ");
             self.push(
                 Code::WeightsNot100,
                 r,
@@ -649,35 +534,17 @@ impl<'a> Cx<'a> {
             ("delegate", route.delegate.is_some()),
         ] {
             if present {
-                self.push(
-                    Code::NotEnforced,
-                    r,
-                    at(&[field.into()]),
-                    format!("{field} is parsed but not enforced yet"),
-                );
+                self.push(Code::NotEnforced, r, at(&[field.into()]), format!("{field} is parsed but not enforced yet"));
             }
         }
     }
 
     fn string_match(&mut self, r: &Resource, path: Vec<Seg>, sm: &StringMatch, presence_ok: bool) {
-        let set = [sm.exact.is_some(), sm.prefix.is_some(), sm.regex.is_some()]
-            .iter()
-            .filter(|b| **b)
-            .count();
+        let set = [sm.exact.is_some(), sm.prefix.is_some(), sm.regex.is_some()].iter().filter(|b| **b).count();
         if set > 1 {
-            self.push(
-                Code::Schema,
-                r,
-                path,
-                "set only one of exact, prefix, regex".into(),
-            );
+            self.push(Code::Schema, r, path, "set only one of exact, prefix, regex".into());
         } else if set == 0 && !presence_ok {
-            self.push(
-                Code::Schema,
-                r,
-                path,
-                "set one of exact, prefix, regex".into(),
-            );
+            self.push(Code::Schema, r, path, "set one of exact, prefix, regex".into());
         } else if let Some(re) = &sm.regex {
             if let Err(e) = regex::Regex::new(re) {
                 let mut p = path;
@@ -692,11 +559,8 @@ impl<'a> Cx<'a> {
     fn shadowing(&mut self, r: &Resource, routes: &[HttpRoute]) {
         let all = HttpMatchRequest::default();
         for (i, route) in routes.iter().enumerate() {
-            let blocks: Vec<&HttpMatchRequest> = if route.matches.is_empty() {
-                vec![&all]
-            } else {
-                route.matches.iter().collect()
-            };
+            let blocks: Vec<&HttpMatchRequest> =
+                if route.matches.is_empty() { vec![&all] } else { route.matches.iter().collect() };
             let mut shadowed = Vec::new();
             for (k, b) in blocks.iter().enumerate() {
                 let by = routes[..i].iter().enumerate().find(|(_, earlier)| {
@@ -720,10 +584,7 @@ impl<'a> Cx<'a> {
                     Code::ShadowedMatch,
                     r,
                     path!["spec", "http", i],
-                    format!(
-                        "this route is never used: route {j}{} {what}",
-                        route_name(&routes[j])
-                    ),
+                    format!("this route is never used: route {j}{} {what}", route_name(&routes[j])),
                 );
             } else {
                 for (k, j) in shadowed {
@@ -743,20 +604,12 @@ impl<'a> Cx<'a> {
 }
 
 fn route_name(r: &HttpRoute) -> String {
-    r.name
-        .as_ref()
-        .map(|n| format!(" ({n:?})"))
-        .unwrap_or_default()
+    r.name.as_ref().map(|n| format!(" ({n:?})")).unwrap_or_default()
 }
 
 fn regex_message(re: &str, e: &regex::Error) -> String {
     let detail = e.to_string();
-    let last = detail
-        .lines()
-        .rfind(|l| !l.trim().is_empty())
-        .unwrap_or("")
-        .trim()
-        .to_string();
+    let last = detail.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
     format!("invalid regex {re:?}: {last}")
 }
 
@@ -795,40 +648,18 @@ fn covers(a: &HttpMatchRequest, b: &HttpMatchRequest) -> bool {
             }
         };
         match (a, b) {
-            (StringMatch { exact: Some(x), .. }, StringMatch { exact: Some(y), .. }) => {
-                norm(x) == norm(y)
+            (StringMatch { exact: Some(x), .. }, StringMatch { exact: Some(y), .. }) => norm(x) == norm(y),
+            (StringMatch { prefix: Some(p), .. }, StringMatch { exact: Some(s), .. })
+            | (StringMatch { prefix: Some(p), .. }, StringMatch { prefix: Some(s), .. }) => {
+                norm(s).starts_with(&norm(p))
             }
-            (
-                StringMatch {
-                    prefix: Some(p), ..
-                },
-                StringMatch { exact: Some(s), .. },
-            )
-            | (
-                StringMatch {
-                    prefix: Some(p), ..
-                },
-                StringMatch {
-                    prefix: Some(s), ..
-                },
-            ) => norm(s).starts_with(&norm(p)),
             (StringMatch { regex: Some(x), .. }, StringMatch { regex: Some(y), .. }) => x == y,
-            (
-                StringMatch {
-                    exact: None,
-                    prefix: None,
-                    regex: None,
-                },
-                _,
-            ) => true,
+            (StringMatch { exact: None, prefix: None, regex: None }, _) => true,
             _ => false,
         }
     }
     fn map_covers(a: &BTreeMap<String, StringMatch>, b: &BTreeMap<String, StringMatch>) -> bool {
-        a.iter().all(|(k, am)| {
-            b.get(k)
-                .is_some_and(|bm| sm_covers(&Some(am.clone()), &Some(bm.clone()), false, false))
-        })
+        a.iter().all(|(k, am)| b.get(k).is_some_and(|bm| sm_covers(&Some(am.clone()), &Some(bm.clone()), false, false)))
     }
     // A matcher that is "present" with no value never covers less than itself.
     if !a.gateways.is_empty() || !b.gateways.is_empty() {
@@ -840,9 +671,7 @@ fn covers(a: &HttpMatchRequest, b: &HttpMatchRequest) -> bool {
         && sm_covers(&a.authority, &b.authority, false, false)
         && map_covers(&a.headers, &b.headers)
         && map_covers(&a.query_params, &b.query_params)
-        && a.without_headers
-            .iter()
-            .all(|(k, v)| b.without_headers.get(k) == Some(v))
+        && a.without_headers.iter().all(|(k, v)| b.without_headers.get(k) == Some(v))
         && (a.port.is_none() || a.port == b.port)
         && selects(&a.source_labels, &b.source_labels)
         && (a.source_namespace.is_none() || a.source_namespace == b.source_namespace)
@@ -863,17 +692,11 @@ mod tests {
     #[test]
     fn prefix_covers_longer_prefix() {
         let a = HttpMatchRequest {
-            uri: Some(StringMatch {
-                prefix: Some("/api".into()),
-                ..Default::default()
-            }),
+            uri: Some(StringMatch { prefix: Some("/api".into()), ..Default::default() }),
             ..Default::default()
         };
         let b = HttpMatchRequest {
-            uri: Some(StringMatch {
-                exact: Some("/api/x".into()),
-                ..Default::default()
-            }),
+            uri: Some(StringMatch { exact: Some("/api/x".into()), ..Default::default() }),
             ..Default::default()
         };
         assert!(covers(&a, &b));

@@ -10,8 +10,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::analyze::{hosts_intersect, strip_ns, MESH_GATEWAY};
 use crate::model::networking::{
-    DestinationRule, Gateway, HeaderOperations, Headers, HttpMatchRequest, HttpRoute, Labels,
-    LoadBalancerSettings, StringMatch, TrafficPolicy, VirtualService,
+    DestinationRule, Gateway, HeaderOperations, Headers, HttpMatchRequest, HttpRoute, Labels, LoadBalancerSettings,
+    StringMatch, TrafficPolicy, VirtualService,
 };
 use crate::model::{Duration, Resource, Spec};
 use crate::registry::{selects, Protocol, Registry, Service, Workload};
@@ -74,12 +74,7 @@ const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 /// Compiles the snapshot for `proxy`.
 pub fn compile(resources: &[Resource], extra: &[Workload], proxy: &ProxySpec) -> Snapshot {
     let registry = Registry::build(resources, extra);
-    let mut cx = Compiler {
-        resources,
-        registry: &registry,
-        proxy,
-        clusters: BTreeMap::new(),
-    };
+    let mut cx = Compiler { resources, registry: &registry, proxy, clusters: BTreeMap::new() };
     let mut snap = Snapshot {
         version: String::new(),
         node: NodeInfo {
@@ -124,11 +119,7 @@ fn virtual_services(resources: &[Resource]) -> impl Iterator<Item = (&Resource, 
 impl<'a> Compiler<'a> {
     fn destination_rule(&self, hostname: &str) -> Option<&DestinationRule> {
         self.resources.iter().find_map(|r| match &r.spec {
-            Spec::DestinationRule(dr)
-                if self.registry.canonical(&dr.host, r.namespace()) == hostname =>
-            {
-                Some(dr)
-            }
+            Spec::DestinationRule(dr) if self.registry.canonical(&dr.host, r.namespace()) == hostname => Some(dr),
             _ => None,
         })
     }
@@ -170,10 +161,7 @@ impl<'a> Compiler<'a> {
             for (vr, vs) in vss {
                 for (gr, server_hosts) in &servers {
                     let gw_name = format!("{}/{}", gr.namespace(), gr.name());
-                    let bound = vs
-                        .gateways
-                        .iter()
-                        .any(|g| qualify(g, vr.namespace()) == gw_name);
+                    let bound = vs.gateways.iter().any(|g| qualify(g, vr.namespace()) == gw_name);
                     if !bound {
                         continue;
                     }
@@ -190,22 +178,15 @@ impl<'a> Compiler<'a> {
                             let routes = self.routes(vr, vs, Some(&gw_name), port);
                             match vhosts.iter_mut().find(|v| v.domains == [domain.clone()]) {
                                 Some(v) => v.routes.extend(routes),
-                                None => vhosts.push(VirtualHost {
-                                    name: domain.clone(),
-                                    domains: vec![domain],
-                                    routes,
-                                }),
+                                None => {
+                                    vhosts.push(VirtualHost { name: domain.clone(), domains: vec![domain], routes })
+                                }
                             }
                         }
                     }
                 }
             }
-            snap.route_tables.insert(
-                table_name,
-                RouteTable {
-                    virtual_hosts: vhosts,
-                },
-            );
+            snap.route_tables.insert(table_name, RouteTable { virtual_hosts: vhosts });
         }
     }
 
@@ -271,12 +252,8 @@ impl<'a> Compiler<'a> {
             return;
         }
         // Outbound tables, one per port any service listens on (and 80 for plain `http://name`).
-        let mut ports: BTreeSet<u16> = self
-            .registry
-            .services
-            .iter()
-            .flat_map(|s| s.ports.iter().map(|p| p.number))
-            .collect();
+        let mut ports: BTreeSet<u16> =
+            self.registry.services.iter().flat_map(|s| s.ports.iter().map(|p| p.number)).collect();
         ports.insert(80);
         ports.extend(self.proxy.upstreams.iter().map(|u| u.port));
         for port in ports {
@@ -296,10 +273,7 @@ impl<'a> Compiler<'a> {
                 name: format!("upstream-{}", u.listen.port()),
                 address: u.listen,
                 direction: Direction::Outbound,
-                routing: ListenerRouting::Fixed {
-                    host: u.host.clone(),
-                    port: u.port,
-                },
+                routing: ListenerRouting::Fixed { host: u.host.clone(), port: u.port },
             });
         }
     }
@@ -325,11 +299,8 @@ impl<'a> Compiler<'a> {
             }
         }
         let mut vhosts = Vec::new();
-        let services: Vec<&Service> = registry
-            .services
-            .iter()
-            .filter(|s| s.port(port).is_some() && !s.hostname.starts_with('*'))
-            .collect();
+        let services: Vec<&Service> =
+            registry.services.iter().filter(|s| s.port(port).is_some() && !s.hostname.starts_with('*')).collect();
         for svc in services {
             let domains = svc.domains(&ns);
             let routes = match claimed.get(&svc.hostname) {
@@ -339,37 +310,21 @@ impl<'a> Compiler<'a> {
                     vec![default_route(cluster)]
                 }
             };
-            vhosts.push(VirtualHost {
-                name: format!("{}:{port}", svc.hostname),
-                domains,
-                routes,
-            });
+            vhosts.push(VirtualHost { name: format!("{}:{port}", svc.hostname), domains, routes });
         }
         for (h, r, vs) in unresolved {
             let routes = self.routes(r, vs, None, port);
             if !routes.is_empty() {
-                vhosts.push(VirtualHost {
-                    name: format!("{h}:{port}"),
-                    domains: vec![h],
-                    routes,
-                });
+                vhosts.push(VirtualHost { name: format!("{h}:{port}"), domains: vec![h], routes });
             }
         }
-        RouteTable {
-            virtual_hosts: vhosts,
-        }
+        RouteTable { virtual_hosts: vhosts }
     }
 
     // --- routes ---
 
     /// The routes of a VirtualService as seen by one gateway (`Some(ns/name)`) or by the mesh.
-    fn routes(
-        &mut self,
-        r: &Resource,
-        vs: &VirtualService,
-        gateway: Option<&str>,
-        port: u16,
-    ) -> Vec<Route> {
+    fn routes(&mut self, r: &Resource, vs: &VirtualService, gateway: Option<&str>, port: u16) -> Vec<Route> {
         let mut out = Vec::new();
         for (i, hr) in vs.http.iter().enumerate() {
             let matches: Vec<RouteMatch> = hr
@@ -386,10 +341,7 @@ impl<'a> Compiler<'a> {
             };
             let (request_headers, response_headers) = header_ops(hr.headers.as_ref());
             out.push(Route {
-                name: hr
-                    .name
-                    .clone()
-                    .unwrap_or_else(|| format!("{}.{}.{i}", r.name(), r.namespace())),
+                name: hr.name.clone().unwrap_or_else(|| format!("{}.{}.{i}", r.name(), r.namespace())),
                 source: Some(format!("{} http[{i}]", r.id())),
                 matches,
                 action,
@@ -401,13 +353,7 @@ impl<'a> Compiler<'a> {
         out
     }
 
-    fn match_applies(
-        &self,
-        m: &HttpMatchRequest,
-        ns: &str,
-        gateway: Option<&str>,
-        port: u16,
-    ) -> bool {
+    fn match_applies(&self, m: &HttpMatchRequest, ns: &str, gateway: Option<&str>, port: u16) -> bool {
         if !m.gateways.is_empty() {
             let ok = match gateway {
                 Some(gw) => m.gateways.iter().any(|g| qualify(g, ns) == gw),
@@ -432,15 +378,8 @@ impl<'a> Compiler<'a> {
 
     fn action(&mut self, r: &Resource, hr: &HttpRoute, port: u16) -> Option<Action> {
         if let Some(d) = &hr.direct_response {
-            let body = d
-                .body
-                .as_ref()
-                .and_then(|b| b.string.clone().or_else(|| b.bytes.clone()))
-                .unwrap_or_default();
-            return Some(Action::Direct {
-                status: d.status as u16,
-                body,
-            });
+            let body = d.body.as_ref().and_then(|b| b.string.clone().or_else(|| b.bytes.clone())).unwrap_or_default();
+            return Some(Action::Direct { status: d.status as u16, body });
         }
         if let Some(rd) = &hr.redirect {
             return Some(Action::Redirect(Redirect {
@@ -460,11 +399,7 @@ impl<'a> Compiler<'a> {
             .route
             .iter()
             .map(|d| {
-                let dest_port = d
-                    .destination
-                    .port
-                    .as_ref()
-                    .and_then(|p| u16::try_from(p.number).ok());
+                let dest_port = d.destination.port.as_ref().and_then(|p| u16::try_from(p.number).ok());
                 let cluster = self.cluster_for(
                     &d.destination.host,
                     r.namespace(),
@@ -475,11 +410,7 @@ impl<'a> Compiler<'a> {
                 let (request_headers, response_headers) = header_ops(d.headers.as_ref());
                 WeightedCluster {
                     cluster,
-                    weight: if single {
-                        100
-                    } else {
-                        d.weight.unwrap_or(0).max(0) as u32
-                    },
+                    weight: if single { 100 } else { d.weight.unwrap_or(0).max(0) as u32 },
                     request_headers,
                     response_headers,
                 }
@@ -488,15 +419,9 @@ impl<'a> Compiler<'a> {
         let rewrite = hr.rewrite.as_ref().map(|rw| Rewrite {
             uri: rw.uri.clone(),
             authority: rw.authority.clone(),
-            uri_regex: rw
-                .uri_regex_rewrite
-                .as_ref()
-                .map(|x| (x.pattern.clone(), x.rewrite.clone())),
+            uri_regex: rw.uri_regex_rewrite.as_ref().map(|x| (x.pattern.clone(), x.rewrite.clone())),
         });
-        Some(Action::Forward(Forward {
-            destinations,
-            rewrite,
-        }))
+        Some(Action::Forward(Forward { destinations, rewrite }))
     }
 
     /// The cluster for a destination: its port is the one named, else the service's only port,
@@ -511,25 +436,13 @@ impl<'a> Compiler<'a> {
     ) -> String {
         let (hostname, svc_ns, port) = match self.registry.resolve(host, ns) {
             Some(svc) => {
-                let port = dest_port.unwrap_or_else(|| {
-                    if svc.ports.len() == 1 {
-                        svc.ports[0].number
-                    } else {
-                        req_port
-                    }
-                });
-                let hostname = if svc.hostname.starts_with('*') {
-                    host.to_ascii_lowercase()
-                } else {
-                    svc.hostname.clone()
-                };
+                let port =
+                    dest_port.unwrap_or_else(|| if svc.ports.len() == 1 { svc.ports[0].number } else { req_port });
+                let hostname =
+                    if svc.hostname.starts_with('*') { host.to_ascii_lowercase() } else { svc.hostname.clone() };
                 (hostname, svc.namespace.clone(), port)
             }
-            None => (
-                host.to_ascii_lowercase(),
-                ns.to_string(),
-                dest_port.unwrap_or(req_port),
-            ),
+            None => (host.to_ascii_lowercase(), ns.to_string(), dest_port.unwrap_or(req_port)),
         };
         self.cluster(&hostname, &svc_ns, port, subset)
     }
@@ -541,11 +454,7 @@ impl<'a> Compiler<'a> {
         }
         let svc = self.registry.resolve(hostname, ns).cloned();
         let dr = self.destination_rule(hostname).cloned();
-        let subset_def = subset.and_then(|s| {
-            dr.as_ref()
-                .and_then(|d| d.subsets.iter().find(|x| x.name == s))
-                .cloned()
-        });
+        let subset_def = subset.and_then(|s| dr.as_ref().and_then(|d| d.subsets.iter().find(|x| x.name == s)).cloned());
         // Policy precedence: subset (port level, then whole) over rule (port level, then whole).
         let lb = [
             subset_def.as_ref().and_then(|s| s.traffic_policy.as_ref()),
@@ -568,11 +477,7 @@ impl<'a> Compiler<'a> {
                 let endpoints = match &sp {
                     None => Vec::new(),
                     Some(_) if svc.resolve_dns => vec![Endpoint {
-                        address: format!(
-                            "{}:{}",
-                            svc.hostname,
-                            sp.as_ref().map(|p| p.number).unwrap_or(port)
-                        ),
+                        address: format!("{}:{}", svc.hostname, sp.as_ref().map(|p| p.number).unwrap_or(port)),
                         labels: Labels::new(),
                         weight: 1,
                         workload: None,
@@ -580,11 +485,7 @@ impl<'a> Compiler<'a> {
                     Some(sp) => svc
                         .endpoints
                         .iter()
-                        .filter(|w| {
-                            subset_def
-                                .as_ref()
-                                .is_none_or(|s| selects(&s.labels, &w.labels))
-                        })
+                        .filter(|w| subset_def.as_ref().is_none_or(|s| selects(&s.labels, &w.labels)))
                         .filter(|_| subset.is_none() || subset_def.is_some())
                         .map(|w| Endpoint {
                             address: join_host_port(&w.address, w.port_for(sp)),
@@ -652,29 +553,17 @@ fn lb_settings(tp: &TrafficPolicy, port: u16) -> Option<&LoadBalancerSettings> {
 
 fn lb_policy(lb: &LoadBalancerSettings) -> LbPolicy {
     if let Some(ch) = &lb.consistent_hash {
-        let min = ch
-            .ring_hash
-            .as_ref()
-            .and_then(|r| r.minimum_ring_size)
-            .or(ch.minimum_ring_size)
-            .unwrap_or(1024);
+        let min = ch.ring_hash.as_ref().and_then(|r| r.minimum_ring_size).or(ch.minimum_ring_size).unwrap_or(1024);
         let hash = if let Some(h) = &ch.http_header_name {
             HashPolicy::Header(h.to_ascii_lowercase())
         } else if let Some(c) = &ch.http_cookie {
-            HashPolicy::Cookie {
-                name: c.name.clone(),
-                path: c.path.clone(),
-                ttl: c.ttl,
-            }
+            HashPolicy::Cookie { name: c.name.clone(), path: c.path.clone(), ttl: c.ttl }
         } else if let Some(q) = &ch.http_query_parameter_name {
             HashPolicy::QueryParam(q.clone())
         } else {
             HashPolicy::SourceIp
         };
-        return LbPolicy::RingHash {
-            hash,
-            min_ring_size: min.clamp(16, 1 << 23),
-        };
+        return LbPolicy::RingHash { hash, min_ring_size: min.clamp(16, 1 << 23) };
     }
     match lb.simple.as_deref() {
         Some("LEAST_REQUEST" | "LEAST_CONN") => LbPolicy::LeastRequest,
@@ -687,16 +576,8 @@ fn header_ops(h: Option<&Headers>) -> (HeaderOps, HeaderOps) {
     let conv = |o: Option<&HeaderOperations>| match o {
         None => HeaderOps::default(),
         Some(o) => HeaderOps {
-            set: o
-                .set
-                .iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-                .collect(),
-            add: o
-                .add
-                .iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-                .collect(),
+            set: o.set.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect(),
+            add: o.add.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect(),
             remove: o.remove.iter().map(|k| k.to_ascii_lowercase()).collect(),
         },
     };
@@ -720,11 +601,7 @@ fn compile_match(m: &HttpMatchRequest) -> RouteMatch {
     let keys = |map: &BTreeMap<String, StringMatch>, invert: bool, lower: bool| {
         map.iter()
             .map(|(k, v)| KeyMatcher {
-                name: if lower {
-                    k.to_ascii_lowercase()
-                } else {
-                    k.clone()
-                },
+                name: if lower { k.to_ascii_lowercase() } else { k.clone() },
                 value: string_matcher(v),
                 invert,
             })
@@ -732,15 +609,11 @@ fn compile_match(m: &HttpMatchRequest) -> RouteMatch {
     };
     let mut headers = keys(&m.headers, false, true);
     headers.extend(keys(&m.without_headers, true, true));
-    let uri = m
-        .uri
-        .as_ref()
-        .and_then(string_matcher)
-        .map(|u| match (u, m.ignore_uri_case) {
-            (StringMatcher::Exact(s), true) => StringMatcher::Exact(s.to_ascii_lowercase()),
-            (StringMatcher::Prefix(s), true) => StringMatcher::Prefix(s.to_ascii_lowercase()),
-            (u, _) => u,
-        });
+    let uri = m.uri.as_ref().and_then(string_matcher).map(|u| match (u, m.ignore_uri_case) {
+        (StringMatcher::Exact(s), true) => StringMatcher::Exact(s.to_ascii_lowercase()),
+        (StringMatcher::Prefix(s), true) => StringMatcher::Prefix(s.to_ascii_lowercase()),
+        (u, _) => u,
+    });
     RouteMatch {
         uri,
         ignore_uri_case: m.ignore_uri_case,

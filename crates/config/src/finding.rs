@@ -112,8 +112,7 @@ impl Finding {
 
     /// A finding about a field of a resource.
     pub fn at(code: Code, res: &Resource, path: &[Seg], message: impl Into<String>) -> Self {
-        let mut f =
-            Finding::new(code, message).in_file(res.source.file.clone(), Some(res.pos(path)));
+        let mut f = Finding::new(code, message).in_file(res.source.file.clone(), Some(res.pos(path)));
         f.resource = Some(res.id());
         f.path = Some(path_string(path));
         f
@@ -156,20 +155,13 @@ impl fmt::Display for Finding {
 /// Orders findings by file, line, column, then code, for stable output.
 pub fn sort(findings: &mut [Finding]) {
     findings.sort_by(|a, b| {
-        (
-            a.file.as_deref(),
-            a.line,
-            a.column,
-            a.code.as_str(),
-            &a.message,
-        )
-            .cmp(&(
-                b.file.as_deref(),
-                b.line,
-                b.column,
-                b.code.as_str(),
-                &b.message,
-            ))
+        (a.file.as_deref(), a.line, a.column, a.code.as_str(), &a.message).cmp(&(
+            b.file.as_deref(),
+            b.line,
+            b.column,
+            b.code.as_str(),
+            &b.message,
+        ))
     });
 }
 

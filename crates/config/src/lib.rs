@@ -23,8 +23,8 @@ pub use load::{load_paths, load_str, Loaded};
 pub use model::{Kind, Resource, Spec};
 
 /// Loads `paths` and runs every rule: load findings first, then analysis findings, sorted.
-pub fn check(paths: &[std::path::PathBuf]) -> Loaded {
-    let mut loaded = load_paths(paths);
+pub fn check(paths: &[std::path::PathBuf], recursive: bool) -> Loaded {
+    let mut loaded = load_paths(paths, recursive);
     let more = analyze::analyze(&loaded.resources, &[]);
     loaded.findings.extend(more);
     finding::sort(&mut loaded.findings);

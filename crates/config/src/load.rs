@@ -21,13 +21,14 @@ pub struct Loaded {
     pub files: Vec<PathBuf>,
 }
 
-/// Lists the YAML files under `paths`: files as given, directories recursively in name order,
-/// skipping hidden entries.
-pub fn list_files(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
+/// Lists the YAML files under `paths`: files as given; a directory's `*.yaml`, `*.yml` and
+/// `*.json` files in name order, skipping hidden entries, and its subdirectories only when
+/// `recursive` (as `kubectl apply -f DIR` and `-R`).
+pub fn list_files(paths: &[PathBuf], recursive: bool) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for p in paths {
         if p.is_dir() {
-            walk(p, &mut out)?;
+            walk(p, recursive, &mut out)?;
         } else {
             out.push(p.clone());
         }
@@ -35,7 +36,7 @@ pub fn list_files(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+fn walk(dir: &Path, recursive: bool, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
@@ -46,7 +47,9 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
         }
         let path = e.path();
         if path.is_dir() {
-            walk(&path, out)?;
+            if recursive {
+                walk(&path, recursive, out)?;
+            }
         } else if name.ends_with(".yaml") || name.ends_with(".yml") || name.ends_with(".json") {
             out.push(path);
         }
@@ -54,21 +57,14 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Loads every file under `paths`.
-pub fn load_paths(paths: &[PathBuf]) -> Loaded {
+/// Loads every file under `paths` (see [`list_files`]).
+pub fn load_paths(paths: &[PathBuf], recursive: bool) -> Loaded {
     let mut loaded = Loaded::default();
-    let files = match list_files(paths) {
+    let files = match list_files(paths, recursive) {
         Ok(f) => f,
         Err(e) => {
-            let shown = paths
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ");
-            loaded.findings.push(Finding::new(
-                Code::Unreadable,
-                format!("cannot read {shown}: {e}"),
-            ));
+            let shown = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+            loaded.findings.push(Finding::new(Code::Unreadable, format!("cannot read {shown}: {e}")));
             return loaded;
         }
     };
@@ -76,8 +72,7 @@ pub fn load_paths(paths: &[PathBuf]) -> Loaded {
         match std::fs::read_to_string(&file) {
             Ok(text) => load_str_into(&mut loaded, &file, &text),
             Err(e) => loaded.findings.push(
-                Finding::new(Code::Unreadable, format!("cannot read file: {e}"))
-                    .in_file(Arc::new(file.clone()), None),
+                Finding::new(Code::Unreadable, format!("cannot read file: {e}")).in_file(Arc::new(file.clone()), None),
             ),
         }
         loaded.files.push(file);
@@ -99,8 +94,7 @@ fn load_str_into(loaded: &mut Loaded, file: &Path, text: &str) {
         Ok(d) => d,
         Err(e) => {
             loaded.findings.push(
-                Finding::new(Code::YamlSyntax, format!("invalid YAML: {}", e.message))
-                    .in_file(file, Some(e.pos)),
+                Finding::new(Code::YamlSyntax, format!("invalid YAML: {}", e.message)).in_file(file, Some(e.pos)),
             );
             return;
         }
@@ -129,42 +123,26 @@ struct Envelope<S> {
     status: Option<serde_json::Value>,
 }
 
-fn decode_resource(
-    file: Arc<PathBuf>,
-    doc: Arc<Node>,
-    findings: &mut Vec<Finding>,
-) -> Option<Resource> {
-    let schema =
-        |pos, msg: String| Finding::new(Code::Schema, msg).in_file(file.clone(), Some(pos));
+fn decode_resource(file: Arc<PathBuf>, doc: Arc<Node>, findings: &mut Vec<Finding>) -> Option<Resource> {
+    let schema = |pos, msg: String| Finding::new(Code::Schema, msg).in_file(file.clone(), Some(pos));
     if !matches!(doc.value, yaml::Value::Map(_)) {
         findings.push(schema(
             doc.pos,
-            format!(
-                "expected a resource (a map with apiVersion and kind), found {}",
-                doc.describe()
-            ),
+            format!("expected a resource (a map with apiVersion and kind), found {}", doc.describe()),
         ));
         return None;
     }
     let field = |name: &str| doc.get(name).and_then(|n| n.as_str()).map(str::to_string);
     let (Some(api_version), Some(kind_name)) = (field("apiVersion"), field("kind")) else {
-        let missing = if field("apiVersion").is_none() {
-            "apiVersion"
-        } else {
-            "kind"
-        };
-        findings.push(schema(
-            doc.pos,
-            format!("missing required field `{missing}`"),
-        ));
+        let missing = if field("apiVersion").is_none() { "apiVersion" } else { "kind" };
+        findings.push(schema(doc.pos, format!("missing required field `{missing}`")));
         return None;
     };
     let kind = match Kind::resolve(&api_version, &kind_name) {
         Ok(k) => k,
         Err(msg) => {
             let pos = doc.get("kind").map(|n| n.pos).unwrap_or(doc.pos);
-            findings
-                .push(Finding::new(Code::UnsupportedKind, msg).in_file(file.clone(), Some(pos)));
+            findings.push(Finding::new(Code::UnsupportedKind, msg).in_file(file.clone(), Some(pos)));
             return None;
         }
     };
@@ -172,23 +150,14 @@ fn decode_resource(
     let mut unknown: Vec<Vec<Seg>> = Vec::new();
     let decoded: Result<(ObjectMeta, Option<Spec>), yaml::DeError> = match kind {
         Kind::Gateway => decode_as::<networking::Gateway>(&doc, &mut unknown, Spec::Gateway),
-        Kind::VirtualService => {
-            decode_as::<networking::VirtualService>(&doc, &mut unknown, Spec::VirtualService)
-        }
-        Kind::DestinationRule => {
-            decode_as::<networking::DestinationRule>(&doc, &mut unknown, Spec::DestinationRule)
-        }
-        Kind::ServiceEntry => {
-            decode_as::<networking::ServiceEntry>(&doc, &mut unknown, Spec::ServiceEntry)
-        }
-        Kind::WorkloadEntry => {
-            decode_as::<networking::WorkloadEntry>(&doc, &mut unknown, Spec::WorkloadEntry)
-        }
+        Kind::VirtualService => decode_as::<networking::VirtualService>(&doc, &mut unknown, Spec::VirtualService),
+        Kind::DestinationRule => decode_as::<networking::DestinationRule>(&doc, &mut unknown, Spec::DestinationRule),
+        Kind::ServiceEntry => decode_as::<networking::ServiceEntry>(&doc, &mut unknown, Spec::ServiceEntry),
+        Kind::WorkloadEntry => decode_as::<networking::WorkloadEntry>(&doc, &mut unknown, Spec::WorkloadEntry),
         Kind::Service => decode_as::<kube::Service>(&doc, &mut unknown, Spec::Service),
-        Kind::PeerAuthentication
-        | Kind::AuthorizationPolicy
-        | Kind::RequestAuthentication
-        | Kind::Telemetry => decode_as::<serde_json::Value>(&doc, &mut unknown, Spec::Kept),
+        Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication | Kind::Telemetry => {
+            decode_as::<serde_json::Value>(&doc, &mut unknown, Spec::Kept)
+        }
     };
     let (meta, spec) = match decoded {
         Ok(v) => v,
@@ -196,26 +165,14 @@ fn decode_resource(
             let pos = e.pos.unwrap_or(doc.pos);
             findings.push(Finding {
                 resource: Some(format!("{kind} {}", resource_label(&doc))),
-                path: doc
-                    .path_to(pos)
-                    .filter(|p| !p.is_empty())
-                    .map(|p| yaml::path_string(&p)),
+                path: doc.path_to(pos).filter(|p| !p.is_empty()).map(|p| yaml::path_string(&p)),
                 ..schema(pos, format!("invalid {kind}: {}", e.message))
             });
             return None;
         }
     };
     let spec = spec.unwrap_or_else(|| empty_spec(kind));
-    let res = Resource {
-        kind,
-        api_version,
-        meta,
-        spec,
-        source: Source {
-            file: file.clone(),
-            doc: doc.clone(),
-        },
-    };
+    let res = Resource { kind, api_version, meta, spec, source: Source { file: file.clone(), doc: doc.clone() } };
     for path in unknown {
         findings.push(Finding::at(
             Code::UnknownField,
@@ -246,14 +203,8 @@ fn decode_resource(
 
 fn resource_label(doc: &Node) -> String {
     let meta = doc.get("metadata");
-    let name = meta
-        .and_then(|m| m.get("name"))
-        .and_then(|n| n.as_str())
-        .unwrap_or("?");
-    let ns = meta
-        .and_then(|m| m.get("namespace"))
-        .and_then(|n| n.as_str())
-        .unwrap_or(crate::model::DEFAULT_NAMESPACE);
+    let name = meta.and_then(|m| m.get("name")).and_then(|n| n.as_str()).unwrap_or("?");
+    let ns = meta.and_then(|m| m.get("namespace")).and_then(|n| n.as_str()).unwrap_or(crate::model::DEFAULT_NAMESPACE);
     format!("{ns}/{name}")
 }
 

@@ -81,11 +81,7 @@ impl Workload {
             name: name.to_string(),
             namespace: namespace.to_string(),
             address: we.address.clone()?,
-            ports: we
-                .ports
-                .iter()
-                .filter_map(|(k, v)| Some((k.clone(), u16::try_from(*v).ok()?)))
-                .collect(),
+            ports: we.ports.iter().filter_map(|(k, v)| Some((k.clone(), u16::try_from(*v).ok()?))).collect(),
             labels: we.labels.clone(),
             weight: we.weight.unwrap_or(1).max(1),
             service_account: we.service_account.clone(),
@@ -183,10 +179,7 @@ impl Registry {
                                     .as_deref()
                                     .map(Protocol::parse)
                                     .unwrap_or_else(|| Protocol::from_port_name(&name)),
-                                target_port: p
-                                    .target_port
-                                    .and_then(|t| u16::try_from(t).ok())
-                                    .map(TargetPort::Number),
+                                target_port: p.target_port.and_then(|t| u16::try_from(t).ok()).map(TargetPort::Number),
                                 name,
                             })
                         })
@@ -195,17 +188,13 @@ impl Registry {
                         .endpoints
                         .iter()
                         .enumerate()
-                        .filter_map(|(i, we)| {
-                            Workload::from_entry(&format!("{}-{i}", r.name()), r.namespace(), we)
-                        })
+                        .filter_map(|(i, we)| Workload::from_entry(&format!("{}-{i}", r.name()), r.namespace(), we))
                         .collect();
                     if let Some(sel) = &se.workload_selector {
                         endpoints.extend(
                             workloads
                                 .iter()
-                                .filter(|w| {
-                                    w.namespace == r.namespace() && selects(&sel.labels, &w.labels)
-                                })
+                                .filter(|w| w.namespace == r.namespace() && selects(&sel.labels, &w.labels))
                                 .cloned(),
                         );
                     }
@@ -239,11 +228,9 @@ impl Registry {
                                     .map(Protocol::parse)
                                     .filter(|p| *p != Protocol::Unknown)
                                     .unwrap_or_else(|| Protocol::from_port_name(&pname)),
-                                target_port: p.target_port.as_ref().map(|t| {
-                                    match t.parse::<u16>() {
-                                        Ok(n) => TargetPort::Number(n),
-                                        Err(_) => TargetPort::Name(t.clone()),
-                                    }
+                                target_port: p.target_port.as_ref().map(|t| match t.parse::<u16>() {
+                                    Ok(n) => TargetPort::Number(n),
+                                    Err(_) => TargetPort::Name(t.clone()),
                                 }),
                                 name: pname,
                             })
@@ -300,17 +287,11 @@ impl Registry {
             return Some(&self.services[*i]);
         }
         if !host.contains('.') {
-            if let Some(i) = self
-                .by_name
-                .get(&format!("{host}.{namespace}.{CLUSTER_DOMAIN}"))
-            {
+            if let Some(i) = self.by_name.get(&format!("{host}.{namespace}.{CLUSTER_DOMAIN}")) {
                 return Some(&self.services[*i]);
             }
         }
-        self.wildcards
-            .iter()
-            .find(|(suffix, _)| host.ends_with(suffix.as_str()))
-            .map(|(_, i)| &self.services[*i])
+        self.wildcards.iter().find(|(suffix, _)| host.ends_with(suffix.as_str())).map(|(_, i)| &self.services[*i])
     }
 
     /// The canonical form of a host named in `namespace`: the service's hostname when it resolves,

@@ -247,11 +247,7 @@ pub enum LbPolicy {
 #[serde(rename_all = "snake_case")]
 pub enum HashPolicy {
     Header(String),
-    Cookie {
-        name: String,
-        path: Option<String>,
-        ttl: Option<Duration>,
-    },
+    Cookie { name: String, path: Option<String>, ttl: Option<Duration> },
     SourceIp,
     QueryParam(String),
 }

@@ -30,10 +30,7 @@ impl fmt::Display for Pos {
 impl From<Marker> for Pos {
     fn from(m: Marker) -> Self {
         // yaml-rust2 markers: line is 1-based, column 0-based.
-        Pos {
-            line: m.line() as u32,
-            column: m.col() as u32 + 1,
-        }
+        Pos { line: m.line() as u32, column: m.col() as u32 + 1 }
     }
 }
 
@@ -107,18 +104,13 @@ pub struct SyntaxError {
 pub fn parse_documents(text: &str) -> Result<Vec<Node>, SyntaxError> {
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
-    parser.load(&mut builder, true).map_err(|e| SyntaxError {
-        pos: Pos::from(*e.marker()),
-        message: e.info().to_string(),
-    })?;
+    parser
+        .load(&mut builder, true)
+        .map_err(|e| SyntaxError { pos: Pos::from(*e.marker()), message: e.info().to_string() })?;
     if let Some(err) = builder.error {
         return Err(err);
     }
-    Ok(builder
-        .docs
-        .into_iter()
-        .filter(|d| d.value != Value::Null)
-        .collect())
+    Ok(builder.docs.into_iter().filter(|d| d.value != Value::Null).collect())
 }
 
 #[derive(Default)]
@@ -172,37 +164,19 @@ impl MarkedEventReceiver for Builder {
             Event::Scalar(text, style, anchor, tag) => {
                 let plain = style == TScalarStyle::Plain;
                 let is_str_tag = tag.as_ref().is_some_and(|t| t.suffix == "str");
-                let value = if plain
-                    && !is_str_tag
-                    && matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL")
-                {
+                let value = if plain && !is_str_tag && matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL") {
                     Value::Null
                 } else {
-                    Value::Scalar {
-                        text,
-                        plain: plain && !is_str_tag,
-                    }
+                    Value::Scalar { text, plain: plain && !is_str_tag }
                 };
                 self.push_value(Node { pos, value }, anchor);
             }
             Event::SequenceStart(anchor, _) => {
-                self.stack.push((
-                    Node {
-                        pos,
-                        value: Value::Seq(Vec::new()),
-                    },
-                    Some(anchor),
-                ));
+                self.stack.push((Node { pos, value: Value::Seq(Vec::new()) }, Some(anchor)));
                 self.pending_keys.push(None);
             }
             Event::MappingStart(anchor, _) => {
-                self.stack.push((
-                    Node {
-                        pos,
-                        value: Value::Map(Vec::new()),
-                    },
-                    Some(anchor),
-                ));
+                self.stack.push((Node { pos, value: Value::Map(Vec::new()) }, Some(anchor)));
                 self.pending_keys.push(None);
             }
             Event::SequenceEnd | Event::MappingEnd => {
@@ -213,22 +187,12 @@ impl MarkedEventReceiver for Builder {
             }
             Event::Alias(id) => {
                 let node = match self.anchors.get(&id) {
-                    Some(n) => Node {
-                        pos,
-                        value: n.value.clone(),
-                    },
-                    None => Node {
-                        pos,
-                        value: Value::Null,
-                    },
+                    Some(n) => Node { pos, value: n.value.clone() },
+                    None => Node { pos, value: Value::Null },
                 };
                 self.push_value(node, 0);
             }
-            Event::DocumentStart
-            | Event::DocumentEnd
-            | Event::StreamStart
-            | Event::StreamEnd
-            | Event::Nothing => {}
+            Event::DocumentStart | Event::DocumentEnd | Event::StreamStart | Event::StreamEnd | Event::Nothing => {}
         }
     }
 }
@@ -256,10 +220,7 @@ impl Node {
     /// The value under `key` if this node is a map.
     pub fn get(&self, key: &str) -> Option<&Node> {
         match &self.value {
-            Value::Map(entries) => entries
-                .iter()
-                .find(|(k, _)| k.as_str() == Some(key))
-                .map(|(_, v)| v),
+            Value::Map(entries) => entries.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v),
             _ => None,
         }
     }
@@ -267,10 +228,7 @@ impl Node {
     /// The key node (not the value) under `key`, whose position is where the field is written.
     pub fn get_key(&self, key: &str) -> Option<&Node> {
         match &self.value {
-            Value::Map(entries) => entries
-                .iter()
-                .find(|(k, _)| k.as_str() == Some(key))
-                .map(|(k, _)| k),
+            Value::Map(entries) => entries.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(k, _)| k),
             _ => None,
         }
     }
@@ -355,10 +313,7 @@ impl std::error::Error for DeError {}
 
 impl de::Error for DeError {
     fn custom<T: fmt::Display>(msg: T) -> Self {
-        DeError {
-            message: msg.to_string(),
-            pos: None,
-        }
+        DeError { message: msg.to_string(), pos: None }
     }
 }
 
@@ -373,9 +328,7 @@ fn parse_int<T: std::str::FromStr>(text: &str) -> Option<T> {
     let t = text.trim();
     let t = t.strip_prefix('+').unwrap_or(t);
     if let Some(hex) = t.strip_prefix("0x") {
-        return i128::from_str_radix(hex, 16)
-            .ok()
-            .and_then(|v| v.to_string().parse().ok());
+        return i128::from_str_radix(hex, 16).ok().and_then(|v| v.to_string().parse().ok());
     }
     t.replace('_', "").parse().ok()
 }
@@ -420,10 +373,7 @@ impl<'de> de::Deserializer<'de> for &'de Node {
             }
             Value::Scalar { text, plain: false } => visitor.visit_str(text),
             Value::Seq(items) => visitor.visit_seq(SeqAccess { iter: items.iter() }),
-            Value::Map(entries) => visitor.visit_map(MapAccess {
-                iter: entries.iter(),
-                value: None,
-            }),
+            Value::Map(entries) => visitor.visit_map(MapAccess { iter: entries.iter(), value: None }),
         };
         r.map_err(|e| e.at(self.pos))
     }
@@ -432,10 +382,7 @@ impl<'de> de::Deserializer<'de> for &'de Node {
         let r = match &self.value {
             Value::Scalar { text, .. } => match parse_bool(text) {
                 Some(b) => visitor.visit_bool(b),
-                None => Err(DeError::custom(format!(
-                    "expected true or false, found {}",
-                    self.describe()
-                ))),
+                None => Err(DeError::custom(format!("expected true or false, found {}", self.describe()))),
             },
             _ => Err(self.invalid_type(&visitor)),
         };
@@ -457,10 +404,7 @@ impl<'de> de::Deserializer<'de> for &'de Node {
         let r = match &self.value {
             Value::Scalar { text, .. } => match text.trim().parse::<f64>() {
                 Ok(v) => visitor.visit_f64(v),
-                Err(_) => Err(DeError::custom(format!(
-                    "expected a number, found {}",
-                    self.describe()
-                ))),
+                Err(_) => Err(DeError::custom(format!("expected a number, found {}", self.describe()))),
             },
             _ => Err(self.invalid_type(&visitor)),
         };
@@ -505,19 +449,11 @@ impl<'de> de::Deserializer<'de> for &'de Node {
         }
     }
 
-    fn deserialize_unit_struct<V: Visitor<'de>>(
-        self,
-        _name: &'static str,
-        visitor: V,
-    ) -> Result<V::Value, DeError> {
+    fn deserialize_unit_struct<V: Visitor<'de>>(self, _name: &'static str, visitor: V) -> Result<V::Value, DeError> {
         self.deserialize_unit(visitor)
     }
 
-    fn deserialize_newtype_struct<V: Visitor<'de>>(
-        self,
-        _name: &'static str,
-        visitor: V,
-    ) -> Result<V::Value, DeError> {
+    fn deserialize_newtype_struct<V: Visitor<'de>>(self, _name: &'static str, visitor: V) -> Result<V::Value, DeError> {
         visitor.visit_newtype_struct(self)
     }
 
@@ -526,19 +462,12 @@ impl<'de> de::Deserializer<'de> for &'de Node {
         let r = match &self.value {
             Value::Seq(items) => visitor.visit_seq(SeqAccess { iter: items.iter() }),
             Value::Null => visitor.visit_seq(SeqAccess { iter: EMPTY.iter() }),
-            _ => Err(DeError::custom(format!(
-                "expected a list, found {}",
-                self.describe()
-            ))),
+            _ => Err(DeError::custom(format!("expected a list, found {}", self.describe()))),
         };
         r.map_err(|e| e.at(self.pos))
     }
 
-    fn deserialize_tuple<V: Visitor<'de>>(
-        self,
-        _len: usize,
-        visitor: V,
-    ) -> Result<V::Value, DeError> {
+    fn deserialize_tuple<V: Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, DeError> {
         self.deserialize_seq(visitor)
     }
 
@@ -554,18 +483,9 @@ impl<'de> de::Deserializer<'de> for &'de Node {
     fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
         static EMPTY: Vec<(Node, Node)> = Vec::new();
         let r = match &self.value {
-            Value::Map(entries) => visitor.visit_map(MapAccess {
-                iter: entries.iter(),
-                value: None,
-            }),
-            Value::Null => visitor.visit_map(MapAccess {
-                iter: EMPTY.iter(),
-                value: None,
-            }),
-            _ => Err(DeError::custom(format!(
-                "expected a map, found {}",
-                self.describe()
-            ))),
+            Value::Map(entries) => visitor.visit_map(MapAccess { iter: entries.iter(), value: None }),
+            Value::Null => visitor.visit_map(MapAccess { iter: EMPTY.iter(), value: None }),
+            _ => Err(DeError::custom(format!("expected a map, found {}", self.describe()))),
         };
         r.map_err(|e| e.at(self.pos))
     }
@@ -590,22 +510,13 @@ impl<'de> de::Deserializer<'de> for &'de Node {
                 if variants.contains(&text.as_str()) {
                     visitor.visit_enum(text.as_str().into_deserializer())
                 } else {
-                    Err(DeError::custom(format!(
-                        "unknown value {:?}, expected one of {}",
-                        text,
-                        variants.join(", ")
-                    )))
+                    Err(DeError::custom(format!("unknown value {:?}, expected one of {}", text, variants.join(", "))))
                 }
             }
-            Value::Map(entries) if entries.len() == 1 => visitor.visit_enum(EnumAccess {
-                key: &entries[0].0,
-                value: &entries[0].1,
-            }),
-            _ => Err(DeError::custom(format!(
-                "expected one of {}, found {}",
-                variants.join(", "),
-                self.describe()
-            ))),
+            Value::Map(entries) if entries.len() == 1 => {
+                visitor.visit_enum(EnumAccess { key: &entries[0].0, value: &entries[0].1 })
+            }
+            _ => Err(DeError::custom(format!("expected one of {}, found {}", variants.join(", "), self.describe()))),
         };
         r.map_err(|e| e.at(self.pos))
     }
@@ -634,10 +545,7 @@ struct SeqAccess<'de> {
 impl<'de> de::SeqAccess<'de> for SeqAccess<'de> {
     type Error = DeError;
 
-    fn next_element_seed<T: DeserializeSeed<'de>>(
-        &mut self,
-        seed: T,
-    ) -> Result<Option<T::Value>, DeError> {
+    fn next_element_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>, DeError> {
         match self.iter.next() {
             Some(node) => seed.deserialize(node).map(Some).map_err(|e| e.at(node.pos)),
             None => Ok(None),
@@ -657,10 +565,7 @@ struct MapAccess<'de> {
 impl<'de> de::MapAccess<'de> for MapAccess<'de> {
     type Error = DeError;
 
-    fn next_key_seed<K: DeserializeSeed<'de>>(
-        &mut self,
-        seed: K,
-    ) -> Result<Option<K::Value>, DeError> {
+    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, DeError> {
         match self.iter.next() {
             Some((k, v)) => {
                 self.value = Some(v);
@@ -691,10 +596,7 @@ impl<'de> de::EnumAccess<'de> for EnumAccess<'de> {
     type Error = DeError;
     type Variant = VariantAccess<'de>;
 
-    fn variant_seed<V: DeserializeSeed<'de>>(
-        self,
-        seed: V,
-    ) -> Result<(V::Value, Self::Variant), DeError> {
+    fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> Result<(V::Value, Self::Variant), DeError> {
         let v = seed.deserialize(self.key)?;
         Ok((v, VariantAccess { value: self.value }))
     }
@@ -749,9 +651,9 @@ fn ignored_path(path: &serde_ignored::Path<'_>) -> Vec<Seg> {
                 walk(parent, out);
                 out.push(Seg::Key(key.clone()));
             }
-            Path::Some { parent }
-            | Path::NewtypeStruct { parent }
-            | Path::NewtypeVariant { parent } => walk(parent, out),
+            Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
+                walk(parent, out)
+            }
         }
     }
     let mut out = Vec::new();
@@ -802,11 +704,7 @@ mod tests {
         assert_eq!(err.pos, Some(Pos { line: 2, column: 7 }));
         let docs = parse_documents("port: 1\n").expect("parse");
         let err = decode::<T>(&docs[0], |_| {}).expect_err("must fail");
-        assert!(
-            err.message.contains("missing field `name`"),
-            "{}",
-            err.message
-        );
+        assert!(err.message.contains("missing field `name`"), "{}", err.message);
     }
 
     #[test]

@@ -30,9 +30,7 @@ pub async fn serve(proxy: Arc<Proxy>, addr: SocketAddr) -> std::io::Result<Socke
                     let proxy = proxy.clone();
                     async move { Ok::<_, Infallible>(route(&proxy, req).await) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
             });
         }
     });
@@ -42,10 +40,7 @@ pub async fn serve(proxy: Arc<Proxy>, addr: SocketAddr) -> std::io::Result<Socke
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
     let mut r = Response::new(full(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     r
 }
 

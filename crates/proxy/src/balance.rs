@@ -26,18 +26,10 @@ pub struct PickCtx<'a> {
 pub struct NewCookie(pub String);
 
 pub enum Balancer {
-    RoundRobin {
-        next: AtomicUsize,
-        schedule: Option<Vec<u32>>,
-    },
+    RoundRobin { next: AtomicUsize, schedule: Option<Vec<u32>> },
     LeastRequest,
-    Random {
-        cumulative: Option<Vec<u64>>,
-    },
-    Ring {
-        ring: Vec<(u64, u32)>,
-        policy: HashPolicy,
-    },
+    Random { cumulative: Option<Vec<u64>> },
+    Ring { ring: Vec<(u64, u32)>, policy: HashPolicy },
 }
 
 impl Balancer {
@@ -61,22 +53,14 @@ impl Balancer {
                         .collect()
                 }),
             },
-            LbPolicy::RingHash {
-                hash,
-                min_ring_size,
-            } => Balancer::Ring {
-                ring: build_ring(endpoints, &weights, *min_ring_size),
-                policy: hash.clone(),
-            },
+            LbPolicy::RingHash { hash, min_ring_size } => {
+                Balancer::Ring { ring: build_ring(endpoints, &weights, *min_ring_size), policy: hash.clone() }
+            }
         }
     }
 
     /// Picks an endpoint index; `None` when there are no endpoints.
-    pub fn pick(
-        &self,
-        endpoints: &[(Arc<Endpoint>, u32)],
-        cx: &PickCtx<'_>,
-    ) -> Option<(usize, Option<NewCookie>)> {
+    pub fn pick(&self, endpoints: &[(Arc<Endpoint>, u32)], cx: &PickCtx<'_>) -> Option<(usize, Option<NewCookie>)> {
         let n = endpoints.len();
         if n == 0 {
             return None;
@@ -103,9 +87,7 @@ impl Balancer {
                 if b >= a {
                     b += 1;
                 }
-                let load = |i: usize| {
-                    endpoints[i].0.in_flight() as u64 * 1000 / u64::from(endpoints[i].1.max(1))
-                };
+                let load = |i: usize| endpoints[i].0.in_flight() as u64 * 1000 / u64::from(endpoints[i].1.max(1));
                 if load(b) < load(a) {
                     b
                 } else {
@@ -125,10 +107,7 @@ impl Balancer {
                 let idx = match key {
                     Some(h) => {
                         let pos = ring.partition_point(|(p, _)| *p < h);
-                        ring.get(pos)
-                            .or_else(|| ring.first())
-                            .map(|(_, i)| *i as usize)
-                            .unwrap_or(0)
+                        ring.get(pos).or_else(|| ring.first()).map(|(_, i)| *i as usize).unwrap_or(0)
                     }
                     // No key (header absent): Envoy picks at random.
                     None => fastrand::usize(..n),
@@ -144,10 +123,7 @@ impl Balancer {
 /// has a TTL (Envoy's behaviour).
 fn hash_key(policy: &HashPolicy, cx: &PickCtx<'_>) -> (Option<u64>, Option<NewCookie>) {
     match policy {
-        HashPolicy::Header(name) => (
-            cx.headers.get(name.as_str()).map(|v| fnv1a64(v.as_bytes())),
-            None,
-        ),
+        HashPolicy::Header(name) => (cx.headers.get(name.as_str()).map(|v| fnv1a64(v.as_bytes())), None),
         HashPolicy::SourceIp => (Some(fnv1a64(cx.source_ip.to_string().as_bytes())), None),
         HashPolicy::QueryParam(name) => {
             let v = cx.query.and_then(|q| {
@@ -170,10 +146,7 @@ fn hash_key(policy: &HashPolicy, cx: &PickCtx<'_>) -> (Option<u64>, Option<NewCo
                         c.push_str(&format!("; Path={p}"));
                     }
                     c.push_str("; HttpOnly");
-                    (
-                        Some(fnv1a64(format!("\"{value}\"").as_bytes())),
-                        Some(NewCookie(c)),
-                    )
+                    (Some(fnv1a64(format!("\"{value}\"").as_bytes())), Some(NewCookie(c)))
                 }
                 None => (None, None),
             }
@@ -182,16 +155,12 @@ fn hash_key(policy: &HashPolicy, cx: &PickCtx<'_>) -> (Option<u64>, Option<NewCo
 }
 
 fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|line| {
-            line.split(';').find_map(|pair| {
-                let (k, v) = pair.trim().split_once('=')?;
-                (k == name).then_some(v)
-            })
+    headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| {
+        line.split(';').find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then_some(v)
         })
+    })
 }
 
 /// A smooth weighted round-robin sequence (nginx's algorithm), reduced by the weights' gcd.
@@ -206,11 +175,7 @@ fn weighted_schedule(weights: &[u32]) -> Vec<u32> {
         for (c, wi) in current.iter_mut().zip(&w) {
             *c += wi;
         }
-        let (best, _) = current
-            .iter()
-            .enumerate()
-            .max_by_key(|(i, c)| (**c, -(*i as i64)))
-            .unwrap_or((0, &0));
+        let (best, _) = current.iter().enumerate().max_by_key(|(i, c)| (**c, -(*i as i64))).unwrap_or((0, &0));
         current[best] -= total;
         out.push(best as u32);
     }
@@ -225,11 +190,7 @@ fn gcd(a: u32, b: u32) -> u32 {
     }
 }
 
-fn build_ring(
-    endpoints: &[(Arc<Endpoint>, u32)],
-    weights: &[u32],
-    min_size: u64,
-) -> Vec<(u64, u32)> {
+fn build_ring(endpoints: &[(Arc<Endpoint>, u32)], weights: &[u32], min_size: u64) -> Vec<(u64, u32)> {
     let total: u64 = weights.iter().map(|w| u64::from(*w)).sum::<u64>().max(1);
     let mut ring = Vec::new();
     for (i, ((ep, _), w)) in endpoints.iter().zip(weights).enumerate() {
@@ -249,17 +210,11 @@ mod tests {
 
     fn eps(n: usize) -> Vec<(Arc<Endpoint>, u32)> {
         let pools = Pools::default();
-        (0..n)
-            .map(|i| (pools.endpoint(&format!("127.0.0.1:{}", 1000 + i)), 1))
-            .collect()
+        (0..n).map(|i| (pools.endpoint(&format!("127.0.0.1:{}", 1000 + i)), 1)).collect()
     }
 
     fn cx(h: &HeaderMap) -> PickCtx<'_> {
-        PickCtx {
-            headers: h,
-            query: None,
-            source_ip: IpAddr::from([127, 0, 0, 1]),
-        }
+        PickCtx { headers: h, query: None, source_ip: IpAddr::from([127, 0, 0, 1]) }
     }
 
     #[test]
@@ -267,9 +222,7 @@ mod tests {
         let e = eps(3);
         let b = Balancer::new(&LbPolicy::RoundRobin, &e);
         let h = HeaderMap::new();
-        let picks: Vec<usize> = (0..6)
-            .map(|_| b.pick(&e, &cx(&h)).map(|p| p.0).unwrap_or(99))
-            .collect();
+        let picks: Vec<usize> = (0..6).map(|_| b.pick(&e, &cx(&h)).map(|p| p.0).unwrap_or(99)).collect();
         let mut counts = [0; 3];
         for p in picks {
             counts[p] += 1;
@@ -287,13 +240,8 @@ mod tests {
     #[test]
     fn ring_hash_is_sticky_per_key_and_spreads_keys() {
         let e = eps(4);
-        let b = Balancer::new(
-            &LbPolicy::RingHash {
-                hash: HashPolicy::Header("x-user".into()),
-                min_ring_size: 1024,
-            },
-            &e,
-        );
+        let b =
+            Balancer::new(&LbPolicy::RingHash { hash: HashPolicy::Header("x-user".into()), min_ring_size: 1024 }, &e);
         let mut seen = std::collections::HashSet::new();
         for user in 0..200 {
             let mut h = HeaderMap::new();
@@ -313,17 +261,9 @@ mod tests {
         let policy = HashPolicy::Cookie {
             name: "sticky".into(),
             path: Some("/".into()),
-            ttl: Some(trellis_config::model::Duration(
-                std::time::Duration::from_secs(60),
-            )),
+            ttl: Some(trellis_config::model::Duration(std::time::Duration::from_secs(60))),
         };
-        let b = Balancer::new(
-            &LbPolicy::RingHash {
-                hash: policy,
-                min_ring_size: 64,
-            },
-            &e,
-        );
+        let b = Balancer::new(&LbPolicy::RingHash { hash: policy, min_ring_size: 64 }, &e);
         let h = HeaderMap::new();
         let (_, cookie) = b.pick(&e, &cx(&h)).expect("pick");
         let cookie = cookie.expect("cookie minted").0;

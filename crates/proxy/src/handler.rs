@@ -40,11 +40,7 @@ pub struct ConnInfo {
 }
 
 /// Serves one request; never fails (errors become responses).
-pub async fn handle(
-    shared: Arc<Shared>,
-    conn: Arc<ConnInfo>,
-    req: Request<Incoming>,
-) -> Response<Body> {
+pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<Body> {
     let rt = shared.runtime();
     let downstream_version = req.version();
     let mut resp = match proxy(&rt, &conn, req).await {
@@ -76,22 +72,15 @@ fn authority_of(req: &Request<Incoming>) -> Result<Option<Authority>, ProxyError
     }
     match Authority::try_from(host.as_bytes()) {
         Ok(a) if !a.as_str().contains('@') && !a.host().is_empty() => Ok(Some(a)),
-        _ => Err(ProxyError::bad_request(format!(
-            "invalid Host header {:?}",
-            String::from_utf8_lossy(host.as_bytes())
-        ))),
+        _ => {
+            Err(ProxyError::bad_request(format!("invalid Host header {:?}", String::from_utf8_lossy(host.as_bytes()))))
+        }
     }
 }
 
-async fn proxy(
-    rt: &Runtime,
-    conn: &ConnInfo,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, ProxyError> {
+async fn proxy(rt: &Runtime, conn: &ConnInfo, req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
     if req.method() == http::Method::CONNECT {
-        return Err(ProxyError::bad_request(
-            "CONNECT tunnels are not supported yet",
-        ));
+        return Err(ProxyError::bad_request("CONNECT tunnels are not supported yet"));
     }
     let authority = authority_of(&req)?;
     let (mut parts, body) = req.into_parts();
@@ -103,19 +92,13 @@ async fn proxy(
     let default_port = if scheme == "https" { 443 } else { 80 };
 
     // Pick the route table.
-    let routing = rt
-        .listener(&conn.listener)
-        .ok_or_else(|| ProxyError::no_route(&host, parts.uri.path()))?;
+    let routing = rt.listener(&conn.listener).ok_or_else(|| ProxyError::no_route(&host, parts.uri.path()))?;
     let table: &Arc<RouteTable> = match routing {
         ListenerRouting::Table(name) => rt.table(name),
         ListenerRouting::ByRequestPort => rt.outbound_table(req_port.unwrap_or(default_port)),
         ListenerRouting::Fixed { host: h, port } => {
             host = h.to_ascii_lowercase();
-            let a = if *port == 80 {
-                h.clone()
-            } else {
-                format!("{h}:{port}")
-            };
+            let a = if *port == 80 { h.clone() } else { format!("{h}:{port}") };
             if let Ok(v) = HeaderValue::from_str(&a) {
                 parts.headers.insert(header::HOST, v);
             }
@@ -132,9 +115,7 @@ async fn proxy(
         .or_else(|| authority.as_ref().map(|a| a.to_string()))
         .unwrap_or_default();
 
-    let vhost = table
-        .virtual_host(host)
-        .ok_or_else(|| ProxyError::no_route(host, parts.uri.path()))?;
+    let vhost = table.virtual_host(host).ok_or_else(|| ProxyError::no_route(host, parts.uri.path()))?;
     let view = RequestView {
         method: &parts.method,
         path: parts.uri.path(),
@@ -143,9 +124,7 @@ async fn proxy(
         authority: &authority_str,
         headers: &parts.headers,
     };
-    let matched = vhost
-        .route(&view)
-        .ok_or_else(|| ProxyError::no_route(host, parts.uri.path()))?;
+    let matched = vhost.route(&view).ok_or_else(|| ProxyError::no_route(host, parts.uri.path()))?;
     let route = matched.route;
 
     let forward = match &route.action {
@@ -153,15 +132,12 @@ async fn proxy(
             let mut resp = Response::new(full(body.clone()));
             *resp.status_mut() = *status;
             if !body.is_empty() {
-                resp.headers_mut()
-                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
             }
             route.response_headers.apply(resp.headers_mut());
             return Ok(resp);
         }
-        Action::Redirect(rd) => {
-            return Ok(redirect(rd, &parts.uri, &scheme, host, req_port, route))
-        }
+        Action::Redirect(rd) => return Ok(redirect(rd, &parts.uri, &scheme, host, req_port, route)),
         Action::Forward(f) => f,
     };
 
@@ -171,11 +147,7 @@ async fn proxy(
         .balancer
         .pick(
             &cluster.endpoints,
-            &PickCtx {
-                headers: &parts.headers,
-                query: parts.uri.query(),
-                source_ip: conn.peer.ip(),
-            },
+            &PickCtx { headers: &parts.headers, query: parts.uri.query(), source_ip: conn.peer.ip() },
         )
         .ok_or_else(|| ProxyError::no_healthy_upstream(&cluster.name))?;
     let (endpoint, _) = &cluster.endpoints[pick.0];
@@ -196,11 +168,7 @@ async fn proxy(
         Direction::Inbound => inbound::on_request(&mut parts.headers, conn),
         Direction::Outbound => outbound::on_request(&mut parts.headers, conn),
     }
-    let mut path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut path_and_query = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut up_authority = authority_str.clone();
     if let Some(rw) = &forward.rewrite {
         if let Some(new) = rewrite_path(rw, matched.prefix, path_and_query.path()) {
@@ -230,11 +198,7 @@ async fn proxy(
         }
         Wire::Http2 => {
             parts.version = Version::HTTP_2;
-            let a = if up_authority.is_empty() {
-                endpoint.address.clone()
-            } else {
-                up_authority
-            };
+            let a = if up_authority.is_empty() { endpoint.address.clone() } else { up_authority };
             parts.headers.remove(header::HOST);
             Uri::builder()
                 .scheme(Scheme::HTTP)
@@ -249,9 +213,7 @@ async fn proxy(
     let in_flight = endpoint.start_request();
     let send = endpoint.send(upstream_req, wire, cluster.connect_timeout);
     let resp = match route.timeout {
-        Some(t) => tokio::time::timeout(t, send)
-            .await
-            .map_err(|_| ProxyError::timeout(t))??,
+        Some(t) => tokio::time::timeout(t, send).await.map_err(|_| ProxyError::timeout(t))??,
         None => send.await?,
     };
 
@@ -264,25 +226,16 @@ async fn proxy(
             rparts.headers.append(header::SET_COOKIE, v);
         }
     }
-    Ok(Response::from_parts(
-        rparts,
-        boxed(Tracked::new(rbody, in_flight)),
-    ))
+    Ok(Response::from_parts(rparts, boxed(Tracked::new(rbody, in_flight))))
 }
 
 fn is_grpc(h: &http::HeaderMap) -> bool {
-    h.get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/grpc"))
+    h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
 /// Istio's `rewrite.uri` replaces the matched prefix (or the whole path when the match was
 /// not a prefix); `uriRegexRewrite` substitutes every match in the path.
-fn rewrite_path(
-    rw: &crate::runtime::route::Rewrite,
-    matched_prefix: Option<&str>,
-    path: &str,
-) -> Option<String> {
+fn rewrite_path(rw: &crate::runtime::route::Rewrite, matched_prefix: Option<&str>, path: &str) -> Option<String> {
     if let Some(uri) = &rw.uri {
         return Some(match matched_prefix {
             Some(p) if path.len() >= p.len() => {
@@ -296,9 +249,7 @@ fn rewrite_path(
             _ => uri.clone(),
         });
     }
-    rw.uri_regex
-        .as_ref()
-        .map(|(re, rep)| re.replace_all(path, rep.as_str()).into_owned())
+    rw.uri_regex.as_ref().map(|(re, rep)| re.replace_all(path, rep.as_str()).into_owned())
 }
 
 fn redirect(
@@ -317,10 +268,7 @@ fn redirect(
         },
         None => (host.to_string(), None),
     };
-    let port = rd
-        .port
-        .or(auth_port)
-        .or(if rd.port_from_request { req_port } else { None });
+    let port = rd.port.or(auth_port).or(if rd.port_from_request { req_port } else { None });
     let default = if scheme == "https" { 443 } else { 80 };
     let port = match port {
         Some(p) if p != default => format!(":{p}"),
@@ -330,8 +278,7 @@ fn redirect(
     let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     let location = format!("{scheme}://{auth_host}{port}{path}{query}");
     let mut resp = Response::new(crate::http::empty());
-    *resp.status_mut() =
-        http::StatusCode::from_u16(rd.code).unwrap_or(http::StatusCode::MOVED_PERMANENTLY);
+    *resp.status_mut() = http::StatusCode::from_u16(rd.code).unwrap_or(http::StatusCode::MOVED_PERMANENTLY);
     if let Ok(v) = HeaderValue::from_str(&location) {
         resp.headers_mut().insert(header::LOCATION, v);
     }

@@ -92,11 +92,7 @@ impl Proxy {
         }
         self.shared.update_status(|s| {
             s.rejected += 1;
-            s.last_rejection = Some(Rejection {
-                at: SystemTime::now(),
-                reason,
-                findings,
-            });
+            s.last_rejection = Some(Rejection { at: SystemTime::now(), reason, findings });
         });
     }
 
@@ -125,10 +121,7 @@ impl Proxy {
         self.shared.drain.start();
         let left = self.shared.drain.wait_closed(deadline).await;
         if left > 0 {
-            tracing::warn!(
-                connections = left,
-                "drain deadline passed with connections still open"
-            );
+            tracing::warn!(connections = left, "drain deadline passed with connections still open");
         }
         left
     }

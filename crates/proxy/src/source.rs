@@ -18,6 +18,7 @@ use crate::Proxy;
 #[derive(Clone, Debug)]
 pub struct StaticSource {
     pub paths: Vec<PathBuf>,
+    pub recursive: bool,
     pub spec: ProxySpec,
 }
 
@@ -27,7 +28,7 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 impl StaticSource {
     /// Reads and validates the config; compiles it when it has no errors. Warnings come along.
     pub fn load(&self) -> Result<(Snapshot, Vec<Finding>), Vec<Finding>> {
-        let loaded = trellis_config::check(&self.paths);
+        let loaded = trellis_config::check(&self.paths, self.recursive);
         if loaded.findings.iter().any(Finding::is_error) {
             return Err(loaded.findings);
         }
@@ -38,10 +39,7 @@ impl StaticSource {
     pub async fn reload(&self, proxy: &Proxy) -> Result<(), String> {
         match self.load() {
             Ok((snap, warnings)) => {
-                for w in warnings
-                    .iter()
-                    .filter(|w| w.severity == trellis_config::Severity::Warning)
-                {
+                for w in warnings.iter().filter(|w| w.severity == trellis_config::Severity::Warning) {
                     tracing::warn!("{w}");
                 }
                 proxy.apply(snap).await
@@ -49,10 +47,7 @@ impl StaticSource {
             Err(findings) => {
                 let errors = findings.iter().filter(|f| f.is_error()).count();
                 let reason = format!("config has {errors} error(s)");
-                proxy.reject(
-                    reason.clone(),
-                    findings.into_iter().filter(Finding::is_error).collect(),
-                );
+                proxy.reject(reason.clone(), findings.into_iter().filter(Finding::is_error).collect());
                 Err(reason)
             }
         }
@@ -70,7 +65,8 @@ impl StaticSource {
         })?;
         for p in &self.paths {
             if p.is_dir() {
-                watcher.watch(p, RecursiveMode::Recursive)?;
+                let mode = if self.recursive { RecursiveMode::Recursive } else { RecursiveMode::NonRecursive };
+                watcher.watch(p, mode)?;
             } else {
                 // Watch the directory: editors replace files by renaming over them.
                 let dir = p

@@ -81,10 +81,7 @@ impl Shared {
     }
 
     pub fn status(&self) -> ConfigStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub(crate) fn update_status(&self, f: impl FnOnce(&mut ConfigStatus)) {
@@ -119,11 +116,7 @@ impl Drop for ConnGuard<'_> {
 
 impl Drain {
     fn new() -> Drain {
-        Drain {
-            tx: watch::channel(false).0,
-            open: AtomicUsize::new(0),
-            closed: Notify::new(),
-        }
+        Drain { tx: watch::channel(false).0, open: AtomicUsize::new(0), closed: Notify::new() }
     }
 
     pub fn track(&self) -> ConnGuard<'_> {

@@ -10,6 +10,9 @@ pub struct Args {
     /// Files or directories of YAML resources.
     #[arg(required = true)]
     paths: Vec<PathBuf>,
+    /// Also read subdirectories.
+    #[arg(long, short = 'R')]
+    recursive: bool,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Human)]
     output: Output,
@@ -22,7 +25,7 @@ enum Output {
 }
 
 pub fn run(args: Args) -> ExitCode {
-    let loaded = trellis_config::check(&args.paths);
+    let loaded = trellis_config::check(&args.paths, args.recursive);
     let errors = loaded.findings.iter().any(|f| f.is_error());
     match args.output {
         Output::Json => match serde_json::to_string_pretty(&loaded.findings) {

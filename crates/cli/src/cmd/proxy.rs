@@ -18,6 +18,9 @@ pub struct Args {
     /// Config files or directories (Istio YAML), watched for changes.
     #[arg(long = "config", short = 'c', required = true)]
     config: Vec<PathBuf>,
+    /// Also read subdirectories of config directories.
+    #[arg(long, short = 'R')]
+    recursive: bool,
     /// What this proxy is.
     #[arg(long, value_enum, default_value_t = RoleArg::Sidecar)]
     role: RoleArg,
@@ -74,41 +77,25 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_port_map(s: &str) -> Result<(u16, u16), String> {
-    let (a, b) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected GATEWAY_PORT=LOCAL_PORT, got {s:?}"))?;
-    Ok((
-        a.parse().map_err(|_| format!("bad port {a:?}"))?,
-        b.parse().map_err(|_| format!("bad port {b:?}"))?,
-    ))
+    let (a, b) = s.split_once('=').ok_or_else(|| format!("expected GATEWAY_PORT=LOCAL_PORT, got {s:?}"))?;
+    Ok((a.parse().map_err(|_| format!("bad port {a:?}"))?, b.parse().map_err(|_| format!("bad port {b:?}"))?))
 }
 
 fn addr_or_port(s: &str) -> Result<SocketAddr, String> {
     if let Ok(p) = s.parse::<u16>() {
         return Ok(SocketAddr::from(([127, 0, 0, 1], p)));
     }
-    s.parse()
-        .map_err(|_| format!("expected ADDRESS:PORT or PORT, got {s:?}"))
+    s.parse().map_err(|_| format!("expected ADDRESS:PORT or PORT, got {s:?}"))
 }
 
 fn parse_inbound(s: &str) -> Result<InboundSpec, String> {
-    let (l, a) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected LISTEN=APP, got {s:?}"))?;
-    Ok(InboundSpec {
-        listen: addr_or_port(l)?,
-        app: addr_or_port(a)?,
-        protocol: None,
-    })
+    let (l, a) = s.split_once('=').ok_or_else(|| format!("expected LISTEN=APP, got {s:?}"))?;
+    Ok(InboundSpec { listen: addr_or_port(l)?, app: addr_or_port(a)?, protocol: None })
 }
 
 fn parse_upstream(s: &str) -> Result<UpstreamSpec, String> {
-    let (l, target) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected LISTEN=HOST:PORT, got {s:?}"))?;
-    let (host, port) = target
-        .rsplit_once(':')
-        .ok_or_else(|| format!("expected HOST:PORT, got {target:?}"))?;
+    let (l, target) = s.split_once('=').ok_or_else(|| format!("expected LISTEN=HOST:PORT, got {s:?}"))?;
+    let (host, port) = target.rsplit_once(':').ok_or_else(|| format!("expected HOST:PORT, got {target:?}"))?;
     Ok(UpstreamSpec {
         listen: addr_or_port(l)?,
         host: host.to_string(),
@@ -148,11 +135,9 @@ fn proxy_spec(args: &Args) -> Result<ProxySpec> {
     let mut namespace = args.namespace.clone();
     if role == Role::Sidecar && !args.workload.is_empty() {
         // Labels and namespace of the workload's own WorkloadEntry, if the config has one.
-        let loaded = trellis_config::load_paths(&args.config);
-        if let Some(r) = loaded
-            .resources
-            .iter()
-            .find(|r| matches!(r.spec, Spec::WorkloadEntry(_)) && r.name() == args.workload)
+        let loaded = trellis_config::load_paths(&args.config, args.recursive);
+        if let Some(r) =
+            loaded.resources.iter().find(|r| matches!(r.spec, Spec::WorkloadEntry(_)) && r.name() == args.workload)
         {
             if let Spec::WorkloadEntry(we) = &r.spec {
                 labels.extend(we.labels.clone());
@@ -164,11 +149,7 @@ fn proxy_spec(args: &Args) -> Result<ProxySpec> {
     if role == Role::Gateway && labels.is_empty() {
         labels.insert("istio".into(), "ingressgateway".into());
     }
-    if role == Role::Sidecar
-        && args.inbound.is_empty()
-        && args.outbound.is_none()
-        && args.upstreams.is_empty()
-    {
+    if role == Role::Sidecar && args.inbound.is_empty() && args.outbound.is_none() && args.upstreams.is_empty() {
         bail!("a sidecar needs at least one of --inbound, --outbound or --upstream");
     }
     Ok(ProxySpec {
@@ -186,10 +167,7 @@ fn proxy_spec(args: &Args) -> Result<ProxySpec> {
 
 async fn serve(args: Args) -> Result<()> {
     let spec = proxy_spec(&args)?;
-    let source = StaticSource {
-        paths: args.config.clone(),
-        spec,
-    };
+    let source = StaticSource { paths: args.config.clone(), recursive: args.recursive, spec };
     let proxy = Proxy::new();
     let (snap, _warnings) = source.load().map_err(|findings| {
         for f in findings.iter().filter(|f| f.is_error()) {
@@ -201,10 +179,7 @@ async fn serve(args: Args) -> Result<()> {
         .await
         .with_context(|| format!("cannot bind admin address {}", args.admin))?;
     proxy.apply(snap).await.map_err(|e| anyhow!(e))?;
-    source
-        .clone()
-        .watch(proxy.clone())
-        .context("cannot watch config files")?;
+    source.clone().watch(proxy.clone()).context("cannot watch config files")?;
     tracing::info!(admin = %admin, version = %proxy.shared().runtime().version(), "proxy ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -20,8 +20,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-pub type TestBody =
-    http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+pub type TestBody = http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 pub fn trellis_bin() -> &'static str {
     env!("CARGO_BIN_EXE_trellis")
@@ -29,10 +28,7 @@ pub fn trellis_bin() -> &'static str {
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
 /// A temporary config directory.
@@ -42,9 +38,7 @@ pub struct ConfigDir {
 
 impl ConfigDir {
     pub fn new() -> ConfigDir {
-        ConfigDir {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
+        ConfigDir { dir: tempfile::tempdir().expect("tempdir") }
     }
 
     pub fn path(&self) -> &Path {
@@ -66,11 +60,7 @@ impl ConfigDir {
 pub fn service(host: &str, protocol: &str, endpoints: &[(SocketAddr, &[(&str, &str)])]) -> String {
     let mut eps = String::new();
     for (addr, labels) in endpoints {
-        eps.push_str(&format!(
-            "  - address: {}\n    ports: {{http: {}}}\n",
-            addr.ip(),
-            addr.port()
-        ));
+        eps.push_str(&format!("  - address: {}\n    ports: {{http: {}}}\n", addr.ip(), addr.port()));
         if !labels.is_empty() {
             eps.push_str("    labels:\n");
             for (k, v) in labels.iter() {
@@ -117,12 +107,7 @@ impl ProxyProc {
             .stderr(logfile)
             .spawn()
             .expect("spawn trellis proxy");
-        let mut p = ProxyProc {
-            child,
-            admin,
-            log,
-            _logdir: logdir,
-        };
+        let mut p = ProxyProc { child, admin, log, _logdir: logdir };
         p.wait_ready().await;
         p
     }
@@ -131,19 +116,12 @@ impl ProxyProc {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "proxy exited with {status} before ready; log:\n{}",
-                    self.log_text()
-                );
+                panic!("proxy exited with {status} before ready; log:\n{}", self.log_text());
             }
             if let Ok((200, _)) = admin_get(self.admin, "/ready").await {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "proxy not ready in 20 s; log:\n{}",
-                self.log_text()
-            );
+            assert!(Instant::now() < deadline, "proxy not ready in 20 s; log:\n{}", self.log_text());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -158,8 +136,7 @@ impl ProxyProc {
 
     /// Peak resident set size (VmHWM) in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -168,18 +145,13 @@ impl ProxyProc {
     }
 
     pub async fn config_dump(&self) -> serde_json::Value {
-        let (code, body) = admin_get(self.admin, "/config_dump")
-            .await
-            .expect("config_dump");
+        let (code, body) = admin_get(self.admin, "/config_dump").await.expect("config_dump");
         assert_eq!(code, 200);
         serde_json::from_str(&body).expect("config_dump json")
     }
 
     pub async fn version(&self) -> String {
-        self.config_dump().await["version"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
+        self.config_dump().await["version"].as_str().unwrap_or_default().to_string()
     }
 
     /// Waits until the proxy runs a config version other than `old`.
@@ -190,11 +162,7 @@ impl ProxyProc {
             if v != old {
                 return v;
             }
-            assert!(
-                Instant::now() < deadline,
-                "config version stayed {old}; log:\n{}",
-                self.log_text()
-            );
+            assert!(Instant::now() < deadline, "config version stayed {old}; log:\n{}", self.log_text());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -206,11 +174,7 @@ impl ProxyProc {
             if let Ok(Some(s)) = self.child.try_wait() {
                 return s;
             }
-            assert!(
-                Instant::now() < deadline,
-                "proxy did not exit; log:\n{}",
-                self.log_text()
-            );
+            assert!(Instant::now() < deadline, "proxy did not exit; log:\n{}", self.log_text());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -227,20 +191,11 @@ impl Drop for ProxyProc {
 pub async fn admin_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     let client = h1_client();
     let resp = client
-        .request(
-            Request::get(format!("http://{addr}{path}"))
-                .body(empty())
-                .map_err(|e| e.to_string())?,
-        )
+        .request(Request::get(format!("http://{addr}{path}")).body(empty()).map_err(|e| e.to_string())?)
         .await
         .map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
@@ -259,9 +214,7 @@ pub fn h1_client() -> Client<HttpConnector, TestBody> {
 }
 
 pub fn h2_client() -> Client<HttpConnector, TestBody> {
-    Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http()
+    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
 }
 
 /// A response read whole: status, headers, body text.
@@ -282,10 +235,7 @@ impl Reply {
 
     /// The backend that answered (from the echo JSON).
     pub fn server(&self) -> String {
-        self.json()["server"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
+        self.json()["server"].as_str().unwrap_or_default().to_string()
     }
 
     pub fn flag(&self) -> Option<&str> {
@@ -297,11 +247,7 @@ pub async fn send(client: &Client<HttpConnector, TestBody>, req: Request<TestBod
     let resp = client.request(req).await.expect("request failed");
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
+    Reply { status: parts.status, headers: parts.headers, body: String::from_utf8_lossy(&body).into_owned() }
 }
 
 /// GET `url` with extra headers over HTTP/1.1.
@@ -343,21 +289,14 @@ impl Drop for Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind backend");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
         let addr = listener.local_addr().expect("addr");
         let requests = Arc::new(AtomicUsize::new(0));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
-        let (n, r, f, pk, conns) = (
-            Arc::new(name.to_string()),
-            requests.clone(),
-            in_flight.clone(),
-            peak.clone(),
-            connections.clone(),
-        );
+        let (n, r, f, pk, conns) =
+            (Arc::new(name.to_string()), requests.clone(), in_flight.clone(), peak.clone(), connections.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -383,15 +322,7 @@ impl Backend {
                 });
             }
         });
-        Backend {
-            addr,
-            name: name.to_string(),
-            requests,
-            in_flight,
-            peak,
-            connections,
-            task,
-        }
+        Backend { addr, name: name.to_string(), requests, in_flight, peak, connections, task }
     }
 
     pub fn count(&self) -> usize {
@@ -400,11 +331,7 @@ impl Backend {
 }
 
 fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
-    req.uri().query()?.split('&').find_map(|kv| {
-        kv.split_once('=')
-            .filter(|(k, _)| *k == name)
-            .map(|(_, v)| v)
-    })
+    req.uri().query()?.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v))
 }
 
 async fn backend_handle(name: &str, req: Request<Incoming>) -> Response<TestBody> {
@@ -414,24 +341,17 @@ async fn backend_handle(name: &str, req: Request<Incoming>) -> Response<TestBody
     }
     if let Some(code) = path.strip_prefix("/status/") {
         let mut r = Response::new(full(format!("status {code}")));
-        *r.status_mut() = code
-            .parse::<u16>()
-            .ok()
-            .and_then(|c| StatusCode::from_u16(c).ok())
-            .unwrap_or(StatusCode::BAD_REQUEST);
+        *r.status_mut() =
+            code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST);
         return r;
     }
     if path == "/slow" {
-        let ms: u64 = query_param(&req, "ms")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(500);
+        let ms: u64 = query_param(&req, "ms").and_then(|v| v.parse().ok()).unwrap_or(500);
         tokio::time::sleep(Duration::from_millis(ms)).await;
         return Response::new(full(format!("{{\"server\":\"{name}\",\"slept_ms\":{ms}}}")));
     }
     if path == "/bytes" {
-        let n: u64 = query_param(&req, "n")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        let n: u64 = query_param(&req, "n").and_then(|v| v.parse().ok()).unwrap_or(0);
         let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
         let stream = futures_util::stream::unfold(n, move |left| {
             let chunk = chunk.clone();
@@ -441,9 +361,7 @@ async fn backend_handle(name: &str, req: Request<Incoming>) -> Response<TestBody
                 }
                 let take = left.min(chunk.len() as u64) as usize;
                 Some((
-                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(
-                        chunk.slice(..take),
-                    )),
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(chunk.slice(..take))),
                     left - take as u64,
                 ))
             }
@@ -463,55 +381,33 @@ async fn backend_handle(name: &str, req: Request<Incoming>) -> Response<TestBody
                 Err(e) => return Response::new(full(format!("{{\"error\":\"{e}\"}}"))),
             }
         }
-        return Response::new(full(format!(
-            "{{\"server\":\"{name}\",\"received\":{total}}}"
-        )));
+        return Response::new(full(format!("{{\"server\":\"{name}\",\"received\":{total}}}")));
     }
     if path == "/trailers" {
         let mut trailers = http::HeaderMap::new();
         trailers.insert("x-checksum", http::HeaderValue::from_static("abc123"));
         let frames = vec![
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from_static(
-                b"payload",
-            ))),
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Frame::data(Bytes::from_static(b"payload"))),
             Ok(Frame::trailers(trailers)),
         ];
-        return Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
-            frames,
-        ))));
+        return Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(frames))));
     }
     let headers: BTreeMap<String, String> = req
         .headers()
         .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().to_string(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
+        .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .collect();
     let version = format!("{:?}", req.version());
     let method = req.method().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
-    let body_len = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes().len())
-        .unwrap_or(0);
+    let body_len = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
     let json = serde_json::json!({
         "server": name, "method": method, "path": path, "query": query,
         "version": version, "headers": headers, "body_len": body_len,
     });
     let mut r = Response::new(full(json.to_string()));
-    r.headers_mut().insert(
-        "content-type",
-        http::HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut().insert(
-        "x-backend",
-        http::HeaderValue::from_str(name).expect("name"),
-    );
+    r.headers_mut().insert("content-type", http::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert("x-backend", http::HeaderValue::from_str(name).expect("name"));
     r
 }
 

@@ -38,21 +38,13 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let mut total = 0f64;
     let mut rest = t;
     while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
+        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
         if num_len == 0 {
-            return Err(format!(
-                "invalid duration {text:?}: expected a number before {rest:?}"
-            ));
+            return Err(format!("invalid duration {text:?}: expected a number before {rest:?}"));
         }
-        let value: f64 = rest[..num_len]
-            .parse()
-            .map_err(|_| format!("invalid duration {text:?}"))?;
+        let value: f64 = rest[..num_len].parse().map_err(|_| format!("invalid duration {text:?}"))?;
         rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
+        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
         let secs = match &rest[..unit_len] {
             "h" => 3600.0,
             "m" => 60.0,
@@ -60,11 +52,7 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
             "ms" => 1e-3,
             "us" | "µs" => 1e-6,
             "ns" => 1e-9,
-            "" => {
-                return Err(format!(
-                    "invalid duration {text:?}: missing unit (use e.g. 10s or 250ms)"
-                ))
-            }
+            "" => return Err(format!("invalid duration {text:?}: missing unit (use e.g. 10s or 250ms)")),
             u => return Err(format!("invalid duration {text:?}: unknown unit {u:?}")),
         };
         total += value * secs;
@@ -95,23 +83,11 @@ mod tests {
 
     #[test]
     fn parses_go_and_protobuf_forms() {
-        assert_eq!(
-            parse_duration("1.5s"),
-            Ok(std::time::Duration::from_millis(1500))
-        );
-        assert_eq!(
-            parse_duration("1m30s"),
-            Ok(std::time::Duration::from_secs(90))
-        );
-        assert_eq!(
-            parse_duration("250ms"),
-            Ok(std::time::Duration::from_millis(250))
-        );
+        assert_eq!(parse_duration("1.5s"), Ok(std::time::Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1m30s"), Ok(std::time::Duration::from_secs(90)));
+        assert_eq!(parse_duration("250ms"), Ok(std::time::Duration::from_millis(250)));
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("10x").is_err());
-        assert_eq!(
-            format_duration(std::time::Duration::from_millis(1500)),
-            "1.5s"
-        );
+        assert_eq!(format_duration(std::time::Duration::from_millis(1500)), "1.5s");
     }
 }

@@ -60,11 +60,7 @@ impl Kind {
                     ("RequestAuthentication", Kind::RequestAuthentication),
                 ],
             ),
-            (
-                "telemetry.istio.io",
-                &["v1alpha1", "v1"],
-                &[("Telemetry", Kind::Telemetry)],
-            ),
+            ("telemetry.istio.io", &["v1alpha1", "v1"], &[("Telemetry", Kind::Telemetry)]),
             ("", &["v1"], &[("Service", Kind::Service)]),
         ];
         for (g, versions, kinds) in known {
@@ -72,27 +68,23 @@ impl Kind {
                 continue;
             }
             let Some((_, k)) = kinds.iter().find(|(name, _)| *name == kind) else {
-                return Err(format!("kind {kind:?} of {api_version:?} is not read by Trellis; the resource is ignored"));
+                return Err(format!(
+                    "kind {kind:?} of {api_version:?} is not read by Trellis; the resource is ignored"
+                ));
             };
             if !versions.contains(&version) {
                 return Err(format!(
                     "apiVersion {api_version:?} is not supported for {kind}; use one of {}",
                     versions
                         .iter()
-                        .map(|v| if g.is_empty() {
-                            v.to_string()
-                        } else {
-                            format!("{g}/{v}")
-                        })
+                        .map(|v| if g.is_empty() { v.to_string() } else { format!("{g}/{v}") })
                         .collect::<Vec<_>>()
                         .join(", ")
                 ));
             }
             return Ok(*k);
         }
-        Err(format!(
-            "{kind} ({api_version}) is not read by Trellis; the resource is ignored"
-        ))
+        Err(format!("{kind} ({api_version}) is not read by Trellis; the resource is ignored"))
     }
 
     pub fn as_str(self) -> &'static str {
@@ -114,10 +106,7 @@ impl Kind {
     pub fn enforced(self) -> bool {
         !matches!(
             self,
-            Kind::PeerAuthentication
-                | Kind::AuthorizationPolicy
-                | Kind::RequestAuthentication
-                | Kind::Telemetry
+            Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication | Kind::Telemetry
         )
     }
 }

@@ -152,10 +152,7 @@ impl ProxyError {
         let mut resp = Response::new(full(body));
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
         h.insert(FLAGS_HEADER, HeaderValue::from_static(self.flag.as_str()));
         resp
     }

@@ -40,13 +40,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(h);
     }
     if let Some(te) = headers.get(header::TE) {
-        let trailers = te
-            .to_str()
-            .map(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            })
-            .unwrap_or(false);
+        let trailers =
+            te.to_str().map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))).unwrap_or(false);
         if trailers {
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
         } else {
@@ -91,10 +86,8 @@ pub struct HeaderRewrite {
 impl HeaderRewrite {
     pub fn build(ops: &HeaderOps) -> Result<Self, String> {
         let pair = |(k, v): &(String, String)| -> Result<(HeaderName, HeaderValue), String> {
-            let name = HeaderName::from_bytes(k.as_bytes())
-                .map_err(|_| format!("invalid header name {k:?}"))?;
-            let value =
-                HeaderValue::from_str(v).map_err(|_| format!("invalid value for header {k:?}"))?;
+            let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("invalid header name {k:?}"))?;
+            let value = HeaderValue::from_str(v).map_err(|_| format!("invalid value for header {k:?}"))?;
             Ok((name, value))
         };
         Ok(HeaderRewrite {
@@ -103,10 +96,7 @@ impl HeaderRewrite {
             remove: ops
                 .remove
                 .iter()
-                .map(|k| {
-                    HeaderName::from_bytes(k.as_bytes())
-                        .map_err(|_| format!("invalid header name {k:?}"))
-                })
+                .map(|k| HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("invalid header name {k:?}")))
                 .collect::<Result<_, _>>()?,
         })
     }
@@ -136,20 +126,14 @@ mod tests {
     #[test]
     fn strips_connection_listed_and_keeps_te_trailers() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-private, te"),
-        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private, te"));
         h.insert("x-private", HeaderValue::from_static("1"));
         h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
         h.insert("x-keep", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
         assert!(h.get("x-private").is_none());
         assert!(h.get(header::CONNECTION).is_none());
-        assert_eq!(
-            h.get(header::TE).map(|v| v.as_bytes()),
-            Some(&b"trailers"[..])
-        );
+        assert_eq!(h.get(header::TE).map(|v| v.as_bytes()), Some(&b"trailers"[..]));
         assert!(h.get("x-keep").is_some());
     }
 

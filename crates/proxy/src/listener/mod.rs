@@ -43,10 +43,7 @@ impl Listeners {
     /// Binds the listeners of `snap` that are not already open.
     pub async fn stage(&self, snap: &Snapshot) -> Result<Staged, String> {
         let mut active = self.active.lock().await;
-        let mut staged = Staged {
-            bound: Vec::new(),
-            keep: Vec::new(),
-        };
+        let mut staged = Staged { bound: Vec::new(), keep: Vec::new() };
         for l in &snap.listeners {
             if let Some(a) = active.get(&l.name) {
                 if a.address == l.address && a.direction == l.direction {
@@ -58,13 +55,11 @@ impl Listeners {
                 Ok(s) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
                     // The address may belong to a listener this snapshot renames or replaces.
-                    let wanted: Vec<&str> =
-                        snap.listeners.iter().map(|x| x.name.as_str()).collect();
+                    let wanted: Vec<&str> = snap.listeners.iter().map(|x| x.name.as_str()).collect();
                     let holder = active
                         .iter()
                         .find(|(name, a)| {
-                            a.address == l.address
-                                && (!wanted.contains(&name.as_str()) || *name == &l.name)
+                            a.address == l.address && (!wanted.contains(&name.as_str()) || *name == &l.name)
                         })
                         .map(|(n, _)| n.clone());
                     match holder {
@@ -72,24 +67,13 @@ impl Listeners {
                             if let Some(a) = active.remove(&name) {
                                 stop(a).await;
                             }
-                            bind(l.address).map_err(|e| {
-                                format!("listener {}: cannot bind {}: {e}", l.name, l.address)
-                            })?
+                            bind(l.address)
+                                .map_err(|e| format!("listener {}: cannot bind {}: {e}", l.name, l.address))?
                         }
-                        None => {
-                            return Err(format!(
-                                "listener {}: cannot bind {}: {e}",
-                                l.name, l.address
-                            ))
-                        }
+                        None => return Err(format!("listener {}: cannot bind {}: {e}", l.name, l.address)),
                     }
                 }
-                Err(e) => {
-                    return Err(format!(
-                        "listener {}: cannot bind {}: {e}",
-                        l.name, l.address
-                    ))
-                }
+                Err(e) => return Err(format!("listener {}: cannot bind {}: {e}", l.name, l.address)),
             };
             staged.bound.push((l.clone(), listener));
         }
@@ -107,29 +91,11 @@ impl Listeners {
             let (tx, rx) = watch::channel(false);
             let name: Arc<str> = Arc::from(spec.name.as_str());
             tracing::info!(listener = %name, address = %spec.address, direction = ?spec.direction, "listening");
-            let task = tokio::spawn(accept_loop(
-                listener,
-                name,
-                spec.direction,
-                shared.clone(),
-                rx,
-            ));
+            let task = tokio::spawn(accept_loop(listener, name, spec.direction, shared.clone(), rx));
             wanted.push(spec.name.clone());
-            active.insert(
-                spec.name,
-                Active {
-                    address: spec.address,
-                    direction: spec.direction,
-                    stop: tx,
-                    task,
-                },
-            );
+            active.insert(spec.name, Active { address: spec.address, direction: spec.direction, stop: tx, task });
         }
-        let removed: Vec<String> = active
-            .keys()
-            .filter(|k| !wanted.contains(k))
-            .cloned()
-            .collect();
+        let removed: Vec<String> = active.keys().filter(|k| !wanted.contains(k)).cloned().collect();
         for name in removed {
             if let Some(a) = active.remove(&name) {
                 tracing::info!(listener = %name, address = %a.address, "listener removed");
@@ -140,12 +106,7 @@ impl Listeners {
 
     /// The addresses currently accepting.
     pub async fn addresses(&self) -> Vec<(String, SocketAddr)> {
-        self.active
-            .lock()
-            .await
-            .iter()
-            .map(|(n, a)| (n.clone(), a.address))
-            .collect()
+        self.active.lock().await.iter().map(|(n, a)| (n.clone(), a.address)).collect()
     }
 }
 
@@ -155,11 +116,7 @@ async fn stop(a: Active) {
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
     socket.set_nodelay(true)?;
     socket.bind(addr)?;

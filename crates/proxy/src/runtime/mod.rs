@@ -50,11 +50,8 @@ impl Runtime {
     pub fn build(snapshot: Arc<spec::Snapshot>, pools: &Pools) -> Result<Runtime, String> {
         let mut clusters = HashMap::new();
         for (name, c) in &snapshot.clusters {
-            let endpoints: Vec<(Arc<Endpoint>, u32)> = c
-                .endpoints
-                .iter()
-                .map(|e| (pools.endpoint(&e.address), e.weight.max(1)))
-                .collect();
+            let endpoints: Vec<(Arc<Endpoint>, u32)> =
+                c.endpoints.iter().map(|e| (pools.endpoint(&e.address), e.weight.max(1))).collect();
             let balancer = Balancer::new(&c.lb, &endpoints);
             clusters.insert(
                 name.clone(),
@@ -70,13 +67,8 @@ impl Runtime {
         let mut tables = HashMap::new();
         let mut outbound = HashMap::new();
         for (name, t) in &snapshot.route_tables {
-            let table = Arc::new(
-                RouteTable::build(t, &clusters).map_err(|e| format!("route table {name}: {e}"))?,
-            );
-            if let Some(port) = name
-                .strip_prefix("outbound|")
-                .and_then(|p| p.parse::<u16>().ok())
-            {
+            let table = Arc::new(RouteTable::build(t, &clusters).map_err(|e| format!("route table {name}: {e}"))?);
+            if let Some(port) = name.strip_prefix("outbound|").and_then(|p| p.parse::<u16>().ok()) {
                 outbound.insert(port, table.clone());
             }
             tables.insert(name.clone(), table);
@@ -91,13 +83,7 @@ impl Runtime {
             listeners.insert(l.name.clone(), l.routing.clone());
         }
         pools.collect();
-        Ok(Runtime {
-            snapshot,
-            tables,
-            outbound,
-            listeners,
-            clusters,
-        })
+        Ok(Runtime { snapshot, tables, outbound, listeners, clusters })
     }
 
     pub fn version(&self) -> &str {

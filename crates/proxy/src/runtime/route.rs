@@ -103,26 +103,15 @@ pub struct Matched<'a> {
 // === impl RouteTable ===
 
 impl RouteTable {
-    pub fn build(
-        t: &spec::RouteTable,
-        clusters: &HashMap<String, Arc<Cluster>>,
-    ) -> Result<RouteTable, String> {
-        let mut table = RouteTable {
-            vhosts: Vec::new(),
-            exact: HashMap::new(),
-            suffixes: Vec::new(),
-            any: None,
-        };
+    pub fn build(t: &spec::RouteTable, clusters: &HashMap<String, Arc<Cluster>>) -> Result<RouteTable, String> {
+        let mut table = RouteTable { vhosts: Vec::new(), exact: HashMap::new(), suffixes: Vec::new(), any: None };
         for (i, vh) in t.virtual_hosts.iter().enumerate() {
             let routes = vh
                 .routes
                 .iter()
                 .map(|r| Route::build(r, clusters).map_err(|e| format!("route {}: {e}", r.name)))
                 .collect::<Result<Vec<_>, _>>()?;
-            table.vhosts.push(VirtualHost {
-                name: vh.name.clone(),
-                routes,
-            });
+            table.vhosts.push(VirtualHost { name: vh.name.clone(), routes });
             for d in &vh.domains {
                 let d = d.to_ascii_lowercase();
                 if d == "*" {
@@ -147,10 +136,7 @@ impl RouteTable {
             .get(host)
             .copied()
             .or_else(|| {
-                self.suffixes
-                    .iter()
-                    .find(|(s, _)| host.ends_with(s.as_str()) && host.len() > s.len())
-                    .map(|(_, i)| *i)
+                self.suffixes.iter().find(|(s, _)| host.ends_with(s.as_str()) && host.len() > s.len()).map(|(_, i)| *i)
             })
             .or(self.any)?;
         self.vhosts.get(idx)
@@ -162,10 +148,7 @@ impl VirtualHost {
     pub fn route(&self, req: &RequestView<'_>) -> Option<Matched<'_>> {
         for route in &self.routes {
             if route.matches.is_empty() {
-                return Some(Matched {
-                    route,
-                    prefix: None,
-                });
+                return Some(Matched { route, prefix: None });
             }
             for m in &route.matches {
                 if m.matches(req) {
@@ -185,8 +168,7 @@ impl Route {
     fn build(r: &spec::Route, clusters: &HashMap<String, Arc<Cluster>>) -> Result<Route, String> {
         let action = match &r.action {
             spec::Action::Direct { status, body } => Action::Direct {
-                status: StatusCode::from_u16(*status)
-                    .map_err(|_| format!("invalid status {status}"))?,
+                status: StatusCode::from_u16(*status).map_err(|_| format!("invalid status {status}"))?,
                 body: Bytes::from(body.clone()),
             },
             spec::Action::Redirect(rd) => Action::Redirect(rd.clone()),
@@ -216,10 +198,7 @@ impl Route {
                         authority: rw
                             .authority
                             .as_ref()
-                            .map(|a| {
-                                HeaderValue::from_str(a)
-                                    .map_err(|_| format!("invalid authority rewrite {a:?}"))
-                            })
+                            .map(|a| HeaderValue::from_str(a).map_err(|_| format!("invalid authority rewrite {a:?}")))
                             .transpose()?,
                         uri_regex: rw
                             .uri_regex
@@ -233,21 +212,13 @@ impl Route {
                     }),
                 };
                 let total_weight = destinations.iter().map(|d| d.weight).sum();
-                Action::Forward(Forward {
-                    destinations,
-                    total_weight,
-                    rewrite,
-                })
+                Action::Forward(Forward { destinations, total_weight, rewrite })
             }
         };
         Ok(Route {
             name: r.name.clone(),
             source: r.source.clone(),
-            matches: r
-                .matches
-                .iter()
-                .map(Match::build)
-                .collect::<Result<_, _>>()?,
+            matches: r.matches.iter().map(Match::build).collect::<Result<_, _>>()?,
             action,
             request_headers: HeaderRewrite::build(&r.request_headers)?,
             response_headers: HeaderRewrite::build(&r.response_headers)?,
@@ -301,10 +272,9 @@ impl Str {
         Ok(match s {
             spec::StringMatcher::Exact(e) => Str::Exact(e.clone()),
             spec::StringMatcher::Prefix(p) => Str::Prefix(p.clone()),
-            spec::StringMatcher::Regex(r) => Str::Regex(
-                Regex::new(&format!("^(?:{r})$"))
-                    .map_err(|e| format!("invalid regex {r:?}: {e}"))?,
-            ),
+            spec::StringMatcher::Regex(r) => {
+                Str::Regex(Regex::new(&format!("^(?:{r})$")).map_err(|e| format!("invalid regex {r:?}: {e}"))?)
+            }
         })
     }
 
@@ -322,13 +292,7 @@ impl Match {
         let opt = |s: &Option<spec::StringMatcher>| s.as_ref().map(Str::build).transpose();
         let keys = |v: &[spec::KeyMatcher]| {
             v.iter()
-                .map(|k| {
-                    Ok(KeyMatch {
-                        name: k.name.clone(),
-                        value: opt(&k.value)?,
-                        invert: k.invert,
-                    })
-                })
+                .map(|k| Ok(KeyMatch { name: k.name.clone(), value: opt(&k.value)?, invert: k.invert }))
                 .collect::<Result<Vec<_>, String>>()
         };
         Ok(Match {
@@ -346,9 +310,7 @@ impl Match {
         if let Some(u) = &self.uri {
             let ok = if self.ignore_uri_case {
                 match u {
-                    Str::Regex(r) => {
-                        r.is_match(&req.path.to_ascii_lowercase()) || r.is_match(req.path)
-                    }
+                    Str::Regex(r) => r.is_match(&req.path.to_ascii_lowercase()) || r.is_match(req.path),
                     _ => u.matches(&req.path.to_ascii_lowercase()),
                 }
             } else {

@@ -22,10 +22,7 @@ pin_project_lite::pin_project! {
 
 impl Tracked {
     pub fn new(inner: Incoming, guard: InFlight) -> Self {
-        Tracked {
-            inner,
-            guard: Some(guard),
-        }
+        Tracked { inner, guard: Some(guard) }
     }
 }
 
@@ -33,10 +30,7 @@ impl HttpBody for Tracked {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(None) => {

@@ -47,9 +47,7 @@ pub struct Endpoint {
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Endpoint")
-            .field("address", &self.address)
-            .finish()
+        f.debug_struct("Endpoint").field("address", &self.address).finish()
     }
 }
 
@@ -108,12 +106,7 @@ impl Endpoint {
         let stream = match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(ProxyError::connect_failure(&self.address, e)),
-            Err(_) => {
-                return Err(ProxyError::connect_failure(
-                    &self.address,
-                    "connect timeout",
-                ))
-            }
+            Err(_) => return Err(ProxyError::connect_failure(&self.address, "connect timeout")),
         };
         let _ = stream.set_nodelay(true);
         Ok(stream)
@@ -186,9 +179,7 @@ impl Endpoint {
     fn recycle_h1(self: &Arc<Self>, mut sender: http1::SendRequest<Body>) {
         let ep = self.clone();
         tokio::spawn(async move {
-            if sender.ready().await.is_ok()
-                && ep.idle_count.load(Ordering::Relaxed) < MAX_IDLE_PER_ENDPOINT
-            {
+            if sender.ready().await.is_ok() && ep.idle_count.load(Ordering::Relaxed) < MAX_IDLE_PER_ENDPOINT {
                 ep.idle_count.fetch_add(1, Ordering::Relaxed);
                 ep.idle_h1.push(sender);
             }
@@ -226,11 +217,7 @@ impl Endpoint {
         Ok(sender)
     }
 
-    async fn send_h2(
-        &self,
-        mut req: Request<Body>,
-        timeout: Duration,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    async fn send_h2(&self, mut req: Request<Body>, timeout: Duration) -> Result<Response<Incoming>, ProxyError> {
         let mut retried = false;
         loop {
             let mut sender = self.h2_sender(timeout).await?;
