@@ -115,6 +115,29 @@ pub fn analyze(resources: &[Resource], extra: &[Workload]) -> Vec<Finding> {
                     cx.port_number(r, path!["spec", "ports", i, "port"], p.port);
                 }
             }
+            Spec::Workload(w) => {
+                if w.command.is_empty() {
+                    cx.push(Code::Schema, r, path!["spec", "command"], "a Workload needs a `command`".into());
+                }
+                if let Some(p) = w.app_port {
+                    cx.port_number(r, path!["spec", "appPort"], p);
+                }
+                if let Some(p) = &w.protocol {
+                    if !matches!(Protocol::parse(p), Protocol::Http | Protocol::Http2 | Protocol::Grpc) {
+                        cx.push(Code::Schema, r, path!["spec", "protocol"], format!("unknown protocol {p:?}: use HTTP, HTTP2 or GRPC"));
+                    }
+                }
+                for (i, u) in w.upstreams.iter().enumerate() {
+                    if registry.resolve(u, r.namespace()).is_none() {
+                        cx.push(
+                            Code::HostNotFound,
+                            r,
+                            path!["spec", "upstreams", i],
+                            format!("upstream {u:?} is not defined by any Service, ServiceEntry or workload"),
+                        );
+                    }
+                }
+            }
             Spec::Gateway(_) | Spec::Kept(_) => {}
         }
     }

@@ -16,6 +16,7 @@ pub mod load;
 pub mod model;
 pub mod registry;
 pub mod snapshot;
+pub mod watch;
 pub mod yaml;
 
 pub use finding::{Code, Finding, Severity};

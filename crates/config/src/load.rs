@@ -155,6 +155,7 @@ fn decode_resource(file: Arc<PathBuf>, doc: Arc<Node>, findings: &mut Vec<Findin
         Kind::ServiceEntry => decode_as::<networking::ServiceEntry>(&doc, &mut unknown, Spec::ServiceEntry),
         Kind::WorkloadEntry => decode_as::<networking::WorkloadEntry>(&doc, &mut unknown, Spec::WorkloadEntry),
         Kind::Service => decode_as::<kube::Service>(&doc, &mut unknown, Spec::Service),
+        Kind::Workload => decode_as::<crate::model::trellis::Workload>(&doc, &mut unknown, Spec::Workload),
         Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication | Kind::Telemetry => {
             decode_as::<serde_json::Value>(&doc, &mut unknown, Spec::Kept)
         }
@@ -225,6 +226,7 @@ fn empty_spec(kind: Kind) -> Spec {
         Kind::ServiceEntry => Spec::ServiceEntry(Default::default()),
         Kind::WorkloadEntry => Spec::WorkloadEntry(Default::default()),
         Kind::Service => Spec::Service(Default::default()),
+        Kind::Workload => Spec::Workload(Default::default()),
         _ => Spec::Kept(serde_json::Value::Null),
     }
 }

@@ -163,6 +163,24 @@ impl Registry {
                 }
             }
         }
+        // Local processes (the Trellis `Workload` kind) are instances too. Their addresses and
+        // ports are known once `trellis up` runs them (it then declares WorkloadEntries of the
+        // same name); until then they count for selection, without ports.
+        for r in resources {
+            if let Spec::Workload(_) = &r.spec {
+                if !workloads.iter().any(|w| w.name == r.name() && w.namespace == r.namespace()) {
+                    workloads.push(Workload {
+                        name: r.name().to_string(),
+                        namespace: r.namespace().to_string(),
+                        address: "127.0.0.1".into(),
+                        ports: BTreeMap::new(),
+                        labels: r.meta.labels.clone(),
+                        weight: 1,
+                        service_account: None,
+                    });
+                }
+            }
+        }
         let mut reg = Registry::default();
         for r in resources {
             match &r.spec {

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod balance;
+pub mod control_client;
 mod gateway;
 pub mod handler;
 pub mod http;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use trellis_config::watch::notify;
 use trellis_config::compile::{compile, ProxySpec};
 use trellis_config::snapshot::Snapshot;
 use trellis_config::Finding;
@@ -56,34 +56,16 @@ impl StaticSource {
     /// Watches the config paths and reloads on every change, until the proxy drains.
     pub fn watch(self, proxy: Arc<Proxy>) -> notify::Result<()> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if let Ok(ev) = ev {
-                if !ev.kind.is_access() {
-                    let _ = tx.send(());
-                }
-            }
+        let watcher = trellis_config::watch::watch(&self.paths, self.recursive, move || {
+            let _ = tx.send(());
         })?;
-        for p in &self.paths {
-            if p.is_dir() {
-                let mode = if self.recursive { RecursiveMode::Recursive } else { RecursiveMode::NonRecursive };
-                watcher.watch(p, mode)?;
-            } else {
-                // Watch the directory: editors replace files by renaming over them.
-                let dir = p
-                    .parent()
-                    .filter(|d| !d.as_os_str().is_empty())
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| PathBuf::from("."));
-                watcher.watch(&dir, RecursiveMode::NonRecursive)?;
-            }
-        }
         tokio::spawn(async move {
             let _watcher = watcher;
-            let drained = proxy.shared().clone();
+            let shared = proxy.shared().clone();
             loop {
                 tokio::select! {
                     ev = rx.recv() => if ev.is_none() { break },
-                    _ = drained.drain.started() => break,
+                    _ = shared.drain.started() => break,
                 }
                 tokio::time::sleep(DEBOUNCE).await;
                 while rx.try_recv().is_ok() {}

@@ -28,6 +28,10 @@ pub struct Shared {
 /// What the admin port reports about config.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ConfigStatus {
+    /// Where config comes from: `file` or `control-plane`.
+    pub source: String,
+    /// Control-plane connection state (`connected`, `connecting`, `disconnected`).
+    pub control_plane: Option<String>,
     pub applied_at: Option<SystemTime>,
     pub applied: u64,
     pub rejected: u64,
@@ -84,7 +88,7 @@ impl Shared {
         self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub(crate) fn update_status(&self, f: impl FnOnce(&mut ConfigStatus)) {
+    pub fn update_status(&self, f: impl FnOnce(&mut ConfigStatus)) {
         f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
     }
 }

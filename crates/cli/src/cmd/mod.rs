@@ -1,7 +1,9 @@
 //! Subcommands.
 
 mod analyze;
+mod control;
 mod proxy;
+mod status;
 
 use std::process::ExitCode;
 
@@ -21,12 +23,39 @@ enum Command {
     Analyze(analyze::Args),
     /// Run a proxy (gateway or sidecar).
     Proxy(proxy::Args),
+    /// Run the control plane.
+    Control(control::Args),
+    /// List the proxies the control plane knows: workload, config version, last ACK/NACK, state.
+    Status(status::StatusArgs),
+    /// Show the listeners, routes and endpoints of one workload's proxy.
+    ProxyConfig(status::ProxyConfigArgs),
 }
 
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Analyze(a) => analyze::run(a),
         Command::Proxy(a) => proxy::run(a),
+        Command::Control(a) => control::run(a),
+        Command::Status(a) => status::status(a),
+        Command::ProxyConfig(a) => status::proxy_config(a),
+    }
+}
+
+/// Runs `fut` on a multi-threaded runtime; errors are printed and become exit code 1.
+pub(crate) fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -15,9 +15,12 @@ use trellis_proxy::Proxy;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Config files or directories (Istio YAML), watched for changes.
-    #[arg(long = "config", short = 'c', required = true)]
+    /// Config files or directories (Istio YAML), watched for changes (static mode).
+    #[arg(long = "config", short = 'c', required_unless_present = "control_plane", conflicts_with = "control_plane")]
     config: Vec<PathBuf>,
+    /// Get config from a control plane at this address instead of files.
+    #[arg(long)]
+    control_plane: Option<String>,
     /// Also read subdirectories of config directories.
     #[arg(long, short = 'R')]
     recursive: bool,
@@ -133,7 +136,7 @@ fn proxy_spec(args: &Args) -> Result<ProxySpec> {
     };
     let mut labels: BTreeMap<String, String> = BTreeMap::new();
     let mut namespace = args.namespace.clone();
-    if role == Role::Sidecar && !args.workload.is_empty() {
+    if role == Role::Sidecar && !args.workload.is_empty() && !args.config.is_empty() {
         // Labels and namespace of the workload's own WorkloadEntry, if the config has one.
         let loaded = trellis_config::load_paths(&args.config, args.recursive);
         if let Some(r) =
@@ -167,20 +170,27 @@ fn proxy_spec(args: &Args) -> Result<ProxySpec> {
 
 async fn serve(args: Args) -> Result<()> {
     let spec = proxy_spec(&args)?;
-    let source = StaticSource { paths: args.config.clone(), recursive: args.recursive, spec };
     let proxy = Proxy::new();
-    let (snap, _warnings) = source.load().map_err(|findings| {
-        for f in findings.iter().filter(|f| f.is_error()) {
-            eprintln!("{f}");
-        }
-        anyhow!("config has errors; not starting (run `trellis analyze` for details)")
-    })?;
-    let admin = trellis_proxy::admin::serve(proxy.clone(), args.admin)
-        .await
-        .with_context(|| format!("cannot bind admin address {}", args.admin))?;
-    proxy.apply(snap).await.map_err(|e| anyhow!(e))?;
-    source.clone().watch(proxy.clone()).context("cannot watch config files")?;
-    tracing::info!(admin = %admin, version = %proxy.shared().runtime().version(), "proxy ready");
+    if let Some(cp) = &args.control_plane {
+        // Control-plane mode: admin first (so /ready can say "not yet"), then connect.
+        let admin = trellis_proxy::admin::serve(proxy.clone(), args.admin).await.with_context(|| format!("cannot bind admin address {}", args.admin))?;
+        proxy.shared().update_status(|s| s.source = "control-plane".into());
+        tracing::info!(admin = %admin, control_plane = %cp, proxy = %trellis_proxy::control_client::proxy_id(&spec), "proxy started; waiting for config");
+        tokio::spawn(trellis_proxy::control_client::run(proxy.clone(), cp.clone(), spec));
+    } else {
+        let source = StaticSource { paths: args.config.clone(), recursive: args.recursive, spec };
+        let (snap, _warnings) = source.load().map_err(|findings| {
+            for f in findings.iter().filter(|f| f.is_error()) {
+                eprintln!("{f}");
+            }
+            anyhow!("config has errors; not starting (run `trellis analyze` for details)")
+        })?;
+        let admin = trellis_proxy::admin::serve(proxy.clone(), args.admin).await.with_context(|| format!("cannot bind admin address {}", args.admin))?;
+        proxy.shared().update_status(|s| s.source = "file".into());
+        proxy.apply(snap).await.map_err(|e| anyhow!(e))?;
+        source.clone().watch(proxy.clone()).context("cannot watch config files")?;
+        tracing::info!(admin = %admin, version = %proxy.shared().runtime().version(), "proxy ready");
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -7,6 +7,7 @@
 pub mod duration;
 pub mod kube;
 pub mod networking;
+pub mod trellis;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -32,6 +33,8 @@ pub enum Kind {
     AuthorizationPolicy,
     RequestAuthentication,
     Telemetry,
+    /// `trellis.dev/v1alpha1`: a local process of the mesh.
+    Workload,
 }
 
 impl Kind {
@@ -62,6 +65,7 @@ impl Kind {
             ),
             ("telemetry.istio.io", &["v1alpha1", "v1"], &[("Telemetry", Kind::Telemetry)]),
             ("", &["v1"], &[("Service", Kind::Service)]),
+            ("trellis.dev", &["v1alpha1"], &[("Workload", Kind::Workload)]),
         ];
         for (g, versions, kinds) in known {
             if *g != group {
@@ -99,6 +103,7 @@ impl Kind {
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::RequestAuthentication => "RequestAuthentication",
             Kind::Telemetry => "Telemetry",
+            Kind::Workload => "Workload",
         }
     }
 
@@ -156,6 +161,7 @@ pub enum Spec {
     ServiceEntry(networking::ServiceEntry),
     WorkloadEntry(networking::WorkloadEntry),
     Service(kube::Service),
+    Workload(trellis::Workload),
     /// Security and telemetry kinds: parsed and kept; enforced by a later release.
     Kept(serde_json::Value),
 }

@@ -1,0 +1,152 @@
+//! `trellis status` and `trellis proxy-config WORKLOAD`: what the control plane knows.
+
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Context, Result};
+use trellis_api::control::{control_client::ControlClient, ProxyConfigRequest, StatusRequest};
+use trellis_config::snapshot::{Action, ListenerRouting, Snapshot};
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// Control-plane address.
+    #[arg(long, default_value = trellis_control::DEFAULT_ADDR)]
+    control_plane: String,
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ProxyConfigArgs {
+    /// The workload (or gateway) whose proxy to show.
+    workload: String,
+    #[arg(long, short, default_value = "")]
+    namespace: String,
+    #[arg(long, default_value = trellis_control::DEFAULT_ADDR)]
+    control_plane: String,
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum Output {
+    Table,
+    Json,
+}
+
+async fn client(addr: &str) -> Result<ControlClient<tonic::transport::Channel>> {
+    let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_timeout(std::time::Duration::from_secs(2));
+    let ch = ep.connect().await.with_context(|| format!("cannot reach the control plane at {addr} (is `trellis up` running?)"))?;
+    Ok(ControlClient::new(ch).max_decoding_message_size(256 * 1024 * 1024))
+}
+
+pub fn status(args: StatusArgs) -> ExitCode {
+    super::block_on(async move {
+        let reply = client(&args.control_plane).await?.status(StatusRequest {}).await.map_err(|s| anyhow!(s.message().to_string()))?.into_inner();
+        if args.output == Output::Json {
+            let proxies: Vec<serde_json::Value> = reply
+                .proxies
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "proxy": p.proxy_id, "role": p.role, "workload": p.workload, "namespace": p.namespace,
+                        "state": p.state, "sent": p.sent_version, "acked": p.acked_version,
+                        "nacked": p.nacked_version, "nack_reason": p.nack_reason, "state_age_seconds": p.state_age_seconds,
+                    })
+                })
+                .collect();
+            let out = serde_json::json!({
+                "config_generation": reply.config_generation,
+                "config_error": reply.config_error,
+                "config_findings": reply.config_findings,
+                "proxies": proxies,
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            return Ok(());
+        }
+        let mut rows = vec![vec!["PROXY".to_string(), "WORKLOAD".into(), "STATE".into(), "VERSION".into(), "LAST ACK/NACK".into(), "SINCE".into()]];
+        for p in &reply.proxies {
+            let last = if !p.nacked_version.is_empty() && p.nacked_version == p.sent_version {
+                format!("NACK {}: {}", p.nacked_version, p.nack_reason)
+            } else if p.acked_version == p.sent_version && !p.acked_version.is_empty() {
+                "ACK".to_string()
+            } else {
+                "pending".to_string()
+            };
+            rows.push(vec![p.proxy_id.clone(), format!("{}.{}", p.workload, p.namespace), p.state.clone(), p.acked_version.clone(), last, format!("{}s", p.state_age_seconds)]);
+        }
+        print_table(&rows);
+        if !reply.config_error.is_empty() {
+            println!("\nconfig: {}", reply.config_error);
+            for f in &reply.config_findings {
+                println!("  {f}");
+            }
+        }
+        Ok(())
+    })
+}
+
+pub fn proxy_config(args: ProxyConfigArgs) -> ExitCode {
+    super::block_on(async move {
+        let reply = client(&args.control_plane)
+            .await?
+            .proxy_config(ProxyConfigRequest { workload: args.workload.clone(), namespace: args.namespace.clone() })
+            .await
+            .map_err(|s| anyhow!(s.message().to_string()))?
+            .into_inner();
+        let snap: Snapshot = serde_json::from_slice(&reply.snapshot_json)?;
+        if args.output == Output::Json {
+            println!("{}", serde_json::to_string_pretty(&snap)?);
+            return Ok(());
+        }
+        println!("proxy {} (version {})\n", reply.proxy_id, snap.version);
+        let mut rows = vec![vec!["LISTENER".to_string(), "ADDRESS".into(), "DIRECTION".into(), "ROUTES".into()]];
+        for l in &snap.listeners {
+            let routing = match &l.routing {
+                ListenerRouting::Table(t) => t.clone(),
+                ListenerRouting::ByRequestPort => "outbound|<request port>".into(),
+                ListenerRouting::Fixed { host, port } => format!("as {host}:{port}"),
+            };
+            rows.push(vec![l.name.clone(), l.address.to_string(), format!("{:?}", l.direction).to_lowercase(), routing]);
+        }
+        print_table(&rows);
+        println!();
+        let mut rows = vec![vec!["ROUTE TABLE".to_string(), "DOMAINS".into(), "MATCH".into(), "ACTION".into()]];
+        for (name, t) in &snap.route_tables {
+            for vh in &t.virtual_hosts {
+                for r in &vh.routes {
+                    let m = if r.matches.is_empty() { "/*".to_string() } else { serde_json::to_string(&r.matches).unwrap_or_default() };
+                    let action = match &r.action {
+                        Action::Forward(f) => f.destinations.iter().map(|d| format!("{} ({})", d.cluster, d.weight)).collect::<Vec<_>>().join(", "),
+                        Action::Redirect(rd) => format!("redirect {}", rd.code),
+                        Action::Direct { status, .. } => format!("direct {status}"),
+                    };
+                    rows.push(vec![name.clone(), vh.domains.join(","), m, action]);
+                }
+            }
+        }
+        print_table(&rows);
+        println!();
+        let mut rows = vec![vec!["CLUSTER".to_string(), "ENDPOINT".into(), "WORKLOAD".into(), "LB".into()]];
+        for c in snap.clusters.values() {
+            let lb = serde_json::to_string(&c.lb).unwrap_or_default().trim_matches('"').to_string();
+            if c.endpoints.is_empty() {
+                rows.push(vec![c.name.clone(), "(none)".into(), String::new(), lb.clone()]);
+            }
+            for e in &c.endpoints {
+                rows.push(vec![c.name.clone(), e.address.clone(), e.workload.clone().unwrap_or_default(), lb.clone()]);
+            }
+        }
+        print_table(&rows);
+        Ok(())
+    })
+}
+
+/// Prints rows as aligned columns.
+pub(crate) fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols).map(|c| rows.iter().map(|r| r.get(c).map(|s| s.chars().count()).unwrap_or(0)).max().unwrap_or(0)).collect();
+    for r in rows {
+        let line: Vec<String> = r.iter().enumerate().map(|(i, cell)| format!("{cell:<w$}", w = widths[i])).collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
