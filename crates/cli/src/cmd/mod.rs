@@ -4,6 +4,7 @@ mod analyze;
 mod control;
 mod proxy;
 mod status;
+mod up;
 
 use std::process::ExitCode;
 
@@ -19,6 +20,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run a whole mesh on this machine: control plane, sidecars, gateways and workloads.
+    Up(up::Args),
     /// Validate config files and directories, as `istioctl analyze` does.
     Analyze(analyze::Args),
     /// Run a proxy (gateway or sidecar).
@@ -33,6 +36,7 @@ enum Command {
 
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
+        Command::Up(a) => up::run(a),
         Command::Analyze(a) => analyze::run(a),
         Command::Proxy(a) => proxy::run(a),
         Command::Control(a) => control::run(a),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use trellis_config::compile::{InboundSpec, ProxySpec, UpstreamSpec};
-use trellis_config::snapshot::Role;
+use trellis_config::snapshot::{Role, UpstreamProtocol};
 use trellis_config::Spec;
 use trellis_proxy::source::StaticSource;
 use trellis_proxy::Proxy;
@@ -46,7 +46,8 @@ pub struct Args {
     /// Serve a Gateway port on another local port: `80=8080`.
     #[arg(long = "port-map", value_parser = parse_port_map)]
     port_map: Vec<(u16, u16)>,
-    /// Inbound listener in front of the app: `LISTEN_ADDR=APP_ADDR` (or `PORT=APP_PORT`).
+    /// Inbound listener in front of the app: `LISTEN_ADDR=APP_ADDR` (or `PORT=APP_PORT`), with
+    /// `,http2` when the app speaks HTTP/2 (gRPC) only.
     #[arg(long = "inbound", value_parser = parse_inbound)]
     inbound: Vec<InboundSpec>,
     /// Outbound HTTP proxy listener for the app's `HTTP_PROXY`.
@@ -92,8 +93,14 @@ fn addr_or_port(s: &str) -> Result<SocketAddr, String> {
 }
 
 fn parse_inbound(s: &str) -> Result<InboundSpec, String> {
-    let (l, a) = s.split_once('=').ok_or_else(|| format!("expected LISTEN=APP, got {s:?}"))?;
-    Ok(InboundSpec { listen: addr_or_port(l)?, app: addr_or_port(a)?, protocol: None })
+    let (l, a) = s.split_once('=').ok_or_else(|| format!("expected LISTEN=APP[,http2], got {s:?}"))?;
+    let (a, protocol) = match a.split_once(',') {
+        Some((a, "http2")) => (a, Some(UpstreamProtocol::Http2)),
+        Some((a, "http1")) => (a, Some(UpstreamProtocol::Http1)),
+        Some((_, p)) => return Err(format!("unknown app protocol {p:?}: use http1 or http2")),
+        None => (a, None),
+    };
+    Ok(InboundSpec { listen: addr_or_port(l)?, app: addr_or_port(a)?, protocol })
 }
 
 fn parse_upstream(s: &str) -> Result<UpstreamSpec, String> {

@@ -1,0 +1,55 @@
+//! The color app (App Mesh's traffic-shifting demo): `colorteller` answers its color;
+//! `colorgateway` asks a colorteller (through the mesh) and reports the running share of each
+//! color it has seen.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use http::StatusCode;
+
+use crate::web;
+
+/// `colorteller`: answers `$COLOR` on every path.
+pub async fn teller() -> std::io::Result<()> {
+    let color = std::env::var("COLOR").unwrap_or_else(|_| "black".into());
+    web::serve("colorteller", web::port(8080), move |_req| {
+        let color = color.clone();
+        async move { web::text(StatusCode::OK, color) }
+    })
+    .await
+}
+
+/// `colorgateway`: `GET /color` → `{"color":"blue","stats":{"blue":0.67,"green":0.33}}`;
+/// `GET /color/clear` resets the counts.
+pub async fn gateway() -> std::io::Result<()> {
+    let teller = std::env::var("COLORTELLER_URL").unwrap_or_else(|_| "http://colorteller".into());
+    let counts: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let client = web::client();
+    web::serve("colorgateway", web::port(8080), move |req| {
+        let (teller, counts, client) = (teller.clone(), counts.clone(), client.clone());
+        async move {
+            match req.uri().path() {
+                "/color/clear" => {
+                    counts.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                    web::text(StatusCode::OK, "cleared")
+                }
+                "/color" => {
+                    let got = web::forward(client.get(format!("{}/", teller.trim_end_matches('/'))), req.headers()).send().await;
+                    let color = match got {
+                        Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default().trim().to_string(),
+                        Ok(r) => return web::json(StatusCode::BAD_GATEWAY, &serde_json::json!({"error": format!("colorteller answered {}", r.status())})),
+                        Err(e) => return web::json(StatusCode::BAD_GATEWAY, &serde_json::json!({"error": e.to_string()})),
+                    };
+                    let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+                    *c.entry(color.clone()).or_insert(0) += 1;
+                    let total: u64 = c.values().sum();
+                    let stats: serde_json::Map<String, serde_json::Value> =
+                        c.iter().map(|(k, v)| (k.clone(), serde_json::json!(((*v as f64 / total as f64) * 100.0).round() / 100.0))).collect();
+                    web::json(StatusCode::OK, &serde_json::json!({"color": color, "stats": stats}))
+                }
+                _ => web::json(StatusCode::NOT_FOUND, &serde_json::json!({"error": "try /color"})),
+            }
+        }
+    })
+    .await
+}

@@ -1,0 +1,281 @@
+//! `trellis up`: a whole mesh on one machine.
+//!
+//! Validates the config (refusing to start on errors), plans ports ([`plan`]), then runs, each
+//! as a supervised child process ([`supervisor`]): the control plane, one sidecar per workload,
+//! the gateways its Gateways select, and the workloads themselves — each app only once its
+//! sidecar is ready. On Ctrl-C or SIGTERM it stops them in the order that loses no request:
+//! gateways drain, apps stop, sidecars drain, the control plane goes last.
+#![forbid(unsafe_code)]
+
+pub mod plan;
+pub mod supervisor;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::plan::Plan;
+use crate::supervisor::{Child, ChildSpec, Output};
+
+pub struct UpOptions {
+    pub paths: Vec<PathBuf>,
+    pub recursive: bool,
+    pub control_plane: SocketAddr,
+    /// The `trellis` executable (children are started from it).
+    pub trellis: PathBuf,
+}
+
+/// Runs the mesh until Ctrl-C or SIGTERM.
+pub async fn up(opts: UpOptions) -> Result<(), String> {
+    let started = Instant::now();
+    let loaded = trellis_config::check(&opts.paths, opts.recursive);
+    let errors: Vec<_> = loaded.findings.iter().filter(|f| f.is_error()).collect();
+    for f in loaded.findings.iter().filter(|f| f.severity != trellis_config::Severity::Info) {
+        eprintln!("{f}");
+    }
+    if !errors.is_empty() {
+        return Err(format!("config has {} error(s); not starting (see `trellis analyze`)", errors.len()));
+    }
+    let plan = Plan::build(&loaded.resources).map_err(|e| format!("cannot allocate ports: {e}"))?;
+    if plan.workloads.is_empty() && plan.gateways.is_empty() {
+        return Err("nothing to run: the config declares no Workload and no Gateway".into());
+    }
+
+    // The control plane reads the user's config plus where each local workload listens.
+    let state = tempfile::Builder::new().prefix("trellis-up-").tempdir().map_err(|e| format!("cannot create state directory: {e}"))?;
+    let entries = state.path().join("workloads.yaml");
+    std::fs::write(&entries, plan.workload_entries(&loaded.resources)).map_err(|e| format!("cannot write {}: {e}", entries.display()))?;
+
+    let trellis_dir = opts.trellis.parent().map(PathBuf::from).unwrap_or_default();
+    let names = plan.workloads.iter().map(|w| w.name.len() + 6).chain(plan.gateways.iter().map(|g| g.name.len())).chain([13]);
+    let out = Output { width: names.max().unwrap_or(12), color: std::io::IsTerminal::is_terminal(&std::io::stdout()) };
+    let mut color = 0;
+    let mut next_color = || {
+        color += 1;
+        color
+    };
+    let proxy_env = vec![("RUST_LOG".to_string(), std::env::var("TRELLIS_PROXY_LOG").unwrap_or_else(|_| "warn".into()))];
+
+    let mut cp_args = vec!["control".to_string(), "--listen".into(), opts.control_plane.to_string()];
+    if opts.recursive {
+        cp_args.push("-R".into());
+    }
+    for p in opts.paths.iter().chain([&entries]) {
+        cp_args.push("-c".into());
+        cp_args.push(p.display().to_string());
+    }
+    let control = Child::start(
+        ChildSpec {
+            name: "control-plane".into(),
+            program: opts.trellis.clone(),
+            args: cp_args,
+            env: vec![("RUST_LOG".into(), "info".into())],
+            cwd: None,
+            restart_delay: Duration::from_millis(100),
+        },
+        out.clone(),
+        0,
+    )
+    .map_err(|e| e.to_string())?;
+
+    let mut sidecars = Vec::new();
+    for w in &plan.workloads {
+        let spec = ChildSpec {
+            name: format!("{}-proxy", w.name),
+            program: opts.trellis.clone(),
+            args: w.sidecar_args(opts.control_plane),
+            env: proxy_env.clone(),
+            cwd: None,
+            restart_delay: Duration::from_millis(100),
+        };
+        sidecars.push(Child::start(spec, out.clone(), next_color()).map_err(|e| e.to_string())?);
+    }
+    let mut gateways = Vec::new();
+    for g in &plan.gateways {
+        let spec = ChildSpec {
+            name: g.name.clone(),
+            program: opts.trellis.clone(),
+            args: g.args(opts.control_plane),
+            env: proxy_env.clone(),
+            cwd: None,
+            restart_delay: Duration::from_millis(100),
+        };
+        gateways.push(Child::start(spec, out.clone(), next_color()).map_err(|e| e.to_string())?);
+    }
+
+    let mut all: Vec<Arc<Child>> = vec![control.clone()];
+    all.extend(sidecars.iter().cloned());
+    all.extend(gateways.iter().cloned());
+    let result = async {
+        // Hold each app until its sidecar is ready (Istio's holdApplicationUntilProxyStarts).
+        let waits = plan.workloads.iter().map(|w| wait_http(w.admin, "/ready", Duration::from_secs(30), format!("sidecar of {}", w.name)));
+        futures_join(waits).await?;
+        let mut apps = Vec::new();
+        for w in &plan.workloads {
+            let (program, args) = w.command(&trellis_dir).ok_or_else(|| format!("workload {} has no command", w.name))?;
+            let spec = ChildSpec {
+                name: w.name.clone(),
+                program,
+                args,
+                env: w.env(),
+                cwd: Some(w.working_dir()),
+                restart_delay: Duration::from_secs(1),
+            };
+            apps.push(Child::start(spec, out.clone(), next_color()).map_err(|e| e.to_string())?);
+        }
+        let app_waits = plan.workloads.iter().map(|w| {
+            let probe = w.spec.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).map(|g| g.path.clone());
+            let what = format!("workload {}", w.name);
+            async move {
+                match probe {
+                    Some(path) => wait_http(w.app, &path, Duration::from_secs(30), what).await,
+                    None => wait_tcp(w.app, Duration::from_secs(30), what).await,
+                }
+            }
+        });
+        futures_join(app_waits).await?;
+        let gw_waits = plan.gateways.iter().map(|g| wait_http(g.admin, "/ready", Duration::from_secs(30), format!("gateway {}", g.name)));
+        futures_join(gw_waits).await?;
+        Ok::<_, String>(apps)
+    }
+    .await;
+    let apps = match result {
+        Ok(apps) => apps,
+        Err(e) => {
+            stop_all(&gateways, &[], &sidecars, &control).await;
+            return Err(e);
+        }
+    };
+    print_table(&plan, opts.control_plane, started.elapsed());
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("trellis up: stopping (gateways drain, then apps, then sidecars)");
+    let t = Instant::now();
+    stop_all(&gateways, &apps, &sidecars, &control).await;
+    eprintln!("trellis up: stopped in {} ms", t.elapsed().as_millis());
+    drop(state);
+    Ok(())
+}
+
+/// Stops everything within ~5 s, in the order that completes in-flight requests: gateways
+/// drain (no new requests enter), apps stop (finishing what they serve, calling out through
+/// their sidecars), then sidecars drain, then the control plane.
+async fn stop_all(gateways: &[Arc<Child>], apps: &[Arc<Child>], sidecars: &[Arc<Child>], control: &Arc<Child>) {
+    for g in gateways {
+        g.signal(Signal::SIGTERM);
+    }
+    join_all(gateways.iter().map(|g| g.wait_or_kill(Duration::from_millis(2000)))).await;
+    for a in apps {
+        a.signal(Signal::SIGTERM);
+    }
+    join_all(apps.iter().map(|a| a.wait_or_kill(Duration::from_millis(1500)))).await;
+    for s in sidecars {
+        s.signal(Signal::SIGTERM);
+    }
+    join_all(sidecars.iter().map(|s| s.wait_or_kill(Duration::from_millis(800)))).await;
+    control.signal(Signal::SIGTERM);
+    control.wait_or_kill(Duration::from_millis(300)).await;
+}
+
+async fn join_all<F: std::future::Future<Output = ()>>(futs: impl Iterator<Item = F>) {
+    let handles: Vec<_> = futs.collect();
+    for f in handles {
+        f.await;
+    }
+}
+
+/// Awaits every future concurrently; the first error wins.
+async fn futures_join<F>(futs: impl Iterator<Item = F>) -> Result<(), String>
+where
+    F: std::future::Future<Output = Result<(), String>>,
+{
+    let mut set = Vec::new();
+    for f in futs {
+        set.push(Box::pin(f));
+    }
+    let results = futures_util::future::join_all(set).await;
+    results.into_iter().collect()
+}
+
+/// Waits until `GET path` on `addr` answers 2xx.
+async fn wait_http(addr: SocketAddr, path: &str, within: Duration, what: String) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(code) = http_status(addr, path).await {
+            if (200..300).contains(&code) {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{what} was not ready after {} s ({addr}{path})", within.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_tcp(addr: SocketAddr, within: Duration, what: String) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("{what} did not listen on {addr} within {} s", within.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// A minimal HTTP/1.0 GET for readiness checks: the status code.
+async fn http_status(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
+    let mut s = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await??;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await??;
+    let line = String::from_utf8_lossy(&buf[..n]);
+    line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| std::io::Error::other("bad status line"))
+}
+
+fn print_table(plan: &Plan, cp: SocketAddr, took: Duration) {
+    let mut rows = vec![vec!["WORKLOAD".to_string(), "SERVICES".into(), "VERSION".into(), "APP".into(), "SIDECAR".into(), "ADMIN".into()]];
+    for w in &plan.workloads {
+        rows.push(vec![
+            format!("{}.{}", w.name, w.namespace),
+            w.services.join(","),
+            w.version(),
+            w.app.to_string(),
+            w.inbound.to_string(),
+            format!("http://{}", w.admin),
+        ]);
+    }
+    let mut out = String::new();
+    push_table(&mut out, &rows);
+    if !plan.gateways.is_empty() {
+        out.push('\n');
+        let mut rows = vec![vec!["GATEWAY".to_string(), "URLS".into(), "ADMIN".into()]];
+        for g in &plan.gateways {
+            let urls = g.ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect::<Vec<_>>().join(" ");
+            rows.push(vec![g.name.clone(), urls, format!("http://{}", g.admin)]);
+        }
+        push_table(&mut out, &rows);
+    }
+    out.push_str(&format!("\ncontrol plane {cp} (`trellis status`, `trellis proxy-config WORKLOAD`)\n"));
+    out.push_str(&format!("mesh ready in {} ms; Ctrl-C stops it\n", took.as_millis()));
+    println!("\n{out}");
+}
+
+fn push_table(out: &mut String, rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols).map(|c| rows.iter().map(|r| r.get(c).map(|s| s.chars().count()).unwrap_or(0)).max().unwrap_or(0)).collect();
+    for r in rows {
+        let cells: Vec<String> = r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+}

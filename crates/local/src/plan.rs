@@ -1,0 +1,272 @@
+//! From config to processes: which workloads, sidecars, gateways and control plane to run, on
+//! which ports, with which environment. Pure: it allocates ports but starts nothing.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use trellis_config::model::trellis::Workload as WorkloadSpec;
+use trellis_config::registry::{Protocol, Registry};
+use trellis_config::{Resource, Spec};
+
+/// A port that was free when asked for.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// One workload with everything allocated for it.
+#[derive(Clone, Debug)]
+pub struct WorkloadPlan {
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub spec: WorkloadSpec,
+    /// Directory of the file that declared it (relative working directories start here).
+    pub base_dir: PathBuf,
+    pub app: SocketAddr,
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    /// `(service name, service port, local port)` for each upstream.
+    pub upstreams: Vec<(String, u16, SocketAddr)>,
+    /// Names of the services that select this workload.
+    pub services: Vec<String>,
+}
+
+/// One gateway deployment (all Gateways with the same selector share it).
+#[derive(Clone, Debug)]
+pub struct GatewayPlan {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub admin: SocketAddr,
+    /// Gateway server ports it will listen on.
+    pub ports: Vec<u16>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub workloads: Vec<WorkloadPlan>,
+    pub gateways: Vec<GatewayPlan>,
+}
+
+impl Plan {
+    pub fn build(resources: &[Resource]) -> std::io::Result<Plan> {
+        let registry = Registry::build(resources, &[]);
+        let mut workloads = Vec::new();
+        for r in resources {
+            let Spec::Workload(w) = &r.spec else { continue };
+            let app = match w.app_port {
+                Some(p) => p as u16,
+                None => free_port()?,
+            };
+            let upstreams = w
+                .upstreams
+                .iter()
+                .map(|u| {
+                    let port = registry.resolve(u, r.namespace()).and_then(|s| s.ports.first()).map(|p| p.number).unwrap_or(80);
+                    Ok((u.clone(), port, local(free_port()?)))
+                })
+                .collect::<std::io::Result<Vec<_>>>()?;
+            let services = registry
+                .services
+                .iter()
+                .filter(|s| s.endpoints.iter().any(|e| e.name == r.name() && e.namespace == r.namespace()))
+                .map(|s| s.short_name.clone().unwrap_or_else(|| s.hostname.clone()))
+                .collect();
+            workloads.push(WorkloadPlan {
+                name: r.name().to_string(),
+                namespace: r.namespace().to_string(),
+                labels: r.meta.labels.clone(),
+                spec: w.clone(),
+                base_dir: r.source.file.parent().map(Path::to_path_buf).unwrap_or_default(),
+                app: local(app),
+                inbound: local(free_port()?),
+                outbound: local(free_port()?),
+                admin: local(free_port()?),
+                upstreams,
+                services,
+            });
+        }
+        let mut by_selector: BTreeMap<BTreeMap<String, String>, Vec<u16>> = BTreeMap::new();
+        for r in resources {
+            let Spec::Gateway(g) = &r.spec else { continue };
+            let ports = by_selector.entry(g.selector.clone()).or_default();
+            for s in &g.servers {
+                if Protocol::parse(&s.port.protocol).is_http() {
+                    ports.push(s.port.number as u16);
+                }
+            }
+        }
+        let mut gateways = Vec::new();
+        for (labels, mut ports) in by_selector {
+            ports.sort_unstable();
+            ports.dedup();
+            let name = match labels.get("istio") {
+                Some(v) => format!("istio-{v}"),
+                None if labels.is_empty() => "gateway".to_string(),
+                None => format!("gateway-{}", labels.values().cloned().collect::<Vec<_>>().join("-")),
+            };
+            gateways.push(GatewayPlan { name, labels, admin: local(free_port()?), ports });
+        }
+        Ok(Plan { workloads, gateways })
+    }
+
+    /// WorkloadEntries declaring where each local workload is reachable (its sidecar's inbound
+    /// port), for the control plane's registry: every port name of every service selecting it.
+    pub fn workload_entries(&self, resources: &[Resource]) -> String {
+        let registry = Registry::build(resources, &[]);
+        let mut out = String::from("# Written by `trellis up`: where each local workload's sidecar listens.\n");
+        for w in &self.workloads {
+            let mut names: Vec<String> = registry
+                .services
+                .iter()
+                .filter(|s| s.endpoints.iter().any(|e| e.name == w.name && e.namespace == w.namespace))
+                .flat_map(|s| s.ports.iter().map(|p| p.name.clone()))
+                .collect();
+            names.push("http".into());
+            names.sort();
+            names.dedup();
+            let ports: Vec<String> = names.iter().map(|n| format!("{}: {}", yaml_str(n), w.inbound.port())).collect();
+            let labels: Vec<String> = w.labels.iter().map(|(k, v)| format!("{}: {}", yaml_str(k), yaml_str(v))).collect();
+            out.push_str(&format!(
+                "---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  address: 127.0.0.1\n  ports: {{{}}}\n  labels: {{{}}}\n",
+                yaml_str(&w.name),
+                yaml_str(&w.namespace),
+                ports.join(", "),
+                labels.join(", "),
+            ));
+            if let Some(sa) = &w.spec.service_account {
+                out.push_str(&format!("  serviceAccount: {}\n", yaml_str(sa)));
+            }
+        }
+        out
+    }
+}
+
+fn yaml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| format!("{s:?}"))
+}
+
+/// `service-b` → `SERVICE_B`.
+pub fn env_name(service: &str) -> String {
+    service.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
+}
+
+impl WorkloadPlan {
+    /// The app's environment: its port, the standard proxy variables pointing at its sidecar,
+    /// one URL and one local address per upstream, then the workload's own `env` (which wins).
+    pub fn env(&self) -> Vec<(String, String)> {
+        let proxy = format!("http://{}", self.outbound);
+        let mut env = vec![
+            ("PORT".to_string(), self.app.port().to_string()),
+            ("HTTP_PROXY".into(), proxy.clone()),
+            ("http_proxy".into(), proxy),
+            ("NO_PROXY".into(), "localhost,127.0.0.1,::1".into()),
+            ("no_proxy".into(), "localhost,127.0.0.1,::1".into()),
+            ("TRELLIS_WORKLOAD".into(), self.name.clone()),
+            ("TRELLIS_NAMESPACE".into(), self.namespace.clone()),
+        ];
+        for (svc, port, local) in &self.upstreams {
+            let url = if *port == 80 { format!("http://{svc}") } else { format!("http://{svc}:{port}") };
+            env.push((format!("{}_URL", env_name(svc)), url));
+            env.push((format!("{}_ADDR", env_name(svc)), local.to_string()));
+        }
+        for (k, v) in &self.spec.env {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.clone(), v.clone()));
+        }
+        env
+    }
+
+    /// The sidecar's command-line arguments.
+    pub fn sidecar_args(&self, control_plane: SocketAddr) -> Vec<String> {
+        let proto = match self.spec.protocol.as_deref().map(Protocol::parse) {
+            Some(Protocol::Http2 | Protocol::Grpc) => ",http2",
+            _ => "",
+        };
+        let mut args = vec![
+            "proxy".to_string(),
+            "--control-plane".into(),
+            control_plane.to_string(),
+            "--workload".into(),
+            self.name.clone(),
+            "--namespace".into(),
+            self.namespace.clone(),
+            "--admin".into(),
+            self.admin.to_string(),
+            "--inbound".into(),
+            format!("{}={}{proto}", self.inbound, self.app),
+            "--outbound".into(),
+            self.outbound.to_string(),
+            "--drain-timeout".into(),
+            "2s".into(),
+        ];
+        for (k, v) in &self.labels {
+            args.push("--label".into());
+            args.push(format!("{k}={v}"));
+        }
+        for (svc, port, local) in &self.upstreams {
+            args.push("--upstream".into());
+            args.push(format!("{local}={svc}:{port}"));
+        }
+        args
+    }
+
+    /// The app's program and arguments, the program resolved next to `trellis` first.
+    pub fn command(&self, trellis_dir: &Path) -> Option<(PathBuf, Vec<String>)> {
+        let (first, rest) = self.spec.command.split_first()?;
+        let mut args: Vec<String> = rest.to_vec();
+        args.extend(self.spec.args.iter().cloned());
+        let program = if first.contains('/') {
+            let p = PathBuf::from(first);
+            if p.is_relative() {
+                self.base_dir.join(p)
+            } else {
+                p
+            }
+        } else if trellis_dir.join(first).is_file() {
+            trellis_dir.join(first)
+        } else {
+            PathBuf::from(first)
+        };
+        Some((program, args))
+    }
+
+    pub fn working_dir(&self) -> PathBuf {
+        match &self.spec.working_dir {
+            Some(d) => self.base_dir.join(d),
+            None => self.base_dir.clone(),
+        }
+    }
+
+    pub fn version(&self) -> String {
+        self.labels.get("version").cloned().unwrap_or_else(|| "-".into())
+    }
+}
+
+impl GatewayPlan {
+    pub fn args(&self, control_plane: SocketAddr) -> Vec<String> {
+        let mut args = vec![
+            "proxy".to_string(),
+            "--role".into(),
+            "gateway".into(),
+            "--control-plane".into(),
+            control_plane.to_string(),
+            "--workload".into(),
+            self.name.clone(),
+            "--admin".into(),
+            self.admin.to_string(),
+            "--drain-timeout".into(),
+            "2s".into(),
+        ];
+        for (k, v) in &self.labels {
+            args.push("--label".into());
+            args.push(format!("{k}={v}"));
+        }
+        args
+    }
+}
