@@ -124,7 +124,12 @@ pub fn analyze(resources: &[Resource], extra: &[Workload]) -> Vec<Finding> {
                 }
                 if let Some(p) = &w.protocol {
                     if !matches!(Protocol::parse(p), Protocol::Http | Protocol::Http2 | Protocol::Grpc) {
-                        cx.push(Code::Schema, r, path!["spec", "protocol"], format!("unknown protocol {p:?}: use HTTP, HTTP2 or GRPC"));
+                        cx.push(
+                            Code::Schema,
+                            r,
+                            path!["spec", "protocol"],
+                            format!("unknown protocol {p:?}: use HTTP, HTTP2 or GRPC"),
+                        );
                     }
                 }
                 for (i, u) in w.upstreams.iter().enumerate() {

@@ -201,6 +201,8 @@ impl<'a> Compiler<'a> {
                 Cluster {
                     name: cluster.clone(),
                     service: self.proxy.name.clone(),
+                    service_name: self.proxy.name.clone(),
+                    service_namespace: self.proxy.namespace.clone(),
                     port: ib.app.port(),
                     subset: None,
                     protocol: ib.protocol.unwrap_or(UpstreamProtocol::Downstream),
@@ -211,6 +213,7 @@ impl<'a> Compiler<'a> {
                         labels: self.proxy.labels.clone(),
                         weight: 1,
                         workload: Some(self.proxy.name.clone()),
+                        namespace: Some(self.proxy.namespace.clone()),
                     }],
                 },
             );
@@ -481,6 +484,7 @@ impl<'a> Compiler<'a> {
                         labels: Labels::new(),
                         weight: 1,
                         workload: None,
+                        namespace: None,
                     }],
                     Some(sp) => svc
                         .endpoints
@@ -492,17 +496,24 @@ impl<'a> Compiler<'a> {
                             labels: w.labels.clone(),
                             weight: w.weight,
                             workload: Some(w.name.clone()),
+                            namespace: Some(w.namespace.clone()),
                         })
                         .collect(),
                 };
                 (protocol, endpoints)
             }
         };
+        let (service_name, service_namespace) = match &svc {
+            Some(s) => (s.short_name.clone().unwrap_or_else(|| s.hostname.clone()), s.namespace.clone()),
+            None => (hostname.to_string(), ns.to_string()),
+        };
         self.clusters.insert(
             name.clone(),
             Cluster {
                 name: name.clone(),
                 service: hostname.to_string(),
+                service_name,
+                service_namespace,
                 port,
                 subset: subset.map(str::to_string),
                 protocol,

@@ -212,7 +212,13 @@ impl HeaderOps {
 pub struct Cluster {
     /// `outbound|<port>|<subset>|<host>` or `inbound|<port>||`, as Envoy names them.
     pub name: String,
+    /// The service's FQDN (or ServiceEntry host).
     pub service: String,
+    /// Its short name and namespace, for telemetry labels.
+    #[serde(default)]
+    pub service_name: String,
+    #[serde(default)]
+    pub service_namespace: String,
     pub port: u16,
     pub subset: Option<String>,
     pub protocol: UpstreamProtocol,
@@ -261,4 +267,6 @@ pub struct Endpoint {
     pub weight: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub namespace: Option<String>,
 }

@@ -10,7 +10,11 @@ use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 /// Calls `on_change` (from the watcher's thread) whenever something under `paths` changes.
 /// Files are watched through their directory, since editors replace files by renaming over
 /// them. Keep the returned watcher alive for as long as changes matter.
-pub fn watch(paths: &[PathBuf], recursive: bool, on_change: impl Fn() + Send + 'static) -> notify::Result<RecommendedWatcher> {
+pub fn watch(
+    paths: &[PathBuf],
+    recursive: bool,
+    on_change: impl Fn() + Send + 'static,
+) -> notify::Result<RecommendedWatcher> {
     let files: Vec<PathBuf> = paths.iter().filter(|p| !p.is_dir()).map(|p| absolute(p)).collect();
     let dirs: Vec<PathBuf> = paths.iter().filter(|p| p.is_dir()).map(|p| absolute(p)).collect();
     // Only config files matter: a log file written next to the config must not cause reloads.

@@ -35,7 +35,9 @@ impl ControlService {
     }
 
     pub fn into_server(self) -> control_server::ControlServer<ControlService> {
-        control_server::ControlServer::new(self).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES)
+        control_server::ControlServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 }
 
@@ -51,7 +53,8 @@ impl control_server::Control for ControlService {
             Some(ProxyMessage { kind: Some(proxy_message::Kind::Hello(h)) }) => h,
             _ => return Err(Status::invalid_argument("the first message of a stream must be Hello")),
         };
-        let spec: ProxySpec = serde_json::from_slice(&hello.spec_json).map_err(|e| Status::invalid_argument(format!("bad proxy spec: {e}")))?;
+        let spec: ProxySpec = serde_json::from_slice(&hello.spec_json)
+            .map_err(|e| Status::invalid_argument(format!("bad proxy spec: {e}")))?;
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(session(self.store.clone(), self.proxies.clone(), hello, spec, inbound, tx));
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
@@ -126,7 +129,12 @@ async fn session(
                             break;
                         }
                     };
-                    let msg = ControlMessage { kind: Some(control_message::Kind::Snapshot(Snapshot { version: snap.version.clone(), snapshot_json: json })) };
+                    let msg = ControlMessage {
+                        kind: Some(control_message::Kind::Snapshot(Snapshot {
+                            version: snap.version.clone(),
+                            snapshot_json: json,
+                        })),
+                    };
                     if tx.send(Ok(msg)).await.is_err() {
                         break;
                     }

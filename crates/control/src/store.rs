@@ -51,7 +51,10 @@ impl ConfigStore {
         let loaded = trellis_config::check(&self.paths, self.recursive);
         let errors: Vec<Finding> = loaded.findings.iter().filter(|f| f.is_error()).cloned().collect();
         if !errors.is_empty() {
-            let rejection = Rejection { reason: format!("config has {} error(s); the last good config keeps serving", errors.len()), findings: errors };
+            let rejection = Rejection {
+                reason: format!("config has {} error(s); the last good config keeps serving", errors.len()),
+                findings: errors,
+            };
             tracing::warn!("{}", rejection.reason);
             for f in &rejection.findings {
                 tracing::warn!("  {f}");

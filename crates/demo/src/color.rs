@@ -34,17 +34,30 @@ pub async fn gateway() -> std::io::Result<()> {
                     web::text(StatusCode::OK, "cleared")
                 }
                 "/color" => {
-                    let got = web::forward(client.get(format!("{}/", teller.trim_end_matches('/'))), req.headers()).send().await;
+                    let got = web::forward(client.get(format!("{}/", teller.trim_end_matches('/'))), req.headers())
+                        .send()
+                        .await;
                     let color = match got {
                         Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default().trim().to_string(),
-                        Ok(r) => return web::json(StatusCode::BAD_GATEWAY, &serde_json::json!({"error": format!("colorteller answered {}", r.status())})),
-                        Err(e) => return web::json(StatusCode::BAD_GATEWAY, &serde_json::json!({"error": e.to_string()})),
+                        Ok(r) => {
+                            return web::json(
+                                StatusCode::BAD_GATEWAY,
+                                &serde_json::json!({"error": format!("colorteller answered {}", r.status())}),
+                            )
+                        }
+                        Err(e) => {
+                            return web::json(StatusCode::BAD_GATEWAY, &serde_json::json!({"error": e.to_string()}))
+                        }
                     };
                     let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
                     *c.entry(color.clone()).or_insert(0) += 1;
                     let total: u64 = c.values().sum();
-                    let stats: serde_json::Map<String, serde_json::Value> =
-                        c.iter().map(|(k, v)| (k.clone(), serde_json::json!(((*v as f64 / total as f64) * 100.0).round() / 100.0))).collect();
+                    let stats: serde_json::Map<String, serde_json::Value> = c
+                        .iter()
+                        .map(|(k, v)| {
+                            (k.clone(), serde_json::json!(((*v as f64 / total as f64) * 100.0).round() / 100.0))
+                        })
+                        .collect();
                     web::json(StatusCode::OK, &serde_json::json!({"color": color, "stats": stats}))
                 }
                 _ => web::json(StatusCode::NOT_FOUND, &serde_json::json!({"error": "try /color"})),

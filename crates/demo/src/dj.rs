@@ -38,7 +38,9 @@ pub async fn dj() -> std::io::Result<()> {
                 let rb = web::forward(client.get(url), req.headers());
                 async move {
                     match rb.send().await {
-                        Ok(r) if r.status().is_success() => r.json::<serde_json::Value>().await.map_err(|e| e.to_string()),
+                        Ok(r) if r.status().is_success() => {
+                            r.json::<serde_json::Value>().await.map_err(|e| e.to_string())
+                        }
                         Ok(r) => Err(format!("answered {}", r.status())),
                         Err(e) => Err(e.to_string()),
                     }

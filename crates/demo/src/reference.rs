@@ -55,8 +55,18 @@ pub async fn run() -> std::io::Result<()> {
     let mut registry = Registry::default();
     let requests = Family::<RequestLabels, Counter>::default();
     registry.register("reference_requests", "Requests served, by path and status", requests.clone());
-    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into());
-    let app = Arc::new(App { name: name.clone(), greeting, downstreams, client: web::client(), hostname, requests, registry });
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let app = Arc::new(App {
+        name: name.clone(),
+        greeting,
+        downstreams,
+        client: web::client(),
+        hostname,
+        requests,
+        registry,
+    });
     for leg in ["QUEUE_URL", "DATASTORE_URL"] {
         if std::env::var(leg).is_err() {
             web::log(&name, "info", &format!("{leg} not set; the asynchronous leg is skipped"), serde_json::json!({}));
@@ -68,7 +78,9 @@ pub async fn run() -> std::io::Result<()> {
         async move {
             let path = req.uri().path().to_string();
             let resp = app.handle(req).await;
-            app.requests.get_or_create(&RequestLabels { path: metric_path(&path), status: resp.status().as_u16() }).inc();
+            app.requests
+                .get_or_create(&RequestLabels { path: metric_path(&path), status: resp.status().as_u16() })
+                .inc();
             resp
         }
     })
@@ -90,7 +102,14 @@ impl App {
     async fn handle(&self, req: http::Request<hyper::body::Incoming>) -> http::Response<Body> {
         let path = req.uri().path().to_string();
         match (req.method(), path.as_str()) {
-            (&Method::GET, "/api/greeting") => self.greeting(req.headers()).await,
+            (&Method::GET, "/api/greeting") => {
+                // `?sleep_ms=N` delays this service's own answer (timeout and shutdown demos).
+                let sleep = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("sleep_ms=")));
+                if let Some(ms) = sleep.and_then(|v| v.parse::<u64>().ok()) {
+                    tokio::time::sleep(std::time::Duration::from_millis(ms.min(60_000))).await;
+                }
+                self.greeting(req.headers()).await
+            }
             (&Method::GET, "/api/health") => web::json(StatusCode::OK, &serde_json::json!({"alive": true})),
             (&Method::GET, "/api/metrics") => {
                 let mut out = String::new();

@@ -148,14 +148,16 @@ where
                     "request",
                     serde_json::json!({
                         "method": method, "path": path, "status": resp.status().as_u16(),
-                        "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
+                        "duration_ms": (started.elapsed().as_secs_f64() * 1e6).round() / 1000.0,
                         "trace_id": trace_id, "span_id": span_id, "x_request_id": request_id,
                     }),
                 );
                 Ok::<_, Infallible>(resp)
             }
         });
-        let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).into_owned();
+        let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(conn);
     }

@@ -46,19 +46,25 @@ pub async fn up(opts: UpOptions) -> Result<(), String> {
     }
 
     // The control plane reads the user's config plus where each local workload listens.
-    let state = tempfile::Builder::new().prefix("trellis-up-").tempdir().map_err(|e| format!("cannot create state directory: {e}"))?;
+    let state = tempfile::Builder::new()
+        .prefix("trellis-up-")
+        .tempdir()
+        .map_err(|e| format!("cannot create state directory: {e}"))?;
     let entries = state.path().join("workloads.yaml");
-    std::fs::write(&entries, plan.workload_entries(&loaded.resources)).map_err(|e| format!("cannot write {}: {e}", entries.display()))?;
+    std::fs::write(&entries, plan.workload_entries(&loaded.resources))
+        .map_err(|e| format!("cannot write {}: {e}", entries.display()))?;
 
     let trellis_dir = opts.trellis.parent().map(PathBuf::from).unwrap_or_default();
-    let names = plan.workloads.iter().map(|w| w.name.len() + 6).chain(plan.gateways.iter().map(|g| g.name.len())).chain([13]);
+    let names =
+        plan.workloads.iter().map(|w| w.name.len() + 6).chain(plan.gateways.iter().map(|g| g.name.len())).chain([13]);
     let out = Output { width: names.max().unwrap_or(12), color: std::io::IsTerminal::is_terminal(&std::io::stdout()) };
     let mut color = 0;
     let mut next_color = || {
         color += 1;
         color
     };
-    let proxy_env = vec![("RUST_LOG".to_string(), std::env::var("TRELLIS_PROXY_LOG").unwrap_or_else(|_| "warn".into()))];
+    let proxy_env =
+        vec![("RUST_LOG".to_string(), std::env::var("TRELLIS_PROXY_LOG").unwrap_or_else(|_| "warn".into()))];
 
     let mut cp_args = vec!["control".to_string(), "--listen".into(), opts.control_plane.to_string()];
     if opts.recursive {
@@ -112,11 +118,15 @@ pub async fn up(opts: UpOptions) -> Result<(), String> {
     all.extend(gateways.iter().cloned());
     let result = async {
         // Hold each app until its sidecar is ready (Istio's holdApplicationUntilProxyStarts).
-        let waits = plan.workloads.iter().map(|w| wait_http(w.admin, "/ready", Duration::from_secs(30), format!("sidecar of {}", w.name)));
+        let waits = plan
+            .workloads
+            .iter()
+            .map(|w| wait_http(w.admin, "/ready", Duration::from_secs(30), format!("sidecar of {}", w.name)));
         futures_join(waits).await?;
         let mut apps = Vec::new();
         for w in &plan.workloads {
-            let (program, args) = w.command(&trellis_dir).ok_or_else(|| format!("workload {} has no command", w.name))?;
+            let (program, args) =
+                w.command(&trellis_dir).ok_or_else(|| format!("workload {} has no command", w.name))?;
             let spec = ChildSpec {
                 name: w.name.clone(),
                 program,
@@ -138,7 +148,10 @@ pub async fn up(opts: UpOptions) -> Result<(), String> {
             }
         });
         futures_join(app_waits).await?;
-        let gw_waits = plan.gateways.iter().map(|g| wait_http(g.admin, "/ready", Duration::from_secs(30), format!("gateway {}", g.name)));
+        let gw_waits = plan
+            .gateways
+            .iter()
+            .map(|g| wait_http(g.admin, "/ready", Duration::from_secs(30), format!("gateway {}", g.name)));
         futures_join(gw_waits).await?;
         Ok::<_, String>(apps)
     }
@@ -152,7 +165,8 @@ pub async fn up(opts: UpOptions) -> Result<(), String> {
     };
     print_table(&plan, opts.control_plane, started.elapsed());
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -243,7 +257,14 @@ async fn http_status(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
 }
 
 fn print_table(plan: &Plan, cp: SocketAddr, took: Duration) {
-    let mut rows = vec![vec!["WORKLOAD".to_string(), "SERVICES".into(), "VERSION".into(), "APP".into(), "SIDECAR".into(), "ADMIN".into()]];
+    let mut rows = vec![vec![
+        "WORKLOAD".to_string(),
+        "SERVICES".into(),
+        "VERSION".into(),
+        "APP".into(),
+        "SIDECAR".into(),
+        "ADMIN".into(),
+    ]];
     for w in &plan.workloads {
         rows.push(vec![
             format!("{}.{}", w.name, w.namespace),
@@ -272,7 +293,9 @@ fn print_table(plan: &Plan, cp: SocketAddr, took: Duration) {
 
 fn push_table(out: &mut String, rows: &[Vec<String>]) {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..cols).map(|c| rows.iter().map(|r| r.get(c).map(|s| s.chars().count()).unwrap_or(0)).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r.get(c).map(|s| s.chars().count()).unwrap_or(0)).max().unwrap_or(0))
+        .collect();
     for r in rows {
         let cells: Vec<String> = r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
         out.push_str(cells.join("  ").trim_end());

@@ -67,7 +67,11 @@ impl Plan {
                 .upstreams
                 .iter()
                 .map(|u| {
-                    let port = registry.resolve(u, r.namespace()).and_then(|s| s.ports.first()).map(|p| p.number).unwrap_or(80);
+                    let port = registry
+                        .resolve(u, r.namespace())
+                        .and_then(|s| s.ports.first())
+                        .map(|p| p.number)
+                        .unwrap_or(80);
                     Ok((u.clone(), port, local(free_port()?)))
                 })
                 .collect::<std::io::Result<Vec<_>>>()?;
@@ -131,7 +135,8 @@ impl Plan {
             names.sort();
             names.dedup();
             let ports: Vec<String> = names.iter().map(|n| format!("{}: {}", yaml_str(n), w.inbound.port())).collect();
-            let labels: Vec<String> = w.labels.iter().map(|(k, v)| format!("{}: {}", yaml_str(k), yaml_str(v))).collect();
+            let labels: Vec<String> =
+                w.labels.iter().map(|(k, v)| format!("{}: {}", yaml_str(k), yaml_str(v))).collect();
             out.push_str(&format!(
                 "---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  address: 127.0.0.1\n  ports: {{{}}}\n  labels: {{{}}}\n",
                 yaml_str(&w.name),

@@ -80,7 +80,12 @@ impl Child {
         if let Some(d) = &self.spec.cwd {
             cmd.current_dir(d);
         }
-        let mut child = cmd.spawn().map_err(|e| std::io::Error::new(e.kind(), format!("cannot start {} ({}): {e}", self.spec.name, self.spec.program.display())))?;
+        let mut child = cmd.spawn().map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot start {} ({}): {e}", self.spec.name, self.spec.program.display()),
+            )
+        })?;
         self.pid.store(child.id().unwrap_or(0), Ordering::SeqCst);
         self.starts.fetch_add(1, Ordering::SeqCst);
         let prefix = if out.color {

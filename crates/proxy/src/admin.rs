@@ -37,6 +37,29 @@ pub async fn serve(proxy: Arc<Proxy>, addr: SocketAddr) -> std::io::Result<Socke
     Ok(local)
 }
 
+/// Metrics, in OpenMetrics when the scraper asks for it (`Accept`), else Prometheus text.
+fn metrics(proxy: &Arc<Proxy>, req: &Request<Incoming>) -> Response<Body> {
+    let shared = proxy.shared();
+    let m = &shared.metrics;
+    m.connections_open.set(shared.drain.open_connections() as i64);
+    let cp = shared.status().control_plane;
+    m.control_plane_connected.set(i64::from(cp.as_deref() == Some("connected")));
+    let openmetrics = req
+        .headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let (body, ctype) = if openmetrics {
+        (m.encode_openmetrics(), "application/openmetrics-text; version=1.0.0; charset=utf-8")
+    } else {
+        (m.encode_prometheus(), "text/plain; version=0.0.4; charset=utf-8")
+    };
+    let mut r = text(StatusCode::OK, body);
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
 fn text(status: StatusCode, body: impl Into<String>) -> Response<Body> {
     let mut r = Response::new(full(body.into()));
     *r.status_mut() = status;
@@ -56,6 +79,7 @@ async fn route(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
             }
         }
         (&Method::GET, "/healthz") => text(StatusCode::OK, "OK\n"),
+        (&Method::GET, "/metrics" | "/stats/prometheus") => metrics(proxy, &req),
         (&Method::GET, "/config_dump") => {
             let dump = proxy.config_dump().await;
             match serde_json::to_string_pretty(&dump) {
@@ -73,7 +97,7 @@ async fn route(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
         }
         (&Method::GET, "/") => text(
             StatusCode::OK,
-            "trellis proxy admin\n  /ready          readiness (200 when serving)\n  /config_dump    the snapshot in force, as JSON\n  /quitquitquit   drain: stop accepting, finish in-flight, exit\n",
+            "trellis proxy admin\n  /ready          readiness (200 when serving)\n  /metrics        Prometheus metrics (also /stats/prometheus); OpenMetrics when asked for\n  /config_dump    the snapshot in force, as JSON\n  /quitquitquit   drain: stop accepting, finish in-flight, exit\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found; see /\n"),
     }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use trellis_api::control::{control_client::ControlClient, control_message, proxy_message, Ack, Hello, Nack, ProxyMessage};
+use trellis_api::control::{
+    control_client::ControlClient, control_message, proxy_message, Ack, Hello, Nack, ProxyMessage,
+};
 use trellis_config::compile::ProxySpec;
 use trellis_config::snapshot::Snapshot;
 
@@ -67,11 +69,15 @@ async fn session(proxy: &Proxy, addr: &str, id: &str, spec_json: &[u8], backoff:
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
     let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-    let mut client = ControlClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut client = ControlClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel(8);
-    let hello = Hello { proxy_id: id.to_string(), spec_json: spec_json.to_vec(), current_version: current_version(proxy) };
+    let hello =
+        Hello { proxy_id: id.to_string(), spec_json: spec_json.to_vec(), current_version: current_version(proxy) };
     tx.send(ProxyMessage { kind: Some(proxy_message::Kind::Hello(hello)) }).await.map_err(|e| e.to_string())?;
-    let mut inbound = client.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(|e| e.to_string())?.into_inner();
+    let mut inbound =
+        client.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(|e| e.to_string())?.into_inner();
     tracing::info!(control_plane = %addr, proxy = %id, "connected to control plane");
     set_state(proxy, "connected");
     *backoff = MIN_BACKOFF;
@@ -79,7 +85,9 @@ async fn session(proxy: &Proxy, addr: &str, id: &str, spec_json: &[u8], backoff:
         let Some(control_message::Kind::Snapshot(s)) = msg.kind else { continue };
         let reply = match serde_json::from_slice::<Snapshot>(&s.snapshot_json) {
             Err(e) => Err(format!("cannot decode snapshot: {e}")),
-            Ok(snap) if snap.version != s.version => Err(format!("snapshot version {} does not match its envelope {}", snap.version, s.version)),
+            Ok(snap) if snap.version != s.version => {
+                Err(format!("snapshot version {} does not match its envelope {}", snap.version, s.version))
+            }
             Ok(snap) => proxy.apply(snap).await,
         };
         let kind = match reply {

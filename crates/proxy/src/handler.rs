@@ -13,7 +13,9 @@
 //! `outbound`; error-to-response mapping lives in `http::error`. Nothing here buffers a body.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -21,12 +23,16 @@ use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
 use trellis_config::snapshot::{Direction, ListenerRouting, UpstreamProtocol};
+use trellis_telemetry::identity::ServiceLabels;
+use trellis_telemetry::metrics::Reporter;
+use trellis_telemetry::Identity;
 
 use crate::balance::PickCtx;
 use crate::http::{boxed, full, headers, Body, ProxyError};
 use crate::runtime::route::{Action, RequestView};
-use crate::runtime::{RouteTable, Runtime};
+use crate::runtime::{Cluster, RouteTable, Runtime};
 use crate::state::Shared;
+use crate::telemetry::{Counted, Recorded, RequestRecord};
 use crate::upstream::{body::Tracked, Wire};
 use crate::{gateway, inbound, outbound};
 
@@ -39,19 +45,79 @@ pub struct ConnInfo {
     pub local: SocketAddr,
 }
 
-/// Serves one request; never fails (errors become responses).
-pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<Body> {
+/// What routing learned about a request, for telemetry.
+#[derive(Default)]
+pub struct RequestInfo {
+    /// The cluster and endpoint the request went to.
+    pub cluster: Option<Arc<Cluster>>,
+    pub endpoint: Option<usize>,
+    /// Who called, from peer metadata (inbound only).
+    pub peer: Option<(Identity, ServiceLabels)>,
+}
+
+/// Serves one request; never fails (errors become responses). Every request is recorded once,
+/// when its response body ends or is dropped.
+pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut req: Request<Incoming>) -> Response<Body> {
+    let start = Instant::now();
     let rt = shared.runtime();
     let downstream_version = req.version();
-    let mut resp = match proxy(&rt, &conn, req).await {
-        Ok(r) => r,
+    let protocol = if is_grpc(req.headers()) { "grpc" } else { "http" };
+    let mut info = RequestInfo::default();
+    if conn.direction == Direction::Inbound {
+        info.peer = trellis_telemetry::peer::take(req.headers_mut());
+    }
+    let request_bytes = Arc::new(AtomicU64::new(0));
+    let (mut resp, flag) = match proxy(&rt, &conn, req, &mut info, &request_bytes).await {
+        Ok(r) => (r, "-"),
         Err(e) => {
             tracing::debug!(listener = %conn.listener, flag = %e.flag, "{e}");
-            e.into_response()
+            let flag = e.flag.as_str();
+            (e.into_response(), flag)
         }
     };
     *resp.version_mut() = downstream_version;
-    resp
+    let unknown = || Arc::new(Identity::unknown());
+    let mut record = match conn.direction {
+        Direction::Inbound => {
+            let (source, service) = match info.peer.take() {
+                Some((id, svc)) => (Arc::new(id), Arc::new(svc)),
+                None => (unknown(), Arc::new(ServiceLabels::unknown())),
+            };
+            RequestRecord::new(
+                shared.metrics.clone(),
+                start,
+                Reporter::Destination,
+                source,
+                rt.me.clone(),
+                service,
+                protocol,
+                request_bytes,
+            )
+        }
+        Direction::Outbound | Direction::Gateway => {
+            let destination = match (&info.cluster, info.endpoint) {
+                (Some(c), Some(i)) => c.identities.get(i).cloned().unwrap_or_else(unknown),
+                _ => unknown(),
+            };
+            let service =
+                info.cluster.as_ref().map(|c| c.service.clone()).unwrap_or_else(|| Arc::new(ServiceLabels::unknown()));
+            RequestRecord::new(
+                shared.metrics.clone(),
+                start,
+                Reporter::Source,
+                rt.me.clone(),
+                destination,
+                service,
+                protocol,
+                request_bytes,
+            )
+        }
+    };
+    record.status = resp.status().as_u16();
+    record.flags = flag;
+    let (parts, body) = resp.into_parts();
+    let body = Recorded::new(body, record, &parts.headers);
+    Response::from_parts(parts, boxed(body))
 }
 
 /// The request's authority: the absolute-form URI's, else `Host` (HTTP/1), else `:authority`.
@@ -78,7 +144,13 @@ fn authority_of(req: &Request<Incoming>) -> Result<Option<Authority>, ProxyError
     }
 }
 
-async fn proxy(rt: &Runtime, conn: &ConnInfo, req: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+async fn proxy(
+    rt: &Runtime,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    info: &mut RequestInfo,
+    request_bytes: &Arc<AtomicU64>,
+) -> Result<Response<Body>, ProxyError> {
     if req.method() == http::Method::CONNECT {
         return Err(ProxyError::bad_request("CONNECT tunnels are not supported yet"));
     }
@@ -143,6 +215,7 @@ async fn proxy(rt: &Runtime, conn: &ConnInfo, req: Request<Incoming>) -> Result<
 
     let dest = forward.pick();
     let cluster = &dest.cluster;
+    info.cluster = Some(cluster.clone());
     let pick = cluster
         .balancer
         .pick(
@@ -151,6 +224,7 @@ async fn proxy(rt: &Runtime, conn: &ConnInfo, req: Request<Incoming>) -> Result<
         )
         .ok_or_else(|| ProxyError::no_healthy_upstream(&cluster.name))?;
     let (endpoint, _) = &cluster.endpoints[pick.0];
+    info.endpoint = Some(pick.0);
 
     // Build the upstream request.
     let grpc = is_grpc(&parts.headers);
@@ -208,7 +282,10 @@ async fn proxy(rt: &Runtime, conn: &ConnInfo, req: Request<Incoming>) -> Result<
                 .map_err(|e| ProxyError::bad_request(format!("invalid authority: {e}")))?
         }
     };
-    let upstream_req = Request::from_parts(parts, boxed(body));
+    if let Some(peer) = &cluster.peer_header {
+        parts.headers.insert(trellis_telemetry::peer::PEER_HEADER, peer.clone());
+    }
+    let upstream_req = Request::from_parts(parts, boxed(Counted::new(body, request_bytes.clone())));
 
     let in_flight = endpoint.start_request();
     let send = endpoint.send(upstream_req, wire, cluster.connect_timeout);

@@ -20,6 +20,7 @@ mod outbound;
 pub mod runtime;
 pub mod source;
 pub mod state;
+pub mod telemetry;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -91,6 +92,7 @@ impl Proxy {
         for f in &findings {
             tracing::warn!("  {f}");
         }
+        self.shared.metrics.snapshot_rejections.inc();
         self.shared.update_status(|s| {
             s.rejected += 1;
             s.last_rejection = Some(Rejection { at: SystemTime::now(), reason, findings });

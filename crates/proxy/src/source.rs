@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use trellis_config::watch::notify;
 use trellis_config::compile::{compile, ProxySpec};
 use trellis_config::snapshot::Snapshot;
+use trellis_config::watch::notify;
 use trellis_config::Finding;
 
 use crate::Proxy;

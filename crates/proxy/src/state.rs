@@ -18,6 +18,7 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 pub struct Shared {
     runtime: ArcSwap<Runtime>,
+    pub metrics: Arc<trellis_telemetry::metrics::ProxyMetrics>,
     pub pools: Pools,
     pub drain: Drain,
     pub server: auto::Builder<TokioExecutor>,
@@ -61,6 +62,7 @@ impl Shared {
             .max_concurrent_streams(1024);
         Shared {
             runtime: ArcSwap::from_pointee(Runtime::empty()),
+            metrics: Arc::new(trellis_telemetry::metrics::ProxyMetrics::new()),
             pools: Pools::default(),
             drain: Drain::new(),
             server,
@@ -75,6 +77,7 @@ impl Shared {
     }
 
     pub(crate) fn swap(&self, rt: Runtime) {
+        self.metrics.set_version(rt.version());
         self.runtime.store(Arc::new(rt));
         self.ready.store(true, Ordering::Release);
     }

@@ -31,7 +31,9 @@ async fn serve(args: Args) -> Result<()> {
     // a good config is on disk, so proxies keep serving what they have.
     let _ = store.reload();
     let _watch = store.watch().context("cannot watch config files")?;
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(address = %args.listen, "control plane serving");
     let shutdown = async {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

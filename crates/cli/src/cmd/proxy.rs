@@ -180,7 +180,9 @@ async fn serve(args: Args) -> Result<()> {
     let proxy = Proxy::new();
     if let Some(cp) = &args.control_plane {
         // Control-plane mode: admin first (so /ready can say "not yet"), then connect.
-        let admin = trellis_proxy::admin::serve(proxy.clone(), args.admin).await.with_context(|| format!("cannot bind admin address {}", args.admin))?;
+        let admin = trellis_proxy::admin::serve(proxy.clone(), args.admin)
+            .await
+            .with_context(|| format!("cannot bind admin address {}", args.admin))?;
         proxy.shared().update_status(|s| s.source = "control-plane".into());
         tracing::info!(admin = %admin, control_plane = %cp, proxy = %trellis_proxy::control_client::proxy_id(&spec), "proxy started; waiting for config");
         tokio::spawn(trellis_proxy::control_client::run(proxy.clone(), cp.clone(), spec));
@@ -192,7 +194,9 @@ async fn serve(args: Args) -> Result<()> {
             }
             anyhow!("config has errors; not starting (run `trellis analyze` for details)")
         })?;
-        let admin = trellis_proxy::admin::serve(proxy.clone(), args.admin).await.with_context(|| format!("cannot bind admin address {}", args.admin))?;
+        let admin = trellis_proxy::admin::serve(proxy.clone(), args.admin)
+            .await
+            .with_context(|| format!("cannot bind admin address {}", args.admin))?;
         proxy.shared().update_status(|s| s.source = "file".into());
         proxy.apply(snap).await.map_err(|e| anyhow!(e))?;
         source.clone().watch(proxy.clone()).context("cannot watch config files")?;

@@ -34,14 +34,23 @@ enum Output {
 }
 
 async fn client(addr: &str) -> Result<ControlClient<tonic::transport::Channel>> {
-    let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_timeout(std::time::Duration::from_secs(2));
-    let ch = ep.connect().await.with_context(|| format!("cannot reach the control plane at {addr} (is `trellis up` running?)"))?;
+    let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(std::time::Duration::from_secs(2));
+    let ch = ep
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the control plane at {addr} (is `trellis up` running?)"))?;
     Ok(ControlClient::new(ch).max_decoding_message_size(256 * 1024 * 1024))
 }
 
 pub fn status(args: StatusArgs) -> ExitCode {
     super::block_on(async move {
-        let reply = client(&args.control_plane).await?.status(StatusRequest {}).await.map_err(|s| anyhow!(s.message().to_string()))?.into_inner();
+        let reply = client(&args.control_plane)
+            .await?
+            .status(StatusRequest {})
+            .await
+            .map_err(|s| anyhow!(s.message().to_string()))?
+            .into_inner();
         if args.output == Output::Json {
             let proxies: Vec<serde_json::Value> = reply
                 .proxies
@@ -63,7 +72,14 @@ pub fn status(args: StatusArgs) -> ExitCode {
             println!("{}", serde_json::to_string_pretty(&out)?);
             return Ok(());
         }
-        let mut rows = vec![vec!["PROXY".to_string(), "WORKLOAD".into(), "STATE".into(), "VERSION".into(), "LAST ACK/NACK".into(), "SINCE".into()]];
+        let mut rows = vec![vec![
+            "PROXY".to_string(),
+            "WORKLOAD".into(),
+            "STATE".into(),
+            "VERSION".into(),
+            "LAST ACK/NACK".into(),
+            "SINCE".into(),
+        ]];
         for p in &reply.proxies {
             let last = if !p.nacked_version.is_empty() && p.nacked_version == p.sent_version {
                 format!("NACK {}: {}", p.nacked_version, p.nack_reason)
@@ -72,7 +88,14 @@ pub fn status(args: StatusArgs) -> ExitCode {
             } else {
                 "pending".to_string()
             };
-            rows.push(vec![p.proxy_id.clone(), format!("{}.{}", p.workload, p.namespace), p.state.clone(), p.acked_version.clone(), last, format!("{}s", p.state_age_seconds)]);
+            rows.push(vec![
+                p.proxy_id.clone(),
+                format!("{}.{}", p.workload, p.namespace),
+                p.state.clone(),
+                p.acked_version.clone(),
+                last,
+                format!("{}s", p.state_age_seconds),
+            ]);
         }
         print_table(&rows);
         if !reply.config_error.is_empty() {
@@ -106,7 +129,12 @@ pub fn proxy_config(args: ProxyConfigArgs) -> ExitCode {
                 ListenerRouting::ByRequestPort => "outbound|<request port>".into(),
                 ListenerRouting::Fixed { host, port } => format!("as {host}:{port}"),
             };
-            rows.push(vec![l.name.clone(), l.address.to_string(), format!("{:?}", l.direction).to_lowercase(), routing]);
+            rows.push(vec![
+                l.name.clone(),
+                l.address.to_string(),
+                format!("{:?}", l.direction).to_lowercase(),
+                routing,
+            ]);
         }
         print_table(&rows);
         println!();
@@ -114,9 +142,18 @@ pub fn proxy_config(args: ProxyConfigArgs) -> ExitCode {
         for (name, t) in &snap.route_tables {
             for vh in &t.virtual_hosts {
                 for r in &vh.routes {
-                    let m = if r.matches.is_empty() { "/*".to_string() } else { serde_json::to_string(&r.matches).unwrap_or_default() };
+                    let m = if r.matches.is_empty() {
+                        "/*".to_string()
+                    } else {
+                        serde_json::to_string(&r.matches).unwrap_or_default()
+                    };
                     let action = match &r.action {
-                        Action::Forward(f) => f.destinations.iter().map(|d| format!("{} ({})", d.cluster, d.weight)).collect::<Vec<_>>().join(", "),
+                        Action::Forward(f) => f
+                            .destinations
+                            .iter()
+                            .map(|d| format!("{} ({})", d.cluster, d.weight))
+                            .collect::<Vec<_>>()
+                            .join(", "),
                         Action::Redirect(rd) => format!("redirect {}", rd.code),
                         Action::Direct { status, .. } => format!("direct {status}"),
                     };
@@ -144,7 +181,9 @@ pub fn proxy_config(args: ProxyConfigArgs) -> ExitCode {
 /// Prints rows as aligned columns.
 pub(crate) fn print_table(rows: &[Vec<String>]) {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..cols).map(|c| rows.iter().map(|r| r.get(c).map(|s| s.chars().count()).unwrap_or(0)).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r.get(c).map(|s| s.chars().count()).unwrap_or(0)).max().unwrap_or(0))
+        .collect();
     for r in rows {
         let line: Vec<String> = r.iter().enumerate().map(|(i, cell)| format!("{cell:<w$}", w = widths[i])).collect();
         println!("{}", line.join("  ").trim_end());

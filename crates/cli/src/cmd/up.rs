@@ -25,6 +25,11 @@ pub fn run(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let opts = trellis_local::UpOptions { paths: args.paths, recursive: args.recursive, control_plane: args.control_plane, trellis };
+    let opts = trellis_local::UpOptions {
+        paths: args.paths,
+        recursive: args.recursive,
+        control_plane: args.control_plane,
+        trellis,
+    };
     super::block_on(async move { trellis_local::up(opts).await.map_err(|e| anyhow::anyhow!(e)) })
 }

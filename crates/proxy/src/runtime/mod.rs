@@ -13,12 +13,18 @@ use std::time::Duration;
 
 use trellis_config::snapshot::{self as spec, ListenerRouting, UpstreamProtocol};
 
+use http::HeaderValue;
+use trellis_telemetry::identity::ServiceLabels;
+use trellis_telemetry::Identity;
+
 use crate::balance::Balancer;
 use crate::upstream::{Endpoint, Pools};
 pub use route::RouteTable;
 
 pub struct Runtime {
     pub snapshot: Arc<spec::Snapshot>,
+    /// This proxy's identity, for telemetry.
+    pub me: Arc<Identity>,
     tables: HashMap<String, Arc<RouteTable>>,
     /// Outbound tables by port, for `ByRequestPort` and `Fixed` listeners.
     outbound: HashMap<u16, Arc<RouteTable>>,
@@ -32,7 +38,12 @@ pub struct Cluster {
     pub protocol: UpstreamProtocol,
     pub connect_timeout: Duration,
     pub endpoints: Vec<(Arc<Endpoint>, u32)>,
+    /// The identity of each endpoint, in the same order.
+    pub identities: Vec<Arc<Identity>>,
     pub balancer: Balancer,
+    pub service: Arc<ServiceLabels>,
+    /// Peer metadata sent with every request to this cluster (none towards the local app).
+    pub peer_header: Option<HeaderValue>,
 }
 
 impl Runtime {
@@ -40,6 +51,7 @@ impl Runtime {
     pub fn empty() -> Runtime {
         Runtime {
             snapshot: Arc::new(spec::Snapshot::default()),
+            me: Arc::new(Identity::unknown()),
             tables: HashMap::new(),
             outbound: HashMap::new(),
             listeners: HashMap::new(),
@@ -48,11 +60,24 @@ impl Runtime {
     }
 
     pub fn build(snapshot: Arc<spec::Snapshot>, pools: &Pools) -> Result<Runtime, String> {
+        let node = &snapshot.node;
+        let me = Arc::new(Identity::new(&node.name, &node.namespace, &node.labels, None));
         let mut clusters = HashMap::new();
         for (name, c) in &snapshot.clusters {
             let endpoints: Vec<(Arc<Endpoint>, u32)> =
                 c.endpoints.iter().map(|e| (pools.endpoint(&e.address), e.weight.max(1))).collect();
+            let identities = c
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let (w, ns) = (e.workload.as_deref().unwrap_or(""), e.namespace.as_deref().unwrap_or(""));
+                    Arc::new(Identity::new(w, ns, &e.labels, None))
+                })
+                .collect();
             let balancer = Balancer::new(&c.lb, &endpoints);
+            let service = Arc::new(ServiceLabels::new(&c.service, &c.service_name, &c.service_namespace));
+            let peer_header =
+                if name.starts_with("inbound|") { None } else { trellis_telemetry::peer::encode(&me, &service) };
             clusters.insert(
                 name.clone(),
                 Arc::new(Cluster {
@@ -60,7 +85,10 @@ impl Runtime {
                     protocol: c.protocol,
                     connect_timeout: c.connect_timeout.0,
                     endpoints,
+                    identities,
                     balancer,
+                    service,
+                    peer_header,
                 }),
             );
         }
@@ -83,7 +111,7 @@ impl Runtime {
             listeners.insert(l.name.clone(), l.routing.clone());
         }
         pools.collect();
-        Ok(Runtime { snapshot, tables, outbound, listeners, clusters })
+        Ok(Runtime { snapshot, me, tables, outbound, listeners, clusters })
     }
 
     pub fn version(&self) -> &str {
