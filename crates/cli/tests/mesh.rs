@@ -1,0 +1,464 @@
+//! `trellis up` end to end: the shipped examples run as real processes (control plane,
+//! sidecars, gateway, demo apps) on 127.0.0.1, each copied to a temporary directory with its
+//! gateway moved to a free port so tests can run side by side.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// A copy of `examples/<name>` with the gateway on `port`.
+fn example(name: &str, port: u16) -> ConfigDir {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(name);
+    let dir = ConfigDir::new();
+    copy_dir(&src, dir.path(), port);
+    dir
+}
+
+fn copy_dir(src: &Path, dst: &Path, port: u16) {
+    for e in std::fs::read_dir(src).expect("example dir") {
+        let e = e.expect("entry");
+        let to = dst.join(e.file_name());
+        if e.path().is_dir() {
+            std::fs::create_dir_all(&to).expect("mkdir");
+            copy_dir(&e.path(), &to, port);
+        } else {
+            let text = std::fs::read_to_string(e.path()).expect("read");
+            std::fs::write(&to, text.replace("number: 8080", &format!("number: {port}"))).expect("write");
+        }
+    }
+}
+
+fn demo_bin_present() {
+    let demo = Path::new(trellis_bin()).with_file_name("trellis-demo");
+    assert!(demo.is_file(), "{} is missing: build it first (`cargo build --workspace --bins`, as scripts/test.sh does)", demo.display());
+}
+
+/// A running `trellis up`.
+struct Up {
+    child: Child,
+    pub cp: SocketAddr,
+    pub port: u16,
+    lines: Arc<Mutex<Vec<String>>>,
+    pub started: Instant,
+    pub ready_after: Duration,
+}
+
+impl Up {
+    fn start(dir: &Path, port: u16) -> Up {
+        demo_bin_present();
+        let cp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let started = Instant::now();
+        let mut child = Command::new(trellis_bin())
+            .arg("up")
+            .arg(dir)
+            .args(["--control-plane", &cp.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn trellis up");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        for stream in [child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), child.stderr.take().map(|s| Box::new(s) as _)]
+            .into_iter()
+            .flatten()
+        {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for l in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+                    lines.lock().expect("lock").push(l);
+                }
+            });
+        }
+        let mut up = Up { child, cp, port, lines, started, ready_after: Duration::ZERO };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if up.output().contains("mesh ready in") {
+                break;
+            }
+            if let Ok(Some(s)) = up.child.try_wait() {
+                panic!("trellis up exited with {s}:\n{}", up.output());
+            }
+            assert!(Instant::now() < deadline, "mesh not ready:\n{}", up.output());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        up.ready_after = up.started.elapsed();
+        up
+    }
+
+    fn output(&self) -> String {
+        self.lines.lock().expect("lock").join("\n")
+    }
+
+    /// Admin address of each workload (and gateway), from the table `trellis up` prints.
+    fn admins(&self) -> BTreeMap<String, SocketAddr> {
+        let mut m = BTreeMap::new();
+        for l in self.output().lines() {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            if let (Some(first), Some(last)) = (cols.first(), cols.last()) {
+                if let Some(addr) = last.strip_prefix("http://").and_then(|a| a.parse().ok()) {
+                    m.insert(first.split('.').next().unwrap_or(first).to_string(), addr);
+                }
+            }
+        }
+        m
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = Command::new(trellis_bin()).args(["status", "-o", "json", "--control-plane", &self.cp.to_string()]).output().expect("status");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status json ({e}): {}", String::from_utf8_lossy(&out.stderr)))
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn interrupt(&self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGINT);
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        self.interrupt();
+        let deadline = Instant::now() + Duration::from_secs(8);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Child processes of `pid` (direct children), from /proc.
+fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        // pid (comm) state ppid ...
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        if after.split_whitespace().nth(1).and_then(|v| v.parse::<i32>().ok()) == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn environ(pid: i32) -> BTreeMap<String, String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    raw.split(|b| *b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok()?.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}
+
+fn metric_sum(text: &str, name: &str, filters: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' ')))
+        .filter(|l| filters.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn metrics(admin: SocketAddr) -> String {
+    admin_get(admin, "/metrics").await.expect("metrics").1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_platform_greets_through_every_sidecar() {
+    let port = free_port();
+    let dir = example("reference-platform", port);
+    let up = Up::start(dir.path(), port);
+    let first = Instant::now();
+    let r = get(&up.url("/api/greeting"), &[]).await;
+    println!("trellis up → mesh ready after {:?}; first greeting after {:?}", up.ready_after, up.ready_after + first.elapsed());
+    assert_eq!(r.status, 200, "{}", r.body);
+    let calls = 5;
+    let mut ids = std::collections::BTreeSet::new();
+    for _ in 0..calls - 1 {
+        let r = get(&up.url("/api/greeting"), &[]).await;
+        assert_eq!(r.status, 200);
+        let list = r.json();
+        let services: Vec<&str> = list.as_array().expect("array").iter().map(|g| g["service"].as_str().unwrap_or("")).collect();
+        assert_eq!(services, ["Service D", "Service G", "Service H", "Service E", "Service B", "Service C", "Service A"]);
+        for g in list.as_array().expect("array") {
+            assert!(ids.insert(g["id"].as_str().unwrap_or("").to_string()), "fresh uuid per greeting");
+            assert_eq!(g["id"].as_str().map(str::len), Some(36));
+            assert!(g["created"].as_str().unwrap_or("").ends_with('Z'));
+            assert!(g["message"].as_str().unwrap_or("").contains(&g["service"].as_str().unwrap_or("?")[8..]));
+        }
+    }
+    // Every hop crossed the caller's outbound and the callee's inbound proxy: each sidecar
+    // counted one inbound request per call, and each caller one outbound request per callee.
+    let admins = up.admins();
+    let callees = [("service-a", "istio-ingressgateway"), ("service-b", "service-a"), ("service-c", "service-a"), ("service-d", "service-b"), ("service-e", "service-b"), ("service-g", "service-e"), ("service-h", "service-e")];
+    for (callee, caller) in callees {
+        let text = metrics(admins[callee]).await;
+        let inbound = metric_sum(&text, "istio_requests_total", &[("reporter", "destination"), ("destination_workload", callee), ("source_workload", caller), ("response_code", "200")]);
+        assert_eq!(inbound, calls as f64, "{callee} inbound from {caller}:\n{text}");
+        let text = metrics(admins[caller]).await;
+        let outbound = metric_sum(&text, "istio_requests_total", &[("reporter", "source"), ("source_workload", caller), ("destination_workload", callee)]);
+        assert_eq!(outbound, calls as f64, "{caller} outbound to {callee}");
+    }
+    let f = metrics(admins["service-f"]).await;
+    assert_eq!(metric_sum(&f, "istio_requests_total", &[("reporter", "destination")]), 0.0, "F is not on the HTTP chain");
+
+    // Services reach each other by name: no app is given another workload's port.
+    let table = up.output();
+    let ports: Vec<String> = table
+        .lines()
+        .filter(|l| l.starts_with("service-"))
+        .flat_map(|l| l.split_whitespace().filter_map(|c| c.rsplit_once(':').map(|(_, p)| p.to_string())).collect::<Vec<_>>())
+        .collect();
+    let apps: Vec<i32> = children_of(up.pid()).into_iter().filter(|p| environ(*p).contains_key("SERVICE_NAME")).collect();
+    assert_eq!(apps.len(), 8, "eight app processes");
+    for pid in apps {
+        let env = environ(pid);
+        let me = env.get("PORT").cloned().unwrap_or_default();
+        if env["SERVICE_NAME"] == "Service A" {
+            assert_eq!(env.get("SERVICE_B_URL").map(String::as_str), Some("http://service-b"));
+            assert_eq!(env.get("SERVICE_C_URL").map(String::as_str), Some("http://service-c"));
+            assert!(env.get("HTTP_PROXY").is_some_and(|p| p.starts_with("http://127.0.0.1:")));
+        }
+        for (k, v) in &env {
+            if k == "PORT" || k == "HTTP_PROXY" || k == "http_proxy" || k.ends_with("_ADDR") {
+                continue;
+            }
+            for p in &ports {
+                if p != &me {
+                    assert!(!v.contains(&format!(":{p}")), "{} has another workload's port in {k}={v}", env["SERVICE_NAME"]);
+                }
+            }
+        }
+    }
+    let status = up.status();
+    let proxies = status["proxies"].as_array().expect("proxies");
+    assert_eq!(proxies.len(), 9, "8 sidecars and a gateway: {status}");
+    assert!(proxies.iter().all(|p| p["state"] == "CONNECTED" && p["acked"] == p["sent"] && !p["acked"].as_str().unwrap_or("").is_empty()), "{status}");
+}
+
+/// Open-loop load: `rate` requests/s for `duration`; returns (send time, status, body).
+async fn load(url: String, rate: u32, duration: Duration) -> Vec<(Duration, u16, String)> {
+    let client = h1_client();
+    let start = Instant::now();
+    let n = (rate as f64 * duration.as_secs_f64()) as u32;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        tokio::time::sleep_until((start + interval * i).into()).await;
+        let (c, u) = (client.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let sent = start.elapsed();
+            match c.request(http::Request::get(u).body(empty()).expect("req")).await {
+                Ok(r) => {
+                    let s = r.status().as_u16();
+                    let b = http_body_util::BodyExt::collect(r.into_body()).await.map(|b| b.to_bytes()).unwrap_or_default();
+                    (sent, s, String::from_utf8_lossy(&b).into_owned())
+                }
+                Err(e) => (sent, 0, format!("error: {e}")),
+            }
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("join"));
+    }
+    out
+}
+
+fn color_of(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body).ok().and_then(|j| j["color"].as_str().map(String::from)).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn color_canary_splits_two_to_one_then_shifts_to_green_without_failures() {
+    let port = free_port();
+    let dir = example("color-canary", port);
+    let up = Up::start(dir.path(), port);
+    let client = h1_client();
+    let mut green = 0;
+    for _ in 0..3000 {
+        let r = send(&client, http::Request::get(up.url("/color")).body(empty()).expect("req")).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        if color_of(&r.body) == "green" {
+            green += 1;
+        }
+    }
+    let share = green as f64 / 3000.0;
+    println!("green share over 3000 requests: {share:.3}");
+    assert!((share - 0.33).abs() <= 0.03, "green share {share:.3}");
+    let stats = get(&up.url("/color"), &[]).await.json();
+    assert!(stats["stats"]["green"].as_f64().is_some_and(|g| (g - 0.33).abs() <= 0.04), "{stats}");
+
+    // Shift to 100% green under 200 req/s.
+    let loader = tokio::spawn(load(up.url("/color"), 200, Duration::from_secs(4)));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let shifted = std::fs::read_to_string(dir.path().join("steps/all-green.yaml")).expect("step");
+    dir.write("colorteller-route.yaml", &shifted);
+    let samples = loader.await.expect("load");
+    let failed: Vec<_> = samples.iter().filter(|s| s.1 != 200).collect();
+    assert!(failed.is_empty(), "failed requests: {:?}", &failed[..failed.len().min(5)]);
+    let last_blue = samples.iter().filter(|s| color_of(&s.2) == "blue").map(|s| s.0).max().unwrap_or_default();
+    println!("last blue answer sent {last_blue:?} into the load (edit at ~1 s)");
+    assert!(last_blue < Duration::from_millis(3000), "shift took effect within 2 s of the edit");
+    assert!(samples.iter().filter(|s| s.0 > last_blue).all(|s| color_of(&s.2) == "green"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dj_canary_rolls_out_in_three_steps_without_failures() {
+    let port = free_port();
+    let dir = example("dj-canary", port);
+    let up = Up::start(dir.path(), port);
+    let loader = tokio::spawn(load(up.url("/metal"), 100, Duration::from_secs(6)));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    dir.write("metal-route.yaml", &std::fs::read_to_string(dir.path().join("steps/metal-50.yaml")).expect("step"));
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    dir.write("metal-route.yaml", &std::fs::read_to_string(dir.path().join("steps/metal-100.yaml")).expect("step"));
+    let samples = loader.await.expect("load");
+    let failed: Vec<_> = samples.iter().filter(|s| s.1 != 200).collect();
+    assert!(failed.is_empty(), "failed requests: {:?}", &failed[..failed.len().min(5)]);
+    let v2 = |s: &&(Duration, u16, String)| s.2.contains("Los Angeles");
+    let phase = |from: u64, to: u64| {
+        let in_phase: Vec<_> = samples.iter().filter(|s| s.0 >= Duration::from_millis(from) && s.0 < Duration::from_millis(to)).collect();
+        in_phase.iter().filter(|s| v2(s)).count() as f64 / in_phase.len().max(1) as f64
+    };
+    let (p10, p50, p100) = (phase(0, 1400), phase(2000, 3400), phase(4500, 6000));
+    println!("metal v2 share: {p10:.2} → {p50:.2} → {p100:.2}");
+    assert!(p10 < 0.3 && p10 > 0.0, "10% step: {p10}");
+    assert!((0.3..0.7).contains(&p50), "50% step: {p50}");
+    assert_eq!(p100, 1.0, "100% step");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_edit_is_reported_and_traffic_keeps_flowing() {
+    let port = free_port();
+    let dir = example("color-canary", port);
+    let up = Up::start(dir.path(), port);
+    let loader = tokio::spawn(load(up.url("/color"), 100, Duration::from_secs(3)));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let bad = std::fs::read_to_string(dir.path().join("colorteller-route.yaml")).expect("read").replace("weight: 33", "weight: 3");
+    let file = dir.write("colorteller-route.yaml", &bad);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let s = up.status();
+        if !s["config_error"].as_str().unwrap_or("").is_empty() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no config error reported:\n{}", up.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let finding = status["config_findings"][0].as_str().unwrap_or("").to_string();
+    let line = bad.lines().position(|l| l.trim() == "- route:").expect("route line") + 1;
+    assert!(finding.contains("TRL0102") && finding.contains(&format!("{}:{line}:", file.display())), "{finding}");
+    let samples = loader.await.expect("load");
+    assert!(samples.iter().all(|s| s.1 == 200), "traffic kept flowing");
+    assert!(up.output().contains("TRL0102"), "the control plane logs the finding");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_and_sidecar_deaths_are_survived() {
+    let port = free_port();
+    let dir = example("reference-platform", port);
+    let up = Up::start(dir.path(), port);
+    let versions = |s: &serde_json::Value| -> BTreeMap<String, String> {
+        s["proxies"].as_array().into_iter().flatten().map(|p| (p["proxy"].as_str().unwrap_or("").to_string(), p["acked"].as_str().unwrap_or("").to_string())).collect()
+    };
+    let before = versions(&up.status());
+
+    // Kill the control plane while traffic flows: no request fails; it is restarted and every
+    // proxy re-syncs at the same version.
+    let cp_pid = children_of(up.pid()).into_iter().find(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default().contains("control")).expect("control plane process");
+    let loader = tokio::spawn(load(up.url("/api/greeting"), 50, Duration::from_secs(3)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed_at = Instant::now();
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(cp_pid), nix::sys::signal::Signal::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new(trellis_bin()).args(["status", "-o", "json", "--control-plane", &up.cp.to_string()]).output().expect("status");
+        if let Ok(s) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+            let all = s["proxies"].as_array().map(|a| a.len() == 9 && a.iter().all(|p| p["state"] == "CONNECTED")).unwrap_or(false);
+            if all && versions(&s) == before {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "proxies did not re-sync:\n{}", up.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("all proxies re-synced {:?} after the control plane was killed", killed_at.elapsed());
+    let samples = loader.await.expect("load");
+    assert!(samples.iter().all(|s| s.1 == 200), "no failed request while the control plane was down");
+
+    // Kill one sidecar: `trellis up` restarts it and its workload's traffic resumes.
+    let sidecar = children_of(up.pid())
+        .into_iter()
+        .find(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default().replace('\0', " ").contains("--workload service-c "))
+        .expect("service-c sidecar");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(sidecar), nix::sys::signal::Signal::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if get(&up.url("/api/greeting"), &[]).await.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "traffic did not resume:\n{}", up.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up.output().contains("service-c-proxy exited"), "the restart is logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_completes_in_flight_requests_and_leaves_no_process() {
+    let port = free_port();
+    let dir = example("reference-platform", port);
+    // A workload that ignores SIGTERM must not outlive `trellis up` either.
+    dir.write(
+        "stubborn.yaml",
+        "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata:\n  name: stubborn\n  labels: {app: stubborn}\nspec:\n  command: [python3, -c, \"import os,signal,socket,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); s=socket.socket(); s.bind(('127.0.0.1', int(os.environ['PORT']))); s.listen(); time.sleep(600)\"]\n",
+    );
+    let mut up = Up::start(dir.path(), port);
+    let children = children_of(up.pid());
+    assert!(children.len() >= 19, "control plane, 9 sidecars, gateway, 9 apps: {children:?}");
+    let gateway_admin = up.admins()["istio-ingressgateway"];
+    let slow: Vec<_> = (0..10)
+        .map(|_| {
+            let url = up.url("/api/greeting?sleep_ms=1500");
+            tokio::spawn(async move { get(&url, &[]).await })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric_sum(&metrics(gateway_admin).await, "trellis_proxy_connections_open", &[]) < 10.0 {
+        assert!(Instant::now() < deadline, "requests did not reach the gateway");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let t = Instant::now();
+    up.interrupt();
+    for s in slow {
+        let r = s.await.expect("join");
+        assert_eq!(r.status, 200, "in-flight request completed: {}", r.body);
+        assert_eq!(r.json().as_array().map(Vec::len), Some(7));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(Some(status)) = up.child.try_wait() {
+            assert!(status.success(), "{}", up.output());
+            break;
+        }
+        assert!(Instant::now() < deadline, "trellis up did not stop within 5 s:\n{}", up.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("stopped {:?} after Ctrl-C", t.elapsed());
+    let alive: Vec<i32> = children.iter().copied().filter(|p| Path::new(&format!("/proc/{p}")).exists() && !std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default().contains(") Z ")).collect();
+    assert!(alive.is_empty(), "processes left behind: {alive:?}");
+}

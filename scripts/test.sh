@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs every test. Installs what the tests need first (Debian packages, Python packages,
+# cargo-nextest), so it works on a fresh machine with only Rust, Python, Node and gcc.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  ((${#missing[@]})) || return 0
+  log "installing Debian packages: ${missing[*]}"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# curl (HTTP/1.1 and HTTP/2 client in the protocol tests).
+command -v curl >/dev/null || apt_install curl ca-certificates
+
+# grpcio: the Python gRPC client of the interop test.
+if ! python3 -c 'import grpc' 2>/dev/null; then
+  log "installing grpcio"
+  python3 -m pip install --quiet --disable-pip-version-check grpcio
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  log "installing cargo-nextest"
+  cargo install --locked --quiet cargo-nextest
+fi
+
+# One build for everything: the binaries the end-to-end tests run (trellis, trellis-demo),
+# then the tests themselves, sharing the same artifacts.
+log "building"
+cargo build --workspace --bins
+log "testing"
+cargo nextest run --workspace --profile ci "$@"
