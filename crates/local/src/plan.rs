@@ -9,8 +9,16 @@ use trellis_config::model::trellis::Workload as WorkloadSpec;
 use trellis_config::registry::{Protocol, Registry};
 use trellis_config::{Resource, Spec};
 
-/// A port that was free when asked for.
+/// A port that was free when asked for, chosen below the kernel's ephemeral range (32768 and
+/// up on Linux) so that outgoing connections, which draw from that range, cannot take it
+/// between now and the moment its process binds it.
 pub fn free_port() -> std::io::Result<u16> {
+    for _ in 0..1000 {
+        let port = fastrand::u16(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

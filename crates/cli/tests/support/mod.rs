@@ -26,8 +26,15 @@ pub fn trellis_bin() -> &'static str {
     env!("CARGO_BIN_EXE_trellis")
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, chosen below the ephemeral range so that no outgoing
+/// connection takes it before the process under test binds it.
 pub fn free_port() -> u16 {
+    for _ in 0..1000 {
+        let port = fastrand::u16(15_000..20_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
