@@ -38,7 +38,11 @@ fn copy_dir(src: &Path, dst: &Path, port: u16) {
 
 fn demo_bin_present() {
     let demo = Path::new(trellis_bin()).with_file_name("trellis-demo");
-    assert!(demo.is_file(), "{} is missing: build it first (`cargo build --workspace --bins`, as scripts/test.sh does)", demo.display());
+    assert!(
+        demo.is_file(),
+        "{} is missing: build it first (`cargo build --workspace --bins`, as scripts/test.sh does)",
+        demo.display()
+    );
 }
 
 /// A running `trellis up`.
@@ -65,9 +69,12 @@ impl Up {
             .spawn()
             .expect("spawn trellis up");
         let lines = Arc::new(Mutex::new(Vec::new()));
-        for stream in [child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), child.stderr.take().map(|s| Box::new(s) as _)]
-            .into_iter()
-            .flatten()
+        for stream in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as _),
+        ]
+        .into_iter()
+        .flatten()
         {
             let lines = lines.clone();
             std::thread::spawn(move || {
@@ -115,8 +122,12 @@ impl Up {
     }
 
     fn status(&self) -> serde_json::Value {
-        let out = Command::new(trellis_bin()).args(["status", "-o", "json", "--control-plane", &self.cp.to_string()]).output().expect("status");
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status json ({e}): {}", String::from_utf8_lossy(&out.stderr)))
+        let out = Command::new(trellis_bin())
+            .args(["status", "-o", "json", "--control-plane", &self.cp.to_string()])
+            .output()
+            .expect("status");
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("status json ({e}): {}", String::from_utf8_lossy(&out.stderr)))
     }
 
     fn pid(&self) -> i32 {
@@ -184,7 +195,11 @@ async fn reference_platform_greets_through_every_sidecar() {
     let up = Up::start(dir.path(), port);
     let first = Instant::now();
     let r = get(&up.url("/api/greeting"), &[]).await;
-    println!("trellis up → mesh ready after {:?}; first greeting after {:?}", up.ready_after, up.ready_after + first.elapsed());
+    println!(
+        "trellis up → mesh ready after {:?}; first greeting after {:?}",
+        up.ready_after,
+        up.ready_after + first.elapsed()
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     let calls = 5;
     let mut ids = std::collections::BTreeSet::new();
@@ -192,8 +207,12 @@ async fn reference_platform_greets_through_every_sidecar() {
         let r = get(&up.url("/api/greeting"), &[]).await;
         assert_eq!(r.status, 200);
         let list = r.json();
-        let services: Vec<&str> = list.as_array().expect("array").iter().map(|g| g["service"].as_str().unwrap_or("")).collect();
-        assert_eq!(services, ["Service D", "Service G", "Service H", "Service E", "Service B", "Service C", "Service A"]);
+        let services: Vec<&str> =
+            list.as_array().expect("array").iter().map(|g| g["service"].as_str().unwrap_or("")).collect();
+        assert_eq!(
+            services,
+            ["Service D", "Service G", "Service H", "Service E", "Service B", "Service C", "Service A"]
+        );
         for g in list.as_array().expect("array") {
             assert!(ids.insert(g["id"].as_str().unwrap_or("").to_string()), "fresh uuid per greeting");
             assert_eq!(g["id"].as_str().map(str::len), Some(36));
@@ -204,26 +223,54 @@ async fn reference_platform_greets_through_every_sidecar() {
     // Every hop crossed the caller's outbound and the callee's inbound proxy: each sidecar
     // counted one inbound request per call, and each caller one outbound request per callee.
     let admins = up.admins();
-    let callees = [("service-a", "istio-ingressgateway"), ("service-b", "service-a"), ("service-c", "service-a"), ("service-d", "service-b"), ("service-e", "service-b"), ("service-g", "service-e"), ("service-h", "service-e")];
+    let callees = [
+        ("service-a", "istio-ingressgateway"),
+        ("service-b", "service-a"),
+        ("service-c", "service-a"),
+        ("service-d", "service-b"),
+        ("service-e", "service-b"),
+        ("service-g", "service-e"),
+        ("service-h", "service-e"),
+    ];
     for (callee, caller) in callees {
         let text = metrics(admins[callee]).await;
-        let inbound = metric_sum(&text, "istio_requests_total", &[("reporter", "destination"), ("destination_workload", callee), ("source_workload", caller), ("response_code", "200")]);
+        let inbound = metric_sum(
+            &text,
+            "istio_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("destination_workload", callee),
+                ("source_workload", caller),
+                ("response_code", "200"),
+            ],
+        );
         assert_eq!(inbound, calls as f64, "{callee} inbound from {caller}:\n{text}");
         let text = metrics(admins[caller]).await;
-        let outbound = metric_sum(&text, "istio_requests_total", &[("reporter", "source"), ("source_workload", caller), ("destination_workload", callee)]);
+        let outbound = metric_sum(
+            &text,
+            "istio_requests_total",
+            &[("reporter", "source"), ("source_workload", caller), ("destination_workload", callee)],
+        );
         assert_eq!(outbound, calls as f64, "{caller} outbound to {callee}");
     }
     let f = metrics(admins["service-f"]).await;
-    assert_eq!(metric_sum(&f, "istio_requests_total", &[("reporter", "destination")]), 0.0, "F is not on the HTTP chain");
+    assert_eq!(
+        metric_sum(&f, "istio_requests_total", &[("reporter", "destination")]),
+        0.0,
+        "F is not on the HTTP chain"
+    );
 
     // Services reach each other by name: no app is given another workload's port.
     let table = up.output();
     let ports: Vec<String> = table
         .lines()
         .filter(|l| l.starts_with("service-"))
-        .flat_map(|l| l.split_whitespace().filter_map(|c| c.rsplit_once(':').map(|(_, p)| p.to_string())).collect::<Vec<_>>())
+        .flat_map(|l| {
+            l.split_whitespace().filter_map(|c| c.rsplit_once(':').map(|(_, p)| p.to_string())).collect::<Vec<_>>()
+        })
         .collect();
-    let apps: Vec<i32> = children_of(up.pid()).into_iter().filter(|p| environ(*p).contains_key("SERVICE_NAME")).collect();
+    let apps: Vec<i32> =
+        children_of(up.pid()).into_iter().filter(|p| environ(*p).contains_key("SERVICE_NAME")).collect();
     assert_eq!(apps.len(), 8, "eight app processes");
     for pid in apps {
         let env = environ(pid);
@@ -239,7 +286,11 @@ async fn reference_platform_greets_through_every_sidecar() {
             }
             for p in &ports {
                 if p != &me {
-                    assert!(!v.contains(&format!(":{p}")), "{} has another workload's port in {k}={v}", env["SERVICE_NAME"]);
+                    assert!(
+                        !v.contains(&format!(":{p}")),
+                        "{} has another workload's port in {k}={v}",
+                        env["SERVICE_NAME"]
+                    );
                 }
             }
         }
@@ -247,7 +298,12 @@ async fn reference_platform_greets_through_every_sidecar() {
     let status = up.status();
     let proxies = status["proxies"].as_array().expect("proxies");
     assert_eq!(proxies.len(), 9, "8 sidecars and a gateway: {status}");
-    assert!(proxies.iter().all(|p| p["state"] == "CONNECTED" && p["acked"] == p["sent"] && !p["acked"].as_str().unwrap_or("").is_empty()), "{status}");
+    assert!(
+        proxies.iter().all(|p| p["state"] == "CONNECTED"
+            && p["acked"] == p["sent"]
+            && !p["acked"].as_str().unwrap_or("").is_empty()),
+        "{status}"
+    );
 }
 
 /// Open-loop load: `rate` requests/s for `duration`; returns (send time, status, body).
@@ -265,7 +321,8 @@ async fn load(url: String, rate: u32, duration: Duration) -> Vec<(Duration, u16,
             match c.request(http::Request::get(u).body(empty()).expect("req")).await {
                 Ok(r) => {
                     let s = r.status().as_u16();
-                    let b = http_body_util::BodyExt::collect(r.into_body()).await.map(|b| b.to_bytes()).unwrap_or_default();
+                    let b =
+                        http_body_util::BodyExt::collect(r.into_body()).await.map(|b| b.to_bytes()).unwrap_or_default();
                     (sent, s, String::from_utf8_lossy(&b).into_owned())
                 }
                 Err(e) => (sent, 0, format!("error: {e}")),
@@ -280,7 +337,10 @@ async fn load(url: String, rate: u32, duration: Duration) -> Vec<(Duration, u16,
 }
 
 fn color_of(body: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(body).ok().and_then(|j| j["color"].as_str().map(String::from)).unwrap_or_default()
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|j| j["color"].as_str().map(String::from))
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,7 +392,8 @@ async fn dj_canary_rolls_out_in_three_steps_without_failures() {
     assert!(failed.is_empty(), "failed requests: {:?}", &failed[..failed.len().min(5)]);
     let v2 = |s: &&(Duration, u16, String)| s.2.contains("Los Angeles");
     let phase = |from: u64, to: u64| {
-        let in_phase: Vec<_> = samples.iter().filter(|s| s.0 >= Duration::from_millis(from) && s.0 < Duration::from_millis(to)).collect();
+        let in_phase: Vec<_> =
+            samples.iter().filter(|s| s.0 >= Duration::from_millis(from) && s.0 < Duration::from_millis(to)).collect();
         in_phase.iter().filter(|s| v2(s)).count() as f64 / in_phase.len().max(1) as f64
     };
     let (p10, p50, p100) = (phase(0, 1400), phase(2000, 3400), phase(4500, 6000));
@@ -349,7 +410,9 @@ async fn invalid_edit_is_reported_and_traffic_keeps_flowing() {
     let up = Up::start(dir.path(), port);
     let loader = tokio::spawn(load(up.url("/color"), 100, Duration::from_secs(3)));
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let bad = std::fs::read_to_string(dir.path().join("colorteller-route.yaml")).expect("read").replace("weight: 33", "weight: 3");
+    let bad = std::fs::read_to_string(dir.path().join("colorteller-route.yaml"))
+        .expect("read")
+        .replace("weight: 33", "weight: 3");
     let file = dir.write("colorteller-route.yaml", &bad);
     let deadline = Instant::now() + Duration::from_secs(5);
     let status = loop {
@@ -374,22 +437,36 @@ async fn control_plane_and_sidecar_deaths_are_survived() {
     let dir = example("reference-platform", port);
     let up = Up::start(dir.path(), port);
     let versions = |s: &serde_json::Value| -> BTreeMap<String, String> {
-        s["proxies"].as_array().into_iter().flatten().map(|p| (p["proxy"].as_str().unwrap_or("").to_string(), p["acked"].as_str().unwrap_or("").to_string())).collect()
+        s["proxies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| (p["proxy"].as_str().unwrap_or("").to_string(), p["acked"].as_str().unwrap_or("").to_string()))
+            .collect()
     };
     let before = versions(&up.status());
 
     // Kill the control plane while traffic flows: no request fails; it is restarted and every
     // proxy re-syncs at the same version.
-    let cp_pid = children_of(up.pid()).into_iter().find(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default().contains("control")).expect("control plane process");
+    let cp_pid = children_of(up.pid())
+        .into_iter()
+        .find(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default().contains("control"))
+        .expect("control plane process");
     let loader = tokio::spawn(load(up.url("/api/greeting"), 50, Duration::from_secs(3)));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let killed_at = Instant::now();
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(cp_pid), nix::sys::signal::Signal::SIGKILL);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let out = Command::new(trellis_bin()).args(["status", "-o", "json", "--control-plane", &up.cp.to_string()]).output().expect("status");
+        let out = Command::new(trellis_bin())
+            .args(["status", "-o", "json", "--control-plane", &up.cp.to_string()])
+            .output()
+            .expect("status");
         if let Ok(s) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
-            let all = s["proxies"].as_array().map(|a| a.len() == 9 && a.iter().all(|p| p["state"] == "CONNECTED")).unwrap_or(false);
+            let all = s["proxies"]
+                .as_array()
+                .map(|a| a.len() == 9 && a.iter().all(|p| p["state"] == "CONNECTED"))
+                .unwrap_or(false);
             if all && versions(&s) == before {
                 break;
             }
@@ -404,7 +481,12 @@ async fn control_plane_and_sidecar_deaths_are_survived() {
     // Kill one sidecar: `trellis up` restarts it and its workload's traffic resumes.
     let sidecar = children_of(up.pid())
         .into_iter()
-        .find(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default().replace('\0', " ").contains("--workload service-c "))
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .unwrap_or_default()
+                .replace('\0', " ")
+                .contains("--workload service-c ")
+        })
         .expect("service-c sidecar");
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(sidecar), nix::sys::signal::Signal::SIGKILL);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -459,6 +541,13 @@ async fn ctrl_c_completes_in_flight_requests_and_leaves_no_process() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!("stopped {:?} after Ctrl-C", t.elapsed());
-    let alive: Vec<i32> = children.iter().copied().filter(|p| Path::new(&format!("/proc/{p}")).exists() && !std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default().contains(") Z ")).collect();
+    let alive: Vec<i32> = children
+        .iter()
+        .copied()
+        .filter(|p| {
+            Path::new(&format!("/proc/{p}")).exists()
+                && !std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default().contains(") Z ")
+        })
+        .collect();
     assert!(alive.is_empty(), "processes left behind: {alive:?}");
 }

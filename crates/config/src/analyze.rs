@@ -143,6 +143,66 @@ pub fn analyze(resources: &[Resource], extra: &[Workload]) -> Vec<Finding> {
                     }
                 }
             }
+            Spec::Telemetry(t) => {
+                for (i, tr) in t.tracing.iter().enumerate() {
+                    if let Some(p) = tr.random_sampling_percentage {
+                        if !(0.0..=100.0).contains(&p) {
+                            cx.push(
+                                Code::Schema,
+                                r,
+                                path!["spec", "tracing", i, "randomSamplingPercentage"],
+                                format!("{p} is not a percentage (0-100)"),
+                            );
+                        }
+                    }
+                    for (field, present) in [("match", tr.match_.is_some()), ("customTags", tr.custom_tags.is_some())] {
+                        if present {
+                            cx.push(
+                                Code::NotEnforced,
+                                r,
+                                path!["spec", "tracing", i, field],
+                                format!("tracing.{field} is parsed but not enforced yet"),
+                            );
+                        }
+                    }
+                }
+                for (i, al) in t.access_logging.iter().enumerate() {
+                    if let Some(f) = &al.filter {
+                        if let Err(e) = crate::filter::Filter::parse(&f.expression) {
+                            cx.push(
+                                Code::NotEnforced,
+                                r,
+                                path!["spec", "accessLogging", i, "filter", "expression"],
+                                format!("{e}; this filter is not applied (every request is logged)"),
+                            );
+                        }
+                    }
+                    if al.match_.is_some() {
+                        cx.push(
+                            Code::NotEnforced,
+                            r,
+                            path!["spec", "accessLogging", i, "match"],
+                            "accessLogging.match is parsed but not enforced yet".into(),
+                        );
+                    }
+                }
+                if t.metrics.is_some() {
+                    cx.push(
+                        Code::NotEnforced,
+                        r,
+                        path!["spec", "metrics"],
+                        "metrics overrides are parsed but not enforced yet".into(),
+                    );
+                }
+                if t.target_ref.is_some() || t.target_refs.is_some() {
+                    cx.push(
+                        Code::NotEnforced,
+                        r,
+                        path!["spec", "targetRefs"],
+                        "targetRefs are not enforced yet; use selector".into(),
+                    );
+                }
+            }
             Spec::Gateway(_) | Spec::Kept(_) => {}
         }
     }

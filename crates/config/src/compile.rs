@@ -33,6 +33,9 @@ pub struct ProxySpec {
     /// The HTTP proxy listener for the workload's egress.
     pub outbound: Option<SocketAddr>,
     pub upstreams: Vec<UpstreamSpec>,
+    /// The proxy's admin address (metadata: for `trellis prometheus-config`).
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
 }
 
 impl Default for ProxySpec {
@@ -47,6 +50,7 @@ impl Default for ProxySpec {
             inbound: Vec::new(),
             outbound: None,
             upstreams: Vec::new(),
+            admin: None,
         }
     }
 }
@@ -90,6 +94,7 @@ pub fn compile(resources: &[Resource], extra: &[Workload], proxy: &ProxySpec) ->
         Role::Sidecar => cx.sidecar(&mut snap),
     }
     snap.clusters = std::mem::take(&mut cx.clusters);
+    snap.telemetry = telemetry_policy(resources, proxy);
     snap.version = version_of(&snap);
     snap
 }
@@ -524,6 +529,45 @@ impl<'a> Compiler<'a> {
         );
         name
     }
+}
+
+/// Istio's root namespace: `Telemetry` there without a selector applies mesh-wide.
+pub const ROOT_NAMESPACE: &str = "istio-system";
+
+/// Merges `Telemetry` resources for one proxy: mesh-wide, then its namespace, then those
+/// selecting its workload (later ones override field by field).
+fn telemetry_policy(resources: &[Resource], proxy: &ProxySpec) -> TelemetryPolicy {
+    let mut layers: Vec<(u8, &crate::model::telemetry::Telemetry)> = Vec::new();
+    for r in resources {
+        let Spec::Telemetry(t) = &r.spec else { continue };
+        let selected = t.selector.as_ref().map(|s| s.match_labels.clone()).filter(|l| !l.is_empty());
+        let level = match (r.namespace(), selected) {
+            (ns, None) if ns == ROOT_NAMESPACE => 0,
+            (ns, None) if ns == proxy.namespace => 1,
+            (ns, Some(labels)) if ns == proxy.namespace && selects(&labels, &proxy.labels) => 2,
+            _ => continue,
+        };
+        layers.push((level, t));
+    }
+    layers.sort_by_key(|(l, _)| *l);
+    let mut p = TelemetryPolicy::default();
+    for (_, t) in layers {
+        for tr in &t.tracing {
+            if tr.random_sampling_percentage.is_some() {
+                p.sampling_percent = tr.random_sampling_percentage;
+            }
+            if tr.disable_span_reporting.is_some() {
+                p.span_reporting_disabled = tr.disable_span_reporting;
+            }
+        }
+        for al in &t.access_logging {
+            p.access_log = Some(!al.disabled.unwrap_or(false));
+            if let Some(f) = &al.filter {
+                p.access_log_filter = crate::filter::Filter::parse(&f.expression).ok().map(|_| f.expression.clone());
+            }
+        }
+    }
+    p
 }
 
 fn join_host_port(host: &str, port: u16) -> String {

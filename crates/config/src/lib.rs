@@ -10,6 +10,7 @@
 
 pub mod analyze;
 pub mod compile;
+pub mod filter;
 pub mod finding;
 pub mod hash;
 pub mod load;

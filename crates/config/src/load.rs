@@ -156,7 +156,8 @@ fn decode_resource(file: Arc<PathBuf>, doc: Arc<Node>, findings: &mut Vec<Findin
         Kind::WorkloadEntry => decode_as::<networking::WorkloadEntry>(&doc, &mut unknown, Spec::WorkloadEntry),
         Kind::Service => decode_as::<kube::Service>(&doc, &mut unknown, Spec::Service),
         Kind::Workload => decode_as::<crate::model::trellis::Workload>(&doc, &mut unknown, Spec::Workload),
-        Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication | Kind::Telemetry => {
+        Kind::Telemetry => decode_as::<crate::model::telemetry::Telemetry>(&doc, &mut unknown, Spec::Telemetry),
+        Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication => {
             decode_as::<serde_json::Value>(&doc, &mut unknown, Spec::Kept)
         }
     };
@@ -227,6 +228,7 @@ fn empty_spec(kind: Kind) -> Spec {
         Kind::WorkloadEntry => Spec::WorkloadEntry(Default::default()),
         Kind::Service => Spec::Service(Default::default()),
         Kind::Workload => Spec::Workload(Default::default()),
+        Kind::Telemetry => Spec::Telemetry(Default::default()),
         _ => Spec::Kept(serde_json::Value::Null),
     }
 }

@@ -22,6 +22,23 @@ pub struct Snapshot {
     pub listeners: Vec<Listener>,
     pub route_tables: BTreeMap<String, RouteTable>,
     pub clusters: BTreeMap<String, Cluster>,
+    /// What Istio `Telemetry` resources say for this proxy (unset fields: the proxy's defaults).
+    #[serde(default)]
+    pub telemetry: TelemetryPolicy,
+}
+
+/// Tracing and access-log settings from `Telemetry` resources (workload over namespace over
+/// mesh).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryPolicy {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampling_percent: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub span_reporting_disabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_log_filter: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

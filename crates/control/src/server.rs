@@ -76,6 +76,7 @@ impl control_server::Control for ControlService {
                 nacked_version: e.nacked,
                 nack_reason: e.nack_reason,
                 state_age_seconds: e.since.elapsed().as_secs(),
+                admin_address: e.spec.admin.map(|a| a.to_string()).unwrap_or_default(),
             })
             .collect();
         let rejection = self.store.rejection();

@@ -27,6 +27,24 @@ pub struct UpOptions {
     pub control_plane: SocketAddr,
     /// The `trellis` executable (children are started from it).
     pub trellis: PathBuf,
+    /// Span exporters for every proxy.
+    pub otlp_endpoint: Option<String>,
+    pub zipkin_endpoint: Option<String>,
+}
+
+impl UpOptions {
+    /// What every proxy of the demo mesh gets: tracing at 100%, access logs on stdout, and the
+    /// exporters asked for.
+    fn proxy_telemetry_args(&self) -> Vec<String> {
+        let mut args = vec!["--trace-sampling".to_string(), "100".into(), "--access-log".into(), "stdout".into()];
+        if let Some(e) = &self.otlp_endpoint {
+            args.extend(["--otlp-endpoint".to_string(), e.clone()]);
+        }
+        if let Some(e) = &self.zipkin_endpoint {
+            args.extend(["--zipkin-endpoint".to_string(), e.clone()]);
+        }
+        args
+    }
 }
 
 /// Runs the mesh until Ctrl-C or SIGTERM.
@@ -93,7 +111,7 @@ pub async fn up(opts: UpOptions) -> Result<(), String> {
         let spec = ChildSpec {
             name: format!("{}-proxy", w.name),
             program: opts.trellis.clone(),
-            args: w.sidecar_args(opts.control_plane),
+            args: [w.sidecar_args(opts.control_plane), opts.proxy_telemetry_args()].concat(),
             env: proxy_env.clone(),
             cwd: None,
             restart_delay: Duration::from_millis(100),
@@ -105,7 +123,7 @@ pub async fn up(opts: UpOptions) -> Result<(), String> {
         let spec = ChildSpec {
             name: g.name.clone(),
             program: opts.trellis.clone(),
-            args: g.args(opts.control_plane),
+            args: [g.args(opts.control_plane), opts.proxy_telemetry_args()].concat(),
             env: proxy_env.clone(),
             cwd: None,
             restart_delay: Duration::from_millis(100),

@@ -13,9 +13,8 @@
 //! `outbound`; error-to-response mapping lives in `http::error`. Nothing here buffers a body.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -30,9 +29,9 @@ use trellis_telemetry::Identity;
 use crate::balance::PickCtx;
 use crate::http::{boxed, full, headers, Body, ProxyError};
 use crate::runtime::route::{Action, RequestView};
-use crate::runtime::{Cluster, RouteTable, Runtime};
+use crate::runtime::{RouteTable, Runtime};
 use crate::state::Shared;
-use crate::telemetry::{Counted, Recorded, RequestRecord};
+use crate::telemetry::{Counted, Details, Recorded, RequestRecord, TraceState};
 use crate::upstream::{body::Tracked, Wire};
 use crate::{gateway, inbound, outbound};
 
@@ -45,29 +44,71 @@ pub struct ConnInfo {
     pub local: SocketAddr,
 }
 
-/// What routing learned about a request, for telemetry.
-#[derive(Default)]
-pub struct RequestInfo {
-    /// The cluster and endpoint the request went to.
-    pub cluster: Option<Arc<Cluster>>,
-    pub endpoint: Option<usize>,
-    /// Who called, from peer metadata (inbound only).
-    pub peer: Option<(Identity, ServiceLabels)>,
-}
-
-/// Serves one request; never fails (errors become responses). Every request is recorded once,
-/// when its response body ends or is dropped.
+/// Serves one request; never fails (errors become responses). Every request is recorded once
+/// (metrics, span, access log), when its response body ends or is dropped.
 pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     let rt = shared.runtime();
     let downstream_version = req.version();
     let protocol = if is_grpc(req.headers()) { "grpc" } else { "http" };
-    let mut info = RequestInfo::default();
-    if conn.direction == Direction::Inbound {
-        info.peer = trellis_telemetry::peer::take(req.headers_mut());
-    }
-    let request_bytes = Arc::new(AtomicU64::new(0));
-    let (mut resp, flag) = match proxy(&rt, &conn, req, &mut info, &request_bytes).await {
+    let trace = TraceState::start(req.headers(), &rt.telemetry);
+    let details = RequestRecord::wants_details(&trace, &rt.telemetry).then(|| {
+        Box::new(Details {
+            start_time: SystemTime::now(),
+            method: req.method().clone(),
+            path: req.uri().path().to_string(),
+            authority: req
+                .uri()
+                .authority()
+                .map(|a| a.to_string())
+                .or_else(|| header_str(req.headers(), header::HOST))
+                .unwrap_or_default(),
+            scheme: if req.uri().scheme_str() == Some("https") { "https" } else { "http" },
+            version: downstream_version,
+            user_agent: header_str(req.headers(), header::USER_AGENT),
+            request_id: header_str(req.headers(), headers::X_REQUEST_ID),
+            downstream: conn.peer,
+        })
+    });
+    let unknown = || Arc::new(Identity::unknown());
+    let mut record = match conn.direction {
+        Direction::Inbound => {
+            let (source, service) = match trellis_telemetry::peer::take(req.headers_mut()) {
+                Some((id, svc)) => (Arc::new(id), Arc::new(svc)),
+                None => (unknown(), Arc::new(ServiceLabels::unknown())),
+            };
+            let me = rt.me.clone();
+            RequestRecord::new(
+                shared.clone(),
+                &rt.telemetry,
+                start,
+                Reporter::Destination,
+                source,
+                me,
+                service,
+                protocol,
+                trace,
+                details,
+            )
+        }
+        Direction::Outbound | Direction::Gateway => {
+            let service = Arc::new(ServiceLabels::unknown());
+            let me = rt.me.clone();
+            RequestRecord::new(
+                shared.clone(),
+                &rt.telemetry,
+                start,
+                Reporter::Source,
+                me,
+                unknown(),
+                service,
+                protocol,
+                trace,
+                details,
+            )
+        }
+    };
+    let (mut resp, flag) = match proxy(&shared, &rt, &conn, req, &mut record).await {
         Ok(r) => (r, "-"),
         Err(e) => {
             tracing::debug!(listener = %conn.listener, flag = %e.flag, "{e}");
@@ -76,48 +117,15 @@ pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut req: Request<I
         }
     };
     *resp.version_mut() = downstream_version;
-    let unknown = || Arc::new(Identity::unknown());
-    let mut record = match conn.direction {
-        Direction::Inbound => {
-            let (source, service) = match info.peer.take() {
-                Some((id, svc)) => (Arc::new(id), Arc::new(svc)),
-                None => (unknown(), Arc::new(ServiceLabels::unknown())),
-            };
-            RequestRecord::new(
-                shared.metrics.clone(),
-                start,
-                Reporter::Destination,
-                source,
-                rt.me.clone(),
-                service,
-                protocol,
-                request_bytes,
-            )
-        }
-        Direction::Outbound | Direction::Gateway => {
-            let destination = match (&info.cluster, info.endpoint) {
-                (Some(c), Some(i)) => c.identities.get(i).cloned().unwrap_or_else(unknown),
-                _ => unknown(),
-            };
-            let service =
-                info.cluster.as_ref().map(|c| c.service.clone()).unwrap_or_else(|| Arc::new(ServiceLabels::unknown()));
-            RequestRecord::new(
-                shared.metrics.clone(),
-                start,
-                Reporter::Source,
-                rt.me.clone(),
-                destination,
-                service,
-                protocol,
-                request_bytes,
-            )
-        }
-    };
     record.status = resp.status().as_u16();
     record.flags = flag;
     let (parts, body) = resp.into_parts();
     let body = Recorded::new(body, record, &parts.headers);
     Response::from_parts(parts, boxed(body))
+}
+
+fn header_str(h: &http::HeaderMap, name: impl http::header::AsHeaderName) -> Option<String> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
 /// The request's authority: the absolute-form URI's, else `Host` (HTTP/1), else `:authority`.
@@ -145,11 +153,11 @@ fn authority_of(req: &Request<Incoming>) -> Result<Option<Authority>, ProxyError
 }
 
 async fn proxy(
+    shared: &Shared,
     rt: &Runtime,
     conn: &ConnInfo,
     req: Request<Incoming>,
-    info: &mut RequestInfo,
-    request_bytes: &Arc<AtomicU64>,
+    record: &mut RequestRecord,
 ) -> Result<Response<Body>, ProxyError> {
     if req.method() == http::Method::CONNECT {
         return Err(ProxyError::bad_request("CONNECT tunnels are not supported yet"));
@@ -198,6 +206,7 @@ async fn proxy(
     };
     let matched = vhost.route(&view).ok_or_else(|| ProxyError::no_route(host, parts.uri.path()))?;
     let route = matched.route;
+    record.route = Some(route.name.clone());
 
     let forward = match &route.action {
         Action::Direct { status, body } => {
@@ -215,7 +224,10 @@ async fn proxy(
 
     let dest = forward.pick();
     let cluster = &dest.cluster;
-    info.cluster = Some(cluster.clone());
+    record.cluster = Some(cluster.name.clone());
+    if conn.direction != Direction::Inbound {
+        record.service = cluster.service.clone();
+    }
     let pick = cluster
         .balancer
         .pick(
@@ -224,7 +236,12 @@ async fn proxy(
         )
         .ok_or_else(|| ProxyError::no_healthy_upstream(&cluster.name))?;
     let (endpoint, _) = &cluster.endpoints[pick.0];
-    info.endpoint = Some(pick.0);
+    record.upstream = Some(endpoint.clone());
+    if conn.direction != Direction::Inbound {
+        if let Some(id) = cluster.identities.get(pick.0) {
+            record.destination = id.clone();
+        }
+    }
 
     // Build the upstream request.
     let grpc = is_grpc(&parts.headers);
@@ -285,7 +302,11 @@ async fn proxy(
     if let Some(peer) = &cluster.peer_header {
         parts.headers.insert(trellis_telemetry::peer::PEER_HEADER, peer.clone());
     }
-    let upstream_req = Request::from_parts(parts, boxed(Counted::new(body, request_bytes.clone())));
+    record.trace.inject(&mut parts.headers, shared.telemetry.formats);
+    if let Some(d) = record.details.as_mut() {
+        d.request_id = header_str(&parts.headers, headers::X_REQUEST_ID);
+    }
+    let upstream_req = Request::from_parts(parts, boxed(Counted::new(body, record.request_bytes.clone())));
 
     let in_flight = endpoint.start_request();
     let send = endpoint.send(upstream_req, wire, cluster.connect_timeout);

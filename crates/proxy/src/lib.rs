@@ -41,9 +41,20 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// A proxy with default telemetry and no exporters.
     pub fn new() -> Arc<Proxy> {
+        Self::from_shared(Shared::new())
+    }
+
+    /// A proxy with the given telemetry settings (starts their exporters; call within a Tokio
+    /// runtime).
+    pub fn with_telemetry(opts: telemetry::TelemetryOptions) -> std::io::Result<Arc<Proxy>> {
+        Ok(Self::from_shared(Shared::with_telemetry(opts)?))
+    }
+
+    fn from_shared(shared: Shared) -> Arc<Proxy> {
         Arc::new(Proxy {
-            shared: Arc::new(Shared::new()),
+            shared: Arc::new(shared),
             listeners: Listeners::default(),
             applying: tokio::sync::Mutex::new(()),
         })
@@ -63,7 +74,8 @@ impl Proxy {
         let version = snap.version.clone();
         let snap = Arc::new(snap);
         let result = async {
-            let rt = Runtime::build(snap.clone(), &self.shared.pools)?;
+            let rt =
+                Runtime::build(snap.clone(), &self.shared.pools, &self.shared.telemetry, self.shared.spans.is_some())?;
             let staged = self.listeners.stage(&snap).await?;
             Ok::<_, String>((rt, staged))
         }

@@ -11,6 +11,7 @@ use hyper_util::server::conn::auto;
 use tokio::sync::{watch, Notify};
 
 use crate::runtime::Runtime;
+use crate::telemetry::TelemetryOptions;
 use crate::upstream::Pools;
 
 /// Largest request head accepted; larger gets 431.
@@ -19,6 +20,9 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub struct Shared {
     runtime: ArcSwap<Runtime>,
     pub metrics: Arc<trellis_telemetry::metrics::ProxyMetrics>,
+    pub telemetry: TelemetryOptions,
+    pub spans: Option<trellis_telemetry::export::SpanSink>,
+    pub access_log: Option<trellis_telemetry::access_log::AccessLog>,
     pub pools: Pools,
     pub drain: Drain,
     pub server: auto::Builder<TokioExecutor>,
@@ -47,6 +51,18 @@ pub struct Rejection {
 }
 
 impl Shared {
+    /// Shared state with the given telemetry settings; starts their exporters (call within a
+    /// Tokio runtime).
+    pub fn with_telemetry(telemetry: TelemetryOptions) -> std::io::Result<Shared> {
+        let mut s = Shared::new();
+        let (spans, log) = crate::telemetry::start_sinks(&telemetry, &s.metrics)?;
+        s.spans = spans;
+        s.access_log = log;
+        s.telemetry = telemetry;
+        Ok(s)
+    }
+
+    /// Shared state with default telemetry and no exporters.
     pub fn new() -> Shared {
         let mut server = auto::Builder::new(TokioExecutor::new());
         server
@@ -63,6 +79,9 @@ impl Shared {
         Shared {
             runtime: ArcSwap::from_pointee(Runtime::empty()),
             metrics: Arc::new(trellis_telemetry::metrics::ProxyMetrics::new()),
+            telemetry: TelemetryOptions::default(),
+            spans: None,
+            access_log: None,
             pools: Pools::default(),
             drain: Drain::new(),
             server,

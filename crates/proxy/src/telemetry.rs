@@ -1,25 +1,114 @@
 //! Per-request telemetry on the proxy side: a record created when a request arrives and
-//! finished exactly once, when the response body ends or is dropped (the client went away),
-//! whatever path the request took (routed, rejected, failed). It feeds the `istio_*` metrics.
+//! finished exactly once — when the response body ends, or when it is dropped because the
+//! client went away (flag `DC`) — whatever path the request took (routed, rejected, failed).
+//! Finishing records the `istio_*` metrics (with a trace exemplar), sends the span, and writes
+//! the access-log line.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use trellis_config::filter::Filter;
+use trellis_telemetry::access_log::AccessLog;
+use trellis_telemetry::export::{ExportConfig, SpanSink};
 use trellis_telemetry::identity::ServiceLabels;
-use trellis_telemetry::metrics::{ProxyMetrics, Reporter, RequestLabels};
+use trellis_telemetry::metrics::{Reporter, RequestLabels};
+use trellis_telemetry::trace::{self, Attr, Formats, SpanData, SpanId, SpanKind, TraceId};
 use trellis_telemetry::Identity;
 
 use crate::http::{Body, BoxError};
+use crate::state::Shared;
+use crate::upstream::Endpoint;
+
+/// The proxy's telemetry settings (from its command line; `Telemetry` resources override the
+/// sampling and access-log parts per snapshot).
+#[derive(Clone, Debug)]
+pub struct TelemetryOptions {
+    /// Sampling percentage for new traces (Istio's default: 1%).
+    pub sampling_percent: f64,
+    /// Context formats written on outgoing requests.
+    pub formats: Formats,
+    pub export: ExportConfig,
+    /// Access logs on unless `Telemetry` says otherwise.
+    pub access_log: bool,
+    pub access_log_sink: trellis_telemetry::access_log::Sink,
+}
+
+impl Default for TelemetryOptions {
+    fn default() -> Self {
+        TelemetryOptions {
+            sampling_percent: 1.0,
+            formats: Formats::default(),
+            export: ExportConfig::default(),
+            access_log: false,
+            access_log_sink: trellis_telemetry::access_log::Sink::Stdout,
+        }
+    }
+}
+
+/// Telemetry settings in force for one snapshot.
+pub struct Effective {
+    pub sampling_percent: f64,
+    pub export_spans: bool,
+    pub access_log: bool,
+    pub filter: Option<Filter>,
+    /// The reporting service of this proxy's spans: `<canonical service>.<namespace>`.
+    pub span_service: Arc<str>,
+}
+
+/// The trace context of one request: its own span and what it continues.
+#[derive(Clone, Copy, Debug)]
+pub struct TraceState {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    pub parent_id: Option<SpanId>,
+    pub sampled: bool,
+    pub export: bool,
+}
+
+impl TraceState {
+    /// Continues the caller's trace (or starts one) with a new span, honouring the caller's
+    /// sampling decision when it made one.
+    pub fn start(headers: &HeaderMap, effective: &Effective) -> TraceState {
+        let incoming = trace::extract(headers);
+        let sampled = incoming.sampled.unwrap_or_else(|| trace::sample(effective.sampling_percent));
+        TraceState {
+            trace_id: incoming.parent.map(|p| p.0).unwrap_or_else(trace::new_trace_id),
+            span_id: trace::new_span_id(),
+            parent_id: incoming.parent.map(|p| p.1),
+            sampled,
+            export: sampled && effective.export_spans,
+        }
+    }
+
+    /// Writes this span's context into the outgoing request.
+    pub fn inject(&self, headers: &mut HeaderMap, formats: Formats) {
+        trace::inject(headers, formats, &self.trace_id, &self.span_id, self.parent_id.as_ref(), self.sampled);
+    }
+}
+
+/// Request details kept only when a span is exported or an access log is written.
+pub struct Details {
+    pub start_time: SystemTime,
+    pub method: http::Method,
+    pub path: String,
+    pub authority: String,
+    pub scheme: &'static str,
+    pub version: http::Version,
+    pub user_agent: Option<String>,
+    pub request_id: Option<String>,
+    pub downstream: std::net::SocketAddr,
+}
 
 /// What one request will be recorded as.
 pub struct RequestRecord {
-    pub metrics: Arc<ProxyMetrics>,
-    pub start: Instant,
+    shared: Arc<Shared>,
+    start: Instant,
     pub reporter: Reporter,
     pub source: Arc<Identity>,
     pub destination: Arc<Identity>,
@@ -28,27 +117,36 @@ pub struct RequestRecord {
     pub status: u16,
     pub grpc_status: Option<u32>,
     pub flags: &'static str,
-    pub security: &'static str,
+    security: &'static str,
     pub request_bytes: Arc<AtomicU64>,
-    pub response_bytes: u64,
+    response_bytes: u64,
+    pub trace: TraceState,
+    pub details: Option<Box<Details>>,
+    pub cluster: Option<Arc<str>>,
+    pub upstream: Option<Arc<Endpoint>>,
+    pub route: Option<Arc<str>>,
+    log: bool,
+    span_service: Arc<str>,
     done: bool,
 }
 
 impl RequestRecord {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        metrics: Arc<ProxyMetrics>,
+        shared: Arc<Shared>,
+        effective: &Effective,
         start: Instant,
         reporter: Reporter,
         source: Arc<Identity>,
         destination: Arc<Identity>,
         service: Arc<ServiceLabels>,
         protocol: &'static str,
-        request_bytes: Arc<AtomicU64>,
+        trace: TraceState,
+        details: Option<Box<Details>>,
     ) -> Self {
         let security = if reporter == Reporter::Destination { "none" } else { "unknown" };
         RequestRecord {
-            metrics,
+            shared,
             start,
             reporter,
             source,
@@ -59,10 +157,22 @@ impl RequestRecord {
             grpc_status: None,
             flags: "-",
             security,
-            request_bytes,
+            request_bytes: Arc::new(AtomicU64::new(0)),
             response_bytes: 0,
+            trace,
+            details,
+            cluster: None,
+            upstream: None,
+            route: None,
+            log: effective.access_log,
+            span_service: effective.span_service.clone(),
             done: false,
         }
+    }
+
+    /// Whether request details are needed (a span to export or a line to log).
+    pub fn wants_details(trace: &TraceState, effective: &Effective) -> bool {
+        trace.export || effective.access_log
     }
 
     fn finish(&mut self) {
@@ -81,8 +191,105 @@ impl RequestRecord {
             self.flags,
             self.security,
         );
-        let ms = self.start.elapsed().as_secs_f64() * 1000.0;
-        self.metrics.record(&labels, ms, self.request_bytes.load(Ordering::Relaxed), self.response_bytes);
+        let elapsed = self.start.elapsed();
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        let exemplar = self.trace.sampled.then_some(&self.trace.trace_id);
+        self.shared.metrics.record(&labels, ms, request_bytes, self.response_bytes, exemplar);
+        let Some(d) = self.details.take() else { return };
+        if self.trace.export {
+            if let Some(spans) = &self.shared.spans {
+                spans.submit(self.span(&d, elapsed));
+            }
+        }
+        if self.log {
+            let rt = self.shared.runtime();
+            if rt.telemetry.filter.as_ref().is_none_or(|f| f.matches(self.status)) {
+                if let Some(log) = &self.shared.access_log {
+                    log.write(self.log_line(&d, ms, request_bytes));
+                }
+            }
+        }
+    }
+
+    fn span(&self, d: &Details, elapsed: std::time::Duration) -> SpanData {
+        let peer = match self.reporter {
+            Reporter::Source => &self.destination.workload,
+            Reporter::Destination => &self.source.workload,
+        };
+        let mut attributes: Vec<(&'static str, Attr)> = vec![
+            ("http.request.method", Attr::from(d.method.as_str())),
+            ("url.path", Attr::from(d.path.as_str())),
+            ("url.scheme", Attr::from(d.scheme)),
+            ("server.address", Attr::from(d.authority.as_str())),
+            ("network.protocol.version", Attr::from(version_str(d.version))),
+            ("http.response.status_code", Attr::Int(i64::from(self.status))),
+            ("response_flags", Attr::from(self.flags)),
+            ("peer.workload", Attr::Str(peer.clone())),
+            ("istio.canonical_service", Attr::Str(self.service.name.clone())),
+            ("istio.namespace", Attr::Str(self.service.namespace.clone())),
+        ];
+        if let Some(c) = &self.cluster {
+            attributes.push(("upstream_cluster", Attr::Str(c.clone())));
+        }
+        if let Some(u) = &self.upstream {
+            attributes.push(("upstream.address", Attr::from(u.address.as_str())));
+        }
+        if let Some(ua) = &d.user_agent {
+            attributes.push(("user_agent.original", Attr::from(ua.as_str())));
+        }
+        if let Some(id) = &d.request_id {
+            attributes.push(("guid:x-request-id", Attr::from(id.as_str())));
+        }
+        if let Some(g) = self.grpc_status {
+            attributes.push(("rpc.grpc.status_code", Attr::Int(i64::from(g))));
+        }
+        SpanData {
+            trace_id: self.trace.trace_id,
+            span_id: self.trace.span_id,
+            parent_id: self.trace.parent_id,
+            name: format!("{} {}", d.method, self.service.name),
+            kind: match self.reporter {
+                Reporter::Source => SpanKind::Client,
+                Reporter::Destination => SpanKind::Server,
+            },
+            start: d.start_time,
+            end: d.start_time + elapsed,
+            attributes,
+            error: self.status >= 500 || self.grpc_status.is_some_and(|g| g != 0),
+            service: self.span_service.clone(),
+        }
+    }
+
+    fn log_line(&self, d: &Details, ms: f64, request_bytes: u64) -> String {
+        let line = serde_json::json!({
+            "start_time": rfc3339(d.start_time),
+            "method": d.method.as_str(),
+            "path": d.path,
+            "authority": d.authority,
+            "protocol": version_name(d.version),
+            "response_code": self.status,
+            "grpc_status": self.grpc_status,
+            "response_flags": self.flags,
+            "duration": (ms * 1000.0).round() / 1000.0,
+            "bytes_received": request_bytes,
+            "bytes_sent": self.response_bytes,
+            "upstream_host": self.upstream.as_ref().map(|u| u.address.clone()),
+            "upstream_cluster": self.cluster.as_deref(),
+            "route_name": self.route.as_deref(),
+            "reporter": if self.reporter == Reporter::Source { "source" } else { "destination" },
+            "source_workload": &*self.source.workload,
+            "source_namespace": &*self.source.namespace,
+            "destination_workload": &*self.destination.workload,
+            "destination_namespace": &*self.destination.namespace,
+            "destination_service": &*self.service.host,
+            "downstream_remote_address": d.downstream.to_string(),
+            "user_agent": d.user_agent,
+            "x_request_id": d.request_id,
+            "trace_id": trace::trace_hex(&self.trace.trace_id),
+            "span_id": trace::span_hex(&self.trace.span_id),
+        });
+        line.to_string()
     }
 }
 
@@ -92,7 +299,57 @@ impl Drop for RequestRecord {
     }
 }
 
-fn grpc_status(h: &http::HeaderMap) -> Option<u32> {
+fn version_str(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_2 => "2",
+        http::Version::HTTP_10 => "1.0",
+        _ => "1.1",
+    }
+}
+
+fn version_name(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// RFC 3339 UTC with milliseconds.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Starts the exporters the options ask for.
+pub fn start_sinks(
+    opts: &TelemetryOptions,
+    shared_metrics: &trellis_telemetry::metrics::ProxyMetrics,
+) -> std::io::Result<(Option<SpanSink>, Option<AccessLog>)> {
+    let spans =
+        opts.export.is_enabled().then(|| SpanSink::start(opts.export.clone(), shared_metrics.spans_dropped.clone()));
+    let log = AccessLog::start(opts.access_log_sink.clone(), shared_metrics.access_log_dropped.clone())?;
+    Ok((spans, Some(log)))
+}
+
+fn grpc_status(h: &HeaderMap) -> Option<u32> {
     h.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|s| s.parse().ok())
 }
 
@@ -119,7 +376,7 @@ pin_project_lite::pin_project! {
 }
 
 impl Recorded {
-    pub fn new(inner: Body, mut record: RequestRecord, headers: &http::HeaderMap) -> Self {
+    pub fn new(inner: Body, mut record: RequestRecord, headers: &HeaderMap) -> Self {
         // Trailers-only gRPC responses carry the status in the headers.
         record.grpc_status = grpc_status(headers);
         Recorded { inner, record }

@@ -4,13 +4,26 @@
 //! - [`identity`]: who a proxy, a peer or an endpoint is, as metric labels see it;
 //! - [`peer`]: the metadata a client proxy passes to the server proxy (Istio's peer-metadata
 //!   exchange), so the server side knows who called;
-//! - [`metrics`]: the `istio_*` families and the proxy's own health metrics.
+//! - [`metrics`]: the `istio_*` families and the proxy's own health metrics;
+//! - [`trace`]: trace context in every common format, sampling, span data;
+//! - [`export`]: batched span export (OTLP/HTTP, Zipkin) through a bounded queue;
+//! - [`access_log`]: JSON access log lines through a bounded queue.
 //!
-//! Nothing here does I/O; the proxy decides when to record and where to expose.
+//! Nothing here runs on the request path but counting and queueing: the proxy decides when to
+//! record, exporters and writers run on their own tasks.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
+pub mod export;
 pub mod identity;
 pub mod metrics;
 pub mod peer;
+pub mod trace;
+
+/// OTLP trace messages (a wire-compatible subset), generated from `proto/otlp_trace.proto`.
+pub mod otlp {
+    #![allow(clippy::all, rust_2018_idioms, unreachable_pub)]
+    include!(concat!(env!("OUT_DIR"), "/trellis.otlp.v1.rs"));
+}
 
 pub use identity::Identity;

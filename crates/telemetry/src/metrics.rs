@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -119,9 +120,17 @@ impl RequestLabels {
 }
 
 type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
+type ExemplarFamily =
+    Family<RequestLabels, HistogramWithExemplars<TraceExemplar>, fn() -> HistogramWithExemplars<TraceExemplar>>;
 
-fn duration_histogram() -> Histogram {
-    Histogram::new(DURATION_BUCKETS_MS)
+/// The exemplar attached to duration buckets: the trace of a sampled request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceExemplar {
+    pub trace_id: String,
+}
+
+fn duration_histogram() -> HistogramWithExemplars<TraceExemplar> {
+    HistogramWithExemplars::new(DURATION_BUCKETS_MS.into_iter())
 }
 
 fn size_histogram() -> Histogram {
@@ -132,7 +141,7 @@ fn size_histogram() -> Histogram {
 pub struct ProxyMetrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
-    duration: HistogramFamily,
+    duration: ExemplarFamily,
     request_bytes: HistogramFamily,
     response_bytes: HistogramFamily,
     pub connections_open: Gauge,
@@ -140,6 +149,8 @@ pub struct ProxyMetrics {
     pub config_version: Family<VersionLabel, Gauge>,
     pub control_plane_connected: Gauge,
     pub snapshot_rejections: Counter,
+    pub spans_dropped: Counter,
+    pub access_log_dropped: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -157,7 +168,7 @@ impl ProxyMetrics {
     pub fn new() -> ProxyMetrics {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
-        let duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
+        let duration: ExemplarFamily = Family::new_with_constructor(duration_histogram);
         let request_bytes: HistogramFamily = Family::new_with_constructor(size_histogram);
         let response_bytes: HistogramFamily = Family::new_with_constructor(size_histogram);
         registry.register(
@@ -173,6 +184,18 @@ impl ProxyMetrics {
         let config_version = Family::<VersionLabel, Gauge>::default();
         let control_plane_connected = Gauge::default();
         let snapshot_rejections = Counter::default();
+        let spans_dropped = Counter::default();
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "trellis_proxy_spans_dropped",
+            "Spans not exported (queue full or receiver failing)",
+            spans_dropped.clone(),
+        );
+        registry.register(
+            "trellis_proxy_access_log_dropped",
+            "Access log lines not written (queue full or write failing)",
+            access_log_dropped.clone(),
+        );
         registry.register("trellis_proxy_connections_open", "Downstream connections open", connections_open.clone());
         registry.register(
             "trellis_proxy_config_applied_timestamp_seconds",
@@ -205,13 +228,24 @@ impl ProxyMetrics {
             config_version,
             control_plane_connected,
             snapshot_rejections,
+            spans_dropped,
+            access_log_dropped,
         }
     }
 
-    /// Records one finished request.
-    pub fn record(&self, labels: &RequestLabels, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
+    /// Records one finished request; a sampled request's trace id becomes the exemplar of its
+    /// duration bucket.
+    pub fn record(
+        &self,
+        labels: &RequestLabels,
+        duration_ms: f64,
+        request_bytes: u64,
+        response_bytes: u64,
+        trace: Option<&[u8; 16]>,
+    ) {
         self.requests.get_or_create(labels).inc();
-        self.duration.get_or_create(labels).observe(duration_ms);
+        let exemplar = trace.map(|t| TraceExemplar { trace_id: crate::trace::trace_hex(t) });
+        self.duration.get_or_create(labels).observe(duration_ms, exemplar, None);
         self.request_bytes.get_or_create(labels).observe(request_bytes as f64);
         self.response_bytes.get_or_create(labels).observe(response_bytes as f64);
     }
@@ -294,17 +328,19 @@ mod tests {
         );
         let svc = ServiceLabels::new("reviews.default.svc.cluster.local", "reviews", "default");
         let l = RequestLabels::new(Reporter::Source, &src, &dst, &svc, "http", 200, None, "-", "unknown");
-        m.record(&l, 3.0, 0, 120);
-        m.record(&l, 7.0, 0, 120);
+        m.record(&l, 3.0, 0, 120, None);
+        m.record(&l, 7.0, 0, 120, Some(&[7u8; 16]));
         let om = m.encode_openmetrics();
         assert!(om.contains("# TYPE istio_requests counter"), "{om}");
         assert!(om.contains("istio_requests_total{reporter=\"source\""), "{om}");
         assert!(om.contains("destination_app=\"reviews\""), "{om}");
         assert!(om.contains("istio_request_duration_milliseconds_bucket{"), "{om}");
         assert!(om.trim_end().ends_with("# EOF"));
+        assert!(om.contains("# {trace_id=\"07070707070707070707070707070707\"} 7"), "exemplar: {om}");
         let classic = m.encode_prometheus();
         assert!(classic.contains("# TYPE istio_requests_total counter"), "{classic}");
         assert!(!classic.contains("# EOF"));
+        assert!(!classic.contains("trace_id"), "no exemplars in the classic format");
         assert!(classic.lines().any(|l| l.starts_with("istio_requests_total{") && l.ends_with(" 2")), "{classic}");
     }
 }

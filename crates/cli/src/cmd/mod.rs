@@ -32,6 +32,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Show the listeners, routes and endpoints of one workload's proxy.
     ProxyConfig(status::ProxyConfigArgs),
+    /// Print a Prometheus configuration that scrapes every proxy of a running mesh.
+    PrometheusConfig(status::PrometheusArgs),
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -42,6 +44,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Control(a) => control::run(a),
         Command::Status(a) => status::status(a),
         Command::ProxyConfig(a) => status::proxy_config(a),
+        Command::PrometheusConfig(a) => status::prometheus_config(a),
     }
 }
 

@@ -62,6 +62,22 @@ pub struct Args {
     /// Worker threads (default: one per core).
     #[arg(long)]
     concurrency: Option<usize>,
+    /// Percentage of new traces to sample (Istio's default is 1); `Telemetry` resources override it.
+    #[arg(long, default_value_t = 1.0)]
+    trace_sampling: f64,
+    /// Trace context formats to write: w3c, b3, b3-single, xray (all are read).
+    #[arg(long, default_value = "w3c,b3", value_parser = trellis_telemetry::trace::Formats::parse)]
+    trace_formats: trellis_telemetry::trace::Formats,
+    /// Export spans over OTLP/HTTP, e.g. http://127.0.0.1:4318/v1/traces.
+    #[arg(long)]
+    otlp_endpoint: Option<http::Uri>,
+    /// Export spans as Zipkin v2 JSON, e.g. http://127.0.0.1:9411/api/v2/spans.
+    #[arg(long)]
+    zipkin_endpoint: Option<http::Uri>,
+    /// Write access logs (JSON lines) to `stdout` or a file; `Telemetry` resources can turn them
+    /// on or off.
+    #[arg(long)]
+    access_log: Option<String>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -163,6 +179,7 @@ fn proxy_spec(args: &Args) -> Result<ProxySpec> {
         bail!("a sidecar needs at least one of --inbound, --outbound or --upstream");
     }
     Ok(ProxySpec {
+        admin: Some(args.admin),
         role,
         name: args.workload.clone(),
         namespace,
@@ -177,7 +194,17 @@ fn proxy_spec(args: &Args) -> Result<ProxySpec> {
 
 async fn serve(args: Args) -> Result<()> {
     let spec = proxy_spec(&args)?;
-    let proxy = Proxy::new();
+    let telemetry = trellis_proxy::telemetry::TelemetryOptions {
+        sampling_percent: args.trace_sampling.clamp(0.0, 100.0),
+        formats: args.trace_formats,
+        export: trellis_telemetry::export::ExportConfig {
+            otlp: args.otlp_endpoint.clone(),
+            zipkin: args.zipkin_endpoint.clone(),
+        },
+        access_log: args.access_log.is_some(),
+        access_log_sink: trellis_telemetry::access_log::Sink::parse(args.access_log.as_deref().unwrap_or("stdout")),
+    };
+    let proxy = Proxy::with_telemetry(telemetry).context("cannot open the access log")?;
     if let Some(cp) = &args.control_plane {
         // Control-plane mode: admin first (so /ready can say "not yet"), then connect.
         let admin = trellis_proxy::admin::serve(proxy.clone(), args.admin)

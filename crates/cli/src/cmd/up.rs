@@ -15,6 +15,12 @@ pub struct Args {
     /// Address of the control plane.
     #[arg(long, default_value = trellis_control::DEFAULT_ADDR)]
     control_plane: SocketAddr,
+    /// Export every proxy's spans over OTLP/HTTP, e.g. http://127.0.0.1:4318/v1/traces.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
+    /// Export every proxy's spans as Zipkin v2 JSON, e.g. http://127.0.0.1:9411/api/v2/spans.
+    #[arg(long)]
+    zipkin_endpoint: Option<String>,
 }
 
 pub fn run(args: Args) -> ExitCode {
@@ -30,6 +36,8 @@ pub fn run(args: Args) -> ExitCode {
         recursive: args.recursive,
         control_plane: args.control_plane,
         trellis,
+        otlp_endpoint: args.otlp_endpoint,
+        zipkin_endpoint: args.zipkin_endpoint,
     };
     super::block_on(async move { trellis_local::up(opts).await.map_err(|e| anyhow::anyhow!(e)) })
 }

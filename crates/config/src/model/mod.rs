@@ -7,6 +7,7 @@
 pub mod duration;
 pub mod kube;
 pub mod networking;
+pub mod telemetry;
 pub mod trellis;
 
 use std::collections::BTreeMap;
@@ -109,10 +110,7 @@ impl Kind {
 
     /// Kinds that are parsed and kept, but whose behaviour a later release enforces.
     pub fn enforced(self) -> bool {
-        !matches!(
-            self,
-            Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication | Kind::Telemetry
-        )
+        !matches!(self, Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication)
     }
 }
 
@@ -162,6 +160,7 @@ pub enum Spec {
     WorkloadEntry(networking::WorkloadEntry),
     Service(kube::Service),
     Workload(trellis::Workload),
+    Telemetry(telemetry::Telemetry),
     /// Security and telemetry kinds: parsed and kept; enforced by a later release.
     Kept(serde_json::Value),
 }

@@ -25,6 +25,8 @@ pub struct Runtime {
     pub snapshot: Arc<spec::Snapshot>,
     /// This proxy's identity, for telemetry.
     pub me: Arc<Identity>,
+    /// Tracing and access-log settings in force.
+    pub telemetry: crate::telemetry::Effective,
     tables: HashMap<String, Arc<RouteTable>>,
     /// Outbound tables by port, for `ByRequestPort` and `Fixed` listeners.
     outbound: HashMap<u16, Arc<RouteTable>>,
@@ -34,7 +36,7 @@ pub struct Runtime {
 
 /// A cluster: endpoints, how to balance over them, and how to talk to them.
 pub struct Cluster {
-    pub name: String,
+    pub name: Arc<str>,
     pub protocol: UpstreamProtocol,
     pub connect_timeout: Duration,
     pub endpoints: Vec<(Arc<Endpoint>, u32)>,
@@ -52,6 +54,13 @@ impl Runtime {
         Runtime {
             snapshot: Arc::new(spec::Snapshot::default()),
             me: Arc::new(Identity::unknown()),
+            telemetry: crate::telemetry::Effective {
+                sampling_percent: 0.0,
+                export_spans: false,
+                access_log: false,
+                filter: None,
+                span_service: Arc::from("unknown"),
+            },
             tables: HashMap::new(),
             outbound: HashMap::new(),
             listeners: HashMap::new(),
@@ -59,9 +68,22 @@ impl Runtime {
         }
     }
 
-    pub fn build(snapshot: Arc<spec::Snapshot>, pools: &Pools) -> Result<Runtime, String> {
+    pub fn build(
+        snapshot: Arc<spec::Snapshot>,
+        pools: &Pools,
+        opts: &crate::telemetry::TelemetryOptions,
+        exporting: bool,
+    ) -> Result<Runtime, String> {
         let node = &snapshot.node;
         let me = Arc::new(Identity::new(&node.name, &node.namespace, &node.labels, None));
+        let policy = &snapshot.telemetry;
+        let telemetry = crate::telemetry::Effective {
+            sampling_percent: policy.sampling_percent.unwrap_or(opts.sampling_percent),
+            export_spans: exporting && !policy.span_reporting_disabled.unwrap_or(false),
+            access_log: policy.access_log.unwrap_or(opts.access_log),
+            filter: policy.access_log_filter.as_deref().and_then(|f| trellis_config::filter::Filter::parse(f).ok()),
+            span_service: Arc::from(format!("{}.{}", me.canonical_service, me.namespace)),
+        };
         let mut clusters = HashMap::new();
         for (name, c) in &snapshot.clusters {
             let endpoints: Vec<(Arc<Endpoint>, u32)> =
@@ -81,7 +103,7 @@ impl Runtime {
             clusters.insert(
                 name.clone(),
                 Arc::new(Cluster {
-                    name: name.clone(),
+                    name: Arc::from(name.as_str()),
                     protocol: c.protocol,
                     connect_timeout: c.connect_timeout.0,
                     endpoints,
@@ -111,7 +133,7 @@ impl Runtime {
             listeners.insert(l.name.clone(), l.routing.clone());
         }
         pools.collect();
-        Ok(Runtime { snapshot, me, tables, outbound, listeners, clusters })
+        Ok(Runtime { snapshot, me, telemetry, tables, outbound, listeners, clusters })
     }
 
     pub fn version(&self) -> &str {

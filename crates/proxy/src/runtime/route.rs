@@ -38,7 +38,7 @@ pub struct VirtualHost {
 }
 
 pub struct Route {
-    pub name: String,
+    pub name: Arc<str>,
     pub source: Option<String>,
     matches: Vec<Match>,
     pub action: Action,
@@ -216,7 +216,7 @@ impl Route {
             }
         };
         Ok(Route {
-            name: r.name.clone(),
+            name: Arc::from(r.name.as_str()),
             source: r.source.clone(),
             matches: r.matches.iter().map(Match::build).collect::<Result<_, _>>()?,
             action,

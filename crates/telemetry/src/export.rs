@@ -1,0 +1,222 @@
+//! Span export, off the request path: spans go into a bounded queue (a full queue drops the
+//! span and counts it), a task sends them in batches over OTLP/HTTP (protobuf) and/or Zipkin v2
+//! JSON. A receiver that is down costs requests nothing; its spans are counted as dropped.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use prometheus_client::metrics::counter::Counter;
+use prost::Message;
+use tokio::sync::mpsc;
+
+use crate::otlp;
+use crate::trace::{span_hex, trace_hex, Attr, SpanData, SpanKind};
+
+/// Where spans go.
+#[derive(Clone, Debug, Default)]
+pub struct ExportConfig {
+    /// OTLP/HTTP endpoint, e.g. `http://127.0.0.1:4318/v1/traces`.
+    pub otlp: Option<http::Uri>,
+    /// Zipkin v2 endpoint, e.g. `http://127.0.0.1:9411/api/v2/spans`.
+    pub zipkin: Option<http::Uri>,
+}
+
+impl ExportConfig {
+    pub fn is_enabled(&self) -> bool {
+        self.otlp.is_some() || self.zipkin.is_some()
+    }
+}
+
+const QUEUE: usize = 4096;
+const BATCH: usize = 512;
+const FLUSH_EVERY: Duration = Duration::from_millis(200);
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The request path's handle on the exporter.
+#[derive(Clone)]
+pub struct SpanSink {
+    tx: mpsc::Sender<SpanData>,
+    dropped: Counter,
+}
+
+impl SpanSink {
+    /// Starts the export task (on the current Tokio runtime).
+    pub fn start(config: ExportConfig, dropped: Counter) -> SpanSink {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(config, rx, dropped.clone()));
+        SpanSink { tx, dropped }
+    }
+
+    /// Queues a span; never waits. A full queue drops it (counted).
+    pub fn submit(&self, span: SpanData) {
+        if self.tx.try_send(span).is_err() {
+            self.dropped.inc();
+        }
+    }
+}
+
+async fn run(config: ExportConfig, mut rx: mpsc::Receiver<SpanData>, dropped: Counter) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        let first = match rx.recv().await {
+            Some(s) => s,
+            None => return,
+        };
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + FLUSH_EVERY;
+        while batch.len() < BATCH {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(s)) => batch.push(s),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let n = batch.len() as u64;
+        let mut ok = true;
+        if let Some(uri) = &config.otlp {
+            ok &= post(&client, uri, "application/x-protobuf", encode_otlp(&batch)).await;
+        }
+        if let Some(uri) = &config.zipkin {
+            ok &= post(&client, uri, "application/json", encode_zipkin(&batch)).await;
+        }
+        if !ok {
+            dropped.inc_by(n);
+        }
+        batch.clear();
+    }
+}
+
+async fn post(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    uri: &http::Uri,
+    ctype: &'static str,
+    body: Vec<u8>,
+) -> bool {
+    let Ok(req) =
+        http::Request::post(uri.clone()).header(http::header::CONTENT_TYPE, ctype).body(Full::new(Bytes::from(body)))
+    else {
+        return false;
+    };
+    match tokio::time::timeout(SEND_TIMEOUT, client.request(req)).await {
+        Ok(Ok(resp)) => resp.status().is_success(),
+        _ => false,
+    }
+}
+
+fn nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+fn any(v: &Attr) -> otlp::AnyValue {
+    use otlp::any_value::Value;
+    otlp::AnyValue {
+        value: Some(match v {
+            Attr::Str(s) => Value::StringValue(s.to_string()),
+            Attr::Int(i) => Value::IntValue(*i),
+        }),
+    }
+}
+
+fn kv(k: &str, v: &Attr) -> otlp::KeyValue {
+    otlp::KeyValue { key: k.to_string(), value: Some(any(v)) }
+}
+
+/// Encodes spans as an OTLP `ExportTraceServiceRequest`, one resource per reporting service.
+pub fn encode_otlp(spans: &[SpanData]) -> Vec<u8> {
+    let mut by_service: Vec<(&str, Vec<otlp::Span>)> = Vec::new();
+    for s in spans {
+        let span = otlp::Span {
+            trace_id: s.trace_id.to_vec(),
+            span_id: s.span_id.to_vec(),
+            trace_state: String::new(),
+            parent_span_id: s.parent_id.map(|p| p.to_vec()).unwrap_or_default(),
+            name: s.name.clone(),
+            kind: match s.kind {
+                SpanKind::Server => otlp::span::SpanKind::Server as i32,
+                SpanKind::Client => otlp::span::SpanKind::Client as i32,
+            },
+            start_time_unix_nano: nanos(s.start),
+            end_time_unix_nano: nanos(s.end),
+            attributes: s.attributes.iter().map(|(k, v)| kv(k, v)).collect(),
+            dropped_attributes_count: 0,
+            status: Some(otlp::Status {
+                message: String::new(),
+                code: if s.error {
+                    otlp::status::StatusCode::Error as i32
+                } else {
+                    otlp::status::StatusCode::Unset as i32
+                },
+            }),
+            flags: 0x100, // SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK, is_remote = 0
+        };
+        match by_service.iter_mut().find(|(svc, _)| *svc == &*s.service) {
+            Some((_, v)) => v.push(span),
+            None => by_service.push((&s.service, vec![span])),
+        }
+    }
+    let req = otlp::ExportTraceServiceRequest {
+        resource_spans: by_service
+            .into_iter()
+            .map(|(svc, spans)| otlp::ResourceSpans {
+                resource: Some(otlp::Resource {
+                    attributes: vec![
+                        kv("service.name", &Attr::from(svc)),
+                        kv("telemetry.sdk.name", &Attr::from("trellis")),
+                    ],
+                    dropped_attributes_count: 0,
+                }),
+                scope_spans: vec![otlp::ScopeSpans {
+                    scope: Some(otlp::InstrumentationScope {
+                        name: "trellis-proxy".into(),
+                        version: env!("CARGO_PKG_VERSION").into(),
+                        ..Default::default()
+                    }),
+                    spans,
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            })
+            .collect(),
+    };
+    req.encode_to_vec()
+}
+
+/// Encodes spans as a Zipkin v2 JSON array.
+pub fn encode_zipkin(spans: &[SpanData]) -> Vec<u8> {
+    let list: Vec<serde_json::Value> = spans
+        .iter()
+        .map(|s| {
+            let start = nanos(s.start) / 1000;
+            let tags: serde_json::Map<String, serde_json::Value> = s
+                .attributes
+                .iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        Attr::Str(s) => s.to_string(),
+                        Attr::Int(i) => i.to_string(),
+                    };
+                    (k.to_string(), serde_json::Value::String(v))
+                })
+                .chain(s.error.then(|| ("error".to_string(), serde_json::Value::String("true".into()))))
+                .collect();
+            let mut span = serde_json::json!({
+                "traceId": trace_hex(&s.trace_id),
+                "id": span_hex(&s.span_id),
+                "name": s.name,
+                "kind": match s.kind { SpanKind::Server => "SERVER", SpanKind::Client => "CLIENT" },
+                "timestamp": start,
+                "duration": (nanos(s.end) / 1000).saturating_sub(start).max(1),
+                "localEndpoint": {"serviceName": &*s.service},
+                "tags": tags,
+            });
+            if let Some(p) = &s.parent_id {
+                span["parentId"] = serde_json::Value::String(span_hex(p));
+            }
+            span
+        })
+        .collect();
+    serde_json::to_vec(&list).unwrap_or_default()
+}
