@@ -22,10 +22,14 @@ apt_install() {
 # curl (HTTP/1.1 and HTTP/2 client in the protocol tests).
 command -v curl >/dev/null || apt_install curl ca-certificates
 
-# grpcio: the Python gRPC client of the interop test.
-if ! python3 -c 'import grpc' 2>/dev/null; then
-  log "installing grpcio"
-  python3 -m pip install --quiet --disable-pip-version-check grpcio
+# A real Prometheus scrapes a running mesh in the observability tests.
+command -v prometheus >/dev/null || apt_install prometheus
+
+# Python peers: grpcio (gRPC interop) and the OpenTelemetry SDK (tracing interop).
+if ! python3 -c 'import grpc, opentelemetry.sdk, opentelemetry.propagators.b3, opentelemetry.exporter.otlp.proto.http' 2>/dev/null; then
+  log "installing Python test peers"
+  python3 -m pip install --quiet --disable-pip-version-check grpcio opentelemetry-sdk \
+    opentelemetry-exporter-otlp-proto-http opentelemetry-propagator-b3
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

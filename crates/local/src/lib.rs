@@ -27,6 +27,8 @@ pub struct UpOptions {
     pub control_plane: SocketAddr,
     /// The `trellis` executable (children are started from it).
     pub trellis: PathBuf,
+    /// First admin port (0: any free ports).
+    pub admin_port_base: u16,
     /// Span exporters for every proxy.
     pub otlp_endpoint: Option<String>,
     pub zipkin_endpoint: Option<String>,
@@ -58,7 +60,7 @@ pub async fn up(opts: UpOptions) -> Result<(), String> {
     if !errors.is_empty() {
         return Err(format!("config has {} error(s); not starting (see `trellis analyze`)", errors.len()));
     }
-    let plan = Plan::build(&loaded.resources).map_err(|e| format!("cannot allocate ports: {e}"))?;
+    let plan = Plan::build(&loaded.resources, opts.admin_port_base).map_err(|e| format!("cannot allocate ports: {e}"))?;
     if plan.workloads.is_empty() && plan.gateways.is_empty() {
         return Err("nothing to run: the config declares no Workload and no Gateway".into());
     }

@@ -62,8 +62,24 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn build(resources: &[Resource]) -> std::io::Result<Plan> {
+    /// Plans the mesh. Admin ports are `admin_base`, `admin_base + 1`, ... (gateways first, then
+    /// workloads in config order) so a scrape config stays valid across runs; a port in use, or
+    /// `admin_base` 0, falls back to a free one.
+    pub fn build(resources: &[Resource], admin_base: u16) -> std::io::Result<Plan> {
         let registry = Registry::build(resources, &[]);
+        let mut next_admin = admin_base;
+        let mut admin_port = move || -> std::io::Result<u16> {
+            if next_admin != 0 {
+                let p = next_admin;
+                next_admin = next_admin.saturating_add(1);
+                if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                    return Ok(p);
+                }
+            }
+            free_port()
+        };
+        let gateway_count = resources.iter().filter(|r| matches!(r.spec, Spec::Gateway(_))).count();
+        let gateway_admins: Vec<u16> = (0..gateway_count).map(|_| admin_port()).collect::<std::io::Result<_>>()?;
         let mut workloads = Vec::new();
         for r in resources {
             let Spec::Workload(w) = &r.spec else { continue };
@@ -98,7 +114,7 @@ impl Plan {
                 app: local(app),
                 inbound: local(free_port()?),
                 outbound: local(free_port()?),
-                admin: local(free_port()?),
+                admin: local(admin_port()?),
                 upstreams,
                 services,
             });
@@ -122,7 +138,8 @@ impl Plan {
                 None if labels.is_empty() => "gateway".to_string(),
                 None => format!("gateway-{}", labels.values().cloned().collect::<Vec<_>>().join("-")),
             };
-            gateways.push(GatewayPlan { name, labels, admin: local(free_port()?), ports });
+            let admin = gateway_admins.get(gateways.len()).copied().map(Ok).unwrap_or_else(free_port)?;
+            gateways.push(GatewayPlan { name, labels, admin: local(admin), ports });
         }
         Ok(Plan { workloads, gateways })
     }

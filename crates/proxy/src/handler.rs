@@ -94,7 +94,7 @@ pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut req: Request<I
         Direction::Outbound | Direction::Gateway => {
             let service = Arc::new(ServiceLabels::unknown());
             let me = rt.me.clone();
-            RequestRecord::new(
+            let mut r = RequestRecord::new(
                 shared.clone(),
                 &rt.telemetry,
                 start,
@@ -105,7 +105,9 @@ pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut req: Request<I
                 protocol,
                 trace,
                 details,
-            )
+            );
+            r.gateway = conn.direction == Direction::Gateway;
+            r
         }
     };
     let (mut resp, flag) = match proxy(&shared, &rt, &conn, req, &mut record).await {
@@ -306,7 +308,7 @@ async fn proxy(
     if let Some(d) = record.details.as_mut() {
         d.request_id = header_str(&parts.headers, headers::X_REQUEST_ID);
     }
-    let upstream_req = Request::from_parts(parts, boxed(Counted::new(body, record.request_bytes.clone())));
+    let upstream_req = Request::from_parts(parts, boxed(Counted::new(body, record.request_bytes.clone(), record.request_messages.clone())));
 
     let in_flight = endpoint.start_request();
     let send = endpoint.send(upstream_req, wire, cluster.connect_timeout);

@@ -16,6 +16,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use trellis_config::filter::Filter;
 use trellis_telemetry::access_log::AccessLog;
 use trellis_telemetry::export::{ExportConfig, SpanSink};
+use trellis_telemetry::grpc::MessageCounter;
 use trellis_telemetry::identity::ServiceLabels;
 use trellis_telemetry::metrics::{Reporter, RequestLabels};
 use trellis_telemetry::trace::{self, Attr, Formats, SpanData, SpanId, SpanKind, TraceId};
@@ -120,7 +121,12 @@ pub struct RequestRecord {
     security: &'static str,
     pub request_bytes: Arc<AtomicU64>,
     response_bytes: u64,
+    /// gRPC messages seen in each direction (gRPC requests only).
+    pub request_messages: Option<Arc<AtomicU64>>,
+    response_messages: Option<MessageCounter>,
     pub trace: TraceState,
+    /// Gateways report as the client side but their span is the trace's root (SERVER).
+    pub gateway: bool,
     pub details: Option<Box<Details>>,
     pub cluster: Option<Arc<str>>,
     pub upstream: Option<Arc<Endpoint>>,
@@ -159,7 +165,10 @@ impl RequestRecord {
             security,
             request_bytes: Arc::new(AtomicU64::new(0)),
             response_bytes: 0,
+            request_messages: (protocol == "grpc").then(|| Arc::new(AtomicU64::new(0))),
+            response_messages: (protocol == "grpc").then(MessageCounter::default),
             trace,
+            gateway: false,
             details,
             cluster: None,
             upstream: None,
@@ -196,6 +205,9 @@ impl RequestRecord {
         let request_bytes = self.request_bytes.load(Ordering::Relaxed);
         let exemplar = self.trace.sampled.then_some(&self.trace.trace_id);
         self.shared.metrics.record(&labels, ms, request_bytes, self.response_bytes, exemplar);
+        if let (Some(req), Some(resp)) = (&self.request_messages, &self.response_messages) {
+            self.shared.metrics.record_messages(&labels, req.load(Ordering::Relaxed), resp.messages);
+        }
         let Some(d) = self.details.take() else { return };
         if self.trace.export {
             if let Some(spans) = &self.shared.spans {
@@ -249,10 +261,7 @@ impl RequestRecord {
             span_id: self.trace.span_id,
             parent_id: self.trace.parent_id,
             name: format!("{} {}", d.method, self.service.name),
-            kind: match self.reporter {
-                Reporter::Source => SpanKind::Client,
-                Reporter::Destination => SpanKind::Server,
-            },
+            kind: if self.gateway || self.reporter == Reporter::Destination { SpanKind::Server } else { SpanKind::Client },
             start: d.start_time,
             end: d.start_time + elapsed,
             attributes,
@@ -394,6 +403,9 @@ impl HttpBody for Recorded {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.record.response_bytes += d.len() as u64;
+                    if let Some(m) = this.record.response_messages.as_mut() {
+                        m.feed(d);
+                    }
                 } else if let Some(t) = frame.trailers_ref() {
                     if let Some(s) = grpc_status(t) {
                         this.record.grpc_status = Some(s);
@@ -425,17 +437,18 @@ impl HttpBody for Recorded {
 }
 
 pin_project_lite::pin_project! {
-    /// A request body that counts the bytes it carries.
+    /// A request body that counts the bytes (and, for gRPC, the messages) it carries.
     pub struct Counted<B> {
         #[pin]
         inner: B,
         bytes: Arc<AtomicU64>,
+        messages: Option<(MessageCounter, Arc<AtomicU64>)>,
     }
 }
 
 impl<B> Counted<B> {
-    pub fn new(inner: B, bytes: Arc<AtomicU64>) -> Self {
-        Counted { inner, bytes }
+    pub fn new(inner: B, bytes: Arc<AtomicU64>, messages: Option<Arc<AtomicU64>>) -> Self {
+        Counted { inner, bytes, messages: messages.map(|m| (MessageCounter::default(), m)) }
     }
 }
 
@@ -452,6 +465,10 @@ where
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(d) = frame.data_ref() {
                 this.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                if let Some((counter, total)) = this.messages.as_mut() {
+                    counter.feed(d);
+                    total.store(counter.messages, Ordering::Relaxed);
+                }
             }
         }
         polled

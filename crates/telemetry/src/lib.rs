@@ -15,6 +15,7 @@
 
 pub mod access_log;
 pub mod export;
+pub mod grpc;
 pub mod identity;
 pub mod metrics;
 pub mod peer;

@@ -144,6 +144,8 @@ pub struct ProxyMetrics {
     duration: ExemplarFamily,
     request_bytes: HistogramFamily,
     response_bytes: HistogramFamily,
+    request_messages: Family<RequestLabels, Counter>,
+    response_messages: Family<RequestLabels, Counter>,
     pub connections_open: Gauge,
     pub config_applied_seconds: Gauge<f64, AtomicU64>,
     pub config_version: Family<VersionLabel, Gauge>,
@@ -179,6 +181,10 @@ impl ProxyMetrics {
         registry.register("istio_request_duration_milliseconds", "Request duration in milliseconds", duration.clone());
         registry.register("istio_request_bytes", "Request body size in bytes", request_bytes.clone());
         registry.register("istio_response_bytes", "Response body size in bytes", response_bytes.clone());
+        let request_messages = Family::<RequestLabels, Counter>::default();
+        let response_messages = Family::<RequestLabels, Counter>::default();
+        registry.register("istio_request_messages", "gRPC messages sent by clients", request_messages.clone());
+        registry.register("istio_response_messages", "gRPC messages sent by servers", response_messages.clone());
         let connections_open = Gauge::default();
         let config_applied_seconds = Gauge::<f64, AtomicU64>::default();
         let config_version = Family::<VersionLabel, Gauge>::default();
@@ -223,6 +229,8 @@ impl ProxyMetrics {
             duration,
             request_bytes,
             response_bytes,
+            request_messages,
+            response_messages,
             connections_open,
             config_applied_seconds,
             config_version,
@@ -248,6 +256,12 @@ impl ProxyMetrics {
         self.duration.get_or_create(labels).observe(duration_ms, exemplar, None);
         self.request_bytes.get_or_create(labels).observe(request_bytes as f64);
         self.response_bytes.get_or_create(labels).observe(response_bytes as f64);
+    }
+
+    /// Records the gRPC messages of one finished stream.
+    pub fn record_messages(&self, labels: &RequestLabels, request: u64, response: u64) {
+        self.request_messages.get_or_create(labels).inc_by(request);
+        self.response_messages.get_or_create(labels).inc_by(response);
     }
 
     /// Marks `version` as the one in force.

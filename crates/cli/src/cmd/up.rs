@@ -15,6 +15,10 @@ pub struct Args {
     /// Address of the control plane.
     #[arg(long, default_value = trellis_control::DEFAULT_ADDR)]
     control_plane: SocketAddr,
+    /// Admin ports are numbered from here (gateways first, then workloads), so the scrape
+    /// config of `trellis prometheus-config` stays valid across runs; 0 picks free ports.
+    #[arg(long, default_value_t = 15100)]
+    admin_port_base: u16,
     /// Export every proxy's spans over OTLP/HTTP, e.g. http://127.0.0.1:4318/v1/traces.
     #[arg(long)]
     otlp_endpoint: Option<String>,
@@ -36,6 +40,7 @@ pub fn run(args: Args) -> ExitCode {
         recursive: args.recursive,
         control_plane: args.control_plane,
         trellis,
+        admin_port_base: args.admin_port_base,
         otlp_endpoint: args.otlp_endpoint,
         zipkin_endpoint: args.zipkin_endpoint,
     };

@@ -2,6 +2,8 @@
 //! 127.0.0.1. Tests wait on readiness signals (`/ready`, a bound port), never on fixed sleeps.
 #![allow(dead_code)]
 
+pub mod mesh;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -447,4 +449,153 @@ pub fn tally(names: impl IntoIterator<Item = String>) -> BTreeMap<String, usize>
         *m.entry(n).or_insert(0) += 1;
     }
     m
+}
+
+// --- trace collector ---
+
+/// A span as a test sees it, from either export format.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeenSpan {
+    pub trace_id: String,
+    pub span_id: String,
+    pub parent_id: Option<String>,
+    pub name: String,
+    /// "SERVER" or "CLIENT" (or "INTERNAL", ...).
+    pub kind: String,
+    pub service: String,
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// An OTLP/HTTP (`POST /v1/traces`, protobuf) and Zipkin v2 (`POST /api/v2/spans`, JSON)
+/// receiver on 127.0.0.1, decoding what it gets.
+pub struct Collector {
+    pub addr: SocketAddr,
+    pub otlp: Arc<std::sync::Mutex<Vec<SeenSpan>>>,
+    pub zipkin: Arc<std::sync::Mutex<Vec<SeenSpan>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Collector {
+    pub async fn start() -> Collector {
+        use prost::Message;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let otlp: Arc<std::sync::Mutex<Vec<SeenSpan>>> = Arc::default();
+        let zipkin: Arc<std::sync::Mutex<Vec<SeenSpan>>> = Arc::default();
+        let (o, z) = (otlp.clone(), zipkin.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (o, z) = (o.clone(), z.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (o, z) = (o.clone(), z.clone());
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            if path == "/v1/traces" {
+                                let msg = trellis_telemetry::otlp::ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+                                let mut seen = o.lock().expect("lock");
+                                for rs in msg.resource_spans {
+                                    let service = rs
+                                        .resource
+                                        .iter()
+                                        .flat_map(|r| r.attributes.iter())
+                                        .find(|kv| kv.key == "service.name")
+                                        .and_then(|kv| any_str(kv.value.as_ref()))
+                                        .unwrap_or_default();
+                                    for ss in rs.scope_spans {
+                                        for s in ss.spans {
+                                            seen.push(SeenSpan {
+                                                trace_id: hex(&s.trace_id),
+                                                span_id: hex(&s.span_id),
+                                                parent_id: (!s.parent_span_id.is_empty()).then(|| hex(&s.parent_span_id)),
+                                                name: s.name.clone(),
+                                                kind: match s.kind {
+                                                    2 => "SERVER".into(),
+                                                    3 => "CLIENT".into(),
+                                                    1 => "INTERNAL".into(),
+                                                    k => format!("KIND{k}"),
+                                                },
+                                                service: service.clone(),
+                                                attributes: s.attributes.iter().map(|kv| (kv.key.clone(), any_str(kv.value.as_ref()).unwrap_or_default())).collect(),
+                                            });
+                                        }
+                                    }
+                                }
+                            } else if path == "/api/v2/spans" {
+                                let list: Vec<serde_json::Value> = serde_json::from_slice(&body).expect("zipkin json");
+                                let mut seen = z.lock().expect("lock");
+                                for s in list {
+                                    let str_of = |v: &serde_json::Value| v.as_str().map(String::from);
+                                    seen.push(SeenSpan {
+                                        trace_id: str_of(&s["traceId"]).unwrap_or_default(),
+                                        span_id: str_of(&s["id"]).unwrap_or_default(),
+                                        parent_id: str_of(&s["parentId"]),
+                                        name: str_of(&s["name"]).unwrap_or_default(),
+                                        kind: str_of(&s["kind"]).unwrap_or_default(),
+                                        service: str_of(&s["localEndpoint"]["serviceName"]).unwrap_or_default(),
+                                        attributes: s["tags"].as_object().map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string())).collect()).unwrap_or_default(),
+                                    });
+                                }
+                            }
+                            Ok::<_, Infallible>(Response::new(empty()))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        });
+        Collector { addr, otlp, zipkin, task }
+    }
+
+    pub fn otlp_url(&self) -> String {
+        format!("http://{}/v1/traces", self.addr)
+    }
+
+    pub fn zipkin_url(&self) -> String {
+        format!("http://{}/api/v2/spans", self.addr)
+    }
+
+    pub fn otlp_spans(&self) -> Vec<SeenSpan> {
+        self.otlp.lock().expect("lock").clone()
+    }
+
+    pub fn zipkin_spans(&self) -> Vec<SeenSpan> {
+        self.zipkin.lock().expect("lock").clone()
+    }
+
+    /// Waits until `pred` holds for the OTLP spans received so far.
+    pub async fn wait_otlp(&self, what: &str, pred: impl Fn(&[SeenSpan]) -> bool) -> Vec<SeenSpan> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let spans = self.otlp_spans();
+            if pred(&spans) {
+                return spans;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; have {} spans: {spans:#?}", spans.len());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn any_str(v: Option<&trellis_telemetry::otlp::AnyValue>) -> Option<String> {
+    use trellis_telemetry::otlp::any_value::Value;
+    match v?.value.as_ref()? {
+        Value::StringValue(s) => Some(s.clone()),
+        Value::IntValue(i) => Some(i.to_string()),
+        Value::BoolValue(b) => Some(b.to_string()),
+        Value::DoubleValue(d) => Some(d.to_string()),
+        _ => None,
+    }
 }

@@ -1,0 +1,193 @@
+//! Running `trellis up` from tests: the shipped examples, copied to a temporary directory
+//! with the gateway on a free port, as real processes.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// A copy of `examples/<name>` with the gateway on `port`.
+pub fn example(name: &str, port: u16) -> ConfigDir {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(name);
+    let dir = ConfigDir::new();
+    copy_dir(&src, dir.path(), port);
+    dir
+}
+
+fn copy_dir(src: &Path, dst: &Path, port: u16) {
+    for e in std::fs::read_dir(src).expect("example dir") {
+        let e = e.expect("entry");
+        let to = dst.join(e.file_name());
+        if e.path().is_dir() {
+            std::fs::create_dir_all(&to).expect("mkdir");
+            copy_dir(&e.path(), &to, port);
+        } else {
+            let text = std::fs::read_to_string(e.path()).expect("read");
+            std::fs::write(&to, text.replace("number: 8080", &format!("number: {port}"))).expect("write");
+        }
+    }
+}
+
+pub fn demo_bin_present() {
+    let demo = Path::new(trellis_bin()).with_file_name("trellis-demo");
+    assert!(
+        demo.is_file(),
+        "{} is missing: build it first (`cargo build --workspace --bins`, as scripts/test.sh does)",
+        demo.display()
+    );
+}
+
+/// A running `trellis up`.
+pub struct Up {
+    pub child: Child,
+    pub cp: SocketAddr,
+    pub port: u16,
+    lines: Arc<Mutex<Vec<String>>>,
+    pub started: Instant,
+    pub ready_after: Duration,
+}
+
+impl Up {
+    pub fn start(dir: &Path, port: u16) -> Up {
+        Up::start_with(dir, port, &[])
+    }
+
+    /// Starts `trellis up DIR` with extra flags and waits until the mesh is ready.
+    pub fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Up {
+        demo_bin_present();
+        let cp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let started = Instant::now();
+        let mut child = Command::new(trellis_bin())
+            .arg("up")
+            .arg(dir)
+            .args(["--control-plane", &cp.to_string(), "--admin-port-base", "0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn trellis up");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as _),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for l in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
+                    lines.lock().expect("lock").push(l);
+                }
+            });
+        }
+        let mut up = Up { child, cp, port, lines, started, ready_after: Duration::ZERO };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if up.output().contains("mesh ready in") {
+                break;
+            }
+            if let Ok(Some(s)) = up.child.try_wait() {
+                panic!("trellis up exited with {s}:\n{}", up.output());
+            }
+            assert!(Instant::now() < deadline, "mesh not ready:\n{}", up.output());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        up.ready_after = up.started.elapsed();
+        up
+    }
+
+    pub fn output(&self) -> String {
+        self.lines.lock().expect("lock").join("\n")
+    }
+
+    /// Admin address of each workload (and gateway), from the table `trellis up` prints.
+    pub fn admins(&self) -> BTreeMap<String, SocketAddr> {
+        let mut m = BTreeMap::new();
+        for l in self.output().lines() {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            if let (Some(first), Some(last)) = (cols.first(), cols.last()) {
+                if let Some(addr) = last.strip_prefix("http://").and_then(|a| a.parse().ok()) {
+                    m.insert(first.split('.').next().unwrap_or(first).to_string(), addr);
+                }
+            }
+        }
+        m
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let out = Command::new(trellis_bin())
+            .args(["status", "-o", "json", "--control-plane", &self.cp.to_string()])
+            .output()
+            .expect("status");
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("status json ({e}): {}", String::from_utf8_lossy(&out.stderr)))
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn interrupt(&self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGINT);
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        self.interrupt();
+        let deadline = Instant::now() + Duration::from_secs(8);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Child processes of `pid` (direct children), from /proc.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        // pid (comm) state ppid ...
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        if after.split_whitespace().nth(1).and_then(|v| v.parse::<i32>().ok()) == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+pub fn environ(pid: i32) -> BTreeMap<String, String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    raw.split(|b| *b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok()?.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}
+
+pub fn metric_sum(text: &str, name: &str, filters: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' ')))
+        .filter(|l| filters.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+pub async fn metrics(admin: SocketAddr) -> String {
+    admin_get(admin, "/metrics").await.expect("metrics").1
+}
+
