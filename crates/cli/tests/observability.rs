@@ -26,14 +26,28 @@ fn assert_greeting_tree(spans: &[SeenSpan]) {
     assert_eq!(roots[0].kind, "SERVER");
     let parent = |s: &SeenSpan| s.parent_id.as_deref().and_then(|p| by_id.get(p)).copied();
     let server = |svc: &str| {
-        spans.iter().find(|s| s.kind == "SERVER" && s.service == format!("{svc}.default")).unwrap_or_else(|| panic!("no SERVER span of {svc}: {spans:#?}"))
+        spans
+            .iter()
+            .find(|s| s.kind == "SERVER" && s.service == format!("{svc}.default"))
+            .unwrap_or_else(|| panic!("no SERVER span of {svc}: {spans:#?}"))
     };
     // A's inbound span is a child of the gateway's.
     assert_eq!(parent(server("service-a")).map(|p| p.span_id.as_str()), Some(roots[0].span_id.as_str()));
-    for (caller, callee) in [("service-a", "service-b"), ("service-a", "service-c"), ("service-b", "service-d"), ("service-b", "service-e"), ("service-e", "service-g"), ("service-e", "service-h")] {
+    for (caller, callee) in [
+        ("service-a", "service-b"),
+        ("service-a", "service-c"),
+        ("service-b", "service-d"),
+        ("service-b", "service-e"),
+        ("service-e", "service-g"),
+        ("service-e", "service-h"),
+    ] {
         let callee_span = server(callee);
         let client = parent(callee_span).unwrap_or_else(|| panic!("{callee}'s SERVER span has no parent"));
-        assert_eq!((client.kind.as_str(), client.service.as_str()), ("CLIENT", format!("{caller}.default").as_str()), "{callee}'s parent");
+        assert_eq!(
+            (client.kind.as_str(), client.service.as_str()),
+            ("CLIENT", format!("{caller}.default").as_str()),
+            "{callee}'s parent"
+        );
         assert_eq!(client.attributes.get("peer.workload").map(String::as_str), Some(callee));
         let up = parent(client).unwrap_or_else(|| panic!("{caller}'s CLIENT span has no parent"));
         assert_eq!(up.span_id, server(caller).span_id, "{caller}'s CLIENT span is a child of its SERVER span");
@@ -45,7 +59,11 @@ async fn one_greeting_is_one_trace_tree_in_otlp_and_zipkin() {
     let collector = Collector::start().await;
     let port = free_port();
     let dir = example("reference-platform", port);
-    let up = Up::start_with(dir.path(), port, &["--otlp-endpoint", &collector.otlp_url(), "--zipkin-endpoint", &collector.zipkin_url()]);
+    let up = Up::start_with(
+        dir.path(),
+        port,
+        &["--otlp-endpoint", &collector.otlp_url(), "--zipkin-endpoint", &collector.zipkin_url()],
+    );
     let r = get(&up.url("/api/greeting"), &[]).await;
     assert_eq!(r.status, 200);
     let spans = collector.wait_otlp("14 spans", |s| s.len() >= 14).await;
@@ -75,7 +93,8 @@ async fn traced_gateway(backend: SocketAddr, collector: &Collector, extra: &[&st
     y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: app.internal}}]\n");
     let cfg = dir.write("mesh.yaml", &y);
     let otlp = collector.otlp_url();
-    let mut args = vec!["--role", "gateway", "--workload", "edge", "-c", cfg.to_str().expect("path"), "--otlp-endpoint", &otlp];
+    let mut args =
+        vec!["--role", "gateway", "--workload", "edge", "-c", cfg.to_str().expect("path"), "--otlp-endpoint", &otlp];
     args.extend_from_slice(extra);
     let proxy = ProxyProc::start(&args).await;
     (dir, proxy, port)
@@ -88,7 +107,8 @@ async fn sampling_percentage_and_upstream_decisions_are_honoured() {
     let (_d, _p, port) = traced_gateway(b.addr, &collector, &["--trace-sampling", "10"]).await;
     let client = h1_client();
     for _ in 0..2000 {
-        let r = send(&client, http::Request::get(format!("http://127.0.0.1:{port}/")).body(empty()).expect("req")).await;
+        let r =
+            send(&client, http::Request::get(format!("http://127.0.0.1:{port}/")).body(empty()).expect("req")).await;
         assert_eq!(r.status, 200);
     }
     // Every request carried context to the backend, sampled or not.
@@ -104,16 +124,25 @@ async fn sampling_percentage_and_upstream_decisions_are_honoured() {
     for i in 0..50 {
         let tp0 = format!("00-{:032x}-{:016x}-00", 0xabc000 + i, 0x1234 + i);
         let r = get(&format!("http://127.0.0.1:{port}/"), &[("traceparent", &tp0)]).await;
-        assert!(r.json()["headers"]["traceparent"].as_str().is_some_and(|t| t.ends_with("-00") && t.contains(&format!("{:032x}", 0xabc000 + i))));
+        assert!(r.json()["headers"]["traceparent"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("-00") && t.contains(&format!("{:032x}", 0xabc000 + i))));
     }
     let forced = format!("00-{:032x}-{:016x}-01", 0xfeed, 0xbeef);
     get(&format!("http://127.0.0.1:{port}/"), &[("traceparent", &forced)]).await;
-    let spans = collector.wait_otlp("the forced trace", |s| s.iter().any(|x| x.trace_id == format!("{:032x}", 0xfeed))).await;
+    let spans =
+        collector.wait_otlp("the forced trace", |s| s.iter().any(|x| x.trace_id == format!("{:032x}", 0xfeed))).await;
     let forced_span = spans.iter().find(|x| x.trace_id == format!("{:032x}", 0xfeed)).expect("span");
     assert_eq!(forced_span.parent_id.as_deref(), Some(format!("{:016x}", 0xbeef).as_str()), "joins the caller's span");
-    let unsampled = spans.iter().filter(|s| s.trace_id.starts_with("0000000000000000000000000000abc") || s.trace_id.contains("abc0")).count();
+    let unsampled = spans
+        .iter()
+        .filter(|s| s.trace_id.starts_with("0000000000000000000000000000abc") || s.trace_id.contains("abc0"))
+        .count();
     assert_eq!(unsampled, 0, "sampled=0 traces are not exported");
-    assert!(spans.len() - before <= 2, "only the forced span (and maybe one from the 10% sample of the probe) was added");
+    assert!(
+        spans.len() - before <= 2,
+        "only the forced span (and maybe one from the 10% sample of the probe) was added"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,14 +151,21 @@ async fn access_log_has_one_line_per_request_joined_to_its_span() {
     let b = Backend::start("b").await;
     let logdir = tempfile::tempdir().expect("tempdir");
     let log = logdir.path().join("access.log");
-    let (_d, proxy, port) = traced_gateway(b.addr, &collector, &["--trace-sampling", "100", "--access-log", log.to_str().expect("path")]).await;
+    let (_d, proxy, port) =
+        traced_gateway(b.addr, &collector, &["--trace-sampling", "100", "--access-log", log.to_str().expect("path")])
+            .await;
     for i in 0..20 {
         let r = get(&format!("http://127.0.0.1:{port}/item/{i}"), &[("x-request-id", &format!("req-{i}"))]).await;
         assert_eq!(r.status, 200);
     }
     // A client that goes away mid-response still gets its line, flagged DC.
     {
-        let resp = h1_client().request(http::Request::get(format!("http://127.0.0.1:{port}/bytes?n=200000000")).body(empty()).expect("req")).await.expect("resp");
+        let resp = h1_client()
+            .request(
+                http::Request::get(format!("http://127.0.0.1:{port}/bytes?n=200000000")).body(empty()).expect("req"),
+            )
+            .await
+            .expect("resp");
         let mut body = resp.into_body();
         let _ = http_body_util::BodyExt::frame(&mut body).await;
         drop(body);
@@ -147,13 +183,19 @@ async fn access_log_has_one_line_per_request_joined_to_its_span() {
     };
     assert_eq!(lines.len(), 21, "exactly one line per request");
     for i in 0..20 {
-        let line = lines.iter().find(|l| l["x_request_id"] == format!("req-{i}")).unwrap_or_else(|| panic!("no line for req-{i}"));
+        let line = lines
+            .iter()
+            .find(|l| l["x_request_id"] == format!("req-{i}"))
+            .unwrap_or_else(|| panic!("no line for req-{i}"));
         assert_eq!(line["path"], format!("/item/{i}"));
         assert_eq!(line["response_code"], 200);
         assert_eq!(line["method"], "GET");
         assert_eq!(line["upstream_host"], b.addr.to_string());
         assert_eq!(line["source_workload"], "edge");
-        let span = spans.iter().find(|s| s.span_id == line["span_id"].as_str().unwrap_or("")).expect("the line's span was exported");
+        let span = spans
+            .iter()
+            .find(|s| s.span_id == line["span_id"].as_str().unwrap_or(""))
+            .expect("the line's span was exported");
         assert_eq!(span.trace_id, line["trace_id"].as_str().unwrap_or(""));
     }
     let cut = lines.iter().find(|l| l["path"] == "/bytes").expect("line of the abandoned download");
@@ -171,14 +213,28 @@ async fn a_dead_exporter_costs_requests_nothing_and_is_counted() {
     y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: app.internal}}]\n");
     let cfg = dir.write("mesh.yaml", &y);
     let dead = format!("http://127.0.0.1:{}/v1/traces", free_port());
-    let proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path"), "--trace-sampling", "100", "--otlp-endpoint", &dead]).await;
+    let proxy = ProxyProc::start(&[
+        "--role",
+        "gateway",
+        "-c",
+        cfg.to_str().expect("path"),
+        "--trace-sampling",
+        "100",
+        "--otlp-endpoint",
+        &dead,
+    ])
+    .await;
     for _ in 0..200 {
         assert_eq!(get(&format!("http://127.0.0.1:{port}/"), &[]).await.status, 200);
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = admin_get(proxy.admin, "/metrics").await.expect("metrics").1;
-        let dropped: f64 = text.lines().find(|l| l.starts_with("trellis_proxy_spans_dropped_total ")).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0);
+        let dropped: f64 = text
+            .lines()
+            .find(|l| l.starts_with("trellis_proxy_spans_dropped_total "))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0);
         if dropped >= 200.0 {
             break;
         }
@@ -219,9 +275,12 @@ async fn python_interop(format: &str) {
     let otlp = collector.otlp_url();
     let fmt_flag = if format == "b3" { "b3" } else { "w3c" };
     let common = ["--trace-sampling", "100", "--otlp-endpoint", otlp.as_str(), "--trace-formats", fmt_flag];
-    let _gw = ProxyProc::start(&[&["--role", "gateway", "--workload", "edge", "-c", cfg][..], &common[..]].concat()).await;
+    let _gw =
+        ProxyProc::start(&[&["--role", "gateway", "--workload", "edge", "-c", cfg][..], &common[..]].concat()).await;
     let inbound_arg = format!("{inbound}={app_port}");
-    let _sidecar = ProxyProc::start(&[&["--workload", "py", "-c", cfg, "--inbound", &inbound_arg][..], &common[..]].concat()).await;
+    let _sidecar =
+        ProxyProc::start(&[&["--workload", "py", "-c", cfg, "--inbound", &inbound_arg][..], &common[..]].concat())
+            .await;
 
     let r = get(&format!("http://127.0.0.1:{gw_port}/hello"), &[]).await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -275,13 +334,20 @@ async fn prom_query(addr: SocketAddr, q: &str) -> serde_json::Value {
 
 fn urlencode(s: &str) -> String {
     s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
 /// Every `expr` in a Grafana dashboard, with its template variables matching everything.
 fn dashboard_queries(path: &Path) -> Vec<String> {
-    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("dashboard JSON");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("dashboard JSON");
     let mut out = Vec::new();
     fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
         match v {
@@ -301,7 +367,13 @@ fn dashboard_queries(path: &Path) -> Vec<String> {
     }
     walk(&j["panels"], &mut out);
     out.into_iter()
-        .map(|q| q.replace("$__rate_interval", "30s").replace("$__range", "5m").replace("$namespace", ".*").replace("$service", ".*").replace("$workload", ".*"))
+        .map(|q| {
+            q.replace("$__rate_interval", "30s")
+                .replace("$__range", "5m")
+                .replace("$namespace", ".*")
+                .replace("$service", ".*")
+                .replace("$workload", ".*")
+        })
         .collect()
 }
 
@@ -311,7 +383,10 @@ async fn a_real_prometheus_scrapes_istio_metrics_and_every_dashboard_query_has_d
     let port = free_port();
     let dir = example("reference-platform", port);
     let up = Up::start(dir.path(), port);
-    let out = Command::new(trellis_bin()).args(["prometheus-config", "--scrape-interval", "1s", "--control-plane", &up.cp.to_string()]).output().expect("prometheus-config");
+    let out = Command::new(trellis_bin())
+        .args(["prometheus-config", "--scrape-interval", "1s", "--control-plane", &up.cp.to_string()])
+        .output()
+        .expect("prometheus-config");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let config = String::from_utf8(out.stdout).expect("utf8");
     assert_eq!(config.matches("- targets:").count(), 9, "{config}");
@@ -364,23 +439,37 @@ async fn a_real_prometheus_scrapes_istio_metrics_and_every_dashboard_query_has_d
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let rates = prom_query(paddr, "sum by (destination_service_name) (rate(istio_requests_total{reporter=\"destination\"}[30s]))").await;
+    let rates = prom_query(
+        paddr,
+        "sum by (destination_service_name) (rate(istio_requests_total{reporter=\"destination\"}[30s]))",
+    )
+    .await;
     let names: BTreeMap<String, f64> = rates
         .as_array()
         .expect("vector")
         .iter()
-        .map(|r| (r["metric"]["destination_service_name"].as_str().unwrap_or("").to_string(), r["value"][1].as_str().unwrap_or("0").parse().unwrap_or(0.0)))
+        .map(|r| {
+            (
+                r["metric"]["destination_service_name"].as_str().unwrap_or("").to_string(),
+                r["value"][1].as_str().unwrap_or("0").parse().unwrap_or(0.0),
+            )
+        })
         .collect();
     for s in ["a", "b", "c", "d", "e", "g", "h"] {
         assert!(names.get(&format!("service-{s}")).is_some_and(|v| *v > 0.0), "service-{s}: {names:?}");
     }
     assert!(!names.contains_key("service-f"), "F gets no HTTP traffic: {names:?}");
-    let p99 = prom_query(paddr, "histogram_quantile(0.99, sum by (le) (rate(istio_request_duration_milliseconds_bucket[30s])))").await;
+    let p99 = prom_query(
+        paddr,
+        "histogram_quantile(0.99, sum by (le) (rate(istio_request_duration_milliseconds_bucket[30s])))",
+    )
+    .await;
     let v: f64 = p99[0]["value"][1].as_str().expect("value").parse().expect("number");
     println!("p99 across the mesh: {v} ms");
     assert!(v.is_finite() && v > 0.0);
     let src = prom_query(paddr, "sum by (source_workload) (istio_requests_total{reporter=\"destination\",destination_service_name=\"service-e\"})").await;
-    let sources: Vec<&str> = src.as_array().expect("vector").iter().filter_map(|r| r["metric"]["source_workload"].as_str()).collect();
+    let sources: Vec<&str> =
+        src.as_array().expect("vector").iter().filter_map(|r| r["metric"]["source_workload"].as_str()).collect();
     assert_eq!(sources, vec!["service-b"]);
 
     let dashboards = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/grafana");

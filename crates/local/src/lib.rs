@@ -60,7 +60,8 @@ pub async fn up(opts: UpOptions) -> Result<(), String> {
     if !errors.is_empty() {
         return Err(format!("config has {} error(s); not starting (see `trellis analyze`)", errors.len()));
     }
-    let plan = Plan::build(&loaded.resources, opts.admin_port_base).map_err(|e| format!("cannot allocate ports: {e}"))?;
+    let plan =
+        Plan::build(&loaded.resources, opts.admin_port_base).map_err(|e| format!("cannot allocate ports: {e}"))?;
     if plan.workloads.is_empty() && plan.gateways.is_empty() {
         return Err("nothing to run: the config declares no Workload and no Gateway".into());
     }

@@ -9,17 +9,38 @@ use trellis_config::model::trellis::Workload as WorkloadSpec;
 use trellis_config::registry::{Protocol, Registry};
 use trellis_config::{Resource, Spec};
 
-/// A port that was free when asked for, chosen below the kernel's ephemeral range (32768 and
-/// up on Linux) so that outgoing connections, which draw from that range, cannot take it
-/// between now and the moment its process binds it.
-pub fn free_port() -> std::io::Result<u16> {
-    for _ in 0..1000 {
-        let port = fastrand::u16(20_000..32_000);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
+/// Hands out ports from one contiguous block that was free when chosen. The block lies below
+/// the kernel's ephemeral range (32768 and up on Linux), so outgoing connections, which draw
+/// from that range, cannot take a port between now and the moment its process binds it; and
+/// one random block per mesh makes two meshes started at once unlikely to pick the same ports.
+pub struct Ports {
+    next: u16,
+    end: u16,
+}
+
+const BLOCK: u16 = 256;
+
+impl Ports {
+    pub fn reserve() -> std::io::Result<Ports> {
+        for _ in 0..200 {
+            let start = 20_000 + fastrand::u16(0..(12_000 / BLOCK)) * BLOCK;
+            if (start..start + BLOCK).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+                return Ok(Ports { next: start, end: start + BLOCK });
+            }
         }
+        Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "no free block of 256 ports between 20000 and 32000"))
     }
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+
+    pub fn take(&mut self) -> std::io::Result<u16> {
+        while self.next < self.end {
+            let p = self.next;
+            self.next += 1;
+            if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                return Ok(p);
+            }
+        }
+        Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "the mesh needs more than 256 ports"))
+    }
 }
 
 fn local(port: u16) -> SocketAddr {
@@ -67,8 +88,10 @@ impl Plan {
     /// `admin_base` 0, falls back to a free one.
     pub fn build(resources: &[Resource], admin_base: u16) -> std::io::Result<Plan> {
         let registry = Registry::build(resources, &[]);
+        let ports = std::cell::RefCell::new(Ports::reserve()?);
+        let free_port = || ports.borrow_mut().take();
         let mut next_admin = admin_base;
-        let mut admin_port = move || -> std::io::Result<u16> {
+        let mut admin_port = || -> std::io::Result<u16> {
             if next_admin != 0 {
                 let p = next_admin;
                 next_admin = next_admin.saturating_add(1);
@@ -138,7 +161,7 @@ impl Plan {
                 None if labels.is_empty() => "gateway".to_string(),
                 None => format!("gateway-{}", labels.values().cloned().collect::<Vec<_>>().join("-")),
             };
-            let admin = gateway_admins.get(gateways.len()).copied().map(Ok).unwrap_or_else(free_port)?;
+            let admin = gateway_admins.get(gateways.len()).copied().map(Ok).unwrap_or_else(&free_port)?;
             gateways.push(GatewayPlan { name, labels, admin: local(admin), ports });
         }
         Ok(Plan { workloads, gateways })

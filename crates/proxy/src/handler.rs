@@ -308,7 +308,10 @@ async fn proxy(
     if let Some(d) = record.details.as_mut() {
         d.request_id = header_str(&parts.headers, headers::X_REQUEST_ID);
     }
-    let upstream_req = Request::from_parts(parts, boxed(Counted::new(body, record.request_bytes.clone(), record.request_messages.clone())));
+    let upstream_req = Request::from_parts(
+        parts,
+        boxed(Counted::new(body, record.request_bytes.clone(), record.request_messages.clone())),
+    );
 
     let in_flight = endpoint.start_request();
     let send = endpoint.send(upstream_req, wire, cluster.connect_timeout);

@@ -261,7 +261,11 @@ impl RequestRecord {
             span_id: self.trace.span_id,
             parent_id: self.trace.parent_id,
             name: format!("{} {}", d.method, self.service.name),
-            kind: if self.gateway || self.reporter == Reporter::Destination { SpanKind::Server } else { SpanKind::Client },
+            kind: if self.gateway || self.reporter == Reporter::Destination {
+                SpanKind::Server
+            } else {
+                SpanKind::Client
+            },
             start: d.start_time,
             end: d.start_time + elapsed,
             attributes,

@@ -26,7 +26,8 @@ impl MessageCounter {
             data = &data[n..];
             if self.prefix_len == 5 {
                 self.messages += 1;
-                self.payload_left = u64::from(u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]));
+                self.payload_left =
+                    u64::from(u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]]));
                 self.prefix_len = 0;
             }
         }

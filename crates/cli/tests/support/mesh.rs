@@ -190,4 +190,3 @@ pub fn metric_sum(text: &str, name: &str, filters: &[(&str, &str)]) -> f64 {
 pub async fn metrics(admin: SocketAddr) -> String {
     admin_get(admin, "/metrics").await.expect("metrics").1
 }
-

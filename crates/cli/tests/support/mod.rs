@@ -504,7 +504,8 @@ impl Collector {
                             let path = req.uri().path().to_string();
                             let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                             if path == "/v1/traces" {
-                                let msg = trellis_telemetry::otlp::ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+                                let msg = trellis_telemetry::otlp::ExportTraceServiceRequest::decode(body)
+                                    .expect("OTLP protobuf");
                                 let mut seen = o.lock().expect("lock");
                                 for rs in msg.resource_spans {
                                     let service = rs
@@ -519,7 +520,8 @@ impl Collector {
                                             seen.push(SeenSpan {
                                                 trace_id: hex(&s.trace_id),
                                                 span_id: hex(&s.span_id),
-                                                parent_id: (!s.parent_span_id.is_empty()).then(|| hex(&s.parent_span_id)),
+                                                parent_id: (!s.parent_span_id.is_empty())
+                                                    .then(|| hex(&s.parent_span_id)),
                                                 name: s.name.clone(),
                                                 kind: match s.kind {
                                                     2 => "SERVER".into(),
@@ -528,7 +530,13 @@ impl Collector {
                                                     k => format!("KIND{k}"),
                                                 },
                                                 service: service.clone(),
-                                                attributes: s.attributes.iter().map(|kv| (kv.key.clone(), any_str(kv.value.as_ref()).unwrap_or_default())).collect(),
+                                                attributes: s
+                                                    .attributes
+                                                    .iter()
+                                                    .map(|kv| {
+                                                        (kv.key.clone(), any_str(kv.value.as_ref()).unwrap_or_default())
+                                                    })
+                                                    .collect(),
                                             });
                                         }
                                     }
@@ -545,14 +553,23 @@ impl Collector {
                                         name: str_of(&s["name"]).unwrap_or_default(),
                                         kind: str_of(&s["kind"]).unwrap_or_default(),
                                         service: str_of(&s["localEndpoint"]["serviceName"]).unwrap_or_default(),
-                                        attributes: s["tags"].as_object().map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string())).collect()).unwrap_or_default(),
+                                        attributes: s["tags"]
+                                            .as_object()
+                                            .map(|m| {
+                                                m.iter()
+                                                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
+                                                    .collect()
+                                            })
+                                            .unwrap_or_default(),
                                     });
                                 }
                             }
                             Ok::<_, Infallible>(Response::new(empty()))
                         }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
                 });
             }
         });
