@@ -68,7 +68,7 @@ fn every_rule_reports_its_code_file_and_line() {
     }
     let all = [
         "TRL0001", "TRL0002", "TRL0003", "TRL0004", "TRL0005", "TRL0006", "TRL0101", "TRL0102", "TRL0103", "TRL0104",
-        "TRL0105", "TRL0106", "TRL0107", "TRL0108", "TRL0109",
+        "TRL0105", "TRL0106", "TRL0107", "TRL0108", "TRL0109", "TRL0201", "TRL0202", "TRL0203", "TRL0204",
     ];
     for c in all {
         assert!(covered.contains(c), "no failing example for {c}");

@@ -17,7 +17,13 @@ pub const MESH_GATEWAY: &str = "mesh";
 /// Runs every rule over `resources` (already loaded), with `extra` workloads known to the caller.
 pub fn analyze(resources: &[Resource], extra: &[Workload]) -> Vec<Finding> {
     let registry = Registry::build(resources, extra);
-    let mut cx = Cx { registry: &registry, findings: Vec::new(), subsets: HashMap::new(), gateways: HashMap::new() };
+    let mut cx = Cx {
+        registry: &registry,
+        findings: Vec::new(),
+        subsets: HashMap::new(),
+        gateways: HashMap::new(),
+        pa_scopes: HashMap::new(),
+    };
     cx.duplicates(resources);
     for r in resources {
         match &r.spec {
@@ -203,10 +209,35 @@ pub fn analyze(resources: &[Resource], extra: &[Workload]) -> Vec<Finding> {
                     );
                 }
             }
-            Spec::Gateway(_) | Spec::Kept(_) => {}
+            Spec::PeerAuthentication(pa) => cx.peer_authentication(r, pa, resources),
+            Spec::AuthorizationPolicy(ap) => cx.authorization_policy(r, ap, resources, extra),
+            Spec::RequestAuthentication(ra) => cx.request_authentication(r, ra, resources, extra),
+            Spec::Gateway(_) => {}
         }
     }
     cx.findings
+}
+
+/// The trust domain principals are checked against.
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// Whether a workload selector (None or empty: everything in scope) selects any workload or
+/// gateway the config declares in `ns` (the root namespace's selectors apply everywhere).
+fn selects_any(
+    selector: Option<&crate::model::security::WorkloadSelector>,
+    ns: &str,
+    resources: &[Resource],
+    extra: &[Workload],
+) -> bool {
+    let Some(labels) = selector.map(|s| &s.match_labels).filter(|l| !l.is_empty()) else { return true };
+    let in_scope = |wns: &str| ns == crate::compile::ROOT_NAMESPACE || wns == ns;
+    resources.iter().any(|r| match &r.spec {
+        Spec::Workload(_) => in_scope(r.namespace()) && selects(labels, &r.meta.labels),
+        Spec::WorkloadEntry(we) => in_scope(r.namespace()) && selects(labels, &we.labels),
+        // A gateway deployment carries its Gateways' selector labels.
+        Spec::Gateway(g) => !g.selector.is_empty() && selects(labels, &g.selector),
+        _ => false,
+    }) || extra.iter().any(|w| in_scope(&w.namespace) && selects(labels, &w.labels))
 }
 
 struct Cx<'a> {
@@ -215,11 +246,241 @@ struct Cx<'a> {
     /// Subset names by canonical host.
     subsets: HashMap<String, HashSet<String>>,
     gateways: HashMap<(String, String), &'a Resource>,
+    /// PeerAuthentications by (namespace, selector), the first one seen.
+    pa_scopes: HashMap<(String, String), String>,
 }
 
 impl<'a> Cx<'a> {
     fn push(&mut self, code: Code, r: &Resource, path: Vec<Seg>, message: String) {
         self.findings.push(Finding::at(code, r, &path, message));
+    }
+
+    fn peer_authentication(
+        &mut self,
+        r: &Resource,
+        pa: &crate::model::security::PeerAuthentication,
+        resources: &[Resource],
+    ) {
+        let modes = ["UNSET", "DISABLE", "PERMISSIVE", "STRICT"];
+        if let Some(m) = pa.mtls.as_ref().and_then(|m| m.mode.as_deref()) {
+            if !modes.contains(&m) {
+                self.push(
+                    Code::Schema,
+                    r,
+                    path!["spec", "mtls", "mode"],
+                    format!("unknown mode {m:?}: use STRICT, PERMISSIVE, DISABLE or UNSET"),
+                );
+            }
+        }
+        for (port, m) in &pa.port_level_mtls {
+            if port.parse::<u16>().is_err() {
+                self.push(
+                    Code::Schema,
+                    r,
+                    path!["spec", "portLevelMtls", port.as_str()],
+                    format!("{port:?} is not a port number"),
+                );
+            }
+            if let Some(mode) = m.mode.as_deref().filter(|m| !modes.contains(m)) {
+                self.push(
+                    Code::Schema,
+                    r,
+                    path!["spec", "portLevelMtls", port.as_str(), "mode"],
+                    format!("unknown mode {mode:?}"),
+                );
+            }
+        }
+        let selector = pa.selector.as_ref().map(|s| &s.match_labels).filter(|l| !l.is_empty());
+        if selector.is_none() && !pa.port_level_mtls.is_empty() {
+            self.push(
+                Code::Schema,
+                r,
+                path!["spec", "portLevelMtls"],
+                "portLevelMtls needs a workload selector (Istio ignores it otherwise)".into(),
+            );
+        }
+        // Two policies at the same scope for the same workloads: which one wins is undefined.
+        let key = (r.namespace().to_string(), format!("{selector:?}"));
+        match self.pa_scopes.get(&key) {
+            Some(first) => {
+                let msg = format!("conflicts with {first}: both set the mode for the same workloads");
+                self.push(Code::ConflictingPeerAuthentication, r, path!["metadata", "name"], msg);
+            }
+            None => {
+                self.pa_scopes.insert(key, r.id());
+            }
+        }
+        if !selects_any(pa.selector.as_ref(), r.namespace(), resources, &[]) {
+            self.push(Code::SelectsNothing, r, path!["spec", "selector"], "the selector matches no workload".into());
+        }
+    }
+
+    fn principal_domain(&mut self, r: &Resource, path: Vec<Seg>, principal: &str) {
+        let p = principal.trim_start_matches("spiffe://");
+        if p == "*" || p.starts_with('*') {
+            return;
+        }
+        if let Some((td, rest)) = p.split_once('/') {
+            if rest.starts_with("ns/") && td != TRUST_DOMAIN {
+                self.push(
+                    Code::ForeignTrustDomain,
+                    r,
+                    path,
+                    format!("principal {principal:?} is in trust domain {td:?}, not {TRUST_DOMAIN:?}: no mesh workload can hold it"),
+                );
+            }
+        }
+    }
+
+    fn authorization_policy(
+        &mut self,
+        r: &Resource,
+        ap: &crate::model::security::AuthorizationPolicy,
+        resources: &[Resource],
+        extra: &[Workload],
+    ) {
+        match ap.action.as_deref().unwrap_or("ALLOW") {
+            "ALLOW" | "DENY" | "AUDIT" => {}
+            "CUSTOM" => self.push(
+                Code::NotEnforced,
+                r,
+                path!["spec", "action"],
+                "CUSTOM (external authorization) is not enforced yet; this policy is ignored".into(),
+            ),
+            other => self.push(
+                Code::Schema,
+                r,
+                path!["spec", "action"],
+                format!("unknown action {other:?}: use ALLOW, DENY or AUDIT"),
+            ),
+        }
+        if ap.target_ref.is_some() || ap.target_refs.is_some() {
+            self.push(
+                Code::NotEnforced,
+                r,
+                path!["spec", "targetRefs"],
+                "targetRefs are not enforced yet; use selector".into(),
+            );
+        }
+        for (i, rule) in ap.rules.iter().flatten().enumerate() {
+            for (j, f) in rule.from.iter().enumerate() {
+                for (k, p) in f.source.principals.iter().chain(&f.source.not_principals).enumerate() {
+                    let field = if k < f.source.principals.len() { "principals" } else { "notPrincipals" };
+                    let idx = if k < f.source.principals.len() { k } else { k - f.source.principals.len() };
+                    self.principal_domain(r, path!["spec", "rules", i, "from", j, "source", field, idx], p);
+                }
+                for (field, blocks) in [
+                    ("ipBlocks", &f.source.ip_blocks),
+                    ("notIpBlocks", &f.source.not_ip_blocks),
+                    ("remoteIpBlocks", &f.source.remote_ip_blocks),
+                    ("notRemoteIpBlocks", &f.source.not_remote_ip_blocks),
+                ] {
+                    for (k, b) in blocks.iter().enumerate() {
+                        if crate::cidr::Cidr::parse(b).is_none() {
+                            self.push(
+                                Code::Schema,
+                                r,
+                                path!["spec", "rules", i, "from", j, "source", field, k],
+                                format!("{b:?} is not an IP address or CIDR block"),
+                            );
+                        }
+                    }
+                }
+            }
+            for (j, t) in rule.to.iter().enumerate() {
+                for (k, p) in t.operation.ports.iter().chain(&t.operation.not_ports).enumerate() {
+                    if p.parse::<u16>().is_err() {
+                        self.push(
+                            Code::Schema,
+                            r,
+                            path!["spec", "rules", i, "to", j, "operation", "ports", k],
+                            format!("{p:?} is not a port number"),
+                        );
+                    }
+                }
+            }
+            for (j, c) in rule.when.iter().enumerate() {
+                if !crate::authz_keys::is_supported(&c.key) {
+                    self.push(
+                        Code::Schema,
+                        r,
+                        path!["spec", "rules", i, "when", j, "key"],
+                        format!("unknown condition key {:?}", c.key),
+                    );
+                }
+                if c.key == "source.principal" {
+                    for (k, v) in c.values.iter().enumerate() {
+                        self.principal_domain(r, path!["spec", "rules", i, "when", j, "values", k], v);
+                    }
+                }
+            }
+        }
+        if !selects_any(ap.selector.as_ref(), r.namespace(), resources, extra) {
+            self.push(
+                Code::SelectsNothing,
+                r,
+                path!["spec", "selector"],
+                "the selector matches no workload: this policy applies to nothing".into(),
+            );
+        }
+    }
+
+    fn request_authentication(
+        &mut self,
+        r: &Resource,
+        ra: &crate::model::security::RequestAuthentication,
+        resources: &[Resource],
+        extra: &[Workload],
+    ) {
+        for (i, rule) in ra.jwt_rules.iter().enumerate() {
+            if rule.issuer.is_empty() {
+                self.push(Code::Schema, r, path!["spec", "jwtRules", i], "a JWT rule needs an `issuer`".into());
+            }
+            match (&rule.jwks, &rule.jwks_uri) {
+                (Some(j), _) => {
+                    if let Err(e) = crate::jwks::check(j) {
+                        self.push(
+                            Code::InvalidJwks,
+                            r,
+                            path!["spec", "jwtRules", i, "jwks"],
+                            format!("jwks does not parse: {e}"),
+                        );
+                    }
+                }
+                (None, Some(u)) => {
+                    if !(u.starts_with("http://") || u.starts_with("https://")) {
+                        self.push(
+                            Code::Schema,
+                            r,
+                            path!["spec", "jwtRules", i, "jwksUri"],
+                            format!("{u:?} is not an http(s) URL"),
+                        );
+                    }
+                }
+                (None, None) => self.push(
+                    Code::Schema,
+                    r,
+                    path!["spec", "jwtRules", i],
+                    "set `jwks` or `jwksUri` (OpenID discovery is not supported)".into(),
+                ),
+            }
+            if !rule.from_cookies.is_empty() {
+                self.push(
+                    Code::NotEnforced,
+                    r,
+                    path!["spec", "jwtRules", i, "fromCookies"],
+                    "fromCookies is not enforced yet".into(),
+                );
+            }
+        }
+        if !selects_any(ra.selector.as_ref(), r.namespace(), resources, extra) {
+            self.push(
+                Code::SelectsNothing,
+                r,
+                path!["spec", "selector"],
+                "the selector matches no workload: this policy applies to nothing".into(),
+            );
+        }
     }
 
     fn duplicates(&mut self, resources: &[Resource]) {

@@ -10,8 +10,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::analyze::{hosts_intersect, strip_ns, MESH_GATEWAY};
 use crate::model::networking::{
-    DestinationRule, Gateway, HeaderOperations, Headers, HttpMatchRequest, HttpRoute, Labels, LoadBalancerSettings,
-    StringMatch, TrafficPolicy, VirtualService,
+    ClientTlsSettings, DestinationRule, Gateway, HeaderOperations, Headers, HttpMatchRequest, HttpRoute, Labels,
+    LoadBalancerSettings, StringMatch, TrafficPolicy, VirtualService,
 };
 use crate::model::{Duration, Resource, Spec};
 use crate::registry::{selects, Protocol, Registry, Service, Workload};
@@ -33,6 +33,12 @@ pub struct ProxySpec {
     /// The HTTP proxy listener for the workload's egress.
     pub outbound: Option<SocketAddr>,
     pub upstreams: Vec<UpstreamSpec>,
+    /// The workload's service account (its identity is
+    /// `spiffe://<trust_domain>/ns/<namespace>/sa/<service_account>`).
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
     /// The proxy's admin address (metadata: for `trellis prometheus-config`).
     #[serde(default)]
     pub admin: Option<SocketAddr>,
@@ -51,6 +57,8 @@ impl Default for ProxySpec {
             outbound: None,
             upstreams: Vec::new(),
             admin: None,
+            service_account: default_service_account(),
+            trust_domain: default_trust_domain(),
         }
     }
 }
@@ -72,6 +80,22 @@ pub struct UpstreamSpec {
     pub port: u16,
 }
 
+fn default_service_account() -> String {
+    "default".into()
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".into()
+}
+
+/// `spiffe://td/ns/NS/sa/SA`.
+pub fn spiffe_uri(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+}
+
+/// The label Istio puts on workloads whose sidecar speaks mesh mTLS.
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+
 /// Envoy's default connect timeout, which Istio keeps.
 const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -86,6 +110,7 @@ pub fn compile(resources: &[Resource], extra: &[Workload], proxy: &ProxySpec) ->
             name: proxy.name.clone(),
             namespace: proxy.namespace.clone(),
             labels: proxy.labels.clone(),
+            identity: Some(spiffe_uri(&proxy.trust_domain, &proxy.namespace, &proxy.service_account)),
         },
         ..Default::default()
     };
@@ -95,6 +120,8 @@ pub fn compile(resources: &[Resource], extra: &[Workload], proxy: &ProxySpec) ->
     }
     snap.clusters = std::mem::take(&mut cx.clusters);
     snap.telemetry = telemetry_policy(resources, proxy);
+    snap.authorization = authorization(resources, proxy);
+    snap.jwt_rules = jwt_rules(resources, proxy);
     snap.version = version_of(&snap);
     snap
 }
@@ -160,6 +187,7 @@ impl<'a> Compiler<'a> {
                 address: SocketAddr::new(self.proxy.bind_address, local),
                 direction: Direction::Gateway,
                 routing: ListenerRouting::Table(table_name.clone()),
+                mtls: None,
             });
             let mut vhosts: Vec<VirtualHost> = Vec::new();
             let vss: Vec<(&Resource, &VirtualService)> = virtual_services(self.resources).collect();
@@ -219,7 +247,10 @@ impl<'a> Compiler<'a> {
                         weight: 1,
                         workload: Some(self.proxy.name.clone()),
                         namespace: Some(self.proxy.namespace.clone()),
+                        identity: None,
+                        mtls: false,
                     }],
+                    tls: None,
                 },
             );
             let table = format!("inbound|{port}");
@@ -254,6 +285,7 @@ impl<'a> Compiler<'a> {
                 address: ib.listen,
                 direction: Direction::Inbound,
                 routing: ListenerRouting::Table(table),
+                mtls: Some(peer_authentication(self.resources, self.proxy, ib.app.port())),
             });
         }
         if self.proxy.outbound.is_none() && self.proxy.upstreams.is_empty() {
@@ -274,6 +306,7 @@ impl<'a> Compiler<'a> {
                 address: addr,
                 direction: Direction::Outbound,
                 routing: ListenerRouting::ByRequestPort,
+                mtls: None,
             });
         }
         for u in &self.proxy.upstreams {
@@ -282,6 +315,7 @@ impl<'a> Compiler<'a> {
                 address: u.listen,
                 direction: Direction::Outbound,
                 routing: ListenerRouting::Fixed { host: u.host.clone(), port: u.port },
+                mtls: None,
             });
         }
     }
@@ -490,6 +524,8 @@ impl<'a> Compiler<'a> {
                         weight: 1,
                         workload: None,
                         namespace: None,
+                        identity: None,
+                        mtls: false,
                     }],
                     Some(sp) => svc
                         .endpoints
@@ -502,6 +538,12 @@ impl<'a> Compiler<'a> {
                             weight: w.weight,
                             workload: Some(w.name.clone()),
                             namespace: Some(w.namespace.clone()),
+                            identity: Some(spiffe_uri(
+                                &self.proxy.trust_domain,
+                                &w.namespace,
+                                w.service_account.as_deref().unwrap_or("default"),
+                            )),
+                            mtls: w.labels.get(TLS_MODE_LABEL).is_some_and(|m| m == "istio"),
                         })
                         .collect(),
                 };
@@ -511,6 +553,41 @@ impl<'a> Compiler<'a> {
         let (service_name, service_namespace) = match &svc {
             Some(s) => (s.short_name.clone().unwrap_or_else(|| s.hostname.clone()), s.namespace.clone()),
             None => (hostname.to_string(), ns.to_string()),
+        };
+        // TLS: the DestinationRule's mode if it sets one (subset, then port level, then whole),
+        // else auto mTLS when every endpoint has a mesh sidecar.
+        let tls_setting = [
+            subset_def.as_ref().and_then(|s| s.traffic_policy.as_ref()),
+            dr.as_ref().and_then(|d| d.traffic_policy.as_ref()),
+        ]
+        .into_iter()
+        .flatten()
+        .find_map(|tp| tls_settings(tp, port))
+        .cloned();
+        let mesh_tls = || UpstreamTls::IstioMutual {
+            identities: {
+                let mut ids: Vec<String> = endpoints.iter().filter_map(|e| e.identity.clone()).collect();
+                ids.sort();
+                ids.dedup();
+                ids
+            },
+        };
+        let tls = match tls_setting.as_ref().and_then(|t| t.mode.as_deref()) {
+            Some("DISABLE") => None,
+            Some("ISTIO_MUTUAL") => Some(mesh_tls()),
+            Some(mode @ ("SIMPLE" | "MUTUAL")) => {
+                let t = tls_setting.clone().unwrap_or_default();
+                Some(UpstreamTls::Origination {
+                    sni: t.sni.clone(),
+                    ca_certificates: t.ca_certificates.clone(),
+                    client_certificate: if mode == "MUTUAL" { t.client_certificate.clone() } else { None },
+                    private_key: if mode == "MUTUAL" { t.private_key.clone() } else { None },
+                    subject_alt_names: t.subject_alt_names.clone(),
+                    insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
+                })
+            }
+            _ if !endpoints.is_empty() && endpoints.iter().all(|e| e.mtls) => Some(mesh_tls()),
+            _ => None,
         };
         self.clusters.insert(
             name.clone(),
@@ -525,6 +602,7 @@ impl<'a> Compiler<'a> {
                 lb,
                 connect_timeout: Duration(DEFAULT_CONNECT_TIMEOUT),
                 endpoints,
+                tls,
             },
         );
         name
@@ -596,6 +674,96 @@ fn default_route(cluster: String) -> Route {
         response_headers: HeaderOps::default(),
         timeout: None,
     }
+}
+
+fn tls_settings(tp: &TrafficPolicy, port: u16) -> Option<&ClientTlsSettings> {
+    tp.port_level_settings
+        .iter()
+        .find(|p| p.port.as_ref().is_some_and(|s| s.number == u32::from(port)))
+        .and_then(|p| p.tls.as_ref())
+        .or(tp.tls.as_ref())
+}
+
+/// Where a mesh-, namespace- or workload-scoped security resource applies: `Some(level)` (0
+/// mesh, 1 namespace, 2 workload) when it selects this proxy.
+fn scope_level(
+    r: &Resource,
+    selector: Option<&crate::model::security::WorkloadSelector>,
+    proxy: &ProxySpec,
+) -> Option<u8> {
+    let labels = selector.map(|s| &s.match_labels).filter(|l| !l.is_empty());
+    match labels {
+        None if r.namespace() == ROOT_NAMESPACE => Some(0),
+        None if r.namespace() == proxy.namespace => Some(1),
+        Some(l) if r.namespace() == proxy.namespace && selects(l, &proxy.labels) => Some(2),
+        Some(l) if r.namespace() == ROOT_NAMESPACE && selects(l, &proxy.labels) => Some(2),
+        _ => None,
+    }
+}
+
+/// PeerAuthentication's mode for one workload port: workload (port level, then whole) over
+/// namespace over mesh; PERMISSIVE when nothing says otherwise (Istio's default).
+pub fn peer_authentication(resources: &[Resource], proxy: &ProxySpec, port: u16) -> MtlsMode {
+    let mut layers: Vec<(u8, &crate::model::security::PeerAuthentication)> = resources
+        .iter()
+        .filter_map(|r| match &r.spec {
+            Spec::PeerAuthentication(pa) => scope_level(r, pa.selector.as_ref(), proxy).map(|l| (l, pa)),
+            _ => None,
+        })
+        .collect();
+    layers.sort_by_key(|(l, _)| std::cmp::Reverse(*l));
+    for (level, pa) in layers {
+        let port_mode =
+            if level == 2 { pa.port_level_mtls.get(&port.to_string()).and_then(|m| m.mode.as_deref()) } else { None };
+        let mode = port_mode.filter(|m| *m != "UNSET").or(pa
+            .mtls
+            .as_ref()
+            .and_then(|m| m.mode.as_deref())
+            .filter(|m| *m != "UNSET"));
+        match mode {
+            Some("STRICT") => return MtlsMode::Strict,
+            Some("DISABLE") => return MtlsMode::Disable,
+            Some("PERMISSIVE") => return MtlsMode::Permissive,
+            _ => continue,
+        }
+    }
+    MtlsMode::Permissive
+}
+
+fn authorization(resources: &[Resource], proxy: &ProxySpec) -> Vec<AuthzPolicy> {
+    resources
+        .iter()
+        .filter_map(|r| match &r.spec {
+            Spec::AuthorizationPolicy(ap) => {
+                scope_level(r, ap.selector.as_ref(), proxy)?;
+                let action = match ap.action.as_deref().unwrap_or("ALLOW") {
+                    "ALLOW" => AuthzAction::Allow,
+                    "DENY" => AuthzAction::Deny,
+                    "AUDIT" => AuthzAction::Audit,
+                    _ => return None, // CUSTOM: not enforced (reported by analyze)
+                };
+                Some(AuthzPolicy {
+                    name: format!("{}/{}", r.namespace(), r.name()),
+                    action,
+                    rules: ap.rules.clone().unwrap_or_default(),
+                })
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn jwt_rules(resources: &[Resource], proxy: &ProxySpec) -> Vec<crate::model::security::JwtRule> {
+    resources
+        .iter()
+        .filter_map(|r| match &r.spec {
+            Spec::RequestAuthentication(ra) => {
+                scope_level(r, ra.selector.as_ref(), proxy).map(|_| ra.jwt_rules.clone())
+            }
+            _ => None,
+        })
+        .flatten()
+        .collect()
 }
 
 fn lb_settings(tp: &TrafficPolicy, port: u16) -> Option<&LoadBalancerSettings> {

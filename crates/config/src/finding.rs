@@ -67,6 +67,10 @@ codes! {
     DuplicateHost = "TRL0107", Error, "duplicate-host";
     HostNotInGateway = "TRL0108", Warning, "host-not-in-gateway";
     SubsetSelectsNothing = "TRL0109", Warning, "subset-selects-nothing";
+    ForeignTrustDomain = "TRL0201", Warning, "principal-in-foreign-trust-domain";
+    SelectsNothing = "TRL0202", Warning, "policy-selects-nothing";
+    ConflictingPeerAuthentication = "TRL0203", Error, "conflicting-peer-authentication";
+    InvalidJwks = "TRL0204", Error, "invalid-jwks";
 }
 
 impl fmt::Display for Code {

@@ -9,10 +9,13 @@
 #![forbid(unsafe_code)]
 
 pub mod analyze;
+pub mod authz_keys;
+pub mod cidr;
 pub mod compile;
 pub mod filter;
 pub mod finding;
 pub mod hash;
+pub mod jwks;
 pub mod load;
 pub mod model;
 pub mod registry;

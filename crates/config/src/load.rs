@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::finding::{Code, Finding};
-use crate::model::{kube, networking, Kind, ObjectMeta, Resource, Source, Spec};
+use crate::model::{kube, networking, security, Kind, ObjectMeta, Resource, Source, Spec};
 use crate::yaml::{self, Node, Seg};
 
 /// Resources read, and what was wrong with the rest.
@@ -157,8 +157,14 @@ fn decode_resource(file: Arc<PathBuf>, doc: Arc<Node>, findings: &mut Vec<Findin
         Kind::Service => decode_as::<kube::Service>(&doc, &mut unknown, Spec::Service),
         Kind::Workload => decode_as::<crate::model::trellis::Workload>(&doc, &mut unknown, Spec::Workload),
         Kind::Telemetry => decode_as::<crate::model::telemetry::Telemetry>(&doc, &mut unknown, Spec::Telemetry),
-        Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication => {
-            decode_as::<serde_json::Value>(&doc, &mut unknown, Spec::Kept)
+        Kind::PeerAuthentication => {
+            decode_as::<security::PeerAuthentication>(&doc, &mut unknown, Spec::PeerAuthentication)
+        }
+        Kind::AuthorizationPolicy => {
+            decode_as::<security::AuthorizationPolicy>(&doc, &mut unknown, Spec::AuthorizationPolicy)
+        }
+        Kind::RequestAuthentication => {
+            decode_as::<security::RequestAuthentication>(&doc, &mut unknown, Spec::RequestAuthentication)
         }
     };
     let (meta, spec) = match decoded {
@@ -192,14 +198,6 @@ fn decode_resource(file: Arc<PathBuf>, doc: Arc<Node>, findings: &mut Vec<Findin
         ));
         return None;
     }
-    if !kind.enforced() {
-        findings.push(Finding::at(
-            Code::NotEnforced,
-            &res,
-            &[Seg::from("kind")],
-            format!("{kind} is parsed and kept, but not enforced yet"),
-        ));
-    }
     Some(res)
 }
 
@@ -229,6 +227,8 @@ fn empty_spec(kind: Kind) -> Spec {
         Kind::Service => Spec::Service(Default::default()),
         Kind::Workload => Spec::Workload(Default::default()),
         Kind::Telemetry => Spec::Telemetry(Default::default()),
-        _ => Spec::Kept(serde_json::Value::Null),
+        Kind::PeerAuthentication => Spec::PeerAuthentication(Default::default()),
+        Kind::AuthorizationPolicy => Spec::AuthorizationPolicy(Default::default()),
+        Kind::RequestAuthentication => Spec::RequestAuthentication(Default::default()),
     }
 }

@@ -25,6 +25,61 @@ pub struct Snapshot {
     /// What Istio `Telemetry` resources say for this proxy (unset fields: the proxy's defaults).
     #[serde(default)]
     pub telemetry: TelemetryPolicy,
+    /// AuthorizationPolicies selecting this proxy's workload (mesh, namespace and workload scope).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authorization: Vec<AuthzPolicy>,
+    /// RequestAuthentication JWT rules selecting this proxy's workload.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jwt_rules: Vec<crate::model::security::JwtRule>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum AuthzAction {
+    Allow,
+    Deny,
+    Audit,
+}
+
+/// One AuthorizationPolicy as the data plane evaluates it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuthzPolicy {
+    /// `namespace/name`, reported in access logs and metrics.
+    pub name: String,
+    pub action: AuthzAction,
+    /// A request matches the policy when it matches any rule (none: matches nothing).
+    pub rules: Vec<crate::model::security::Rule>,
+}
+
+/// PeerAuthentication's mode for an inbound port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    /// Mutual TLS only; plaintext connections are refused.
+    Strict,
+    /// Mutual TLS or plaintext, told apart by the first bytes.
+    Permissive,
+    /// Plaintext only.
+    Disable,
+}
+
+/// How to speak TLS to a cluster's endpoints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamTls {
+    /// Mesh mutual TLS with the proxy's own certificate; the server must hold one of
+    /// `identities` (SPIFFE URIs; empty: any identity of the mesh).
+    IstioMutual { identities: Vec<String> },
+    /// TLS origination (DestinationRule `SIMPLE`, or `MUTUAL` with a client certificate).
+    Origination {
+        sni: Option<String>,
+        /// PEM file of the CAs to trust (none: the system's).
+        ca_certificates: Option<String>,
+        client_certificate: Option<String>,
+        private_key: Option<String>,
+        subject_alt_names: Vec<String>,
+        insecure_skip_verify: bool,
+    },
 }
 
 /// Tracing and access-log settings from `Telemetry` resources (workload over namespace over
@@ -47,6 +102,9 @@ pub struct NodeInfo {
     pub name: String,
     pub namespace: String,
     pub labels: Labels,
+    /// The proxy's SPIFFE id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +133,9 @@ pub struct Listener {
     pub direction: Direction,
     /// How a request picks its route table.
     pub routing: ListenerRouting,
+    /// Inbound listeners: PeerAuthentication's mode for this port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsMode>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -242,6 +303,8 @@ pub struct Cluster {
     pub lb: LbPolicy,
     pub connect_timeout: Duration,
     pub endpoints: Vec<Endpoint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -286,4 +349,10 @@ pub struct Endpoint {
     pub workload: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub namespace: Option<String>,
+    /// The SPIFFE id of the workload behind the endpoint.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub identity: Option<String>,
+    /// It has a sidecar that speaks mesh mTLS (Istio's `security.istio.io/tlsMode: istio`).
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub mtls: bool,
 }

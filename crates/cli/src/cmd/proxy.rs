@@ -33,6 +33,12 @@ pub struct Args {
     workload: String,
     #[arg(long, default_value = "default")]
     namespace: String,
+    /// The workload's service account: its identity is
+    /// spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>.
+    #[arg(long, default_value = "default")]
+    service_account: String,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
     /// Labels of this proxy (`key=value`), matched by Gateway selectors, subsets and sourceLabels.
     /// A gateway without labels gets `istio=ingressgateway`.
     #[arg(long = "label", value_parser = parse_kv)]
@@ -180,6 +186,8 @@ fn proxy_spec(args: &Args) -> Result<ProxySpec> {
     }
     Ok(ProxySpec {
         admin: Some(args.admin),
+        service_account: args.service_account.clone(),
+        trust_domain: args.trust_domain.clone(),
         role,
         name: args.workload.clone(),
         namespace,

@@ -7,6 +7,7 @@
 pub mod duration;
 pub mod kube;
 pub mod networking;
+pub mod security;
 pub mod telemetry;
 pub mod trellis;
 
@@ -107,11 +108,6 @@ impl Kind {
             Kind::Workload => "Workload",
         }
     }
-
-    /// Kinds that are parsed and kept, but whose behaviour a later release enforces.
-    pub fn enforced(self) -> bool {
-        !matches!(self, Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication)
-    }
 }
 
 impl fmt::Display for Kind {
@@ -161,8 +157,9 @@ pub enum Spec {
     Service(kube::Service),
     Workload(trellis::Workload),
     Telemetry(telemetry::Telemetry),
-    /// Security and telemetry kinds: parsed and kept; enforced by a later release.
-    Kept(serde_json::Value),
+    PeerAuthentication(security::PeerAuthentication),
+    AuthorizationPolicy(security::AuthorizationPolicy),
+    RequestAuthentication(security::RequestAuthentication),
 }
 
 /// Where a resource was read from.

@@ -170,7 +170,7 @@ pub struct TrafficPolicy {
     // Enforced by later releases.
     pub connection_pool: Option<Json>,
     pub outlier_detection: Option<Json>,
-    pub tls: Option<Json>,
+    pub tls: Option<ClientTlsSettings>,
     pub tunnel: Option<Json>,
     pub proxy_protocol: Option<Json>,
     pub retry_budget: Option<Json>,
@@ -183,7 +183,22 @@ pub struct PortTrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<Json>,
     pub outlier_detection: Option<Json>,
-    pub tls: Option<Json>,
+    pub tls: Option<ClientTlsSettings>,
+}
+
+/// DestinationRule `trafficPolicy.tls`: how to speak TLS to the destination.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ClientTlsSettings {
+    /// DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL.
+    pub mode: Option<String>,
+    pub client_certificate: Option<String>,
+    pub private_key: Option<String>,
+    pub ca_certificates: Option<String>,
+    pub credential_name: Option<String>,
+    pub subject_alt_names: Vec<String>,
+    pub sni: Option<String>,
+    pub insecure_skip_verify: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
