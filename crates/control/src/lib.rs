@@ -10,6 +10,7 @@
 //! when the control plane is gone.
 #![forbid(unsafe_code)]
 
+pub mod ca;
 pub mod proxies;
 pub mod server;
 pub mod store;
@@ -23,10 +24,11 @@ pub use store::ConfigStore;
 /// Serves the control-plane API on `listener` until `shutdown` resolves.
 pub async fn serve(
     store: Arc<ConfigStore>,
+    certificates: Option<Arc<ca::CertificateService>>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let svc = ControlService::new(store);
+    let svc = ControlService::new(store, certificates);
     tonic::transport::Server::builder()
         .add_service(svc.into_server())
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)

@@ -9,11 +9,12 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use trellis_api::control::{
-    control_message, control_server, proxy_message, ControlMessage, Hello, ProxyConfigReply, ProxyConfigRequest,
-    ProxyMessage, ProxyStatus, Snapshot, StatusReply, StatusRequest,
+    control_message, control_server, proxy_message, CertificateReply, CertificateRequest, ControlMessage, Hello,
+    ProxyConfigReply, ProxyConfigRequest, ProxyMessage, ProxyStatus, Snapshot, StatusReply, StatusRequest,
 };
 use trellis_config::compile::{compile, ProxySpec};
 
+use crate::ca::CertificateService;
 use crate::proxies::Proxies;
 use crate::store::ConfigStore;
 
@@ -27,11 +28,12 @@ pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 pub struct ControlService {
     store: Arc<ConfigStore>,
     proxies: Arc<Proxies>,
+    certificates: Option<Arc<CertificateService>>,
 }
 
 impl ControlService {
-    pub fn new(store: Arc<ConfigStore>) -> ControlService {
-        ControlService { store, proxies: Arc::new(Proxies::default()) }
+    pub fn new(store: Arc<ConfigStore>, certificates: Option<Arc<CertificateService>>) -> ControlService {
+        ControlService { store, proxies: Arc::new(Proxies::default()), certificates }
     }
 
     pub fn into_server(self) -> control_server::ControlServer<ControlService> {
@@ -86,6 +88,16 @@ impl control_server::Control for ControlService {
             config_error: rejection.as_ref().map(|r| r.reason.clone()).unwrap_or_default(),
             config_findings: rejection.map(|r| r.findings.iter().map(|f| f.to_string()).collect()).unwrap_or_default(),
         }))
+    }
+
+    async fn create_certificate(&self, req: Request<CertificateRequest>) -> Result<Response<CertificateReply>, Status> {
+        let svc = self
+            .certificates
+            .as_ref()
+            .ok_or_else(|| Status::unimplemented("this control plane runs no certificate authority"))?;
+        let req = req.into_inner();
+        let (chain, bundle) = svc.sign(&req.token, &req.csr_pem)?;
+        Ok(Response::new(CertificateReply { cert_chain_pem: chain, trust_bundle_pem: bundle }))
     }
 
     async fn proxy_config(&self, req: Request<ProxyConfigRequest>) -> Result<Response<ProxyConfigReply>, Status> {

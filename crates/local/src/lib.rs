@@ -29,6 +29,10 @@ pub struct UpOptions {
     pub trellis: PathBuf,
     /// First admin port (0: any free ports).
     pub admin_port_base: u16,
+    /// Where the mesh's certificate authority lives (kept across runs).
+    pub ca_dir: PathBuf,
+    /// Lifetime of workload certificates.
+    pub cert_ttl: Duration,
     /// Span exporters for every proxy.
     pub otlp_endpoint: Option<String>,
     pub zipkin_endpoint: Option<String>,
@@ -86,8 +90,32 @@ pub async fn up(opts: UpOptions) -> Result<(), String> {
     };
     let proxy_env =
         vec![("RUST_LOG".to_string(), std::env::var("TRELLIS_PROXY_LOG").unwrap_or_else(|_| "warn".into()))];
+    // One bootstrap token per proxy: the control plane signs a certificate only for the identity
+    // its token names (the sidecar gets its token in its environment, never on a command line).
+    let mut tokens = std::collections::BTreeMap::new();
+    let mut token_for = |namespace: &str, service_account: &str| {
+        let t = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+        tokens.insert(t.clone(), serde_json::json!({"namespace": namespace, "serviceAccount": service_account}));
+        t
+    };
+    let sidecar_tokens: Vec<String> =
+        plan.workloads.iter().map(|w| token_for(&w.namespace, &w.service_account())).collect();
+    let gateway_tokens: Vec<String> = plan.gateways.iter().map(|g| token_for("default", &g.name)).collect();
+    let tokens_file = state.path().join("tokens.json");
+    write_private(&tokens_file, &serde_json::json!({ "tokens": tokens }).to_string())
+        .map_err(|e| format!("cannot write {}: {e}", tokens_file.display()))?;
 
-    let mut cp_args = vec!["control".to_string(), "--listen".into(), opts.control_plane.to_string()];
+    let mut cp_args = vec![
+        "control".to_string(),
+        "--listen".into(),
+        opts.control_plane.to_string(),
+        "--ca-dir".into(),
+        opts.ca_dir.display().to_string(),
+        "--cert-ttl".into(),
+        format!("{}s", opts.cert_ttl.as_secs()),
+        "--tokens".into(),
+        tokens_file.display().to_string(),
+    ];
     if opts.recursive {
         cp_args.push("-R".into());
     }
@@ -110,24 +138,28 @@ pub async fn up(opts: UpOptions) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
 
     let mut sidecars = Vec::new();
-    for w in &plan.workloads {
+    for (w, token) in plan.workloads.iter().zip(&sidecar_tokens) {
+        let mut env = proxy_env.clone();
+        env.push(("TRELLIS_BOOTSTRAP_TOKEN".into(), token.clone()));
         let spec = ChildSpec {
             name: format!("{}-proxy", w.name),
             program: opts.trellis.clone(),
             args: [w.sidecar_args(opts.control_plane), opts.proxy_telemetry_args()].concat(),
-            env: proxy_env.clone(),
+            env,
             cwd: None,
             restart_delay: Duration::from_millis(100),
         };
         sidecars.push(Child::start(spec, out.clone(), next_color()).map_err(|e| e.to_string())?);
     }
     let mut gateways = Vec::new();
-    for g in &plan.gateways {
+    for (g, token) in plan.gateways.iter().zip(&gateway_tokens) {
+        let mut env = proxy_env.clone();
+        env.push(("TRELLIS_BOOTSTRAP_TOKEN".into(), token.clone()));
         let spec = ChildSpec {
             name: g.name.clone(),
             program: opts.trellis.clone(),
             args: [g.args(opts.control_plane), opts.proxy_telemetry_args()].concat(),
-            env: proxy_env.clone(),
+            env,
             cwd: None,
             restart_delay: Duration::from_millis(100),
         };
@@ -275,6 +307,13 @@ async fn http_status(addr: SocketAddr, path: &str) -> std::io::Result<u16> {
     let n = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await??;
     let line = String::from_utf8_lossy(&buf[..n]);
     line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| std::io::Error::other("bad status line"))
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.write_all(text.as_bytes())
 }
 
 fn print_table(plan: &Plan, cp: SocketAddr, took: Duration) {

@@ -183,8 +183,11 @@ impl Plan {
             names.sort();
             names.dedup();
             let ports: Vec<String> = names.iter().map(|n| format!("{}: {}", yaml_str(n), w.inbound.port())).collect();
+            // Every local workload has a sidecar that speaks mesh mTLS (Istio's label for it).
+            let mut all_labels = w.labels.clone();
+            all_labels.insert(trellis_config::compile::TLS_MODE_LABEL.to_string(), "istio".to_string());
             let labels: Vec<String> =
-                w.labels.iter().map(|(k, v)| format!("{}: {}", yaml_str(k), yaml_str(v))).collect();
+                all_labels.iter().map(|(k, v)| format!("{}: {}", yaml_str(k), yaml_str(v))).collect();
             out.push_str(&format!(
                 "---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: {}\n  namespace: {}\nspec:\n  address: 127.0.0.1\n  ports: {{{}}}\n  labels: {{{}}}\n",
                 yaml_str(&w.name),
@@ -192,9 +195,7 @@ impl Plan {
                 ports.join(", "),
                 labels.join(", "),
             ));
-            if let Some(sa) = &w.spec.service_account {
-                out.push_str(&format!("  serviceAccount: {}\n", yaml_str(sa)));
-            }
+            out.push_str(&format!("  serviceAccount: {}\n", yaml_str(&w.service_account())));
         }
         out
     }
@@ -249,6 +250,8 @@ impl WorkloadPlan {
             self.name.clone(),
             "--namespace".into(),
             self.namespace.clone(),
+            "--service-account".into(),
+            self.service_account(),
             "--admin".into(),
             self.admin.to_string(),
             "--inbound".into(),
@@ -296,6 +299,12 @@ impl WorkloadPlan {
         }
     }
 
+    /// The workload's service account: its own, else its name (each local process its own
+    /// identity).
+    pub fn service_account(&self) -> String {
+        self.spec.service_account.clone().unwrap_or_else(|| self.name.clone())
+    }
+
     pub fn version(&self) -> String {
         self.labels.get("version").cloned().unwrap_or_else(|| "-".into())
     }
@@ -310,6 +319,8 @@ impl GatewayPlan {
             "--control-plane".into(),
             control_plane.to_string(),
             "--workload".into(),
+            self.name.clone(),
+            "--service-account".into(),
             self.name.clone(),
             "--admin".into(),
             self.admin.to_string(),

@@ -42,6 +42,9 @@ pub struct ConnInfo {
     pub direction: Direction,
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// The peer's SPIFFE id, when the connection is mesh mTLS.
+    pub peer_identity: Option<Arc<str>>,
+    pub mtls: bool,
 }
 
 /// Serves one request; never fails (errors become responses). Every request is recorded once
@@ -78,7 +81,7 @@ pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut req: Request<I
                 None => (unknown(), Arc::new(ServiceLabels::unknown())),
             };
             let me = rt.me.clone();
-            RequestRecord::new(
+            let mut r = RequestRecord::new(
                 shared.clone(),
                 &rt.telemetry,
                 start,
@@ -89,7 +92,15 @@ pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut req: Request<I
                 protocol,
                 trace,
                 details,
-            )
+            );
+            if conn.mtls {
+                r.security = "mutual_tls";
+                if let Some(p) = &conn.peer_identity {
+                    r.source_principal = p.clone();
+                }
+                r.destination_principal = rt.me.principal.clone();
+            }
+            r
         }
         Direction::Outbound | Direction::Gateway => {
             let service = Arc::new(ServiceLabels::unknown());
@@ -242,6 +253,10 @@ async fn proxy(
     if conn.direction != Direction::Inbound {
         if let Some(id) = cluster.identities.get(pick.0) {
             record.destination = id.clone();
+            if cluster.mtls {
+                record.destination_principal = id.principal.clone();
+                record.source_principal = rt.me.principal.clone();
+            }
         }
     }
 

@@ -14,6 +14,7 @@ pub mod control_client;
 mod gateway;
 pub mod handler;
 pub mod http;
+pub mod identity;
 mod inbound;
 pub mod listener;
 mod outbound;
@@ -47,9 +48,16 @@ impl Proxy {
     }
 
     /// A proxy with the given telemetry settings (starts their exporters; call within a Tokio
-    /// runtime).
-    pub fn with_telemetry(opts: telemetry::TelemetryOptions) -> std::io::Result<Arc<Proxy>> {
-        Ok(Self::from_shared(Shared::with_telemetry(opts)?))
+    /// runtime) and, optionally, an identity for mesh mTLS.
+    pub fn with_options(
+        opts: telemetry::TelemetryOptions,
+        identity: Option<Arc<trellis_identity::tls::CredentialStore>>,
+    ) -> Result<Arc<Proxy>, String> {
+        let mut shared = Shared::with_telemetry(opts).map_err(|e| format!("cannot open the access log: {e}"))?;
+        if let Some(store) = identity {
+            shared.set_identity(store)?;
+        }
+        Ok(Self::from_shared(shared))
     }
 
     fn from_shared(shared: Shared) -> Arc<Proxy> {
@@ -74,8 +82,13 @@ impl Proxy {
         let version = snap.version.clone();
         let snap = Arc::new(snap);
         let result = async {
-            let rt =
-                Runtime::build(snap.clone(), &self.shared.pools, &self.shared.telemetry, self.shared.spans.is_some())?;
+            let rt = Runtime::build(
+                snap.clone(),
+                &self.shared.pools,
+                &self.shared.telemetry,
+                self.shared.spans.is_some(),
+                self.shared.identity.as_ref(),
+            )?;
             let staged = self.listeners.stage(&snap).await?;
             Ok::<_, String>((rt, staged))
         }

@@ -22,6 +22,10 @@ pub struct Shared {
     pub metrics: Arc<trellis_telemetry::metrics::ProxyMetrics>,
     pub telemetry: TelemetryOptions,
     pub spans: Option<trellis_telemetry::export::SpanSink>,
+    /// This proxy's certificates, when it has an identity (mesh mTLS).
+    pub identity: Option<Arc<trellis_identity::tls::CredentialStore>>,
+    /// The inbound mTLS server configuration, built once over `identity`.
+    pub mesh_server: Option<Arc<rustls::ServerConfig>>,
     pub access_log: Option<trellis_telemetry::access_log::AccessLog>,
     pub pools: Pools,
     pub drain: Drain,
@@ -62,6 +66,14 @@ impl Shared {
         Ok(s)
     }
 
+    /// Gives the proxy an identity: inbound listeners can then terminate mesh mTLS and outbound
+    /// clusters originate it, with whatever certificate `store` holds at each handshake.
+    pub fn set_identity(&mut self, store: Arc<trellis_identity::tls::CredentialStore>) -> Result<(), String> {
+        self.mesh_server = Some(trellis_identity::tls::mesh_server(store.clone()).map_err(|e| e.to_string())?);
+        self.identity = Some(store);
+        Ok(())
+    }
+
     /// Shared state with default telemetry and no exporters.
     pub fn new() -> Shared {
         let mut server = auto::Builder::new(TokioExecutor::new());
@@ -81,6 +93,8 @@ impl Shared {
             metrics: Arc::new(trellis_telemetry::metrics::ProxyMetrics::new()),
             telemetry: TelemetryOptions::default(),
             spans: None,
+            identity: None,
+            mesh_server: None,
             access_log: None,
             pools: Pools::default(),
             drain: Drain::new(),
@@ -101,9 +115,12 @@ impl Shared {
         self.ready.store(true, Ordering::Release);
     }
 
-    /// Ready: a snapshot is in force and the proxy is not draining.
+    /// Ready: a snapshot is in force, the certificate (if the proxy has an identity) has
+    /// arrived, and the proxy is not draining.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.drain.is_draining()
+        self.ready.load(Ordering::Acquire)
+            && !self.drain.is_draining()
+            && self.identity.as_ref().is_none_or(|s| s.is_ready())
     }
 
     pub fn status(&self) -> ConfigStatus {

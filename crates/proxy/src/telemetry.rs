@@ -118,7 +118,12 @@ pub struct RequestRecord {
     pub status: u16,
     pub grpc_status: Option<u32>,
     pub flags: &'static str,
-    security: &'static str,
+    /// `mutual_tls` when the request came over mesh mTLS (server side), `none` when not,
+    /// `unknown` on the client side (Istio's convention).
+    pub security: &'static str,
+    /// Principals as metrics report them (SPIFFE URIs, or `unknown` without mTLS).
+    pub source_principal: Arc<str>,
+    pub destination_principal: Arc<str>,
     pub request_bytes: Arc<AtomicU64>,
     response_bytes: u64,
     /// gRPC messages seen in each direction (gRPC requests only).
@@ -163,6 +168,8 @@ impl RequestRecord {
             grpc_status: None,
             flags: "-",
             security,
+            source_principal: Arc::from(trellis_telemetry::identity::UNKNOWN),
+            destination_principal: Arc::from(trellis_telemetry::identity::UNKNOWN),
             request_bytes: Arc::new(AtomicU64::new(0)),
             response_bytes: 0,
             request_messages: (protocol == "grpc").then(|| Arc::new(AtomicU64::new(0))),
@@ -193,6 +200,7 @@ impl RequestRecord {
             self.reporter,
             &self.source,
             &self.destination,
+            (&self.source_principal, &self.destination_principal),
             &self.service,
             self.protocol,
             self.status,

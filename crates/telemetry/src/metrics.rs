@@ -84,6 +84,7 @@ impl RequestLabels {
         reporter: Reporter,
         source: &Identity,
         destination: &Identity,
+        principals: (&Arc<str>, &Arc<str>),
         service: &ServiceLabels,
         request_protocol: &'static str,
         response_code: u16,
@@ -95,14 +96,14 @@ impl RequestLabels {
             reporter,
             source_workload: source.workload.clone(),
             source_workload_namespace: source.namespace.clone(),
-            source_principal: source.principal.clone(),
+            source_principal: principals.0.clone(),
             source_app: source.app.clone(),
             source_version: source.version.clone(),
             source_canonical_service: source.canonical_service.clone(),
             source_canonical_revision: source.canonical_revision.clone(),
             destination_workload: destination.workload.clone(),
             destination_workload_namespace: destination.namespace.clone(),
-            destination_principal: destination.principal.clone(),
+            destination_principal: principals.1.clone(),
             destination_app: destination.app.clone(),
             destination_version: destination.version.clone(),
             destination_service: service.host.clone(),
@@ -341,7 +342,18 @@ mod tests {
             None,
         );
         let svc = ServiceLabels::new("reviews.default.svc.cluster.local", "reviews", "default");
-        let l = RequestLabels::new(Reporter::Source, &src, &dst, &svc, "http", 200, None, "-", "unknown");
+        let l = RequestLabels::new(
+            Reporter::Source,
+            &src,
+            &dst,
+            (&src.principal, &dst.principal),
+            &svc,
+            "http",
+            200,
+            None,
+            "-",
+            "unknown",
+        );
         m.record(&l, 3.0, 0, 120, None);
         m.record(&l, 7.0, 0, 120, Some(&[7u8; 16]));
         let om = m.encode_openmetrics();

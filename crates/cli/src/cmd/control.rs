@@ -18,6 +18,19 @@ pub struct Args {
     /// Address of the control-plane API.
     #[arg(long, default_value = trellis_control::DEFAULT_ADDR)]
     listen: SocketAddr,
+    /// The certificate authority's directory: generated there on first start, or Istio-style
+    /// plug-in CA files put there (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem).
+    #[arg(long, default_value = ".trellis/ca")]
+    ca_dir: PathBuf,
+    /// Lifetime of workload certificates (rotated at ~80%).
+    #[arg(long, default_value = "24h", value_parser = super::parse_duration)]
+    cert_ttl: std::time::Duration,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Bootstrap tokens: which identity each workload's token proves (JSON). Without it, no
+    /// certificate is issued.
+    #[arg(long)]
+    tokens: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> ExitCode {
@@ -31,6 +44,10 @@ async fn serve(args: Args) -> Result<()> {
     // a good config is on disk, so proxies keep serving what they have.
     let _ = store.reload();
     let _watch = store.watch().context("cannot watch config files")?;
+    let ca =
+        trellis_identity::ca::CertificateAuthority::load_or_generate(&args.ca_dir, &args.trust_domain, args.cert_ttl)
+            .with_context(|| format!("certificate authority in {}", args.ca_dir.display()))?;
+    let certificates = std::sync::Arc::new(trellis_control::ca::CertificateService { ca, tokens: args.tokens.clone() });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -45,6 +62,6 @@ async fn serve(args: Args) -> Result<()> {
             _ = term.recv() => {}
         }
     };
-    trellis_control::serve(store, listener, shutdown).await?;
+    trellis_control::serve(store, Some(certificates), listener, shutdown).await?;
     Ok(())
 }

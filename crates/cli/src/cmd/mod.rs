@@ -48,6 +48,11 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
+/// Parses `10s`, `1h30m`, `250ms`.
+pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    trellis_config::model::duration::parse_duration(s)
+}
+
 /// Runs `fut` on a multi-threaded runtime; errors are printed and become exit code 1.
 pub(crate) fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -63,7 +63,7 @@ pub struct Args {
     #[arg(long = "upstream", value_parser = parse_upstream)]
     upstreams: Vec<UpstreamSpec>,
     /// How long a drain waits for in-flight requests.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
     drain_timeout: Duration,
     /// Worker threads (default: one per core).
     #[arg(long)]
@@ -84,6 +84,11 @@ pub struct Args {
     /// on or off.
     #[arg(long)]
     access_log: Option<String>,
+    /// File holding the bootstrap token that proves this workload's identity to the control
+    /// plane (default: $TRELLIS_BOOTSTRAP_TOKEN). With one, the proxy gets a certificate and
+    /// speaks mesh mTLS.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -96,10 +101,6 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("expected key=value, got {s:?}"))
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    trellis_config::model::duration::parse_duration(s)
 }
 
 fn parse_port_map(s: &str) -> Result<(u16, u16), String> {
@@ -212,7 +213,25 @@ async fn serve(args: Args) -> Result<()> {
         access_log: args.access_log.is_some(),
         access_log_sink: trellis_telemetry::access_log::Sink::parse(args.access_log.as_deref().unwrap_or("stdout")),
     };
-    let proxy = Proxy::with_telemetry(telemetry).context("cannot open the access log")?;
+    // An identity (mesh mTLS) when a bootstrap token proves one to the control plane.
+    let token = match &args.token_file {
+        Some(f) => {
+            Some(std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?.trim().to_string())
+        }
+        None => std::env::var("TRELLIS_BOOTSTRAP_TOKEN").ok().filter(|t| !t.is_empty()),
+    };
+    let identity = match (&args.control_plane, token) {
+        (Some(cp), Some(token)) => {
+            let store = std::sync::Arc::new(trellis_identity::tls::CredentialStore::default());
+            let id = trellis_identity::SpiffeId::new(&spec.trust_domain, &spec.namespace, &spec.service_account);
+            Some((store, cp.clone(), token, id))
+        }
+        _ => None,
+    };
+    let proxy = Proxy::with_options(telemetry, identity.as_ref().map(|(s, ..)| s.clone())).map_err(|e| anyhow!(e))?;
+    if let Some((store, cp, token, id)) = identity {
+        tokio::spawn(trellis_proxy::identity::run(store, cp, token, id, proxy.shared().clone()));
+    }
     if let Some(cp) = &args.control_plane {
         // Control-plane mode: admin first (so /ready can say "not yet"), then connect.
         let admin = trellis_proxy::admin::serve(proxy.clone(), args.admin)

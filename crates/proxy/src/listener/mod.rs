@@ -16,10 +16,11 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use trellis_config::snapshot::{Direction, Listener as ListenerSpec, Snapshot};
+use trellis_config::snapshot::{Direction, Listener as ListenerSpec, MtlsMode, Snapshot};
 
 use crate::handler::{self, ConnInfo};
 use crate::state::Shared;
+use crate::upstream::Io;
 
 struct Active {
     address: SocketAddr,
@@ -137,12 +138,14 @@ async fn accept_loop(
             _ = shared.drain.started() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let conn = Arc::new(ConnInfo {
+                    let conn = ConnInfo {
                         listener: name.clone(),
                         direction,
                         peer,
                         local: local.unwrap_or(peer),
-                    });
+                        peer_identity: None,
+                        mtls: false,
+                    };
                     tokio::spawn(serve(stream, conn, shared.clone()));
                 }
                 Err(e) => {
@@ -159,16 +162,60 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-async fn serve(stream: TcpStream, conn: Arc<ConnInfo>, shared: Arc<Shared>) {
+/// How long a connection may take to say what it speaks, and to finish a TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves one connection: first PeerAuthentication decides between mutual TLS and plaintext
+/// (PERMISSIVE tells them apart by the first byte: 0x16 opens a TLS handshake), then HTTP.
+async fn serve(stream: TcpStream, mut conn: ConnInfo, shared: Arc<Shared>) {
     let _open = shared.drain.track();
     let _ = stream.set_nodelay(true);
+    let mode = shared.runtime().listener_mtls(&conn.listener);
+    let tls = match (mode, &shared.mesh_server) {
+        (Some(MtlsMode::Strict), None) => {
+            tracing::warn!(listener = %conn.listener, "STRICT mTLS but this proxy has no certificate; connection refused");
+            return;
+        }
+        (Some(MtlsMode::Strict), Some(cfg)) => Some(cfg.clone()),
+        (Some(MtlsMode::Permissive), Some(cfg)) => {
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+                Ok(Ok(1)) if first[0] == 0x16 => Some(cfg.clone()),
+                Ok(Ok(_)) => None,
+                _ => return,
+            }
+        }
+        _ => None,
+    };
+    let io: Io = match tls {
+        None => Box::new(stream),
+        Some(cfg) => {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_rustls::TlsAcceptor::from(cfg).accept(stream)).await {
+                Ok(Ok(tls)) => {
+                    conn.peer_identity =
+                        trellis_identity::tls::peer_identity(tls.get_ref().1).map(|id| Arc::from(id.to_string()));
+                    conn.mtls = true;
+                    Box::new(tls)
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(listener = %conn.listener, peer = %conn.peer, "TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    };
+    serve_http(io, Arc::new(conn), shared.clone()).await;
+}
+
+async fn serve_http(io: Io, conn: Arc<ConnInfo>, shared: Arc<Shared>) {
     let svc_shared = shared.clone();
     let svc_conn = conn.clone();
     let svc = hyper::service::service_fn(move |req| {
         let (s, c) = (svc_shared.clone(), svc_conn.clone());
         async move { Ok::<_, Infallible>(handler::handle(s, c, req).await) }
     });
-    let served = shared.server.serve_connection(TokioIo::new(stream), svc);
+    let served = shared.server.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(served);
     let result = tokio::select! {
         r = served.as_mut() => r,

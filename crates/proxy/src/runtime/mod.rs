@@ -17,8 +17,10 @@ use http::HeaderValue;
 use trellis_telemetry::identity::ServiceLabels;
 use trellis_telemetry::Identity;
 
+use trellis_identity::tls::CredentialStore;
+
 use crate::balance::Balancer;
-use crate::upstream::{Endpoint, Pools};
+use crate::upstream::{Endpoint, Pools, TlsSetup};
 pub use route::RouteTable;
 
 pub struct Runtime {
@@ -30,7 +32,7 @@ pub struct Runtime {
     tables: HashMap<String, Arc<RouteTable>>,
     /// Outbound tables by port, for `ByRequestPort` and `Fixed` listeners.
     outbound: HashMap<u16, Arc<RouteTable>>,
-    listeners: HashMap<String, ListenerRouting>,
+    listeners: HashMap<String, (ListenerRouting, Option<spec::MtlsMode>)>,
     pub clusters: HashMap<String, Arc<Cluster>>,
 }
 
@@ -46,6 +48,74 @@ pub struct Cluster {
     pub service: Arc<ServiceLabels>,
     /// Peer metadata sent with every request to this cluster (none towards the local app).
     pub peer_header: Option<HeaderValue>,
+    /// Spoken to with mesh mutual TLS.
+    pub mtls: bool,
+}
+
+/// The TLS client configurations for a cluster, and a key naming that variant for the pools.
+fn tls_setup(
+    t: &spec::UpstreamTls,
+    identity: Option<&Arc<CredentialStore>>,
+    service: &str,
+) -> Result<(String, TlsSetup), String> {
+    use trellis_identity::tls::{ALPN_H2, ALPN_HTTP11};
+    match t {
+        spec::UpstreamTls::IstioMutual { identities } => {
+            let store = identity.cloned().unwrap_or_default();
+            let ids = identities
+                .iter()
+                .map(|i| trellis_identity::SpiffeId::parse(i).map_err(|e| e.to_string()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let h1 = trellis_identity::tls::mesh_client(store.clone(), ids.clone(), ALPN_HTTP11)
+                .map_err(|e| e.to_string())?;
+            let h2 = trellis_identity::tls::mesh_client(store, ids, ALPN_H2).map_err(|e| e.to_string())?;
+            let server_name = rustls::pki_types::ServerName::try_from("mesh.trellis").map_err(|e| e.to_string())?;
+            Ok((format!("mtls:{}", identities.join(",")), TlsSetup { h1, h2, server_name }))
+        }
+        spec::UpstreamTls::Origination {
+            sni,
+            ca_certificates,
+            client_certificate,
+            private_key,
+            subject_alt_names,
+            insecure_skip_verify,
+        } => {
+            let read = |p: &str| std::fs::read_to_string(p).map_err(|e| format!("cannot read {p}: {e}"));
+            let ca = ca_certificates.as_deref().map(read).transpose()?;
+            let client = match (client_certificate, private_key) {
+                (Some(c), Some(k)) => Some((
+                    trellis_identity::cert::parse_pem_certs(&read(c)?).map_err(|e| e.to_string())?,
+                    trellis_identity::cert::parse_pem_key(&read(k)?).map_err(|e| e.to_string())?,
+                )),
+                (None, None) => None,
+                _ => return Err("MUTUAL TLS needs both clientCertificate and privateKey".into()),
+            };
+            let h1 = trellis_identity::tls::origination(
+                ca.as_deref(),
+                client.as_ref().map(|(c, k)| (c.clone(), k.clone_key())),
+                *insecure_skip_verify,
+                ALPN_HTTP11,
+            )
+            .map_err(|e| e.to_string())?;
+            let h2 = trellis_identity::tls::origination(
+                ca.as_deref(),
+                client.map(|(c, k)| (c, k)),
+                *insecure_skip_verify,
+                ALPN_H2,
+            )
+            .map_err(|e| e.to_string())?;
+            // The name to verify (and send as SNI): the first expected SAN, else the SNI, else the host.
+            let name = subject_alt_names.first().or(sni.as_ref()).map(String::as_str).unwrap_or(service).to_string();
+            let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+                .map_err(|e| format!("invalid server name {name:?}: {e}"))?;
+            let key = format!(
+                "tls:{name}:{}:{}",
+                ca_certificates.as_deref().unwrap_or("system"),
+                client_certificate.as_deref().unwrap_or("-")
+            );
+            Ok((key, TlsSetup { h1, h2, server_name }))
+        }
+    }
 }
 
 impl Runtime {
@@ -73,9 +143,10 @@ impl Runtime {
         pools: &Pools,
         opts: &crate::telemetry::TelemetryOptions,
         exporting: bool,
+        identity: Option<&Arc<CredentialStore>>,
     ) -> Result<Runtime, String> {
         let node = &snapshot.node;
-        let me = Arc::new(Identity::new(&node.name, &node.namespace, &node.labels, None));
+        let me = Arc::new(Identity::new(&node.name, &node.namespace, &node.labels, node.identity.as_deref()));
         let policy = &snapshot.telemetry;
         let telemetry = crate::telemetry::Effective {
             sampling_percent: policy.sampling_percent.unwrap_or(opts.sampling_percent),
@@ -86,14 +157,26 @@ impl Runtime {
         };
         let mut clusters = HashMap::new();
         for (name, c) in &snapshot.clusters {
-            let endpoints: Vec<(Arc<Endpoint>, u32)> =
-                c.endpoints.iter().map(|e| (pools.endpoint(&e.address), e.weight.max(1))).collect();
+            let tls = match &c.tls {
+                None => None,
+                Some(t) => Some(tls_setup(t, identity, &c.service).map_err(|e| format!("cluster {name}: {e}"))?),
+            };
+            let endpoints: Vec<(Arc<Endpoint>, u32)> = c
+                .endpoints
+                .iter()
+                .map(|e| {
+                    (
+                        pools.endpoint_with(&e.address, tls.as_ref().map(|(k, t)| (k.as_str(), t.clone()))),
+                        e.weight.max(1),
+                    )
+                })
+                .collect();
             let identities = c
                 .endpoints
                 .iter()
                 .map(|e| {
                     let (w, ns) = (e.workload.as_deref().unwrap_or(""), e.namespace.as_deref().unwrap_or(""));
-                    Arc::new(Identity::new(w, ns, &e.labels, None))
+                    Arc::new(Identity::new(w, ns, &e.labels, e.identity.as_deref()))
                 })
                 .collect();
             let balancer = Balancer::new(&c.lb, &endpoints);
@@ -111,6 +194,7 @@ impl Runtime {
                     balancer,
                     service,
                     peer_header,
+                    mtls: matches!(c.tls, Some(spec::UpstreamTls::IstioMutual { .. })),
                 }),
             );
         }
@@ -130,7 +214,7 @@ impl Runtime {
                     return Err(format!("listener {} uses unknown route table {t}", l.name));
                 }
             }
-            listeners.insert(l.name.clone(), l.routing.clone());
+            listeners.insert(l.name.clone(), (l.routing.clone(), l.mtls));
         }
         pools.collect();
         Ok(Runtime { snapshot, me, telemetry, tables, outbound, listeners, clusters })
@@ -141,7 +225,12 @@ impl Runtime {
     }
 
     pub fn listener(&self, name: &str) -> Option<&ListenerRouting> {
-        self.listeners.get(name)
+        self.listeners.get(name).map(|l| &l.0)
+    }
+
+    /// The PeerAuthentication mode of an inbound listener (`None`: not an mTLS-capable port).
+    pub fn listener_mtls(&self, name: &str) -> Option<spec::MtlsMode> {
+        self.listeners.get(name).and_then(|l| l.1)
     }
 
     pub fn table(&self, name: &str) -> Option<&Arc<RouteTable>> {

@@ -34,10 +34,24 @@ enum Target {
     Dns(String),
 }
 
+/// A connection's byte stream, plain or TLS (type-erased so pools and hyper see one type).
+pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Stream for T {}
+pub type Io = Box<dyn Stream>;
+
+/// How to speak TLS to an endpoint: one client configuration per ALPN protocol.
+#[derive(Clone)]
+pub struct TlsSetup {
+    pub h1: Arc<rustls::ClientConfig>,
+    pub h2: Arc<rustls::ClientConfig>,
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
 /// One upstream address with its pools and load counters.
 pub struct Endpoint {
     pub address: String,
     target: Target,
+    tls: Option<TlsSetup>,
     in_flight: AtomicUsize,
     idle_h1: SegQueue<http1::SendRequest<Body>>,
     idle_count: AtomicUsize,
@@ -70,7 +84,7 @@ impl Drop for InFlight {
 // === impl Endpoint ===
 
 impl Endpoint {
-    fn new(address: &str) -> Endpoint {
+    fn new(address: &str, tls: Option<TlsSetup>) -> Endpoint {
         let target = match address.parse::<SocketAddr>() {
             Ok(sa) => Target::Socket(sa),
             Err(_) => Target::Dns(address.to_string()),
@@ -78,6 +92,7 @@ impl Endpoint {
         Endpoint {
             address: address.to_string(),
             target,
+            tls,
             in_flight: AtomicUsize::new(0),
             idle_h1: SegQueue::new(),
             idle_count: AtomicUsize::new(0),
@@ -96,20 +111,32 @@ impl Endpoint {
         InFlight(self.clone())
     }
 
-    async fn connect(&self, timeout: Duration) -> Result<TcpStream, ProxyError> {
+    /// Connects (and, for TLS endpoints, handshakes with ALPN for `wire`) within `timeout`.
+    async fn connect(&self, timeout: Duration, wire: Wire) -> Result<Io, ProxyError> {
         let fut = async {
-            match &self.target {
+            let stream = match &self.target {
                 Target::Socket(sa) => TcpStream::connect(sa).await,
                 Target::Dns(hp) => TcpStream::connect(hp.as_str()).await,
             }
+            .map_err(|e| e.to_string())?;
+            let _ = stream.set_nodelay(true);
+            match &self.tls {
+                None => Ok::<Io, String>(Box::new(stream)),
+                Some(tls) => {
+                    let cfg = if wire == Wire::Http2 { tls.h2.clone() } else { tls.h1.clone() };
+                    let s = tokio_rustls::TlsConnector::from(cfg)
+                        .connect(tls.server_name.clone(), stream)
+                        .await
+                        .map_err(|e| format!("TLS handshake: {e}"))?;
+                    Ok(Box::new(s) as Io)
+                }
+            }
         };
-        let stream = match tokio::time::timeout(timeout, fut).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(ProxyError::connect_failure(&self.address, e)),
-            Err(_) => return Err(ProxyError::connect_failure(&self.address, "connect timeout")),
-        };
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(ProxyError::connect_failure(&self.address, e)),
+            Err(_) => Err(ProxyError::connect_failure(&self.address, "connect timeout")),
+        }
     }
 
     /// Sends `req` and returns the response head (the body streams on).
@@ -136,7 +163,7 @@ impl Endpoint {
     }
 
     async fn connect_h1(&self, timeout: Duration) -> Result<http1::SendRequest<Body>, ProxyError> {
-        let stream = self.connect(timeout).await?;
+        let stream = self.connect(timeout, Wire::Http1).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -198,7 +225,7 @@ impl Endpoint {
                 return Ok((*s).clone());
             }
         }
-        let stream = self.connect(timeout).await?;
+        let stream = self.connect(timeout, Wire::Http2).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .adaptive_window(true)
@@ -264,15 +291,25 @@ pub struct Pools {
 }
 
 impl Pools {
-    /// The endpoint for `address`, shared with any earlier snapshot that still uses it.
+    /// The endpoint for `address` (plain), shared with any earlier snapshot that still uses it.
     /// Called only while building a snapshot, never per request.
     pub fn endpoint(&self, address: &str) -> Arc<Endpoint> {
+        self.endpoint_with(address, None)
+    }
+
+    /// The endpoint for `address` spoken to with TLS as `tls` describes; `(key, setup)`: the key
+    /// names the TLS variant, so each variant has its own connections.
+    pub fn endpoint_with(&self, address: &str, tls: Option<(&str, TlsSetup)>) -> Arc<Endpoint> {
+        let key = match &tls {
+            Some((k, _)) => format!("{address}|{k}"),
+            None => address.to_string(),
+        };
         let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(ep) = map.get(address).and_then(Weak::upgrade) {
+        if let Some(ep) = map.get(&key).and_then(Weak::upgrade) {
             return ep;
         }
-        let ep = Arc::new(Endpoint::new(address));
-        map.insert(address.to_string(), Arc::downgrade(&ep));
+        let ep = Arc::new(Endpoint::new(address, tls.map(|(_, t)| t)));
+        map.insert(key, Arc::downgrade(&ep));
         ep
     }
 
