@@ -177,6 +177,9 @@ async fn proxy(
     }
     let authority = authority_of(&req)?;
     let (mut parts, body) = req.into_parts();
+    if conn.direction != Direction::Outbound {
+        authenticate_and_authorize(shared, rt, conn, &mut parts, authority.as_ref(), record).await?;
+    }
     let scheme = parts.uri.scheme_str().unwrap_or("http").to_string();
     let (mut host, req_port) = match &authority {
         Some(a) => (a.host().to_ascii_lowercase(), a.port_u16()),
@@ -345,6 +348,64 @@ async fn proxy(
         }
     }
     Ok(Response::from_parts(rparts, boxed(Tracked::new(rbody, in_flight))))
+}
+
+/// RequestAuthentication (401 on a bad token), then AuthorizationPolicy (403 when denied).
+async fn authenticate_and_authorize(
+    shared: &Shared,
+    rt: &Runtime,
+    conn: &ConnInfo,
+    parts: &mut http::request::Parts,
+    authority: Option<&Authority>,
+    record: &mut RequestRecord,
+) -> Result<(), ProxyError> {
+    use crate::security::authz::{Attrs, Decision};
+    use crate::security::jwt::Outcome;
+    use trellis_telemetry::metrics::AuthzLabels;
+    let verified = match rt.jwt.authenticate(parts).await {
+        Outcome::NoToken => None,
+        Outcome::Valid(v) => Some(v),
+        Outcome::Invalid(msg) => return Err(ProxyError::jwt_denied(msg)),
+    };
+    record.request_principal = verified.as_ref().map(|v| v.principal.clone());
+    if rt.authz.is_empty() {
+        return Ok(());
+    }
+    let host = authority.map(|a| a.as_str()).unwrap_or("");
+    let attrs = Attrs {
+        principal: conn.peer_identity.as_deref().map(|p| p.trim_start_matches("spiffe://")),
+        source_ip: conn.peer.ip(),
+        remote_ip: conn.peer.ip(),
+        request_principal: verified.as_ref().map(|v| v.principal.as_str()),
+        claims: verified.as_ref().map(|v| &v.claims),
+        host,
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        port: conn.local.port(),
+        dest_ip: conn.local.ip(),
+        headers: &parts.headers,
+    };
+    let (decision, audit) = rt.authz.evaluate(&attrs);
+    let metrics = &shared.metrics.authz_decisions;
+    if let Some(a) = &audit {
+        metrics.get_or_create(&AuthzLabels { decision: "audit", policy: a.clone() }).inc();
+    }
+    record.authz_audit = audit;
+    match decision {
+        Decision::Allow { policy } => {
+            if let Some(p) = &policy {
+                metrics.get_or_create(&AuthzLabels { decision: "allow", policy: p.clone() }).inc();
+            }
+            record.authz_policy = policy;
+            Ok(())
+        }
+        Decision::Deny { policy } => {
+            let p = policy.unwrap_or_else(|| Arc::from("(no ALLOW policy matched)"));
+            metrics.get_or_create(&AuthzLabels { decision: "deny", policy: p.clone() }).inc();
+            record.authz_policy = Some(p);
+            Err(ProxyError::rbac_denied())
+        }
+    }
 }
 
 fn is_grpc(h: &http::HeaderMap) -> bool {

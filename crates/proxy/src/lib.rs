@@ -19,6 +19,7 @@ mod inbound;
 pub mod listener;
 mod outbound;
 pub mod runtime;
+pub mod security;
 pub mod source;
 pub mod state;
 pub mod telemetry;
@@ -88,6 +89,7 @@ impl Proxy {
                 &self.shared.telemetry,
                 self.shared.spans.is_some(),
                 self.shared.identity.as_ref(),
+                &self.shared.jwks,
             )?;
             let staged = self.listeners.stage(&snap).await?;
             Ok::<_, String>((rt, staged))

@@ -27,6 +27,8 @@ pub struct Shared {
     /// The inbound mTLS server configuration, built once over `identity`.
     pub mesh_server: Option<Arc<rustls::ServerConfig>>,
     pub access_log: Option<trellis_telemetry::access_log::AccessLog>,
+    /// Remote JWKS, cached across snapshots.
+    pub jwks: crate::security::jwt::JwksCache,
     pub pools: Pools,
     pub drain: Drain,
     pub server: auto::Builder<TokioExecutor>,
@@ -96,6 +98,7 @@ impl Shared {
             identity: None,
             mesh_server: None,
             access_log: None,
+            jwks: Default::default(),
             pools: Pools::default(),
             drain: Drain::new(),
             server,

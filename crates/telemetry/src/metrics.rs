@@ -154,6 +154,14 @@ pub struct ProxyMetrics {
     pub snapshot_rejections: Counter,
     pub spans_dropped: Counter,
     pub access_log_dropped: Counter,
+    pub authz_decisions: Family<AuthzLabels, Counter>,
+}
+
+/// An authorization decision: `allow`, `deny` or `audit`, and the policy (`ns/name`) that made it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub decision: &'static str,
+    pub policy: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -191,6 +199,12 @@ impl ProxyMetrics {
         let config_version = Family::<VersionLabel, Gauge>::default();
         let control_plane_connected = Gauge::default();
         let snapshot_rejections = Counter::default();
+        let authz_decisions = Family::<AuthzLabels, Counter>::default();
+        registry.register(
+            "trellis_proxy_authz_decisions",
+            "AuthorizationPolicy decisions, by decision and policy",
+            authz_decisions.clone(),
+        );
         let spans_dropped = Counter::default();
         let access_log_dropped = Counter::default();
         registry.register(
@@ -239,6 +253,7 @@ impl ProxyMetrics {
             snapshot_rejections,
             spans_dropped,
             access_log_dropped,
+            authz_decisions,
         }
     }
 

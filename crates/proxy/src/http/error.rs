@@ -26,6 +26,10 @@ pub enum Flag {
     DownstreamProtocolError,
     /// Downstream connection terminated (client went away).
     DownstreamTerminated,
+    /// Denied by an AuthorizationPolicy (Trellis' flag; Envoy reports it in response details).
+    RbacDenied,
+    /// A JWT was presented and failed validation (Trellis' flag).
+    JwtDenied,
 }
 
 impl Flag {
@@ -38,6 +42,8 @@ impl Flag {
             Flag::UpstreamTimeout => "UT",
             Flag::DownstreamProtocolError => "DPE",
             Flag::DownstreamTerminated => "DC",
+            Flag::RbacDenied => "RBAC",
+            Flag::JwtDenied => "JWT",
         }
     }
 }
@@ -125,6 +131,28 @@ impl ProxyError {
         }
     }
 
+    /// Istio's answer to a request an AuthorizationPolicy denies.
+    pub fn rbac_denied() -> Self {
+        ProxyError {
+            flag: Flag::RbacDenied,
+            status: StatusCode::FORBIDDEN,
+            side: Side::Downstream,
+            retryable: false,
+            message: "RBAC: access denied".into(),
+        }
+    }
+
+    /// A presented JWT failed validation.
+    pub fn jwt_denied(message: String) -> Self {
+        ProxyError {
+            flag: Flag::JwtDenied,
+            status: StatusCode::UNAUTHORIZED,
+            side: Side::Downstream,
+            retryable: false,
+            message,
+        }
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         ProxyError {
             flag: Flag::DownstreamProtocolError,
@@ -148,7 +176,11 @@ impl ProxyError {
     /// The response for this error: status, a one-line text body ending in the flag, and the
     /// flag in [`FLAGS_HEADER`].
     pub fn into_response(self) -> Response<Body> {
-        let body = format!("{} ({})\n", self.message, self.flag);
+        // Istio's exact bodies for denials; everything else names its flag.
+        let body = match self.flag {
+            Flag::RbacDenied | Flag::JwtDenied => self.message.clone(),
+            _ => format!("{} ({})\n", self.message, self.flag),
+        };
         let mut resp = Response::new(full(body));
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();

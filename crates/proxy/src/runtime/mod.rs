@@ -29,6 +29,9 @@ pub struct Runtime {
     pub me: Arc<Identity>,
     /// Tracing and access-log settings in force.
     pub telemetry: crate::telemetry::Effective,
+    /// AuthorizationPolicies and JWT rules for this workload.
+    pub authz: crate::security::authz::Authorizer,
+    pub jwt: crate::security::jwt::JwtAuth,
     tables: HashMap<String, Arc<RouteTable>>,
     /// Outbound tables by port, for `ByRequestPort` and `Fixed` listeners.
     outbound: HashMap<u16, Arc<RouteTable>>,
@@ -131,6 +134,8 @@ impl Runtime {
                 filter: None,
                 span_service: Arc::from("unknown"),
             },
+            authz: Default::default(),
+            jwt: Default::default(),
             tables: HashMap::new(),
             outbound: HashMap::new(),
             listeners: HashMap::new(),
@@ -144,7 +149,10 @@ impl Runtime {
         opts: &crate::telemetry::TelemetryOptions,
         exporting: bool,
         identity: Option<&Arc<CredentialStore>>,
+        jwks: &crate::security::jwt::JwksCache,
     ) -> Result<Runtime, String> {
+        let authz = crate::security::authz::Authorizer::new(&snapshot.authorization);
+        let jwt = crate::security::jwt::JwtAuth::build(&snapshot.jwt_rules, jwks)?;
         let node = &snapshot.node;
         let me = Arc::new(Identity::new(&node.name, &node.namespace, &node.labels, node.identity.as_deref()));
         let policy = &snapshot.telemetry;
@@ -217,7 +225,7 @@ impl Runtime {
             listeners.insert(l.name.clone(), (l.routing.clone(), l.mtls));
         }
         pools.collect();
-        Ok(Runtime { snapshot, me, telemetry, tables, outbound, listeners, clusters })
+        Ok(Runtime { snapshot, me, telemetry, authz, jwt, tables, outbound, listeners, clusters })
     }
 
     pub fn version(&self) -> &str {

@@ -1,0 +1,322 @@
+//! RequestAuthentication: JWT validation as Istio does it.
+//!
+//! The token is read from the rule's `fromHeaders`/`fromParams` (default: `Authorization:
+//! Bearer`, then the `access_token` query parameter). A request without one passes unauthenticated
+//! (an AuthorizationPolicy may require a request principal); a request with one that fails —
+//! unknown issuer, bad signature, unknown key, expired, not yet valid, wrong audience — gets 401.
+//! Keys come inline (`jwks`) or from `jwksUri`, fetched on first use, cached across snapshots,
+//! refreshed every 20 minutes and whenever a token names a key id the cache lacks (so a rotated
+//! JWKS is picked up at once).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use base64::Engine;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{DecodingKey, Validation};
+use trellis_config::model::security::JwtRule;
+
+/// The principal and claims of a valid token.
+#[derive(Clone, Debug)]
+pub struct Verified {
+    /// `iss/sub`, Istio's request principal.
+    pub principal: String,
+    pub claims: serde_json::Value,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    NoToken,
+    Valid(Verified),
+    /// 401 with this message.
+    Invalid(String),
+}
+
+enum Keys {
+    Inline(JwkSet),
+    Remote(Arc<RemoteJwks>),
+}
+
+struct RuleRt {
+    issuer: String,
+    audiences: Vec<String>,
+    keys: Keys,
+    from_headers: Vec<(HeaderName, String)>,
+    from_params: Vec<String>,
+    output_payload_to_header: Option<HeaderName>,
+    forward_original_token: bool,
+    claim_headers: Vec<(HeaderName, String)>,
+}
+
+/// The JWT rules of one snapshot.
+#[derive(Default)]
+pub struct JwtAuth {
+    rules: Vec<RuleRt>,
+}
+
+/// Remote key sets, shared by every snapshot of a proxy.
+#[derive(Default)]
+pub struct JwksCache {
+    sets: Mutex<HashMap<String, Arc<RemoteJwks>>>,
+}
+
+impl JwksCache {
+    fn get(&self, uri: &str) -> Arc<RemoteJwks> {
+        let mut m = self.sets.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(uri.to_string())
+            .or_insert_with(|| {
+                Arc::new(RemoteJwks {
+                    uri: uri.to_string(),
+                    keys: ArcSwapOption::empty(),
+                    fetched: tokio::sync::Mutex::new(None),
+                })
+            })
+            .clone()
+    }
+}
+
+pub struct RemoteJwks {
+    uri: String,
+    keys: ArcSwapOption<JwkSet>,
+    fetched: tokio::sync::Mutex<Option<Instant>>,
+}
+
+const REFRESH: Duration = Duration::from_secs(20 * 60);
+const MIN_REFETCH: Duration = Duration::from_millis(500);
+
+impl RemoteJwks {
+    /// The key set; fetched when missing, stale, or (`want_kid`) lacking that key id.
+    async fn keys(&self, want_kid: Option<&str>) -> Result<Arc<JwkSet>, String> {
+        let current = self.keys.load_full();
+        let has_kid =
+            |set: &JwkSet| want_kid.is_none_or(|k| set.keys.iter().any(|j| j.common.key_id.as_deref() == Some(k)));
+        let mut fetched = self.fetched.lock().await;
+        let stale = fetched.is_none_or(|t| t.elapsed() > REFRESH);
+        let current = self.keys.load_full().or(current);
+        if let Some(set) = &current {
+            let recently = fetched.is_some_and(|t| t.elapsed() < MIN_REFETCH);
+            if !stale && (has_kid(set) || recently) {
+                return Ok(set.clone());
+            }
+        }
+        match fetch_jwks(&self.uri).await {
+            Ok(set) => {
+                let set = Arc::new(set);
+                self.keys.store(Some(set.clone()));
+                *fetched = Some(Instant::now());
+                Ok(set)
+            }
+            Err(e) => {
+                tracing::warn!(uri = %self.uri, "cannot fetch JWKS: {e}");
+                current.ok_or(e)
+            }
+        }
+    }
+}
+
+async fn fetch_jwks(uri: &str) -> Result<JwkSet, String> {
+    let uri: http::Uri = uri.parse().map_err(|e| format!("bad jwksUri: {e}"))?;
+    let host = uri.host().ok_or("jwksUri has no host")?.to_string();
+    let https = uri.scheme_str() == Some("https");
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let fut = async {
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| e.to_string())?;
+        let req = http::Request::get(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+            .header(http::header::HOST, host.as_str())
+            .header(http::header::ACCEPT, "application/json")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let io: crate::upstream::Io = if https {
+            let cfg = trellis_identity::tls::origination(None, None, false, b"http/1.1").map_err(|e| e.to_string())?;
+            let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+            Box::new(tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.map_err(|e| e.to_string())?)
+        } else {
+            Box::new(tcp)
+        };
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(io)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("{uri} answered {}", resp.status()));
+        }
+        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        serde_json::from_slice::<JwkSet>(&body).map_err(|e| format!("bad JWKS: {e}"))
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut).await.map_err(|_| "timed out".to_string())?
+}
+
+impl JwtAuth {
+    pub fn build(rules: &[JwtRule], cache: &JwksCache) -> Result<JwtAuth, String> {
+        let mut out = Vec::new();
+        for r in rules {
+            let keys = match (&r.jwks, &r.jwks_uri) {
+                (Some(j), _) => {
+                    Keys::Inline(serde_json::from_str(j).map_err(|e| format!("jwks of {}: {e}", r.issuer))?)
+                }
+                (None, Some(u)) => Keys::Remote(cache.get(u)),
+                (None, None) => return Err(format!("JWT rule for {} has neither jwks nor jwksUri", r.issuer)),
+            };
+            let header =
+                |n: &str| HeaderName::from_bytes(n.as_bytes()).map_err(|_| format!("invalid header name {n:?}"));
+            out.push(RuleRt {
+                issuer: r.issuer.clone(),
+                audiences: r.audiences.clone(),
+                keys,
+                from_headers: r
+                    .from_headers
+                    .iter()
+                    .map(|h| Ok((header(&h.name)?, h.prefix.clone().unwrap_or_default())))
+                    .collect::<Result<_, String>>()?,
+                from_params: r.from_params.clone(),
+                output_payload_to_header: r.output_payload_to_header.as_deref().map(header).transpose()?,
+                forward_original_token: r.forward_original_token.unwrap_or(false),
+                claim_headers: r
+                    .output_claim_to_headers
+                    .iter()
+                    .map(|c| Ok((header(&c.header)?, c.claim.clone())))
+                    .collect::<Result<_, String>>()?,
+            });
+        }
+        Ok(JwtAuth { rules: out })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Finds and validates the request's token; on success applies the rule's header outputs.
+    pub async fn authenticate(&self, parts: &mut http::request::Parts) -> Outcome {
+        let Some((token, location)) = self.find_token(parts) else { return Outcome::NoToken };
+        let Some(issuer) = unverified_issuer(&token) else {
+            return Outcome::Invalid("Jwt is not in the form of Header.Payload.Signature".into());
+        };
+        let Some(rule) = self.rules.iter().find(|r| r.issuer == issuer) else {
+            return Outcome::Invalid("Jwt issuer is not configured".into());
+        };
+        let header = match jsonwebtoken::decode_header(&token) {
+            Ok(h) => h,
+            Err(_) => return Outcome::Invalid("Jwt header is an invalid JSON".into()),
+        };
+        let set = match &rule.keys {
+            Keys::Inline(s) => Arc::new(s.clone()),
+            Keys::Remote(r) => match r.keys(header.kid.as_deref()).await {
+                Ok(s) => s,
+                Err(e) => return Outcome::Invalid(format!("Jwks remote fetch is failed: {e}")),
+            },
+        };
+        let candidates: Vec<_> =
+            set.keys.iter().filter(|k| header.kid.is_none() || k.common.key_id == header.kid).collect();
+        if candidates.is_empty() {
+            return Outcome::Invalid("Jwks doesn't have key to match kid or alg from Jwt".into());
+        }
+        let mut validation = Validation::new(header.alg);
+        validation.set_issuer(&[&rule.issuer]);
+        validation.set_required_spec_claims::<&str>(&[]);
+        validation.leeway = 60;
+        validation.validate_nbf = true;
+        if rule.audiences.is_empty() {
+            validation.validate_aud = false;
+        } else {
+            validation.set_audience(&rule.audiences);
+        }
+        let mut last = String::from("Jwt verification fails");
+        for jwk in candidates {
+            let Ok(key) = DecodingKey::from_jwk(jwk) else { continue };
+            match jsonwebtoken::decode::<serde_json::Value>(&token, &key, &validation) {
+                Ok(data) => {
+                    let claims = data.claims;
+                    let sub = claims.get("sub").and_then(|s| s.as_str()).unwrap_or("");
+                    self.apply_outputs(rule, parts, &token, location, &claims);
+                    return Outcome::Valid(Verified { principal: format!("{}/{sub}", rule.issuer), claims });
+                }
+                Err(e) => {
+                    use jsonwebtoken::errors::ErrorKind::*;
+                    last = match e.kind() {
+                        ExpiredSignature => "Jwt is expired".into(),
+                        ImmatureSignature => "Jwt not yet valid".into(),
+                        InvalidAudience => "Audiences in Jwt are not allowed".into(),
+                        InvalidIssuer => "Jwt issuer is not configured".into(),
+                        _ => "Jwt verification fails".into(),
+                    };
+                }
+            }
+        }
+        Outcome::Invalid(last)
+    }
+
+    /// The first token present, and where it was (`Some(header)` or `None` for a query param).
+    fn find_token(&self, parts: &http::request::Parts) -> Option<(String, Option<HeaderName>)> {
+        let mut headers: Vec<(HeaderName, String)> = self.rules.iter().flat_map(|r| r.from_headers.clone()).collect();
+        let mut params: Vec<String> = self.rules.iter().flat_map(|r| r.from_params.clone()).collect();
+        if self.rules.iter().any(|r| r.from_headers.is_empty() && r.from_params.is_empty()) {
+            headers.push((http::header::AUTHORIZATION, "Bearer ".into()));
+            params.push("access_token".into());
+        }
+        for (h, prefix) in &headers {
+            if let Some(v) = parts.headers.get(h).and_then(|v| v.to_str().ok()) {
+                if let Some(t) = v.strip_prefix(prefix.as_str()) {
+                    return Some((t.trim().to_string(), Some(h.clone())));
+                }
+            }
+        }
+        let query = parts.uri.query()?;
+        for p in &params {
+            for kv in query.split('&') {
+                if let Some((k, v)) = kv.split_once('=') {
+                    if k == p {
+                        return Some((v.to_string(), None));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    fn apply_outputs(
+        &self,
+        rule: &RuleRt,
+        parts: &mut http::request::Parts,
+        token: &str,
+        location: Option<HeaderName>,
+        claims: &serde_json::Value,
+    ) {
+        if !rule.forward_original_token {
+            if let Some(h) = location {
+                parts.headers.remove(h);
+            }
+        }
+        if let Some(h) = &rule.output_payload_to_header {
+            if let Some(payload) = token.split('.').nth(1) {
+                if let Ok(v) = HeaderValue::from_str(payload) {
+                    parts.headers.insert(h.clone(), v);
+                }
+            }
+        }
+        for (h, claim) in &rule.claim_headers {
+            if let Some(v) = claims.get(claim) {
+                let s = match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                if let Ok(v) = HeaderValue::from_str(&s) {
+                    parts.headers.insert(h.clone(), v);
+                }
+            }
+        }
+    }
+}
+
+fn unverified_issuer(token: &str) -> Option<String> {
+    let mut it = token.split('.');
+    let (_, payload, _) = (it.next()?, it.next()?, it.next()?);
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("iss")?.as_str().map(str::to_string)
+}
