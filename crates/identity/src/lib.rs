@@ -1,6 +1,6 @@
 //! Identities in the mesh.
 //!
-//! - [`SpiffeId`]: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`;
+//! - `SpiffeId`: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`;
 //! - [`ca`]: the certificate authority the control plane runs (generated root, or a plug-in
 //!   CA loaded from files, as Istio's `cacerts`), signing workload CSRs for the identity the
 //!   caller proved it holds;

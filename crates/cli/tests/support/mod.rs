@@ -259,6 +259,16 @@ pub async fn send(client: &Client<HttpConnector, TestBody>, req: Request<TestBod
     Reply { status: parts.status, headers: parts.headers, body: String::from_utf8_lossy(&body).into_owned() }
 }
 
+/// GET `url`; the status, or why no response came.
+pub async fn try_get(url: &str) -> Result<u16, String> {
+    let req = Request::get(url).body(empty()).map_err(|e| e.to_string())?;
+    match tokio::time::timeout(Duration::from_secs(5), h1_client().request(req)).await {
+        Ok(Ok(r)) => Ok(r.status().as_u16()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
 /// GET `url` with extra headers over HTTP/1.1.
 pub async fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
     let mut b = Request::get(url);

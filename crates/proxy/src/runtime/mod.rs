@@ -102,7 +102,7 @@ fn tls_setup(
             .map_err(|e| e.to_string())?;
             let h2 = trellis_identity::tls::origination(
                 ca.as_deref(),
-                client.map(|(c, k)| (c, k)),
+                client,
                 *insecure_skip_verify,
                 ALPN_H2,
             )
