@@ -22,9 +22,7 @@ use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
 use trellis_config::snapshot::{Direction, ListenerRouting, UpstreamProtocol};
-use trellis_telemetry::identity::ServiceLabels;
 use trellis_telemetry::metrics::Reporter;
-use trellis_telemetry::Identity;
 
 use crate::balance::PickCtx;
 use crate::http::{boxed, full, headers, Body, ProxyError};
@@ -73,12 +71,12 @@ pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut req: Request<I
             downstream: conn.peer,
         })
     });
-    let unknown = || Arc::new(Identity::unknown());
+    let unknown = trellis_telemetry::identity::unknown_identity;
     let mut record = match conn.direction {
         Direction::Inbound => {
-            let (source, service) = match trellis_telemetry::peer::take(req.headers_mut()) {
-                Some((id, svc)) => (Arc::new(id), Arc::new(svc)),
-                None => (unknown(), Arc::new(ServiceLabels::unknown())),
+            let (source, service) = match shared.peers.take(req.headers_mut()) {
+                Some(peer) => peer,
+                None => (unknown(), trellis_telemetry::identity::unknown_service()),
             };
             let me = rt.me.clone();
             let mut r = RequestRecord::new(
@@ -103,7 +101,7 @@ pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut req: Request<I
             r
         }
         Direction::Outbound | Direction::Gateway => {
-            let service = Arc::new(ServiceLabels::unknown());
+            let service = trellis_telemetry::identity::unknown_service();
             let me = rt.me.clone();
             let mut r = RequestRecord::new(
                 shared.clone(),
@@ -331,8 +329,8 @@ async fn proxy(
         boxed(Counted::new(body, record.request_bytes.clone(), record.request_messages.clone())),
     );
 
-    let in_flight = endpoint.start_request();
-    let send = endpoint.send(upstream_req, wire, cluster.connect_timeout);
+    let mut in_flight = endpoint.start_request();
+    let send = endpoint.send(upstream_req, wire, cluster.connect_timeout, &mut in_flight);
     let resp = match route.timeout {
         Some(t) => tokio::time::timeout(t, send).await.map_err(|_| ProxyError::timeout(t))??,
         None => send.await?,

@@ -20,6 +20,10 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub struct Shared {
     runtime: ArcSwap<Runtime>,
     pub metrics: Arc<trellis_telemetry::metrics::ProxyMetrics>,
+    /// Request metric handles, looked up once per label identity.
+    pub metric_handles: crate::telemetry::HandleCache,
+    /// Decoded peer metadata, by header value.
+    pub peers: crate::telemetry::PeerCache,
     pub telemetry: TelemetryOptions,
     pub spans: Option<trellis_telemetry::export::SpanSink>,
     /// This proxy's certificates, when it has an identity (mesh mTLS).
@@ -93,6 +97,8 @@ impl Shared {
         Shared {
             runtime: ArcSwap::from_pointee(Runtime::empty()),
             metrics: Arc::new(trellis_telemetry::metrics::ProxyMetrics::new()),
+            metric_handles: Default::default(),
+            peers: Default::default(),
             telemetry: TelemetryOptions::default(),
             spans: None,
             identity: None,
@@ -115,6 +121,7 @@ impl Shared {
     pub(crate) fn swap(&self, rt: Runtime) {
         self.metrics.set_version(rt.version());
         self.runtime.store(Arc::new(rt));
+        self.metric_handles.clear();
         self.ready.store(true, Ordering::Release);
     }
 

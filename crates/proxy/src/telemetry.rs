@@ -4,6 +4,8 @@
 //! Finishing records the `istio_*` metrics (with a trace exemplar), sends the span, and writes
 //! the access-log line.
 
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use trellis_telemetry::access_log::AccessLog;
 use trellis_telemetry::export::{ExportConfig, SpanSink};
 use trellis_telemetry::grpc::MessageCounter;
 use trellis_telemetry::identity::ServiceLabels;
-use trellis_telemetry::metrics::{Reporter, RequestLabels};
+use trellis_telemetry::metrics::{Reporter, RequestHandles, RequestLabels};
 use trellis_telemetry::trace::{self, Attr, Formats, SpanData, SpanId, SpanKind, TraceId};
 use trellis_telemetry::Identity;
 
@@ -173,8 +175,8 @@ impl RequestRecord {
             grpc_status: None,
             flags: "-",
             security,
-            source_principal: Arc::from(trellis_telemetry::identity::UNKNOWN),
-            destination_principal: Arc::from(trellis_telemetry::identity::UNKNOWN),
+            source_principal: trellis_telemetry::identity::unknown_principal(),
+            destination_principal: trellis_telemetry::identity::unknown_principal(),
             request_bytes: Arc::new(AtomicU64::new(0)),
             response_bytes: 0,
             request_messages: (protocol == "grpc").then(|| Arc::new(AtomicU64::new(0))),
@@ -204,26 +206,21 @@ impl RequestRecord {
             return;
         }
         self.done = true;
-        let labels = RequestLabels::new(
-            self.reporter,
-            &self.source,
-            &self.destination,
-            (&self.source_principal, &self.destination_principal),
-            &self.service,
-            self.protocol,
-            self.status,
-            self.grpc_status,
-            self.flags,
-            self.security,
-        );
         let elapsed = self.start.elapsed();
         let ms = elapsed.as_secs_f64() * 1000.0;
         let request_bytes = self.request_bytes.load(Ordering::Relaxed);
         let exemplar = self.trace.sampled.then_some(&self.trace.trace_id);
-        self.shared.metrics.record(&labels, ms, request_bytes, self.response_bytes, exemplar);
-        if let (Some(req), Some(resp)) = (&self.request_messages, &self.response_messages) {
-            self.shared.metrics.record_messages(&labels, req.load(Ordering::Relaxed), resp.messages);
-        }
+        let messages = match (&self.request_messages, &self.response_messages) {
+            (Some(req), Some(resp)) => Some((req.load(Ordering::Relaxed), resp.messages)),
+            _ => None,
+        };
+        self.shared.metric_handles.get(self, &self.shared.metrics).record(
+            ms,
+            request_bytes,
+            self.response_bytes,
+            exemplar,
+            messages,
+        );
         let Some(d) = self.details.take() else { return };
         if self.trace.export {
             if let Some(spans) = &self.shared.spans {
@@ -369,6 +366,154 @@ pub fn rfc3339(t: SystemTime) -> String {
         rem % 60,
         d.subsec_millis()
     )
+}
+
+/// Request metric handles by label identity: the addresses of the `Arc`s the labels come from
+/// (which each entry keeps alive, so an address cannot be reused while cached) and the small
+/// values. A request then costs one cheap hash instead of six label-set lookups.
+#[derive(Default)]
+pub struct HandleCache {
+    map: std::sync::RwLock<HashMap<HandleKey, CachedHandles, BuildHasherDefault<Fx>>>,
+}
+
+#[derive(Hash, PartialEq, Eq, Clone, Copy)]
+struct HandleKey {
+    ptrs: [usize; 5],
+    reporter: bool,
+    protocol: usize,
+    status: u16,
+    grpc: Option<u32>,
+    flags: usize,
+    security: usize,
+}
+
+struct CachedHandles {
+    handles: RequestHandles,
+    _alive: (Arc<Identity>, Arc<Identity>, Arc<ServiceLabels>, Arc<str>, Arc<str>),
+}
+
+/// Entries beyond which the cache starts over (label sets are bounded, identities per snapshot).
+const MAX_CACHED: usize = 16_384;
+
+impl HandleCache {
+    fn get(&self, r: &RequestRecord, metrics: &trellis_telemetry::metrics::ProxyMetrics) -> RequestHandles {
+        let key = HandleKey {
+            ptrs: [
+                Arc::as_ptr(&r.source) as usize,
+                Arc::as_ptr(&r.destination) as usize,
+                Arc::as_ptr(&r.service) as usize,
+                r.source_principal.as_ptr() as usize,
+                r.destination_principal.as_ptr() as usize,
+            ],
+            reporter: r.reporter == Reporter::Source,
+            protocol: r.protocol.as_ptr() as usize,
+            status: r.status,
+            grpc: r.grpc_status,
+            flags: r.flags.as_ptr() as usize,
+            security: r.security.as_ptr() as usize,
+        };
+        if let Some(c) = self.map.read().ok().and_then(|m| m.get(&key).map(|c| c.handles.clone())) {
+            return c;
+        }
+        let labels = RequestLabels::new(
+            r.reporter,
+            &r.source,
+            &r.destination,
+            (&r.source_principal, &r.destination_principal),
+            &r.service,
+            r.protocol,
+            r.status,
+            r.grpc_status,
+            r.flags,
+            r.security,
+        );
+        let handles = metrics.handles(&labels);
+        if let Ok(mut m) = self.map.write() {
+            if m.len() >= MAX_CACHED {
+                m.clear();
+            }
+            let alive = (
+                r.source.clone(),
+                r.destination.clone(),
+                r.service.clone(),
+                r.source_principal.clone(),
+                r.destination_principal.clone(),
+            );
+            m.insert(key, CachedHandles { handles: handles.clone(), _alive: alive });
+        }
+        handles
+    }
+
+    /// Forgets everything (on snapshot swaps, when identities change).
+    pub fn clear(&self) {
+        if let Ok(mut m) = self.map.write() {
+            m.clear();
+        }
+    }
+}
+
+/// Decoded peer-metadata headers: every request from one client proxy carries the same value,
+/// so it is decoded once and its identity shared (which also keeps the metric handle cache hot).
+#[derive(Default)]
+pub struct PeerCache {
+    map: std::sync::RwLock<HashMap<http::HeaderValue, (Arc<Identity>, Arc<ServiceLabels>)>>,
+}
+
+impl PeerCache {
+    /// Removes the peer header from `headers` and returns who sent it.
+    pub fn take(&self, headers: &mut HeaderMap) -> Option<(Arc<Identity>, Arc<ServiceLabels>)> {
+        let value = headers.remove(trellis_telemetry::peer::PEER_HEADER)?;
+        if let Some(hit) = self.map.read().ok().and_then(|m| m.get(&value).cloned()) {
+            return Some(hit);
+        }
+        let mut one = HeaderMap::new();
+        one.insert(trellis_telemetry::peer::PEER_HEADER, value.clone());
+        let (id, svc) = trellis_telemetry::peer::take(&mut one)?;
+        let decoded = (Arc::new(id), Arc::new(svc));
+        if let Ok(mut m) = self.map.write() {
+            if m.len() >= 4096 {
+                m.clear();
+            }
+            m.insert(value, decoded.clone());
+        }
+        Some(decoded)
+    }
+}
+
+/// FxHash: a fast non-cryptographic hash for the small integer keys above.
+#[derive(Default)]
+struct Fx(u64);
+
+impl std::hash::Hasher for Fx {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// Starts the exporters the options ask for.

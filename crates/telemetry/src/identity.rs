@@ -19,6 +19,28 @@ pub struct Identity {
 /// The value Istio reports for anything it cannot know.
 pub const UNKNOWN: &str = "unknown";
 
+static UNKNOWN_PRINCIPAL: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(UNKNOWN));
+static UNKNOWN_IDENTITY: std::sync::LazyLock<Arc<Identity>> =
+    std::sync::LazyLock::new(|| Arc::new(Identity::unknown()));
+static UNKNOWN_SERVICE: std::sync::LazyLock<Arc<ServiceLabels>> =
+    std::sync::LazyLock::new(|| Arc::new(ServiceLabels::unknown()));
+
+/// One shared `unknown` principal (shared so per-request records allocate nothing for it, and
+/// caches keyed by identity see one value).
+pub fn unknown_principal() -> Arc<str> {
+    UNKNOWN_PRINCIPAL.clone()
+}
+
+/// One shared unknown identity.
+pub fn unknown_identity() -> Arc<Identity> {
+    UNKNOWN_IDENTITY.clone()
+}
+
+/// One shared unknown service.
+pub fn unknown_service() -> Arc<ServiceLabels> {
+    UNKNOWN_SERVICE.clone()
+}
+
 impl Identity {
     /// Derives labels as Istio does: `app`/`version` labels (or their `app.kubernetes.io`
     /// forms), canonical names from `service.istio.io/canonical-*`, falling back to the app and

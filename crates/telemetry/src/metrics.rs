@@ -138,6 +138,39 @@ fn size_histogram() -> Histogram {
     Histogram::new(SIZE_BUCKETS)
 }
 
+/// The request metrics of one label set.
+#[derive(Clone)]
+pub struct RequestHandles {
+    requests: Counter,
+    duration: HistogramWithExemplars<TraceExemplar>,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+    request_messages: Counter,
+    response_messages: Counter,
+}
+
+impl RequestHandles {
+    /// Records one finished request (gRPC message counts when `messages` is given).
+    pub fn record(
+        &self,
+        duration_ms: f64,
+        request_bytes: u64,
+        response_bytes: u64,
+        trace: Option<&[u8; 16]>,
+        messages: Option<(u64, u64)>,
+    ) {
+        self.requests.inc();
+        let exemplar = trace.map(|t| TraceExemplar { trace_id: crate::trace::trace_hex(t) });
+        self.duration.observe(duration_ms, exemplar, None);
+        self.request_bytes.observe(request_bytes as f64);
+        self.response_bytes.observe(response_bytes as f64);
+        if let Some((req, resp)) = messages {
+            self.request_messages.inc_by(req);
+            self.response_messages.inc_by(resp);
+        }
+    }
+}
+
 /// Every metric one proxy exposes.
 pub struct ProxyMetrics {
     registry: Registry,
@@ -254,6 +287,19 @@ impl ProxyMetrics {
             spans_dropped,
             access_log_dropped,
             authz_decisions,
+        }
+    }
+
+    /// The handles of every request metric for one label set (the slow path: six lookups);
+    /// callers cache them.
+    pub fn handles(&self, labels: &RequestLabels) -> RequestHandles {
+        RequestHandles {
+            requests: self.requests.get_or_create(labels).clone(),
+            duration: self.duration.get_or_create(labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(labels).clone(),
+            request_messages: self.request_messages.get_or_create(labels).clone(),
+            response_messages: self.response_messages.get_or_create(labels).clone(),
         }
     }
 

@@ -138,11 +138,18 @@ fn parse_upstream(s: &str) -> Result<UpstreamSpec, String> {
 
 pub fn run(args: Args) -> ExitCode {
     super::init_logging("info");
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    // One worker: a current-thread runtime (no work stealing, no cross-thread wakeups);
+    // more: the multi-threaded one.
+    let mut rt = match args.concurrency {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     rt.enable_all();
-    if let Some(n) = args.concurrency {
-        rt.worker_threads(n.max(1));
-    }
     let rt = match rt.build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -100,13 +100,8 @@ fn tls_setup(
                 ALPN_HTTP11,
             )
             .map_err(|e| e.to_string())?;
-            let h2 = trellis_identity::tls::origination(
-                ca.as_deref(),
-                client,
-                *insecure_skip_verify,
-                ALPN_H2,
-            )
-            .map_err(|e| e.to_string())?;
+            let h2 = trellis_identity::tls::origination(ca.as_deref(), client, *insecure_skip_verify, ALPN_H2)
+                .map_err(|e| e.to_string())?;
             // The name to verify (and send as SNI): the first expected SAN, else the SNI, else the host.
             let name = subject_alt_names.first().or(sni.as_ref()).map(String::as_str).unwrap_or(service).to_string();
             let server_name = rustls::pki_types::ServerName::try_from(name.clone())

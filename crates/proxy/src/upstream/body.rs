@@ -31,17 +31,28 @@ impl HttpBody for Tracked {
     type Error = BoxError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
+        let mut this = self.project();
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(None) => {
-                this.guard.take();
+                if let Some(g) = this.guard.take() {
+                    g.complete();
+                }
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
                 this.guard.take();
                 Poll::Ready(Some(Err(e.into())))
             }
-            other => other.map(|o| o.map(|r| r.map_err(Into::into))),
+            Poll::Ready(Some(Ok(frame))) => {
+                // Servers stop polling once the body says it has ended.
+                if this.inner.is_end_stream() {
+                    if let Some(g) = this.guard.take() {
+                        g.complete();
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 

@@ -72,12 +72,25 @@ pub enum Wire {
     Http2,
 }
 
-/// Counts a request as in flight on an endpoint until dropped.
-pub struct InFlight(Arc<Endpoint>);
+/// Counts a request as in flight on an endpoint until dropped; holds the HTTP/1.1 connection
+/// the response arrives on, to pool it again once the response has been read through.
+pub struct InFlight {
+    ep: Arc<Endpoint>,
+    reuse: Option<http1::SendRequest<Body>>,
+}
+
+impl InFlight {
+    /// The response was read to its end: its connection may serve the next request.
+    pub fn complete(mut self) {
+        if let Some(s) = self.reuse.take() {
+            self.ep.recycle_h1(s);
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.ep.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -108,7 +121,7 @@ impl Endpoint {
 
     pub fn start_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+        InFlight { ep: self.clone(), reuse: None }
     }
 
     /// Connects (and, for TLS endpoints, handshakes with ALPN for `wire`) within `timeout`.
@@ -139,15 +152,21 @@ impl Endpoint {
         }
     }
 
-    /// Sends `req` and returns the response head (the body streams on).
+    /// Sends `req` and returns the response head (the body streams on); an HTTP/1.1 connection
+    /// goes to `in_flight`, which pools it again when the response completes.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<Body>,
         wire: Wire,
         connect_timeout: Duration,
+        in_flight: &mut InFlight,
     ) -> Result<Response<Incoming>, ProxyError> {
         match wire {
-            Wire::Http1 => self.send_h1(req, connect_timeout).await,
+            Wire::Http1 => {
+                let (resp, sender) = self.send_h1(req, connect_timeout).await?;
+                in_flight.reuse = Some(sender);
+                Ok(resp)
+            }
             Wire::Http2 => self.send_h2(req, connect_timeout).await,
         }
     }
@@ -181,7 +200,7 @@ impl Endpoint {
         self: &Arc<Self>,
         mut req: Request<Body>,
         timeout: Duration,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<(Response<Incoming>, http1::SendRequest<Body>), ProxyError> {
         // A pooled connection may have been closed by the upstream in the meantime; a request
         // that was never written to it is retried once on a fresh connection.
         loop {
@@ -190,10 +209,7 @@ impl Endpoint {
                 None => (self.connect_h1(timeout).await?, true),
             };
             match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    self.recycle_h1(sender);
-                    return Ok(resp);
-                }
+                Ok(resp) => return Ok((resp, sender)),
                 Err(mut e) => match e.take_message() {
                     Some(r) if !fresh => req = r,
                     _ => return Err(classify(&self.address, e.into_error())),
@@ -202,8 +218,16 @@ impl Endpoint {
         }
     }
 
-    /// Returns the connection to the idle queue once the response has been read through.
+    /// Returns the connection to the idle queue: at once if it is ready for the next request,
+    /// else once it is.
     fn recycle_h1(self: &Arc<Self>, mut sender: http1::SendRequest<Body>) {
+        if sender.is_ready() {
+            if self.idle_count.load(Ordering::Relaxed) < MAX_IDLE_PER_ENDPOINT {
+                self.idle_count.fetch_add(1, Ordering::Relaxed);
+                self.idle_h1.push(sender);
+            }
+            return;
+        }
         let ep = self.clone();
         tokio::spawn(async move {
             if sender.ready().await.is_ok() && ep.idle_count.load(Ordering::Relaxed) < MAX_IDLE_PER_ENDPOINT {

@@ -1,0 +1,168 @@
+//! Control-plane scale: one process plays a fleet of proxies over the real control-plane API
+//! (each stream says Hello as a sidecar, ACKs every snapshot), against a real `trellis control`
+//! serving `services` ServiceEntries. Measured: the time from a config file change to each
+//! proxy's receipt of the new snapshot (the last of which is the last ACK), and the control
+//! plane's memory.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use trellis_api::control::{control_client::ControlClient, control_message, proxy_message, Ack, Hello, ProxyMessage};
+
+use crate::peers::{free_port, peak_rss_kib, rss_kib, Pinning, Proc};
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CpScale {
+    pub proxies: usize,
+    pub services: usize,
+    /// From the fleet's first Hello to every proxy holding its first snapshot.
+    pub initial_sync_ms: f64,
+    pub change_p50_ms: f64,
+    pub change_p99_ms: f64,
+    pub change_max_ms: f64,
+    pub snapshot_bytes: usize,
+    pub cp_rss_kib: u64,
+    pub cp_peak_rss_kib: u64,
+}
+
+fn config(services: usize, weight: u32) -> String {
+    let mut y = String::new();
+    for i in 0..services {
+        y.push_str(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: svc-{i}}}\nspec:\n  hosts: [svc-{i}]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  resolution: STATIC\n  endpoints: [{{address: 127.0.0.1, ports: {{http: {}}}, labels: {{version: v1}}}}, {{address: 127.0.0.2, ports: {{http: {}}}, labels: {{version: v2}}}}]\n---\n",
+            10_000 + i,
+            10_000 + i
+        ));
+    }
+    y.push_str("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: svc-0}\nspec:\n  host: svc-0\n  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]\n---\n");
+    y.push_str(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: svc-0}}\nspec:\n  hosts: [svc-0]\n  http:\n  - route:\n    - {{destination: {{host: svc-0, subset: v1}}, weight: {}}}\n    - {{destination: {{host: svc-0, subset: v2}}, weight: {weight}}}\n",
+        100 - weight
+    ));
+    y
+}
+
+type Seen = Arc<Mutex<HashMap<usize, (String, Instant)>>>;
+
+pub async fn run(pin: &Pinning, bin: &Path, proxies: usize, services: usize) -> anyhow::Result<CpScale> {
+    let tmp = tempfile::tempdir()?;
+    let cfg = tmp.path().join("mesh.yaml");
+    std::fs::write(&cfg, config(services, 10))?;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut cmd = match pin.proxy_core {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.arg("-c").arg(c.to_string()).arg(bin);
+            cmd
+        }
+        None => Command::new(bin),
+    };
+    let child = cmd
+        .args(["control", "--listen", &addr, "-c", &cfg.display().to_string()])
+        .arg("--ca-dir")
+        .arg(tmp.path().join("ca"))
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let cp = Proc { name: "control-plane".into(), child };
+    let pid = cp.child.id();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "control plane did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A handful of HTTP/2 connections carry the whole fleet's streams.
+    let mut channels = Vec::new();
+    for _ in 0..8 {
+        channels.push(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?);
+    }
+    let seen: Seen = Arc::default();
+    let bytes = Arc::new(Mutex::new(0usize));
+    let started = Instant::now();
+    for i in 0..proxies {
+        let channel = channels[i % channels.len()].clone();
+        let (seen, bytes) = (seen.clone(), bytes.clone());
+        tokio::spawn(async move {
+            let spec = serde_json::json!({
+                "role": "sidecar", "name": format!("sim-{i}"), "namespace": "default", "labels": {"app": format!("sim-{i}")},
+                "bind_address": "127.0.0.1", "port_map": {}, "inbound": [], "outbound": "127.0.0.1:15001", "upstreams": [],
+                "service_account": format!("sim-{i}"), "trust_domain": "cluster.local",
+            });
+            let (tx, rx) = mpsc::channel(4);
+            let hello = Hello {
+                proxy_id: format!("sidecar~sim-{i}.default"),
+                spec_json: spec.to_string().into_bytes(),
+                current_version: String::new(),
+            };
+            if tx.send(ProxyMessage { kind: Some(proxy_message::Kind::Hello(hello)) }).await.is_err() {
+                return;
+            }
+            let mut client = ControlClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+            let Ok(resp) = client.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await else { return };
+            let mut inbound = resp.into_inner();
+            while let Ok(Some(msg)) = inbound.message().await {
+                let Some(control_message::Kind::Snapshot(s)) = msg.kind else { continue };
+                let at = Instant::now();
+                if let Ok(mut b) = bytes.lock() {
+                    *b = (*b).max(s.snapshot_json.len());
+                }
+                if let Ok(mut m) = seen.lock() {
+                    m.insert(i, (s.version.clone(), at));
+                }
+                let _ =
+                    tx.send(ProxyMessage { kind: Some(proxy_message::Kind::Ack(Ack { version: s.version })) }).await;
+            }
+        });
+    }
+    let all = |seen: &Seen, pred: &dyn Fn(&str) -> bool| {
+        seen.lock().map(|m| m.len() == proxies && m.values().all(|(v, _)| pred(v))).unwrap_or(false)
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !all(&seen, &|_| true) {
+        anyhow::ensure!(Instant::now() < deadline, "fleet did not sync");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let initial_sync_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let v0 = seen
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .values()
+        .next()
+        .map(|(v, _)| v.clone())
+        .unwrap_or_default();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The change: shift svc-0's weights.
+    let changed_at = Instant::now();
+    std::fs::write(&cfg, config(services, 50))?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !all(&seen, &|v: &str| v != v0) {
+        anyhow::ensure!(Instant::now() < deadline, "fleet did not receive the change");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut lat: Vec<f64> = seen
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .values()
+        .map(|(_, t)| t.duration_since(changed_at).as_secs_f64() * 1000.0)
+        .collect();
+    lat.sort_by(f64::total_cmp);
+    let q = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).saturating_sub(1).min(lat.len() - 1)];
+    let result = CpScale {
+        proxies,
+        services,
+        initial_sync_ms,
+        change_p50_ms: q(0.50),
+        change_p99_ms: q(0.99),
+        change_max_ms: q(1.0),
+        snapshot_bytes: *bytes.lock().map_err(|_| anyhow::anyhow!("poisoned"))?,
+        cp_rss_kib: rss_kib(&[pid]),
+        cp_peak_rss_kib: peak_rss_kib(&[pid]),
+    };
+    drop(cp);
+    Ok(result)
+}

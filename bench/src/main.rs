@@ -1,0 +1,504 @@
+//! `bench`: Trellis side by side with direct calls, HAProxy, nginx and (when supplied)
+//! linkerd2-proxy. See docs/benchmarks.md for the method.
+//!
+//! ```text
+//! scripts/bench.sh            # the whole suite (< 15 min on 2 cores)
+//! scripts/bench.sh --quick    # a 1-minute subset that proves the harness works
+//! ```
+#![forbid(unsafe_code)]
+
+mod backend;
+mod cpscale;
+mod load;
+mod peers;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use load::{OpenLoop, Saturation, Target};
+use peers::{Backends, Pinning};
+
+#[derive(Parser, Debug)]
+#[command(name = "bench", about = "Trellis benchmarks")]
+struct Args {
+    /// A 1-minute subset (what CI runs to prove the harness works; figures are not meaningful).
+    #[arg(long)]
+    quick: bool,
+    /// The trellis binary (default: next to this one).
+    #[arg(long)]
+    trellis: Option<PathBuf>,
+    /// Where to write `<date>.json`.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// `all` (default) or `profile` (perf profile of one Trellis gateway at 5000 rps).
+    #[arg(default_value = "all")]
+    what: String,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+struct Row {
+    scenario: String,
+    shape: String,
+    protocol: String,
+    rate: u32,
+    status: String,
+    result: Option<OpenLoop>,
+    added_p50_us: Option<i64>,
+    added_p99_us: Option<i64>,
+    cpu_ms_per_1000: Option<f64>,
+    rss_mib: Option<f64>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+struct SatRow {
+    scenario: String,
+    protocol: String,
+    status: String,
+    result: Option<Saturation>,
+    cpu_ms_per_1000: Option<f64>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+struct ResRow {
+    scenario: String,
+    processes: usize,
+    start_to_ready_ms: Vec<f64>,
+    idle_rss_mib: f64,
+    peak_rss_mib: f64,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    date: String,
+    mode: String,
+    machine: serde_json::Value,
+    versions: serde_json::Value,
+    pinning: String,
+    method: serde_json::Value,
+    latency: Vec<Row>,
+    saturation: Vec<SatRow>,
+    resources: Vec<ResRow>,
+    control_plane: Option<cpscale::CpScale>,
+}
+
+/// A proxy setup to measure.
+enum Scenario {
+    /// One Trellis gateway; `Some(percent)`: with tracing at that sampling and access logs.
+    TrellisGateway(Option<f64>),
+    /// Two Trellis sidecars; `true`: mutual TLS.
+    TrellisSidecars(bool),
+    Haproxy(PathBuf, usize),
+    Nginx(PathBuf, usize),
+}
+
+struct Plan {
+    rates: Vec<u32>,
+    warmup: Duration,
+    measure: Duration,
+    sat_warmup: Duration,
+    sat_measure: Duration,
+    concurrency: usize,
+    extra_protocols: bool,
+    cp: (usize, usize),
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let pin = Pinning::detect();
+    if let Some(core) = pin.harness_core {
+        let mut set = nix::sched::CpuSet::new();
+        set.set(core)?;
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(run(args, pin))
+}
+
+fn cmd_version(cmd: &str, arg: &str) -> String {
+    std::process::Command::new(cmd)
+        .arg(arg)
+        .output()
+        .map(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+            text.lines().next().unwrap_or("").trim().to_string()
+        })
+        .unwrap_or_else(|_| "not installed".into())
+}
+
+fn today() -> String {
+    cmd_version("date", "+%Y-%m-%d")
+}
+
+async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
+    let trellis = match &args.trellis {
+        Some(t) => t.clone(),
+        None => std::env::current_exe()?.with_file_name("trellis"),
+    };
+    anyhow::ensure!(trellis.is_file(), "{} not found: build it first (scripts/bench.sh does)", trellis.display());
+    if args.what == "profile" {
+        return profile(&pin, &trellis).await;
+    }
+    let plan = if args.quick {
+        Plan {
+            rates: vec![1000],
+            warmup: Duration::from_secs(1),
+            measure: Duration::from_secs(3),
+            sat_warmup: Duration::from_millis(500),
+            sat_measure: Duration::from_secs(2),
+            concurrency: 32,
+            extra_protocols: false,
+            cp: (100, 100),
+        }
+    } else {
+        Plan {
+            rates: vec![1000, 5000],
+            warmup: Duration::from_secs(2),
+            measure: Duration::from_secs(8),
+            sat_warmup: Duration::from_secs(1),
+            sat_measure: Duration::from_secs(5),
+            concurrency: 64,
+            extra_protocols: true,
+            cp: (1000, 1000),
+        }
+    };
+    let be = Backends { http: backend::http().await?, grpc: backend::grpc().await?, sink: backend::sink().await? };
+    eprintln!("bench: {} mode; {}", if args.quick { "quick" } else { "full" }, pin.describe());
+
+    let mut latency: Vec<Row> = Vec::new();
+    let mut saturation: Vec<SatRow> = Vec::new();
+    let mut resources: Vec<ResRow> = Vec::new();
+
+    // The baseline: straight to the backends.
+    let direct = [
+        ("HTTP/1.1", Target::Http1(format!("http://{}/", be.http))),
+        ("HTTP/2", Target::Http2(format!("http://{}/", be.http))),
+        ("gRPC", Target::Grpc(format!("http://{}", be.grpc))),
+    ];
+    for (proto, target) in &direct {
+        if *proto != "HTTP/1.1" && !plan.extra_protocols {
+            continue;
+        }
+        for &rate in &plan.rates {
+            eprintln!("bench: direct {proto} @ {rate} rps");
+            let r = load::open_loop(target, rate, plan.warmup, plan.measure).await?;
+            latency.push(row("direct", "no proxy", proto, rate, r, None, None));
+        }
+        let s = load::closed_loop(target, plan.concurrency, plan.sat_warmup, plan.sat_measure).await?;
+        saturation.push(SatRow {
+            scenario: "direct".into(),
+            protocol: proto.to_string(),
+            status: "ok".into(),
+            result: Some(s),
+            cpu_ms_per_1000: None,
+        });
+    }
+
+    let hap = peers::haproxy_bin().ok_or_else(|| "not run: haproxy not installed".to_string());
+    let ngx = peers::nginx_bin().ok_or_else(|| "not run: nginx not installed".to_string());
+    let linkerd = match std::env::var("LINKERD2_PROXY_BIN") {
+        Err(_) => "not run: LINKERD2_PROXY_BIN unset".to_string(),
+        Ok(_) => "not run: the linkerd2-proxy control-plane stand-in is not written yet".to_string(),
+    };
+    let mut scenarios: Vec<(&str, &str, Result<Scenario, String>)> = vec![
+        ("trellis", "1 proxy", Ok(Scenario::TrellisGateway(None))),
+        ("haproxy", "1 proxy", hap.clone().map(|b| Scenario::Haproxy(b, 1))),
+    ];
+    if !args.quick {
+        scenarios.push(("nginx", "1 proxy", ngx.clone().map(|b| Scenario::Nginx(b, 1))));
+    }
+    scenarios.push(("linkerd2-proxy", "1 proxy", Err(linkerd.clone())));
+    scenarios.push(("trellis", "2 proxies", Ok(Scenario::TrellisSidecars(false))));
+    if !args.quick {
+        scenarios.push(("trellis mTLS", "2 proxies", Ok(Scenario::TrellisSidecars(true))));
+        scenarios.push(("haproxy", "2 proxies", hap.map(|b| Scenario::Haproxy(b, 2))));
+        scenarios.push(("nginx", "2 proxies", ngx.map(|b| Scenario::Nginx(b, 2))));
+    }
+    scenarios.push(("linkerd2-proxy", "2 proxies", Err(linkerd)));
+    if !args.quick {
+        scenarios.push(("trellis + telemetry 100%", "1 proxy", Ok(Scenario::TrellisGateway(Some(100.0)))));
+        scenarios.push(("trellis + telemetry 1%", "1 proxy", Ok(Scenario::TrellisGateway(Some(1.0)))));
+    }
+
+    for (name, shape, start) in &scenarios {
+        let start = match start {
+            Ok(s) => s,
+            Err(reason) => {
+                for &rate in &plan.rates {
+                    latency.push(Row {
+                        scenario: name.to_string(),
+                        shape: shape.to_string(),
+                        protocol: "HTTP/1.1".into(),
+                        rate,
+                        status: reason.clone(),
+                        result: None,
+                        added_p50_us: None,
+                        added_p99_us: None,
+                        cpu_ms_per_1000: None,
+                        rss_mib: None,
+                    });
+                }
+                saturation.push(SatRow {
+                    scenario: format!("{name} ({shape})"),
+                    protocol: "HTTP/1.1".into(),
+                    status: reason.clone(),
+                    result: None,
+                    cpu_ms_per_1000: None,
+                });
+                continue;
+            }
+        };
+        eprintln!("bench: starting {name} ({shape})");
+        let setup = match start {
+            Scenario::TrellisGateway(tel) => peers::trellis_gateway(&pin, &trellis, be, *tel).await?,
+            Scenario::TrellisSidecars(mtls) => peers::trellis_sidecars(&pin, &trellis, be, *mtls).await?,
+            Scenario::Haproxy(bin, n) => peers::haproxy(&pin, bin, be, *n).await?,
+            Scenario::Nginx(bin, n) => peers::nginx(&pin, bin, be, *n).await?,
+        };
+        let pids = setup.pids();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let idle = peers::rss_kib(&pids);
+        let mut targets = vec![("HTTP/1.1", setup.h1.clone())];
+        let proto_rows = plan.extra_protocols && !name.contains("telemetry");
+        if proto_rows {
+            if let Some(t) = &setup.h2 {
+                targets.push(("HTTP/2", t.clone()));
+            }
+            if let Some(t) = &setup.grpc {
+                targets.push(("gRPC", t.clone()));
+            }
+        }
+        for (proto, target) in &targets {
+            for &rate in &plan.rates {
+                eprintln!("bench: {name} ({shape}) {proto} @ {rate} rps");
+                let c0 = peers::cpu_ns(&pids);
+                let r = load::open_loop(target, rate, plan.warmup, plan.measure).await?;
+                let c1 = peers::cpu_ns(&pids);
+                let sent = rate as f64 * (plan.warmup + plan.measure).as_secs_f64();
+                let cpu = (c1 - c0) as f64 / 1e6 / sent * 1000.0;
+                let rss = peers::rss_kib(&pids) as f64 / 1024.0;
+                let base = latency
+                    .iter()
+                    .find(|b| b.scenario == "direct" && b.protocol == *proto && b.rate == rate)
+                    .and_then(|b| b.result.clone());
+                latency.push(row(name, shape, proto, rate, r, Some(cpu), Some(rss)));
+                if let (Some(last), Some(b)) = (latency.last_mut(), base) {
+                    if let Some(res) = &last.result {
+                        last.added_p50_us = Some(res.p50_us as i64 - b.p50_us as i64);
+                        last.added_p99_us = Some(res.p99_us as i64 - b.p99_us as i64);
+                    }
+                }
+            }
+            let c0 = peers::cpu_ns(&pids);
+            let s = load::closed_loop(target, plan.concurrency, plan.sat_warmup, plan.sat_measure).await?;
+            let c1 = peers::cpu_ns(&pids);
+            let total_s = (plan.sat_warmup + plan.sat_measure).as_secs_f64();
+            let approx_requests = s.throughput_rps * total_s;
+            let cpu =
+                if approx_requests > 0.0 { Some((c1 - c0) as f64 / 1e6 / approx_requests * 1000.0) } else { None };
+            saturation.push(SatRow {
+                scenario: format!("{name} ({shape})"),
+                protocol: proto.to_string(),
+                status: "ok".into(),
+                result: Some(s),
+                cpu_ms_per_1000: cpu,
+            });
+        }
+        resources.push(ResRow {
+            scenario: format!("{name} ({shape})"),
+            processes: pids.len(),
+            start_to_ready_ms: setup.ready_ms.clone(),
+            idle_rss_mib: idle as f64 / 1024.0,
+            peak_rss_mib: peers::peak_rss_kib(&pids) as f64 / 1024.0,
+        });
+        drop(setup);
+    }
+
+    eprintln!("bench: control plane with {} proxies and {} services", plan.cp.0, plan.cp.1);
+    let cp = cpscale::run(&pin, &trellis, plan.cp.0, plan.cp.1)
+        .await
+        .map_err(|e| eprintln!("bench: control-plane scale failed: {e}"))
+        .ok();
+
+    let report = Report {
+        date: today(),
+        mode: if args.quick { "quick".into() } else { "full".into() },
+        machine: serde_json::json!({
+            "nproc": pin.cores,
+            "cpu": std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default().lines().find_map(|l| l.strip_prefix("model name")).map(|s| s.trim_start_matches([' ', '\t', ':']).to_string()),
+            "kernel": cmd_version("uname", "-r"),
+        }),
+        versions: serde_json::json!({
+            "trellis": cmd_version(&trellis.display().to_string(), "--version"),
+            "haproxy": peers::haproxy_bin().map(|b| cmd_version(&b.display().to_string(), "-v")).unwrap_or_else(|| "not installed".into()),
+            "nginx": peers::nginx_bin().map(|b| cmd_version(&b.display().to_string(), "-v")).unwrap_or_else(|| "not installed".into()),
+            "rustc": cmd_version("rustc", "--version"),
+        }),
+        pinning: pin.describe(),
+        method: serde_json::json!({
+            "latency": format!("open loop at fixed rates, latency from each request's due time (HdrHistogram), {} s warm-up then {} s measured", plan.warmup.as_secs(), plan.measure.as_secs()),
+            "saturation": format!("closed loop, {} concurrent requests, {} s", plan.concurrency, plan.sat_measure.as_secs()),
+            "body": "1 KiB response, keep-alive connections",
+            "added latency": "percentile with the proxy minus the same percentile direct, same run",
+        }),
+        latency,
+        saturation,
+        resources,
+        control_plane: cp,
+    };
+    println!("{}", markdown(&report));
+    std::fs::create_dir_all(&args.out)?;
+    let file = args.out.join(format!("{}{}.json", report.date, if args.quick { "-quick" } else { "" }));
+    std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
+    eprintln!("bench: wrote {}", file.display());
+    Ok(())
+}
+
+fn row(scenario: &str, shape: &str, proto: &str, rate: u32, r: OpenLoop, cpu: Option<f64>, rss: Option<f64>) -> Row {
+    let status = if r.valid() {
+        "ok".to_string()
+    } else if r.errors > 0 {
+        format!("not reported: {} errors", r.errors)
+    } else {
+        format!("not reported: achieved {:.0} rps, more than 5% below {rate} (past the knee)", r.achieved_rps)
+    };
+    Row {
+        scenario: scenario.into(),
+        shape: shape.into(),
+        protocol: proto.into(),
+        rate,
+        status,
+        result: Some(r),
+        added_p50_us: None,
+        added_p99_us: None,
+        cpu_ms_per_1000: cpu,
+        rss_mib: rss,
+    }
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.3}", us as f64 / 1000.0)
+}
+
+fn markdown(r: &Report) -> String {
+    let mut out = format!(
+        "## Results ({}, {} mode)\n\nMachine: {} CPU(s), {}; {}.\n\n### Latency (open loop; ms)\n\n| scenario | shape | protocol | rate | p50 | p90 | p99 | p99.9 | max | +p50 vs direct | +p99 vs direct | achieved rps | proxy CPU ms / 1000 req | proxy RSS MiB |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        r.date,
+        r.mode,
+        r.machine["nproc"],
+        r.machine["cpu"].as_str().unwrap_or("?"),
+        r.pinning
+    );
+    for row in &r.latency {
+        match (&row.result, row.status.as_str()) {
+            (Some(res), "ok") => out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} |\n",
+                row.scenario,
+                row.shape,
+                row.protocol,
+                row.rate,
+                ms(res.p50_us),
+                ms(res.p90_us),
+                ms(res.p99_us),
+                ms(res.p999_us),
+                ms(res.max_us),
+                row.added_p50_us.map(|v| format!("{:+.3}", v as f64 / 1000.0)).unwrap_or_else(|| "—".into()),
+                row.added_p99_us.map(|v| format!("{:+.3}", v as f64 / 1000.0)).unwrap_or_else(|| "—".into()),
+                res.achieved_rps,
+                row.cpu_ms_per_1000.map(|c| format!("{c:.1}")).unwrap_or_else(|| "—".into()),
+                row.rss_mib.map(|m| format!("{m:.1}")).unwrap_or_else(|| "—".into()),
+            )),
+            _ => out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | | | | | | | | | |\n",
+                row.scenario, row.shape, row.protocol, row.rate, row.status
+            )),
+        }
+    }
+    out.push_str("\n### Saturation (closed loop)\n\n| scenario | protocol | max throughput (rps) | proxy CPU ms / 1000 req |\n|---|---|---:|---:|\n");
+    for s in &r.saturation {
+        match &s.result {
+            Some(res) => out.push_str(&format!(
+                "| {} | {} | {:.0} | {} |\n",
+                s.scenario,
+                s.protocol,
+                res.throughput_rps,
+                s.cpu_ms_per_1000.map(|c| format!("{c:.1}")).unwrap_or_else(|| "—".into())
+            )),
+            None => out.push_str(&format!("| {} | {} | {} | |\n", s.scenario, s.protocol, s.status)),
+        }
+    }
+    out.push_str("\n### Resources\n\n| scenario | processes | start → ready (ms) | idle RSS (MiB) | peak RSS (MiB) |\n|---|---:|---|---:|---:|\n");
+    for x in &r.resources {
+        let ready: Vec<String> = x.start_to_ready_ms.iter().map(|m| format!("{m:.1}")).collect();
+        out.push_str(&format!(
+            "| {} | {} | {} | {:.1} | {:.1} |\n",
+            x.scenario,
+            x.processes,
+            ready.join(", "),
+            x.idle_rss_mib,
+            x.peak_rss_mib
+        ));
+    }
+    if let Some(cp) = &r.control_plane {
+        out.push_str(&format!(
+            "\n### Control plane\n\n{} simulated proxies over the real API, {} services: initial sync {:.0} ms; a weight change reached proxies in p50 {:.1} ms, p99 {:.1} ms, last {:.1} ms; snapshot {} KiB per proxy; control plane RSS {:.1} MiB (peak {:.1}).\n",
+            cp.proxies,
+            cp.services,
+            cp.initial_sync_ms,
+            cp.change_p50_ms,
+            cp.change_p99_ms,
+            cp.change_max_ms,
+            cp.snapshot_bytes / 1024,
+            cp.cp_rss_kib as f64 / 1024.0,
+            cp.cp_peak_rss_kib as f64 / 1024.0
+        ));
+    }
+    out
+}
+
+/// A perf profile of one Trellis gateway at 5000 rps: the top symbols by self time.
+async fn profile(pin: &Pinning, trellis: &std::path::Path) -> anyhow::Result<()> {
+    let be = Backends { http: backend::http().await?, grpc: backend::grpc().await?, sink: backend::sink().await? };
+    let setup = peers::trellis_gateway(pin, trellis, be, None).await?;
+    let pid = setup.pids()[0];
+    let data = setup.tmp.path().join("perf.data");
+    let mut perf = std::process::Command::new("perf")
+        .args(["record", "-F", "999", "-g", "-o"])
+        .arg(&data)
+        .args(["-p", &pid.to_string(), "--", "sleep", "10"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let r = load::open_loop(&setup.h1, 5000, Duration::from_secs(1), Duration::from_secs(8)).await?;
+    perf.wait()?;
+    eprintln!("bench: profiled at {:.0} rps", r.achieved_rps);
+    let report = std::process::Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "--sort",
+            "dso,symbol",
+            "--percent-limit",
+            "0.7",
+            "-g",
+            "none",
+            "-i",
+        ])
+        .arg(&data)
+        .output()?;
+    println!(
+        "{}",
+        String::from_utf8_lossy(&report.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#')
+                && !l.trim().is_empty()
+                && l.contains('%')
+                && !l.trim_start().starts_with('|')
+                && !l.trim_start().starts_with("--"))
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    Ok(())
+}
