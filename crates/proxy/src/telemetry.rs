@@ -387,9 +387,15 @@ struct HandleKey {
     security: usize,
 }
 
+/// The `Arc`s whose addresses a cache key holds.
+type Alive = (Arc<Identity>, Arc<Identity>, Arc<ServiceLabels>, Arc<str>, Arc<str>);
+
+/// Who sent a request: its identity and the service it called.
+type Peer = (Arc<Identity>, Arc<ServiceLabels>);
+
 struct CachedHandles {
     handles: RequestHandles,
-    _alive: (Arc<Identity>, Arc<Identity>, Arc<ServiceLabels>, Arc<str>, Arc<str>),
+    _alive: Alive,
 }
 
 /// Entries beyond which the cache starts over (label sets are bounded, identities per snapshot).
@@ -456,12 +462,12 @@ impl HandleCache {
 /// so it is decoded once and its identity shared (which also keeps the metric handle cache hot).
 #[derive(Default)]
 pub struct PeerCache {
-    map: std::sync::RwLock<HashMap<http::HeaderValue, (Arc<Identity>, Arc<ServiceLabels>)>>,
+    map: std::sync::RwLock<HashMap<http::HeaderValue, Peer>>,
 }
 
 impl PeerCache {
     /// Removes the peer header from `headers` and returns who sent it.
-    pub fn take(&self, headers: &mut HeaderMap) -> Option<(Arc<Identity>, Arc<ServiceLabels>)> {
+    pub fn take(&self, headers: &mut HeaderMap) -> Option<Peer> {
         let value = headers.remove(trellis_telemetry::peer::PEER_HEADER)?;
         if let Some(hit) = self.map.read().ok().and_then(|m| m.get(&value).cloned()) {
             return Some(hit);
