@@ -135,6 +135,16 @@ async fn sidecars_speak_tls13_with_spiffe_certificates_and_strict_refuses_strang
     assert!(line.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/client-sa\""), "{line}");
     assert!(line.contains("destination_principal=\"spiffe://cluster.local/ns/default/sa/server-sa\""), "{line}");
 
+    // HTTP/1.1 between the sidecars rides one multiplexed HTTP/2 mTLS connection, and the
+    // application still receives HTTP/1.1: twenty concurrent client connections, one peer link.
+    assert!(r.body.lines().next().unwrap_or("").ends_with("HTTP/1.1"), "app saw {}", r.body);
+    let many = (0..20).map(|_| via_proxy(outbound, "http://server/api/request-echo", "GET", &[]));
+    for r in futures_util::future::join_all(many).await {
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(r.body.lines().next().unwrap_or("").ends_with("HTTP/1.1"), "app saw {}", r.body);
+    }
+    assert_eq!(established_to(inbound), 1, "sidecar-to-sidecar connections");
+
     // Plaintext to a STRICT port is refused.
     let plain = try_get(&format!("http://{inbound}/api/health")).await;
     assert!(plain.is_err(), "plaintext must be refused, got {plain:?}");
@@ -191,6 +201,21 @@ async fn sidecars_speak_tls13_with_spiffe_certificates_and_strict_refuses_strang
         .await;
     assert_eq!(denied.expect_err("unknown token").code(), tonic::Code::Unauthenticated);
     drop(ca);
+}
+
+/// Established TCP connections whose remote end is `addr` (from /proc/net/tcp).
+fn established_to(addr: SocketAddr) -> usize {
+    let SocketAddr::V4(v4) = addr else { panic!("IPv4 expected") };
+    let want = format!("{:08X}:{:04X}", u32::from_le_bytes(v4.ip().octets()), v4.port());
+    std::fs::read_to_string("/proc/net/tcp")
+        .expect("/proc/net/tcp")
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[2] == want && f[3] == "01"
+        })
+        .count()
 }
 
 /// The tokens file `trellis up` wrote (in its state directory, named on the control plane's command line).

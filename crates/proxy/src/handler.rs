@@ -50,6 +50,15 @@ pub struct ConnInfo {
 pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     let rt = shared.runtime();
+    let wire_version = req.version();
+    if conn.direction == Direction::Inbound && wire_version == Version::HTTP_2 {
+        if let Some(v) = req.headers_mut().remove(headers::ORIG_PROTO) {
+            *req.version_mut() = match v.as_bytes() {
+                b"HTTP/1.0" => Version::HTTP_10,
+                _ => Version::HTTP_11,
+            };
+        }
+    }
     let downstream_version = req.version();
     let protocol = if is_grpc(req.headers()) { "grpc" } else { "http" };
     let trace = TraceState::start(req.headers(), &rt.telemetry);
@@ -127,7 +136,7 @@ pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut req: Request<I
             (e.into_response(), flag)
         }
     };
-    *resp.version_mut() = downstream_version;
+    *resp.version_mut() = wire_version;
     record.status = resp.status().as_u16();
     record.flags = flag;
     let (parts, body) = resp.into_parts();
@@ -263,13 +272,21 @@ async fn proxy(
 
     // Build the upstream request.
     let grpc = is_grpc(&parts.headers);
-    let wire = match cluster.protocol {
+    let mut wire = match cluster.protocol {
         UpstreamProtocol::Http2 => Wire::Http2,
         UpstreamProtocol::Http1 if !grpc => Wire::Http1,
         UpstreamProtocol::Http1 => Wire::Http2,
         UpstreamProtocol::Downstream if parts.version == Version::HTTP_2 || grpc => Wire::Http2,
         UpstreamProtocol::Downstream => Wire::Http1,
     };
+    // Between mesh proxies, HTTP/1 requests ride one multiplexed HTTP/2 connection per peer (no
+    // TLS handshake per pooled connection); the peer restores HTTP/1 towards its application.
+    // Upgrade requests (WebSocket) keep their own HTTP/1.1 connection.
+    let orig_proto = (cluster.mtls && wire == Wire::Http1 && !parts.headers.contains_key(header::UPGRADE))
+        .then(|| if parts.version == Version::HTTP_10 { "HTTP/1.0" } else { "HTTP/1.1" });
+    if orig_proto.is_some() {
+        wire = Wire::Http2;
+    }
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::ensure_request_id(&mut parts.headers);
     match conn.direction {
@@ -317,6 +334,9 @@ async fn proxy(
                 .map_err(|e| ProxyError::bad_request(format!("invalid authority: {e}")))?
         }
     };
+    if let Some(v) = orig_proto {
+        parts.headers.insert(headers::ORIG_PROTO, HeaderValue::from_static(v));
+    }
     if let Some(peer) = &cluster.peer_header {
         parts.headers.insert(trellis_telemetry::peer::PEER_HEADER, peer.clone());
     }

@@ -8,6 +8,9 @@ use trellis_config::snapshot::HeaderOps;
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// Set by an outbound proxy that carries an HTTP/1 request to a mesh peer over HTTP/2; the
+/// peer's inbound side removes it and forwards the request as the HTTP/1 it was.
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("x-trellis-orig-proto");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
