@@ -22,8 +22,9 @@ apt_install() {
 # curl (HTTP/1.1 and HTTP/2 client in the protocol tests).
 command -v curl >/dev/null || apt_install curl ca-certificates
 
-# A real Prometheus scrapes a running mesh in the observability tests.
-command -v prometheus >/dev/null || apt_install prometheus
+# A real Prometheus scrapes a running mesh in the observability tests; HAProxy and nginx are
+# the benchmark harness's peers (its quick run below proves it works).
+apt_install prometheus haproxy nginx
 
 # Python peers: grpcio (gRPC interop) and the OpenTelemetry SDK (tracing interop).
 if ! python3 -c 'import grpc, opentelemetry.sdk, opentelemetry.propagators.b3, opentelemetry.exporter.otlp.proto.http' 2>/dev/null; then
@@ -43,3 +44,10 @@ log "building"
 cargo build --workspace --bins
 log "testing"
 cargo nextest run --workspace --profile ci "$@"
+
+# The benchmark harness, in its 1-minute quick mode, to prove it runs (figures from a debug
+# build mean nothing; CI never fails on a figure, only on the harness failing).
+log "benchmark harness (quick)"
+out=$(mktemp -d)
+target/debug/bench --quick --out "$out" > "$out/table.md"
+tail -n 20 "$out/table.md"

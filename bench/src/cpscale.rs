@@ -24,7 +24,9 @@ pub struct CpScale {
     pub change_p50_ms: f64,
     pub change_p99_ms: f64,
     pub change_max_ms: f64,
+    /// The largest whole snapshot (first push) and the largest delta (the change) one proxy got.
     pub snapshot_bytes: usize,
+    pub delta_bytes: usize,
     pub cp_rss_kib: u64,
     pub cp_peak_rss_kib: u64,
 }
@@ -65,9 +67,9 @@ pub async fn run(pin: &Pinning, bin: &Path, proxies: usize, services: usize) -> 
         .args(["control", "--listen", &addr, "-c", &cfg.display().to_string()])
         .arg("--ca-dir")
         .arg(tmp.path().join("ca"))
-        .env("RUST_LOG", "error")
+        .env("RUST_LOG", std::env::var("BENCH_CP_LOG").unwrap_or_else(|_| "error".into()))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(if std::env::var_os("BENCH_CP_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
         .spawn()?;
     let cp = Proc { name: "control-plane".into(), child };
     let pid = cp.child.id();
@@ -82,7 +84,7 @@ pub async fn run(pin: &Pinning, bin: &Path, proxies: usize, services: usize) -> 
         channels.push(tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?);
     }
     let seen: Seen = Arc::default();
-    let bytes = Arc::new(Mutex::new(0usize));
+    let bytes = Arc::new(Mutex::new((0usize, 0usize)));
     let started = Instant::now();
     for i in 0..proxies {
         let channel = channels[i % channels.len()].clone();
@@ -105,42 +107,50 @@ pub async fn run(pin: &Pinning, bin: &Path, proxies: usize, services: usize) -> 
             let mut client = ControlClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
             let Ok(resp) = client.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await else { return };
             let mut inbound = resp.into_inner();
+            // Bytes of the push being received in chunks, as a proxy joins them.
+            let mut joined = 0usize;
             while let Ok(Some(msg)) = inbound.message().await {
-                let Some(control_message::Kind::Snapshot(s)) = msg.kind else { continue };
                 let at = Instant::now();
+                let (version, more, len, whole) = match msg.kind {
+                    Some(control_message::Kind::Snapshot(s)) => (s.version, s.more, s.snapshot_json.len(), true),
+                    Some(control_message::Kind::Delta(d)) => (d.version, d.more, d.delta_json.len(), false),
+                    None => continue,
+                };
+                joined += len;
+                if more {
+                    continue;
+                }
+                let (full, delta) = if whole { (joined, 0) } else { (0, joined) };
+                joined = 0;
                 if let Ok(mut b) = bytes.lock() {
-                    *b = (*b).max(s.snapshot_json.len());
+                    b.0 = b.0.max(full);
+                    b.1 = b.1.max(delta);
                 }
                 if let Ok(mut m) = seen.lock() {
-                    m.insert(i, (s.version.clone(), at));
+                    m.insert(i, (version.clone(), at));
                 }
-                let _ =
-                    tx.send(ProxyMessage { kind: Some(proxy_message::Kind::Ack(Ack { version: s.version })) }).await;
+                let _ = tx.send(ProxyMessage { kind: Some(proxy_message::Kind::Ack(Ack { version })) }).await;
             }
         });
     }
-    let all = |seen: &Seen, pred: &dyn Fn(&str) -> bool| {
-        seen.lock().map(|m| m.len() == proxies && m.values().all(|(v, _)| pred(v))).unwrap_or(false)
+    let all = |seen: &Seen, pred: &dyn Fn(usize, &str) -> bool| {
+        seen.lock().map(|m| m.len() == proxies && m.iter().all(|(i, (v, _))| pred(*i, v))).unwrap_or(false)
     };
     let deadline = Instant::now() + Duration::from_secs(300);
-    while !all(&seen, &|_| true) {
+    while !all(&seen, &|_, _| true) {
         anyhow::ensure!(Instant::now() < deadline, "fleet did not sync");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let initial_sync_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let v0 = seen
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .values()
-        .next()
-        .map(|(v, _)| v.clone())
-        .unwrap_or_default();
+    // Each proxy's snapshot differs (its own listeners), so each has its own version to leave.
+    let before: HashMap<usize, String> =
+        seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.iter().map(|(i, (v, _))| (*i, v.clone())).collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The change: shift svc-0's weights.
     let changed_at = Instant::now();
     std::fs::write(&cfg, config(services, 50))?;
     let deadline = Instant::now() + Duration::from_secs(300);
-    while !all(&seen, &|v: &str| v != v0) {
+    while !all(&seen, &|i, v: &str| before.get(&i).is_some_and(|b| b != v)) {
         anyhow::ensure!(Instant::now() < deadline, "fleet did not receive the change");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -152,6 +162,7 @@ pub async fn run(pin: &Pinning, bin: &Path, proxies: usize, services: usize) -> 
         .collect();
     lat.sort_by(f64::total_cmp);
     let q = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).saturating_sub(1).min(lat.len() - 1)];
+    let (snapshot_bytes, delta_bytes) = *bytes.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
     let result = CpScale {
         proxies,
         services,
@@ -159,7 +170,8 @@ pub async fn run(pin: &Pinning, bin: &Path, proxies: usize, services: usize) -> 
         change_p50_ms: q(0.50),
         change_p99_ms: q(0.99),
         change_max_ms: q(1.0),
-        snapshot_bytes: *bytes.lock().map_err(|_| anyhow::anyhow!("poisoned"))?,
+        snapshot_bytes,
+        delta_bytes,
         cp_rss_kib: rss_kib(&[pid]),
         cp_peak_rss_kib: peak_rss_kib(&[pid]),
     };

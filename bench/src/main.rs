@@ -34,6 +34,9 @@ struct Args {
     /// `all` (default) or `profile` (perf profile of one Trellis gateway at 5000 rps).
     #[arg(default_value = "all")]
     what: String,
+    /// Only scenarios whose name contains this (for investigating one; the direct baseline always runs).
+    #[arg(long)]
+    only: Option<String>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -137,7 +140,7 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
     };
     anyhow::ensure!(trellis.is_file(), "{} not found: build it first (scripts/bench.sh does)", trellis.display());
     if args.what == "profile" {
-        return profile(&pin, &trellis).await;
+        return profile(&pin, &trellis, args.only.as_deref()).await;
     }
     let plan = if args.quick {
         Plan {
@@ -221,6 +224,9 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
     }
 
     for (name, shape, start) in &scenarios {
+        if args.only.as_ref().is_some_and(|o| !format!("{name} ({shape})").contains(o.as_str())) {
+            continue;
+        }
         let start = match start {
             Ok(s) => s,
             Err(reason) => {
@@ -441,7 +447,7 @@ fn markdown(r: &Report) -> String {
     }
     if let Some(cp) = &r.control_plane {
         out.push_str(&format!(
-            "\n### Control plane\n\n{} simulated proxies over the real API, {} services: initial sync {:.0} ms; a weight change reached proxies in p50 {:.1} ms, p99 {:.1} ms, last {:.1} ms; snapshot {} KiB per proxy; control plane RSS {:.1} MiB (peak {:.1}).\n",
+            "\n### Control plane\n\n{} simulated proxies over the real API, {} services: initial sync {:.0} ms; a weight change reached proxies in p50 {:.1} ms, p99 {:.1} ms, last {:.1} ms; whole snapshot {} KiB per proxy, the change's delta {:.1} KiB; control plane RSS {:.1} MiB (peak {:.1}).\n",
             cp.proxies,
             cp.services,
             cp.initial_sync_ms,
@@ -449,6 +455,7 @@ fn markdown(r: &Report) -> String {
             cp.change_p99_ms,
             cp.change_max_ms,
             cp.snapshot_bytes / 1024,
+            cp.delta_bytes as f64 / 1024.0,
             cp.cp_rss_kib as f64 / 1024.0,
             cp.cp_peak_rss_kib as f64 / 1024.0
         ));
@@ -456,16 +463,21 @@ fn markdown(r: &Report) -> String {
     out
 }
 
-/// A perf profile of one Trellis gateway at 5000 rps: the top symbols by self time.
-async fn profile(pin: &Pinning, trellis: &std::path::Path) -> anyhow::Result<()> {
+/// A perf profile of the Trellis proxies at 5000 rps HTTP/1.1, the top symbols by self time:
+/// one gateway, or with `--only sidecars` / `--only mTLS` the two sidecars.
+async fn profile(pin: &Pinning, trellis: &std::path::Path, only: Option<&str>) -> anyhow::Result<()> {
     let be = Backends { http: backend::http().await?, grpc: backend::grpc().await?, sink: backend::sink().await? };
-    let setup = peers::trellis_gateway(pin, trellis, be, None).await?;
-    let pid = setup.pids()[0];
+    let setup = match only {
+        Some("mTLS") => peers::trellis_sidecars(pin, trellis, be, true).await?,
+        Some("sidecars") => peers::trellis_sidecars(pin, trellis, be, false).await?,
+        _ => peers::trellis_gateway(pin, trellis, be, None).await?,
+    };
+    let pid = setup.pids().iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
     let data = setup.tmp.path().join("perf.data");
     let mut perf = std::process::Command::new("perf")
         .args(["record", "-F", "999", "-g", "-o"])
         .arg(&data)
-        .args(["-p", &pid.to_string(), "--", "sleep", "10"])
+        .args(["-p", &pid, "--", "sleep", "10"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;

@@ -5,10 +5,12 @@
 //! proxy, which DestinationRule policy applies to which port and subset, which endpoints a subset
 //! selects. The output is deterministic: the same inputs give the same snapshot and version.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::analyze::{hosts_intersect, strip_ns, MESH_GATEWAY};
+use crate::encode::{Encoded, Parts};
 use crate::model::networking::{
     ClientTlsSettings, DestinationRule, Gateway, HeaderOperations, Headers, HttpMatchRequest, HttpRoute, Labels,
     LoadBalancerSettings, StringMatch, TrafficPolicy, VirtualService,
@@ -102,7 +104,15 @@ const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 /// Compiles the snapshot for `proxy`.
 pub fn compile(resources: &[Resource], extra: &[Workload], proxy: &ProxySpec) -> Snapshot {
     let registry = Registry::build(resources, extra);
-    let mut cx = Compiler { resources, registry: &registry, proxy, clusters: BTreeMap::new() };
+    let mut snap = build(resources, &registry, proxy, false);
+    snap.version = version_of(&snap);
+    snap
+}
+
+/// The snapshot without its version. With `skip_shared`, a sidecar's outbound tables for the
+/// ports services listen on (what [`Generation`] shares between sidecars) are left out.
+fn build(resources: &[Resource], registry: &Registry, proxy: &ProxySpec, skip_shared: bool) -> Snapshot {
+    let mut cx = Compiler { resources, registry, proxy, clusters: BTreeMap::new(), skip_shared };
     let mut snap = Snapshot {
         version: String::new(),
         node: NodeInfo {
@@ -122,16 +132,80 @@ pub fn compile(resources: &[Resource], extra: &[Workload], proxy: &ProxySpec) ->
     snap.telemetry = telemetry_policy(resources, proxy);
     snap.authorization = authorization(resources, proxy);
     snap.jwt_rules = jwt_rules(resources, proxy);
-    snap.version = version_of(&snap);
     snap
 }
 
-/// A content hash of a snapshot (its version string).
+/// A content hash of a snapshot (its version string): the hash of its resources' hashes, the
+/// same the control plane computes for what it ships ([`Encoded`]).
 pub fn version_of(snap: &Snapshot) -> String {
-    let mut copy = snap.clone();
-    copy.version.clear();
-    let bytes = serde_json::to_vec(&copy).unwrap_or_default();
-    format!("{:016x}", crate::hash::fnv1a64(&bytes))
+    Encoded::new(snap, None).map(|e| e.version).unwrap_or_default()
+}
+
+/// One namespace's shared outbound parts, compiled by the first sidecar that needs them.
+type SharedCell = Arc<OnceLock<Result<Arc<Parts>, String>>>;
+
+/// What the proxies of one accepted config share: the service registry, and the encoded
+/// outbound route tables and clusters of the sidecars of each namespace (they differ only by
+/// namespace, trust domain and, when some VirtualService matches `sourceLabels`, labels). The
+/// control plane builds one per config generation, so pushing to a thousand sidecars compiles
+/// and encodes those tables once per namespace, not once per proxy.
+#[derive(Default)]
+pub struct Generation {
+    registry: Registry,
+    source_labels: bool,
+    outbound: Mutex<HashMap<String, SharedCell>>,
+}
+
+impl Generation {
+    pub fn new(resources: &[Resource]) -> Generation {
+        let source_labels = virtual_services(resources)
+            .any(|(_, vs)| vs.http.iter().flat_map(|h| &h.matches).any(|m| !m.source_labels.is_empty()));
+        Generation { registry: Registry::build(resources, &[]), source_labels, outbound: Mutex::default() }
+    }
+
+    /// `proxy`'s snapshot, encoded; equal in content and version to [`compile`]'s.
+    pub fn compile(&self, resources: &[Resource], proxy: &ProxySpec) -> Result<Encoded, String> {
+        let shared = match proxy.role {
+            Role::Sidecar if proxy.outbound.is_some() || !proxy.upstreams.is_empty() => {
+                Some(self.shared_outbound(resources, proxy)?)
+            }
+            _ => None,
+        };
+        let own = build(resources, &self.registry, proxy, shared.is_some());
+        Encoded::new(&own, shared).map_err(|e| format!("cannot encode snapshot: {e}"))
+    }
+
+    /// Whether `proxy`'s shared parts are compiled already, so that [`Generation::compile`] only
+    /// has its own, small, parts left to do.
+    pub fn is_warm(&self, proxy: &ProxySpec) -> bool {
+        let key = self.shared_key(proxy);
+        self.outbound.lock().unwrap_or_else(|p| p.into_inner()).get(&key).is_some_and(|c| c.get().is_some())
+    }
+
+    fn shared_key(&self, proxy: &ProxySpec) -> String {
+        let labels = if self.source_labels { proxy.labels.clone() } else { Labels::new() };
+        format!("{}\0{}\0{:?}", proxy.namespace, proxy.trust_domain, labels)
+    }
+
+    fn shared_outbound(&self, resources: &[Resource], proxy: &ProxySpec) -> Result<Arc<Parts>, String> {
+        let labels = if self.source_labels { proxy.labels.clone() } else { Labels::new() };
+        let key = self.shared_key(proxy);
+        let cell = self.outbound.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().clone();
+        cell.get_or_init(|| {
+            let neutral = ProxySpec {
+                namespace: proxy.namespace.clone(),
+                trust_domain: proxy.trust_domain.clone(),
+                labels,
+                outbound: Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)),
+                ..ProxySpec::default()
+            };
+            let snap = build(resources, &self.registry, &neutral, false);
+            Parts::encode(&snap.route_tables, &snap.clusters)
+                .map(Arc::new)
+                .map_err(|e| format!("cannot encode snapshot: {e}"))
+        })
+        .clone()
+    }
 }
 
 struct Compiler<'a> {
@@ -139,6 +213,8 @@ struct Compiler<'a> {
     registry: &'a Registry,
     proxy: &'a ProxySpec,
     clusters: BTreeMap<String, Cluster>,
+    /// Leave out the outbound tables [`Generation`] shares.
+    skip_shared: bool,
 }
 
 fn virtual_services(resources: &[Resource]) -> impl Iterator<Item = (&Resource, &VirtualService)> {
@@ -292,10 +368,11 @@ impl<'a> Compiler<'a> {
             return;
         }
         // Outbound tables, one per port any service listens on (and 80 for plain `http://name`).
-        let mut ports: BTreeSet<u16> =
+        let mut shared: BTreeSet<u16> =
             self.registry.services.iter().flat_map(|s| s.ports.iter().map(|p| p.number)).collect();
-        ports.insert(80);
-        ports.extend(self.proxy.upstreams.iter().map(|u| u.port));
+        shared.insert(80);
+        let mut ports = if self.skip_shared { BTreeSet::new() } else { shared.clone() };
+        ports.extend(self.proxy.upstreams.iter().map(|u| u.port).filter(|p| !self.skip_shared || !shared.contains(p)));
         for port in ports {
             let table = self.outbound_table(port);
             snap.route_tables.insert(outbound_table(port), table);

@@ -12,6 +12,7 @@ pub mod analyze;
 pub mod authz_keys;
 pub mod cidr;
 pub mod compile;
+pub mod encode;
 pub mod filter;
 pub mod finding;
 pub mod hash;

@@ -9,14 +9,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
+use trellis_config::compile::Generation;
 use trellis_config::{Finding, Resource};
 
 /// One accepted config.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct ConfigState {
     /// 0 until a good config has been loaded; proxies get nothing before that.
     pub generation: u64,
     pub resources: Vec<Resource>,
+    /// What every proxy's compilation of these resources shares.
+    pub compiled: Generation,
 }
 
 /// The last rejected change.
@@ -67,7 +70,8 @@ impl ConfigStore {
         }
         *self.rejection.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let generation = self.tx.borrow().generation + 1;
-        self.tx.send_replace(Arc::new(ConfigState { generation, resources: loaded.resources }));
+        let compiled = Generation::new(&loaded.resources);
+        self.tx.send_replace(Arc::new(ConfigState { generation, resources: loaded.resources, compiled }));
         tracing::info!(generation, "config loaded");
         Ok(generation)
     }

@@ -1,5 +1,5 @@
 //! The proxy's side of the control-plane API: connect, say who we are, apply each snapshot
-//! atomically and answer ACK or NACK; when the control plane is unreachable, keep serving the
+//! (whole, or a delta against the one it serves) atomically and answer ACK or NACK; when the control plane is unreachable, keep serving the
 //! last good snapshot and reconnect with jittered exponential backoff. Startup order does not
 //! matter: a proxy that starts first waits (not ready) until its first snapshot arrives.
 
@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use trellis_api::control::{
-    control_client::ControlClient, control_message, proxy_message, Ack, Hello, Nack, ProxyMessage,
+    control_client::ControlClient, control_message, proxy_message, Ack, Hello, Nack, ProxyMessage, SnapshotDelta,
 };
 use trellis_config::compile::ProxySpec;
+use trellis_config::encode::Delta;
 use trellis_config::snapshot::Snapshot;
 
 use crate::Proxy;
@@ -81,20 +82,40 @@ async fn session(proxy: &Proxy, addr: &str, id: &str, spec_json: &[u8], backoff:
     tracing::info!(control_plane = %addr, proxy = %id, "connected to control plane");
     set_state(proxy, "connected");
     *backoff = MIN_BACKOFF;
+    // A push in chunks, joined so far.
+    let mut partial: Option<control_message::Kind> = None;
     while let Some(msg) = inbound.message().await.map_err(|e| e.to_string())? {
-        let Some(control_message::Kind::Snapshot(s)) = msg.kind else { continue };
-        let reply = match serde_json::from_slice::<Snapshot>(&s.snapshot_json) {
-            Err(e) => Err(format!("cannot decode snapshot: {e}")),
-            Ok(snap) if snap.version != s.version => {
-                Err(format!("snapshot version {} does not match its envelope {}", snap.version, s.version))
+        let Some(kind) = join(&mut partial, msg.kind) else { continue };
+        let (version, reply) = match Some(kind) {
+            Some(control_message::Kind::Snapshot(s)) => {
+                let reply = match serde_json::from_slice::<Snapshot>(&s.snapshot_json) {
+                    Err(e) => Err(format!("cannot decode snapshot: {e}")),
+                    Ok(snap) if snap.version != s.version => {
+                        Err(format!("snapshot version {} does not match its envelope {}", snap.version, s.version))
+                    }
+                    Ok(snap) => proxy.apply(snap).await,
+                };
+                (s.version, reply.map_err(|r| (r, false)))
             }
-            Ok(snap) => proxy.apply(snap).await,
+            Some(control_message::Kind::Delta(d)) => {
+                let reply = match apply_delta(proxy, &d).await {
+                    Err((reason, true)) => {
+                        tracing::info!(version = %d.version, "{reason}; asking for the whole snapshot");
+                        Err((reason, true))
+                    }
+                    r => r,
+                };
+                (d.version, reply)
+            }
+            None => continue,
         };
         let kind = match reply {
-            Ok(()) => proxy_message::Kind::Ack(Ack { version: s.version }),
-            Err(reason) => {
-                tracing::warn!(version = %s.version, "snapshot rejected (NACK): {reason}");
-                proxy_message::Kind::Nack(Nack { version: s.version, reason })
+            Ok(()) => proxy_message::Kind::Ack(Ack { version }),
+            Err((reason, resync)) => {
+                if !resync {
+                    tracing::warn!(version = %version, "snapshot rejected (NACK): {reason}");
+                }
+                proxy_message::Kind::Nack(Nack { version, reason, resync })
             }
         };
         if tx.send(ProxyMessage { kind: Some(kind) }).await.is_err() {
@@ -104,10 +125,96 @@ async fn session(proxy: &Proxy, addr: &str, id: &str, spec_json: &[u8], backoff:
     Ok(())
 }
 
+/// Joins chunked pushes: `Some` when `next` completes one. A chunk of another version than the
+/// one being joined starts over (the control plane abandoned the earlier push).
+fn join(
+    partial: &mut Option<control_message::Kind>,
+    next: Option<control_message::Kind>,
+) -> Option<control_message::Kind> {
+    use control_message::Kind;
+    let next = next?;
+    let joined = match (partial.take(), next) {
+        (Some(Kind::Snapshot(mut a)), Kind::Snapshot(b)) if a.version == b.version => {
+            a.snapshot_json.extend_from_slice(&b.snapshot_json);
+            a.more = b.more;
+            Kind::Snapshot(a)
+        }
+        (Some(Kind::Delta(mut a)), Kind::Delta(b)) if a.version == b.version && a.base_version == b.base_version => {
+            a.delta_json.extend_from_slice(&b.delta_json);
+            a.more = b.more;
+            Kind::Delta(a)
+        }
+        (_, next) => next,
+    };
+    let more = match &joined {
+        Kind::Snapshot(s) => s.more,
+        Kind::Delta(d) => d.more,
+    };
+    if more {
+        *partial = Some(joined);
+        None
+    } else {
+        Some(joined)
+    }
+}
+
+/// Applies a delta to the snapshot the proxy serves. `Err((_, true))` when the proxy does not
+/// hold the delta's base (the control plane then sends the whole snapshot).
+async fn apply_delta(proxy: &Proxy, d: &SnapshotDelta) -> Result<(), (String, bool)> {
+    let rt = proxy.shared().runtime();
+    if !proxy.shared().is_ready() || rt.version() != d.base_version {
+        return Err((
+            format!("delta is based on {}, the proxy serves {:?}", d.base_version, current_version(proxy)),
+            true,
+        ));
+    }
+    let delta: Delta =
+        serde_json::from_slice(&d.delta_json).map_err(|e| (format!("cannot decode snapshot delta: {e}"), false))?;
+    let snap = delta.apply(&rt.snapshot, d.version.clone()).map_err(|e| (e, true))?;
+    drop(rt);
+    proxy.apply(snap).await.map_err(|e| (e, false))
+}
+
 fn current_version(proxy: &Proxy) -> String {
     if proxy.shared().is_ready() {
         proxy.shared().runtime().version().to_string()
     } else {
         String::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_api::control::{control_message::Kind, Snapshot as Msg, SnapshotDelta};
+
+    fn chunk(version: &str, bytes: &[u8], more: bool) -> Option<Kind> {
+        Some(Kind::Snapshot(Msg { version: version.into(), snapshot_json: bytes.to_vec(), more }))
+    }
+
+    #[test]
+    fn chunks_are_joined_and_an_abandoned_push_is_dropped() {
+        let mut partial = None;
+        assert!(join(&mut partial, chunk("v1", b"{\"a\":", true)).is_none());
+        assert!(join(&mut partial, chunk("v1", b"1", true)).is_none());
+        match join(&mut partial, chunk("v1", b"}", false)) {
+            Some(Kind::Snapshot(s)) => {
+                assert_eq!((s.version.as_str(), &s.snapshot_json[..], s.more), ("v1", &b"{\"a\":1}"[..], false))
+            }
+            other => panic!("{other:?}"),
+        }
+        // A push abandoned half-way (a newer version starts) is replaced, not mixed in.
+        assert!(join(&mut partial, chunk("v2", b"half", true)).is_none());
+        let delta = Kind::Delta(SnapshotDelta {
+            version: "v3".into(),
+            base_version: "v1".into(),
+            delta_json: b"{}".to_vec(),
+            more: false,
+        });
+        match join(&mut partial, Some(delta)) {
+            Some(Kind::Delta(d)) => assert_eq!(d.delta_json, b"{}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(partial.is_none());
     }
 }

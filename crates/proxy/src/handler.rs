@@ -282,8 +282,13 @@ async fn proxy(
     // Between mesh proxies, HTTP/1 requests ride one multiplexed HTTP/2 connection per peer (no
     // TLS handshake per pooled connection); the peer restores HTTP/1 towards its application.
     // Upgrade requests (WebSocket) keep their own HTTP/1.1 connection.
-    let orig_proto = (cluster.mtls && wire == Wire::Http1 && !parts.headers.contains_key(header::UPGRADE))
-        .then(|| if parts.version == Version::HTTP_10 { "HTTP/1.0" } else { "HTTP/1.1" });
+    let orig_proto = (cluster.mtls && wire == Wire::Http1 && !parts.headers.contains_key(header::UPGRADE)).then(|| {
+        if parts.version == Version::HTTP_10 {
+            "HTTP/1.0"
+        } else {
+            "HTTP/1.1"
+        }
+    });
     if orig_proto.is_some() {
         wire = Wire::Http2;
     }
