@@ -464,12 +464,14 @@ fn markdown(r: &Report) -> String {
 }
 
 /// A perf profile of the Trellis proxies at 5000 rps HTTP/1.1, the top symbols by self time:
-/// one gateway, or with `--only sidecars` / `--only mTLS` the two sidecars.
+/// one gateway, or with `--only sidecars` / `--only mTLS` the two sidecars, `--only telemetry` a
+/// gateway with tracing (100%) and access logs.
 async fn profile(pin: &Pinning, trellis: &std::path::Path, only: Option<&str>) -> anyhow::Result<()> {
     let be = Backends { http: backend::http().await?, grpc: backend::grpc().await?, sink: backend::sink().await? };
     let setup = match only {
         Some("mTLS") => peers::trellis_sidecars(pin, trellis, be, true).await?,
         Some("sidecars") => peers::trellis_sidecars(pin, trellis, be, false).await?,
+        Some("telemetry") => peers::trellis_gateway(pin, trellis, be, Some(100.0)).await?,
         _ => peers::trellis_gateway(pin, trellis, be, None).await?,
     };
     let pid = setup.pids().iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");

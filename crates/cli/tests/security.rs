@@ -600,7 +600,7 @@ spec:
         );
     }
     assert!(
-        up.output().contains("\"authz_policy\":\"default/deny-status\""),
+        up.output_shows("\"authz_policy\":\"default/deny-status\"", Duration::from_secs(5)).await,
         "the denying policy is in the access log"
     );
 }

@@ -153,6 +153,9 @@ impl Proxy {
         if left > 0 {
             tracing::warn!(connections = left, "drain deadline passed with connections still open");
         }
+        if let Some(log) = &self.shared.access_log {
+            log.flush(Duration::from_secs(1)).await;
+        }
         left
     }
 }

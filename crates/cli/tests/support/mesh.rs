@@ -106,6 +106,21 @@ impl Up {
         self.lines.lock().expect("lock").join("\n")
     }
 
+    /// Whether `needle` shows up in the output within `within` (logs, access logs included, are
+    /// written in batches).
+    pub async fn output_shows(&self, needle: &str, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.output().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Admin address of each workload (and gateway), from the table `trellis up` prints.
     pub fn admins(&self) -> BTreeMap<String, SocketAddr> {
         let mut m = BTreeMap::new();
