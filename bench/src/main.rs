@@ -67,7 +67,12 @@ struct ResRow {
     scenario: String,
     processes: usize,
     start_to_ready_ms: Vec<f64>,
+    /// Summed over the processes.
     idle_rss_mib: f64,
+    /// The anonymous part of `idle_rss_mib` (heap, stacks): what each proxy costs on its own.
+    /// The rest is the executable's pages, which the page cache shares between processes.
+    idle_anon_mib: f64,
+    /// The largest process's.
     peak_rss_mib: f64,
 }
 
@@ -264,6 +269,7 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
         let pids = setup.pids();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let idle = peers::rss_kib(&pids);
+        let idle_anon = peers::anon_rss_kib(&pids);
         let mut targets = vec![("HTTP/1.1", setup.h1.clone())];
         let proto_rows = plan.extra_protocols && !name.contains("telemetry");
         if proto_rows {
@@ -315,6 +321,7 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
             processes: pids.len(),
             start_to_ready_ms: setup.ready_ms.clone(),
             idle_rss_mib: idle as f64 / 1024.0,
+            idle_anon_mib: idle_anon as f64 / 1024.0,
             peak_rss_mib: peers::peak_rss_kib(&pids) as f64 / 1024.0,
         });
         drop(setup);
@@ -433,15 +440,16 @@ fn markdown(r: &Report) -> String {
             None => out.push_str(&format!("| {} | {} | {} | |\n", s.scenario, s.protocol, s.status)),
         }
     }
-    out.push_str("\n### Resources\n\n| scenario | processes | start → ready (ms) | idle RSS (MiB) | peak RSS (MiB) |\n|---|---:|---|---:|---:|\n");
+    out.push_str("\n### Resources\n\n| scenario | processes | start → ready (ms) | idle RSS, all processes (MiB) | of which anonymous (MiB) | peak RSS, largest process (MiB) |\n|---|---:|---|---:|---:|---:|\n");
     for x in &r.resources {
         let ready: Vec<String> = x.start_to_ready_ms.iter().map(|m| format!("{m:.1}")).collect();
         out.push_str(&format!(
-            "| {} | {} | {} | {:.1} | {:.1} |\n",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} |\n",
             x.scenario,
             x.processes,
             ready.join(", "),
             x.idle_rss_mib,
+            x.idle_anon_mib,
             x.peak_rss_mib
         ));
     }

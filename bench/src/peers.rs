@@ -417,6 +417,11 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Anonymous resident memory now (KiB: heap, stacks; not the executable's shared pages), summed.
+pub fn anon_rss_kib(pids: &[u32]) -> u64 {
+    pids.iter().map(|p| status_kib(*p, "RssAnon:")).sum()
+}
+
 /// Resident set size now (KiB), summed over processes.
 pub fn rss_kib(pids: &[u32]) -> u64 {
     pids.iter().map(|p| status_kib(*p, "VmRSS:")).sum()

@@ -51,7 +51,9 @@ impl ConfigStore {
 
     /// Reads the files; on success publishes a new generation, on errors keeps the current one.
     pub fn reload(&self) -> Result<u64, Rejection> {
+        let started = std::time::Instant::now();
         let loaded = trellis_config::check(&self.paths, self.recursive);
+        let checked = started.elapsed();
         let errors: Vec<Finding> = loaded.findings.iter().filter(|f| f.is_error()).cloned().collect();
         if !errors.is_empty() {
             let rejection = Rejection {
@@ -72,7 +74,13 @@ impl ConfigStore {
         let generation = self.tx.borrow().generation + 1;
         let compiled = Generation::new(&loaded.resources);
         self.tx.send_replace(Arc::new(ConfigState { generation, resources: loaded.resources, compiled }));
-        tracing::info!(generation, "config loaded");
+        tracing::info!(
+            generation,
+            resources = self.tx.borrow().resources.len(),
+            checked_ms = checked.as_secs_f64() * 1000.0,
+            total_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "config loaded"
+        );
         Ok(generation)
     }
 
