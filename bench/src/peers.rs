@@ -276,37 +276,22 @@ pub async fn trellis_sidecars(pin: &Pinning, bin: &Path, be: Backends, mtls: boo
             a.extend(["--control-plane".into(), cp.to_string(), "--service-account".into(), sa.into()]);
             a
         };
-        let (s, r, _) = trellis(
-            pin,
-            bin,
-            "server",
-            &cp_args(server_args, "server"),
-            &[("TRELLIS_BOOTSTRAP_TOKEN", "server-token".into())],
-        )
-        .await?;
-        procs.push(s);
-        ready.push(r);
-        let (c, r, _) = trellis(
-            pin,
-            bin,
-            "client",
-            &cp_args(client_args, "client"),
-            &[("TRELLIS_BOOTSTRAP_TOKEN", "client-token".into())],
-        )
-        .await?;
-        procs.push(c);
-        ready.push(r);
+        for (name, args) in [("server", server_args), ("client", client_args)] {
+            let token = [("TRELLIS_BOOTSTRAP_TOKEN", format!("{name}-token"))];
+            let (p, r, _) = trellis(pin, bin, name, &cp_args(args, name), &token).await?;
+            procs.push(p);
+            ready.push(r);
+        }
     } else {
         let with_cfg = |mut a: Vec<String>| {
             a.extend(["-c".into(), cfg.display().to_string()]);
             a
         };
-        let (s, r, _) = trellis(pin, bin, "server", &with_cfg(server_args), &[]).await?;
-        procs.push(s);
-        ready.push(r);
-        let (c, r, _) = trellis(pin, bin, "client", &with_cfg(client_args), &[]).await?;
-        procs.push(c);
-        ready.push(r);
+        for (name, args) in [("server", server_args), ("client", client_args)] {
+            let (p, r, _) = trellis(pin, bin, name, &with_cfg(args), &[]).await?;
+            procs.push(p);
+            ready.push(r);
+        }
     }
     Ok(Setup {
         h1: Target::Http1(format!("http://127.0.0.1:{u1}/")),

@@ -114,8 +114,13 @@ async fn sampling_percentage_and_upstream_decisions_are_honoured() {
     // Every request carried context to the backend, sampled or not.
     let r = get(&format!("http://127.0.0.1:{port}/"), &[]).await;
     assert!(r.json()["headers"]["traceparent"].as_str().is_some_and(|t| t.starts_with("00-")));
-    tokio::time::sleep(Duration::from_millis(600)).await; // two export intervals
-    let traces: BTreeSet<String> = collector.otlp_spans().into_iter().map(|s| s.trace_id).collect();
+    // A last request the caller samples: spans are exported in order, so once its span has
+    // arrived, every earlier one has too.
+    let marker = format!("{:032x}", 0xfee1);
+    get(&format!("http://127.0.0.1:{port}/"), &[("traceparent", &format!("00-{marker}-{:016x}-01", 0xbeef))]).await;
+    collector.wait_otlp("the marker trace", |s| s.iter().any(|x| x.trace_id == marker)).await;
+    let traces: BTreeSet<String> =
+        collector.otlp_spans().into_iter().map(|s| s.trace_id).filter(|t| *t != marker).collect();
     println!("10% sampling: {} traces of 2001 requests", traces.len());
     assert!((140..=260).contains(&traces.len()), "{} traces", traces.len());
 
@@ -438,24 +443,34 @@ async fn a_real_prometheus_scrapes_istio_metrics_and_every_dashboard_query_has_d
         assert!(Instant::now() < deadline, "targets not up: {up_count}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let rates = prom_query(
-        paddr,
-        "sum by (destination_service_name) (rate(istio_requests_total{reporter=\"destination\"}[30s]))",
-    )
-    .await;
-    let names: BTreeMap<String, f64> = rates
-        .as_array()
-        .expect("vector")
-        .iter()
-        .map(|r| {
-            (
-                r["metric"]["destination_service_name"].as_str().unwrap_or("").to_string(),
-                r["value"][1].as_str().unwrap_or("0").parse().unwrap_or(0.0),
-            )
-        })
-        .collect();
-    for s in ["a", "b", "c", "d", "e", "g", "h"] {
+    // A rate needs two scrapes of each target: wait until every HTTP service has one.
+    let expected = ["a", "b", "c", "d", "e", "g", "h"];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let names = loop {
+        let rates = prom_query(
+            paddr,
+            "sum by (destination_service_name) (rate(istio_requests_total{reporter=\"destination\"}[30s]))",
+        )
+        .await;
+        let names: BTreeMap<String, f64> = rates
+            .as_array()
+            .expect("vector")
+            .iter()
+            .map(|r| {
+                (
+                    r["metric"]["destination_service_name"].as_str().unwrap_or("").to_string(),
+                    r["value"][1].as_str().unwrap_or("0").parse().unwrap_or(0.0),
+                )
+            })
+            .collect();
+        if expected.iter().all(|s| names.get(&format!("service-{s}")).is_some_and(|v| *v > 0.0))
+            || Instant::now() >= deadline
+        {
+            break names;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    for s in expected {
         assert!(names.get(&format!("service-{s}")).is_some_and(|v| *v > 0.0), "service-{s}: {names:?}");
     }
     assert!(!names.contains_key("service-f"), "F gets no HTTP traffic: {names:?}");
