@@ -29,10 +29,19 @@ async fn serve(listener: tokio::net::TcpListener, body: Bytes) {
     }
 }
 
+/// A listener on loopback, and also on the pod address when the harness runs in its private
+/// network namespace (linkerd2-proxy will not connect to loopback endpoints). Returns the
+/// loopback address.
+async fn bind() -> anyhow::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let ip = if crate::linkerd::in_private_netns() { "0.0.0.0" } else { "127.0.0.1" };
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], listener.local_addr()?.port()));
+    Ok((listener, addr))
+}
+
 /// An HTTP server (both protocol versions) answering 1 KiB to everything.
 pub async fn http() -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
+    let (listener, addr) = bind().await?;
     tokio::spawn(serve(listener, Bytes::from(vec![b'x'; BODY_BYTES])));
     Ok(addr)
 }
@@ -47,8 +56,7 @@ pub async fn sink() -> anyhow::Result<SocketAddr> {
 
 /// The gRPC echo service (`trellis.demo.v1.Echo`).
 pub async fn grpc() -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
+    let (listener, addr) = bind().await?;
     tokio::spawn(async move { trellis_demo::echo::serve(listener, "bench").await });
     Ok(addr)
 }

@@ -9,6 +9,7 @@
 
 mod backend;
 mod cpscale;
+mod linkerd;
 mod load;
 mod peers;
 
@@ -98,6 +99,7 @@ enum Scenario {
     TrellisSidecars(bool),
     Haproxy(PathBuf, usize),
     Nginx(PathBuf, usize),
+    Linkerd(PathBuf, usize),
 }
 
 struct Plan {
@@ -113,6 +115,11 @@ struct Plan {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.what == "all" {
+        if let Some(code) = linkerd::enter_private_netns() {
+            std::process::exit(code);
+        }
+    }
     let pin = Pinning::detect();
     if let Some(core) = pin.harness_core {
         let mut set = nix::sched::CpuSet::new();
@@ -204,10 +211,7 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
 
     let hap = peers::haproxy_bin().ok_or_else(|| "not run: haproxy not installed".to_string());
     let ngx = peers::nginx_bin().ok_or_else(|| "not run: nginx not installed".to_string());
-    let linkerd = match std::env::var("LINKERD2_PROXY_BIN") {
-        Err(_) => "not run: LINKERD2_PROXY_BIN unset".to_string(),
-        Ok(_) => "not run: the linkerd2-proxy control-plane stand-in is not written yet".to_string(),
-    };
+    let linkerd = linkerd::availability();
     let mut scenarios: Vec<(&str, &str, Result<Scenario, String>)> = vec![
         ("trellis", "1 proxy", Ok(Scenario::TrellisGateway(None))),
         ("haproxy", "1 proxy", hap.clone().map(|b| Scenario::Haproxy(b, 1))),
@@ -215,14 +219,14 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
     if !args.quick {
         scenarios.push(("nginx", "1 proxy", ngx.clone().map(|b| Scenario::Nginx(b, 1))));
     }
-    scenarios.push(("linkerd2-proxy", "1 proxy", Err(linkerd.clone())));
+    scenarios.push(("linkerd2-proxy", "1 proxy", linkerd.clone().map(|b| Scenario::Linkerd(b, 1))));
     scenarios.push(("trellis", "2 proxies", Ok(Scenario::TrellisSidecars(false))));
     if !args.quick {
         scenarios.push(("trellis mTLS", "2 proxies", Ok(Scenario::TrellisSidecars(true))));
         scenarios.push(("haproxy", "2 proxies", hap.map(|b| Scenario::Haproxy(b, 2))));
         scenarios.push(("nginx", "2 proxies", ngx.map(|b| Scenario::Nginx(b, 2))));
     }
-    scenarios.push(("linkerd2-proxy", "2 proxies", Err(linkerd)));
+    scenarios.push(("linkerd2-proxy mTLS", "2 proxies", linkerd.map(|b| Scenario::Linkerd(b, 2))));
     if !args.quick {
         scenarios.push(("trellis + telemetry 100%", "1 proxy", Ok(Scenario::TrellisGateway(Some(100.0)))));
         scenarios.push(("trellis + telemetry 1%", "1 proxy", Ok(Scenario::TrellisGateway(Some(1.0)))));
@@ -265,6 +269,7 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
             Scenario::TrellisSidecars(mtls) => peers::trellis_sidecars(&pin, &trellis, be, *mtls).await?,
             Scenario::Haproxy(bin, n) => peers::haproxy(&pin, bin, be, *n).await?,
             Scenario::Nginx(bin, n) => peers::nginx(&pin, bin, be, *n).await?,
+            Scenario::Linkerd(bin, n) => linkerd::setup(&pin, bin, be, *n).await?,
         };
         let pids = setup.pids();
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -345,6 +350,7 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
             "trellis": cmd_version(&trellis.display().to_string(), "--version"),
             "haproxy": peers::haproxy_bin().map(|b| cmd_version(&b.display().to_string(), "-v")).unwrap_or_else(|| "not installed".into()),
             "nginx": peers::nginx_bin().map(|b| cmd_version(&b.display().to_string(), "-v")).unwrap_or_else(|| "not installed".into()),
+            "linkerd2-proxy": linkerd::version(),
             "rustc": cmd_version("rustc", "--version"),
         }),
         pinning: pin.describe(),

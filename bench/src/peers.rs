@@ -62,7 +62,7 @@ impl Pinning {
         }
     }
 
-    fn command(&self, program: &Path) -> Command {
+    pub(crate) fn command(&self, program: &Path) -> Command {
         match self.proxy_core {
             Some(c) => {
                 let mut cmd = Command::new("taskset");
@@ -83,6 +83,8 @@ pub struct Setup {
     /// Milliseconds from spawn to ready, per proxy.
     pub ready_ms: Vec<f64>,
     pub tmp: tempfile::TempDir,
+    /// What else lives as long as the setup (linkerd2-proxy's capture rules and control plane).
+    pub _keep: Vec<Box<dyn Send>>,
 }
 
 impl Setup {
@@ -100,15 +102,36 @@ pub struct Backends {
 }
 
 async fn wait_ready(check: impl Fn() -> bool, what: &str) -> anyhow::Result<()> {
+    wait_ready_or(check, what, String::new).await
+}
+
+/// Waits for `check`; if it never holds, the error carries `diagnose()` (say, a log's tail).
+pub(crate) async fn wait_ready_or(
+    check: impl Fn() -> bool,
+    what: &str,
+    diagnose: impl Fn() -> String,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !check() {
-        anyhow::ensure!(Instant::now() < deadline, "{what} not ready in 20 s");
+        anyhow::ensure!(Instant::now() < deadline, "{what} not ready in 20 s\n{}", diagnose());
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     Ok(())
 }
 
-fn http_ok(addr: SocketAddr, path: &str) -> bool {
+/// The body of a plain HTTP/1.0 GET, if it answered 200.
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    (head.split(' ').nth(1) == Some("200")).then(|| body.to_string())
+}
+
+pub(crate) fn http_ok(addr: SocketAddr, path: &str) -> bool {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else { return false };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
@@ -123,7 +146,7 @@ fn tcp_ok(addr: SocketAddr) -> bool {
     std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
 }
 
-fn local(p: u16) -> SocketAddr {
+pub(crate) fn local(p: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], p))
 }
 
@@ -204,6 +227,7 @@ pub async fn trellis_gateway(pin: &Pinning, bin: &Path, be: Backends, telemetry:
         procs: vec![proc],
         ready_ms: vec![ready],
         tmp,
+        _keep: Vec::new(),
     })
 }
 
@@ -300,6 +324,7 @@ pub async fn trellis_sidecars(pin: &Pinning, bin: &Path, be: Backends, mtls: boo
         procs,
         ready_ms: ready,
         tmp,
+        _keep: Vec::new(),
     })
 }
 
@@ -338,7 +363,15 @@ pub async fn haproxy(pin: &Pinning, bin: &Path, be: Backends, chain: usize) -> a
         ready.push(t.elapsed().as_secs_f64() * 1000.0);
         next = local(port);
     }
-    Ok(Setup { h1: Target::Http1(format!("http://{next}/")), h2: None, grpc: None, procs, ready_ms: ready, tmp })
+    Ok(Setup {
+        h1: Target::Http1(format!("http://{next}/")),
+        h2: None,
+        grpc: None,
+        procs,
+        ready_ms: ready,
+        tmp,
+        _keep: Vec::new(),
+    })
 }
 
 /// nginx, one or two in a chain, HTTP/1.1 keep-alive upstream connections.
@@ -374,7 +407,15 @@ pub async fn nginx(pin: &Pinning, bin: &Path, be: Backends, chain: usize) -> any
         ready.push(t.elapsed().as_secs_f64() * 1000.0);
         next = local(port);
     }
-    Ok(Setup { h1: Target::Http1(format!("http://{next}/")), h2: None, grpc: None, procs, ready_ms: ready, tmp })
+    Ok(Setup {
+        h1: Target::Http1(format!("http://{next}/")),
+        h2: None,
+        grpc: None,
+        procs,
+        ready_ms: ready,
+        tmp,
+        _keep: Vec::new(),
+    })
 }
 
 // --- resources ---
