@@ -477,7 +477,7 @@ impl Drop for Served {
 async fn serve(cp: ControlPlane) -> anyhow::Result<(SocketAddr, Served)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let router = tonic::transport::Server::builder()
         .add_service(identity::identity_server::IdentityServer::new(cp.clone()))
         .add_service(dst::destination_server::DestinationServer::new(cp.clone()))

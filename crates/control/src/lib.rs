@@ -31,7 +31,12 @@ pub async fn serve(
     let svc = ControlService::new(store, certificates);
     tonic::transport::Server::builder()
         .add_service(svc.into_server())
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        // TCP_NODELAY, as tonic's own `serve` sets: a push is written when it is ready, not
+        // held back by Nagle until the previous one is acknowledged.
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
 }
 

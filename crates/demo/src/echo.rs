@@ -78,6 +78,8 @@ impl pb::echo_server::Echo for Echo {
 pub async fn serve(listener: tokio::net::TcpListener, name: &str) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .add_service(EchoServer::new(Echo { name: name.to_string() }))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        // TCP_NODELAY, as tonic's own `serve` sets: without it Nagle holds a response's
+        // trailers until the client acknowledges its data (up to the 40 ms delayed ACK).
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)))
         .await
 }
