@@ -168,10 +168,10 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
     } else {
         Plan {
             rates: vec![1000, 5000],
-            warmup: Duration::from_secs(2),
-            measure: Duration::from_secs(8),
+            warmup: Duration::from_secs(1),
+            measure: Duration::from_secs(7),
             sat_warmup: Duration::from_secs(1),
-            sat_measure: Duration::from_secs(5),
+            sat_measure: Duration::from_secs(4),
             concurrency: 64,
             extra_protocols: true,
             cp: (1000, 1000),
