@@ -30,9 +30,19 @@ pub fn trellis_bin() -> &'static str {
 
 /// A port that was free a moment ago, chosen below the ephemeral range so that no outgoing
 /// connection takes it before the process under test binds it.
+///
+/// nextest runs tests as parallel processes, and a port handed out here is only bound later by
+/// the proxy under test; so that two tests do not get the same port in that window, each test
+/// process takes ports from its own slice of the range (by pid), in turn from a random start,
+/// so it hands out no port twice before going round its 250.
 pub fn free_port() -> u16 {
-    for _ in 0..1000 {
-        let port = fastrand::u16(15_000..20_000);
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const SLICE: u16 = 250;
+    static NEXT: AtomicU16 = AtomicU16::new(u16::MAX);
+    let base = 15_000 + (std::process::id() % 20) as u16 * SLICE;
+    let _ = NEXT.compare_exchange(u16::MAX, fastrand::u16(0..SLICE), Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..SLICE {
+        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % SLICE;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
