@@ -132,14 +132,7 @@ pub(crate) fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
 }
 
 pub(crate) fn http_ok(addr: SocketAddr, path: &str) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else { return false };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 12];
-    matches!(s.read(&mut buf), Ok(n) if n >= 12 && &buf[9..12] == b"200")
+    http_get(addr, path).is_some()
 }
 
 fn tcp_ok(addr: SocketAddr) -> bool {
@@ -340,26 +333,29 @@ pub fn nginx_bin() -> Option<PathBuf> {
     find(&["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"])
 }
 
-/// HAProxy, one or two in a chain, HTTP/1.1 keep-alive to the backend.
-pub async fn haproxy(pin: &Pinning, bin: &Path, be: Backends, chain: usize) -> anyhow::Result<Setup> {
+/// A chain of `n` plain proxies in front of the HTTP backend, the last one first called.
+/// `start(dir, port, next)` writes a proxy's config in its own `dir` and returns the
+/// command that runs it listening on `port` and forwarding to `next`; a proxy is ready when its
+/// port accepts.
+async fn plain_chain(
+    be: Backends,
+    n: usize,
+    name: &str,
+    start: impl Fn(&Path, u16, SocketAddr) -> anyhow::Result<Command>,
+) -> anyhow::Result<Setup> {
     let tmp = tempfile::tempdir()?;
     let mut next = be.http;
     let mut procs = Vec::new();
     let mut ready = Vec::new();
-    for i in 0..chain {
+    for i in 0..n {
         let port = free_port();
-        let cfg = tmp.path().join(format!("haproxy-{i}.cfg"));
-        std::fs::write(
-            &cfg,
-            format!(
-                "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n  http-reuse always\nfrontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\nbackend be\n  server s1 {next}\n"
-            ),
-        )?;
+        let dir = tmp.path().join(format!("{name}-{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let mut cmd = start(&dir, port, next)?;
         let t = Instant::now();
-        let child =
-            pin.command(bin).arg("-f").arg(&cfg).arg("-db").stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
-        procs.push(Proc { name: format!("haproxy-{i}"), child });
-        wait_ready(|| tcp_ok(local(port)), "haproxy").await?;
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+        procs.push(Proc { name: format!("{name}-{i}"), child });
+        wait_ready(|| tcp_ok(local(port)), name).await?;
         ready.push(t.elapsed().as_secs_f64() * 1000.0);
         next = local(port);
     }
@@ -374,15 +370,26 @@ pub async fn haproxy(pin: &Pinning, bin: &Path, be: Backends, chain: usize) -> a
     })
 }
 
+/// HAProxy, one or two in a chain, HTTP/1.1 keep-alive to the backend.
+pub async fn haproxy(pin: &Pinning, bin: &Path, be: Backends, chain: usize) -> anyhow::Result<Setup> {
+    plain_chain(be, chain, "haproxy", |dir, port, next| {
+        let cfg = dir.join("haproxy.cfg");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global\n  nbthread 1\n  maxconn 8000\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  option http-keep-alive\n  http-reuse always\nfrontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\nbackend be\n  server s1 {next}\n"
+            ),
+        )?;
+        let mut cmd = pin.command(bin);
+        cmd.arg("-f").arg(&cfg).arg("-db");
+        Ok(cmd)
+    })
+    .await
+}
+
 /// nginx, one or two in a chain, HTTP/1.1 keep-alive upstream connections.
 pub async fn nginx(pin: &Pinning, bin: &Path, be: Backends, chain: usize) -> anyhow::Result<Setup> {
-    let tmp = tempfile::tempdir()?;
-    let mut next = be.http;
-    let mut procs = Vec::new();
-    let mut ready = Vec::new();
-    for i in 0..chain {
-        let port = free_port();
-        let dir = tmp.path().join(format!("nginx-{i}"));
+    plain_chain(be, chain, "nginx", |dir, port, next| {
         std::fs::create_dir_all(dir.join("logs"))?;
         let cfg = dir.join("nginx.conf");
         std::fs::write(
@@ -392,30 +399,11 @@ pub async fn nginx(pin: &Pinning, bin: &Path, be: Backends, chain: usize) -> any
                 d = dir.display()
             ),
         )?;
-        let t = Instant::now();
-        let child = pin
-            .command(bin)
-            .arg("-p")
-            .arg(&dir)
-            .arg("-c")
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        procs.push(Proc { name: format!("nginx-{i}"), child });
-        wait_ready(|| tcp_ok(local(port)), "nginx").await?;
-        ready.push(t.elapsed().as_secs_f64() * 1000.0);
-        next = local(port);
-    }
-    Ok(Setup {
-        h1: Target::Http1(format!("http://{next}/")),
-        h2: None,
-        grpc: None,
-        procs,
-        ready_ms: ready,
-        tmp,
-        _keep: Vec::new(),
+        let mut cmd = pin.command(bin);
+        cmd.arg("-p").arg(dir).arg("-c").arg(&cfg);
+        Ok(cmd)
     })
+    .await
 }
 
 // --- resources ---
