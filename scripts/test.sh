@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test. Installs what the tests need first (Debian packages, Python packages,
-# cargo-nextest), so it works on a fresh machine with only Rust, Python, Node and gcc.
+# cargo-nextest, the Kubernetes test cluster built with Go), so it works on a fresh machine with
+# only the toolchains (Rust, Go, Python, Node, gcc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,8 +24,16 @@ apt_install() {
 command -v curl >/dev/null || apt_install curl ca-certificates
 
 # A real Prometheus scrapes a running mesh in the observability tests; HAProxy and nginx are
-# the benchmark harness's peers (its quick run below proves it works).
-apt_install prometheus haproxy nginx
+# the benchmark harness's peers (its quick run below proves it works). iptables: transparent
+# capture in the Kubernetes tests' Pod network namespaces; openssl checks sidecar certificates.
+apt_install prometheus haproxy nginx iptables openssl
+
+# The Kubernetes tests' control plane (etcd, kube-apiserver, kube-controller-manager, kubectl)
+# and helm, built from their Go modules once and cached by version (~20 min the first time on
+# 2 cores, nothing after).
+log "test cluster binaries"
+TRELLIS_TESTCLUSTER_BIN="$(scripts/testcluster.sh)"
+export TRELLIS_TESTCLUSTER_BIN
 
 # Python peers: grpcio (gRPC interop) and the OpenTelemetry SDK (tracing interop).
 if ! python3 -c 'import grpc, opentelemetry.sdk, opentelemetry.propagators.b3, opentelemetry.exporter.otlp.proto.http' 2>/dev/null; then

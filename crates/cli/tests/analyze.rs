@@ -119,3 +119,35 @@ fn istio_tutorial_manifests_are_read_unchanged() {
     assert_eq!(findings[0]["line"], line);
     assert!(findings[0]["message"].as_str().unwrap_or_default().contains("\"frontend\""));
 }
+
+#[test]
+fn deployments_are_workloads_so_subsets_they_select_are_not_reported() {
+    // Bookinfo's shape: Deployments (not Workloads or WorkloadEntries) carry the version labels
+    // that DestinationRule subsets select; ServiceAccounts and Namespaces load without warnings.
+    let dir = support::ConfigDir::new();
+    let mut yaml = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: default}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: bookinfo-reviews}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: reviews, labels: {app: reviews}}\nspec:\n  ports: [{port: 9080, name: http}]\n  selector: {app: reviews}\n",
+    );
+    for v in ["v1", "v2", "v3"] {
+        yaml.push_str(&format!(
+            "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: reviews-{v}, labels: {{app: reviews, version: {v}}}}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: reviews, version: {v}}}}}\n  template:\n    metadata: {{labels: {{app: reviews, version: {v}}}}}\n    spec:\n      serviceAccountName: bookinfo-reviews\n      containers:\n      - name: reviews\n        image: docker.io/istio/examples-bookinfo-reviews-{v}:1.20.3\n        imagePullPolicy: IfNotPresent\n        env: [{{name: LOG_DIR, value: /tmp/logs}}]\n        ports: [{{containerPort: 9080}}]\n        volumeMounts: [{{name: tmp, mountPath: /tmp}}]\n        securityContext: {{runAsUser: 1000}}\n      volumes: [{{name: tmp, emptyDir: {{}}}}]\n"
+        ));
+    }
+    yaml.push_str("---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n  - {name: v3, labels: {version: v3}}\n  - name: v4\n    labels: {version: v4}\n");
+    let file = dir.write("bookinfo.yaml", &yaml);
+    let (code, findings) = analyze_json(&[dir.path().to_path_buf()]);
+    assert_eq!(code, 0, "{findings:#?}");
+    assert_eq!(findings.len(), 1, "only the subset no Deployment selects: {findings:#?}");
+    assert_eq!(findings[0]["code"], "TRL0109");
+    let text = std::fs::read_to_string(&file).expect("read");
+    let line = text.lines().position(|l| l.trim() == "- name: v4").expect("v4 line") as u64 + 1;
+    assert_eq!(findings[0]["line"], line + 1, "the finding points at the subset's labels");
+
+    // A mesh HTTPRoute (GAMMA) to those versions analyzes clean too.
+    dir.write(
+        "route.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: reviews}\nspec:\n  parentRefs: [{kind: Service, group: \"\", name: reviews}]\n  rules:\n  - backendRefs: [{name: reviews, port: 9080}]\n",
+    );
+    let (code, findings) = analyze_json(&[dir.path().to_path_buf()]);
+    assert_eq!((code, findings.len()), (0, 1), "{findings:#?}");
+}

@@ -212,7 +212,7 @@ pub fn analyze(resources: &[Resource], extra: &[Workload]) -> Vec<Finding> {
             Spec::PeerAuthentication(pa) => cx.peer_authentication(r, pa, resources),
             Spec::AuthorizationPolicy(ap) => cx.authorization_policy(r, ap, resources, extra),
             Spec::RequestAuthentication(ra) => cx.request_authentication(r, ra, resources, extra),
-            Spec::Gateway(_) => {}
+            Spec::Gateway(_) | Spec::PodTemplate(_) | Spec::Metadata => {}
         }
     }
     cx.findings
@@ -234,6 +234,7 @@ fn selects_any(
     resources.iter().any(|r| match &r.spec {
         Spec::Workload(_) => in_scope(r.namespace()) && selects(labels, &r.meta.labels),
         Spec::WorkloadEntry(we) => in_scope(r.namespace()) && selects(labels, &we.labels),
+        Spec::PodTemplate(t) => in_scope(r.namespace()) && selects(labels, &t.labels),
         // A gateway deployment carries its Gateways' selector labels.
         Spec::Gateway(g) => !g.selector.is_empty() && selects(labels, &g.selector),
         _ => false,

@@ -44,6 +44,18 @@ pub struct ProxySpec {
     /// The proxy's admin address (metadata: for `trellis prometheus-config`).
     #[serde(default)]
     pub admin: Option<SocketAddr>,
+    /// Transparent capture (a Pod whose traffic iptables redirects to the proxy): the inbound
+    /// and outbound listeners that receive it. `inbound` then lists the app's ports, each
+    /// served through the capture listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<CaptureSpec>,
+}
+
+/// Where captured traffic arrives (Istio's 15006 and 15001 by default).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CaptureSpec {
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
 }
 
 impl Default for ProxySpec {
@@ -59,6 +71,7 @@ impl Default for ProxySpec {
             outbound: None,
             upstreams: Vec::new(),
             admin: None,
+            capture: None,
             service_account: default_service_account(),
             trust_domain: default_trust_domain(),
         }
@@ -166,7 +179,7 @@ impl Generation {
     /// `proxy`'s snapshot, encoded; equal in content and version to [`compile`]'s.
     pub fn compile(&self, resources: &[Resource], proxy: &ProxySpec) -> Result<Encoded, String> {
         let shared = match proxy.role {
-            Role::Sidecar if proxy.outbound.is_some() || !proxy.upstreams.is_empty() => {
+            Role::Sidecar if proxy.outbound.is_some() || !proxy.upstreams.is_empty() || proxy.capture.is_some() => {
                 Some(self.shared_outbound(resources, proxy)?)
             }
             _ => None,
@@ -302,8 +315,11 @@ impl<'a> Compiler<'a> {
     // --- sidecars ---
 
     fn sidecar(&mut self, snap: &mut Snapshot) {
+        let capture = self.proxy.capture;
+        let mut captured_inbound: BTreeMap<u16, CapturedPort> = BTreeMap::new();
         for ib in &self.proxy.inbound {
-            let port = ib.listen.port();
+            // Captured: tables by the app's port (the connection's original destination).
+            let port = if capture.is_some() { ib.app.port() } else { ib.listen.port() };
             let cluster = format!("inbound|{port}||");
             self.clusters.insert(
                 cluster.clone(),
@@ -356,15 +372,32 @@ impl<'a> Compiler<'a> {
                     }],
                 },
             );
+            let mtls = peer_authentication(self.resources, self.proxy, ib.app.port());
+            if capture.is_some() {
+                captured_inbound.insert(port, CapturedPort { table, mtls: Some(mtls) });
+                continue;
+            }
             snap.listeners.push(Listener {
                 name: format!("inbound-{port}"),
                 address: ib.listen,
                 direction: Direction::Inbound,
                 routing: ListenerRouting::Table(table),
-                mtls: Some(peer_authentication(self.resources, self.proxy, ib.app.port())),
+                mtls: Some(mtls),
             });
         }
-        if self.proxy.outbound.is_none() && self.proxy.upstreams.is_empty() {
+        if let Some(c) = capture {
+            // Ports the app did not declare: the workload-wide mode (port 0 matches no
+            // port-level setting).
+            let passthrough_mtls = Some(peer_authentication(self.resources, self.proxy, 0));
+            snap.listeners.push(Listener {
+                name: "inbound-capture".into(),
+                address: c.inbound,
+                direction: Direction::Inbound,
+                routing: ListenerRouting::OriginalDst { ports: captured_inbound, passthrough_mtls },
+                mtls: None,
+            });
+        }
+        if self.proxy.outbound.is_none() && self.proxy.upstreams.is_empty() && capture.is_none() {
             return;
         }
         // Outbound tables, one per port any service listens on (and 80 for plain `http://name`).
@@ -376,6 +409,25 @@ impl<'a> Compiler<'a> {
         for port in ports {
             let table = self.outbound_table(port);
             snap.route_tables.insert(outbound_table(port), table);
+        }
+        if let Some(c) = capture {
+            // Every port a service speaks HTTP on is served as HTTP; any other destination
+            // passes through as TCP.
+            let http_ports: BTreeSet<u16> = self
+                .registry
+                .services
+                .iter()
+                .flat_map(|s| s.ports.iter().filter(|p| p.protocol.is_http()).map(|p| p.number))
+                .collect();
+            let ports =
+                http_ports.into_iter().map(|p| (p, CapturedPort { table: outbound_table(p), mtls: None })).collect();
+            snap.listeners.push(Listener {
+                name: "outbound-capture".into(),
+                address: c.outbound,
+                direction: Direction::Outbound,
+                routing: ListenerRouting::OriginalDst { ports, passthrough_mtls: None },
+                mtls: None,
+            });
         }
         if let Some(addr) = self.proxy.outbound {
             snap.listeners.push(Listener {
@@ -609,6 +661,7 @@ impl<'a> Compiler<'a> {
                         .iter()
                         .filter(|w| subset_def.as_ref().is_none_or(|s| selects(&s.labels, &w.labels)))
                         .filter(|_| subset.is_none() || subset_def.is_some())
+                        .filter(|w| w.has_address())
                         .map(|w| Endpoint {
                             address: join_host_port(&w.address, w.port_for(sp)),
                             labels: w.labels.clone(),

@@ -73,6 +73,24 @@ codes! {
     InvalidJwks = "TRL0204", Error, "invalid-jwks";
 }
 
+impl Code {
+    /// Whether the finding is about how a resource relates to others (a host, subset or gateway
+    /// it names that does not exist yet, a clash with another resource), rather than about the
+    /// resource itself. Admission admits those with a warning: the other resource may be applied
+    /// next, as `kubectl apply -f DIR` applies files in name order.
+    pub fn refers_to_others(self) -> bool {
+        matches!(
+            self,
+            Code::SubsetNotFound
+                | Code::GatewayNotFound
+                | Code::HostNotFound
+                | Code::DuplicateHost
+                | Code::DuplicateResource
+                | Code::ConflictingPeerAuthentication
+        )
+    }
+}
+
 impl fmt::Display for Code {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

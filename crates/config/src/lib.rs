@@ -15,6 +15,7 @@ pub mod compile;
 pub mod encode;
 pub mod filter;
 pub mod finding;
+pub mod gateway_api;
 pub mod hash;
 pub mod jwks;
 pub mod load;

@@ -12,6 +12,20 @@ use crate::finding::{Code, Finding};
 use crate::model::{kube, networking, security, Kind, ObjectMeta, Resource, Source, Spec};
 use crate::yaml::{self, Node, Seg};
 
+/// Resources read from a cluster carry a pseudo file name, `k8s:Kind/namespace/name`, so their
+/// findings say where they came from as file findings do.
+pub const CLUSTER_SOURCE_PREFIX: &str = "k8s:";
+
+/// The pseudo file name of a cluster resource.
+pub fn cluster_source(kind: &str, namespace: &str, name: &str) -> PathBuf {
+    PathBuf::from(format!("{CLUSTER_SOURCE_PREFIX}{kind}/{namespace}/{name}"))
+}
+
+/// Whether `file` names a cluster resource (see [`cluster_source`]).
+pub fn is_cluster_source(file: &Path) -> bool {
+    file.to_str().is_some_and(|f| f.starts_with(CLUSTER_SOURCE_PREFIX))
+}
+
 /// Resources read, and what was wrong with the rest.
 #[derive(Clone, Debug, Default)]
 pub struct Loaded {
@@ -166,6 +180,30 @@ fn decode_resource(file: Arc<PathBuf>, doc: Arc<Node>, findings: &mut Vec<Findin
         Kind::RequestAuthentication => {
             decode_as::<security::RequestAuthentication>(&doc, &mut unknown, Spec::RequestAuthentication)
         }
+        // Kinds that run pods: only their pod template is read, and nothing else is reported as
+        // unknown (the API server owns their schema).
+        k if k.runs_pods() => yaml::decode::<Envelope<serde_json::Value>>(&doc, |p| unknown.push(p)).map(|env| {
+            let spec = env.spec.unwrap_or_default();
+            let template = kube::PodTemplate::from_spec(k, &spec, &env.metadata.labels);
+            (env.metadata, Some(Spec::PodTemplate(template)))
+        }),
+        k @ (Kind::GatewayApiGateway | Kind::HttpRoute | Kind::GrpcRoute) => {
+            yaml::decode::<Envelope<serde_json::Value>>(&doc, |p| unknown.push(p)).and_then(|env| {
+                let spec = env.spec.unwrap_or_default();
+                let ns = env.metadata.namespace.as_deref().unwrap_or(crate::model::DEFAULT_NAMESPACE);
+                let istio = match k {
+                    Kind::GatewayApiGateway => crate::gateway_api::gateway(&env.metadata.name, &spec),
+                    _ => crate::gateway_api::route(ns, &spec, k == Kind::GrpcRoute),
+                };
+                let translated = match k {
+                    Kind::GatewayApiGateway => serde_json::from_value(istio).map(Spec::Gateway),
+                    _ => serde_json::from_value(istio).map(Spec::VirtualService),
+                };
+                let spec = translated.map_err(|e| yaml::DeError { message: e.to_string(), pos: None })?;
+                Ok((env.metadata, Some(spec)))
+            })
+        }
+        _ => decode_as::<serde_json::Value>(&doc, &mut unknown, |_| Spec::Metadata),
     };
     let (meta, spec) = match decoded {
         Ok(v) => v,
@@ -230,5 +268,9 @@ fn empty_spec(kind: Kind) -> Spec {
         Kind::PeerAuthentication => Spec::PeerAuthentication(Default::default()),
         Kind::AuthorizationPolicy => Spec::AuthorizationPolicy(Default::default()),
         Kind::RequestAuthentication => Spec::RequestAuthentication(Default::default()),
+        k if k.runs_pods() => Spec::PodTemplate(Default::default()),
+        Kind::GatewayApiGateway => Spec::Gateway(Default::default()),
+        Kind::HttpRoute | Kind::GrpcRoute => Spec::VirtualService(Default::default()),
+        _ => Spec::Metadata,
     }
 }

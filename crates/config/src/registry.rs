@@ -63,7 +63,9 @@ pub enum TargetPort {
     Name(String),
 }
 
-/// An instance that serves a service: an address, its named ports and its labels.
+/// An instance that serves a service: an address, its named ports and its labels. An empty
+/// address is a workload known only from a manifest (a Deployment's pod template): it counts for
+/// selection and has no endpoint.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Workload {
     pub name: String,
@@ -90,6 +92,10 @@ impl Workload {
 
     /// The port this workload serves `port` of a service on (Istio's rule: the workload's port of
     /// the same name, else the target port, else the service port).
+    pub fn has_address(&self) -> bool {
+        !self.address.is_empty()
+    }
+
     pub fn port_for(&self, port: &ServicePort) -> u16 {
         if let Some(p) = self.ports.get(&port.name) {
             return *p;
@@ -181,6 +187,21 @@ impl Registry {
                 }
             }
         }
+        // Pods and the kinds that run them: their templates are workloads for selection (subsets,
+        // selectors); a ready Pod from a cluster has an address and is an endpoint.
+        for r in resources {
+            if let Spec::PodTemplate(t) = &r.spec {
+                workloads.push(Workload {
+                    name: r.name().to_string(),
+                    namespace: r.namespace().to_string(),
+                    address: t.address.clone().unwrap_or_default(),
+                    ports: t.ports.clone(),
+                    labels: t.labels.clone(),
+                    weight: 1,
+                    service_account: t.service_account.clone(),
+                });
+            }
+        }
         let mut reg = Registry::default();
         for r in resources {
             match &r.spec {
@@ -263,10 +284,19 @@ impl Registry {
                             .cloned()
                             .collect()
                     };
+                    // A captured call may name the Service by its ClusterIP.
+                    let mut aliases = vec![format!("{name}.{ns}"), format!("{name}.{ns}.svc")];
+                    aliases.extend(
+                        svc.cluster_ip
+                            .iter()
+                            .chain(svc.cluster_ips.iter())
+                            .filter(|ip| !ip.is_empty() && ip.as_str() != "None")
+                            .cloned(),
+                    );
                     reg.add(Service {
                         hostname: format!("{name}.{ns}.{CLUSTER_DOMAIN}"),
                         namespace: ns.to_string(),
-                        aliases: vec![format!("{name}.{ns}"), format!("{name}.{ns}.svc")],
+                        aliases,
                         short_name: Some(name),
                         ports,
                         endpoints,

@@ -149,6 +149,23 @@ pub enum ListenerRouting {
     /// Requests are routed as if addressed to `host:port` (a local port bound to a named upstream,
     /// for clients that cannot use a proxy).
     Fixed { host: String, port: u16 },
+    /// Transparent capture (iptables REDIRECT): each connection's original destination port
+    /// (`SO_ORIGINAL_DST`) picks its table and mTLS mode; a port not listed is passed through as
+    /// TCP to the original destination, untouched.
+    OriginalDst {
+        ports: BTreeMap<u16, CapturedPort>,
+        /// Inbound: the mode for ports not listed (STRICT refuses their plaintext passthrough).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        passthrough_mtls: Option<MtlsMode>,
+    },
+}
+
+/// A port of a capturing listener that Trellis serves as HTTP.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CapturedPort {
+    pub table: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsMode>,
 }
 
 /// Name of the outbound route table for a port.

@@ -95,7 +95,7 @@ impl control_server::Control for ControlService {
             .as_ref()
             .ok_or_else(|| Status::unimplemented("this control plane runs no certificate authority"))?;
         let req = req.into_inner();
-        let (chain, bundle) = svc.sign(&req.token, &req.csr_pem)?;
+        let (chain, bundle) = svc.sign(&req.token, &req.csr_pem).await?;
         Ok(Response::new(CertificateReply { cert_chain_pem: chain, trust_bundle_pem: bundle }))
     }
 

@@ -1,8 +1,12 @@
-//! The config store: the resources the control plane serves, reloaded when files change.
+//! The config store: the resources the control plane serves, reloaded when files change or
+//! when the cluster's resources do (on Kubernetes, `trellis-kube` hands it the cluster's
+//! Services, Pods and Istio resources).
 //!
-//! Every change goes through the same rules as `trellis analyze`. A change with errors is
+//! Every change goes through the same rules as `trellis analyze`. A file change with errors is
 //! rejected: its findings are logged and kept for `trellis status`, and the last good config
-//! keeps being served. Subscribers see each good config as a new generation.
+//! keeps being served. A cluster resource with errors is left out on its own (as Istio skips an
+//! invalid object that got past its webhook), so one bad VirtualService cannot stop endpoints
+//! from following Pods. Subscribers see each good config as a new generation.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -32,6 +36,8 @@ pub struct Rejection {
 pub struct ConfigStore {
     paths: Vec<PathBuf>,
     recursive: bool,
+    /// The cluster's resources, when a cluster is a source.
+    cluster: Mutex<Option<Arc<Vec<Resource>>>>,
     tx: watch::Sender<Arc<ConfigState>>,
     rejection: Mutex<Option<Rejection>>,
 }
@@ -44,17 +50,37 @@ impl ConfigStore {
         Arc::new(ConfigStore {
             paths,
             recursive,
+            cluster: Mutex::new(None),
             tx: watch::channel(Arc::new(ConfigState::default())).0,
             rejection: Mutex::new(None),
         })
     }
 
-    /// Reads the files; on success publishes a new generation, on errors keeps the current one.
+    /// Replaces the cluster's resources and reloads.
+    pub fn set_cluster_resources(&self, resources: Vec<Resource>) -> Result<u64, Rejection> {
+        *self.cluster.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(resources));
+        self.reload()
+    }
+
+    /// Reads the files (and takes the cluster's resources); on success publishes a new
+    /// generation, on errors in files keeps the current one.
     pub fn reload(&self) -> Result<u64, Rejection> {
         let started = std::time::Instant::now();
-        let loaded = trellis_config::check(&self.paths, self.recursive);
+        let mut loaded = if self.paths.is_empty() {
+            trellis_config::Loaded::default()
+        } else {
+            trellis_config::load_paths(&self.paths, self.recursive)
+        };
+        let cluster = self.cluster.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(c) = &cluster {
+            loaded.resources.extend(c.iter().cloned());
+        }
+        let more = trellis_config::analyze::analyze(&loaded.resources, &[]);
+        loaded.findings.extend(more);
+        trellis_config::finding::sort(&mut loaded.findings);
         let checked = started.elapsed();
-        let errors: Vec<Finding> = loaded.findings.iter().filter(|f| f.is_error()).cloned().collect();
+        let is_cluster = |f: &Finding| f.file.as_deref().is_some_and(|p| trellis_config::load::is_cluster_source(p));
+        let errors: Vec<Finding> = loaded.findings.iter().filter(|f| f.is_error() && !is_cluster(f)).cloned().collect();
         if !errors.is_empty() {
             let rejection = Rejection {
                 reason: format!("config has {} error(s); the last good config keeps serving", errors.len()),
@@ -67,18 +93,40 @@ impl ConfigStore {
             *self.rejection.lock().unwrap_or_else(|p| p.into_inner()) = Some(rejection.clone());
             return Err(rejection);
         }
+        // Cluster resources with errors are left out, each on its own.
+        let bad: std::collections::BTreeSet<String> = loaded
+            .findings
+            .iter()
+            .filter(|f| f.is_error() && is_cluster(f))
+            .filter_map(|f| f.resource.clone())
+            .collect();
+        let left_out: Vec<Finding> =
+            loaded.findings.iter().filter(|f| f.is_error() && is_cluster(f)).cloned().collect();
+        if !bad.is_empty() {
+            loaded.resources.retain(|r| !bad.contains(&r.id()));
+        }
         for f in loaded.findings.iter().filter(|f| f.severity == trellis_config::Severity::Warning) {
             tracing::warn!("{f}");
         }
-        *self.rejection.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        for f in &left_out {
+            tracing::warn!("left out: {f}");
+        }
+        *self.rejection.lock().unwrap_or_else(|p| p.into_inner()) = if left_out.is_empty() {
+            None
+        } else {
+            Some(Rejection {
+                reason: format!("{} cluster resource(s) with errors are left out", bad.len()),
+                findings: left_out,
+            })
+        };
         let generation = self.tx.borrow().generation + 1;
         let compiled = Generation::new(&loaded.resources);
         self.tx.send_replace(Arc::new(ConfigState { generation, resources: loaded.resources, compiled }));
         tracing::info!(
             generation,
             resources = self.tx.borrow().resources.len(),
-            checked_ms = checked.as_secs_f64() * 1000.0,
-            total_ms = started.elapsed().as_secs_f64() * 1000.0,
+            checked_ms = format!("{:.1}", checked.as_secs_f64() * 1000.0),
+            total_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1000.0),
             "config loaded"
         );
         Ok(generation)
@@ -98,6 +146,9 @@ impl ConfigStore {
 
     /// Reloads on every change of the files, for as long as the returned task runs.
     pub fn watch(self: &Arc<Self>) -> trellis_config::watch::notify::Result<tokio::task::JoinHandle<()>> {
+        if self.paths.is_empty() {
+            return Ok(tokio::spawn(std::future::pending()));
+        }
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let watcher = trellis_config::watch::watch(&self.paths, self.recursive, move || {
             let _ = tx.send(());

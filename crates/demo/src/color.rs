@@ -12,9 +12,17 @@ use crate::web;
 /// `colorteller`: answers `$COLOR` on every path.
 pub async fn teller() -> std::io::Result<()> {
     let color = std::env::var("COLOR").unwrap_or_else(|_| "black".into());
+    // Which instance answered, for canaries and scaling demos (a Pod's HOSTNAME is its name).
+    let instance = std::env::var("HOSTNAME").ok().and_then(|h| http::HeaderValue::from_str(&h).ok());
     web::serve("colorteller", web::port(8080), move |_req| {
-        let color = color.clone();
-        async move { web::text(StatusCode::OK, color) }
+        let (color, instance) = (color.clone(), instance.clone());
+        async move {
+            let mut resp = web::text(StatusCode::OK, color);
+            if let Some(i) = instance {
+                resp.headers_mut().insert("x-served-by", i);
+            }
+            resp
+        }
     })
     .await
 }

@@ -1,5 +1,5 @@
 //! `trellis-demo`: the demo workloads, one subcommand each. They are ordinary programs: they
-//! listen on `$PORT`, call other services by name through `HTTP_PROXY`, forward trace headers,
+//! listen on `$PORT` (at `$BIND`, default 127.0.0.1), call other services by name through `HTTP_PROXY`, forward trace headers,
 //! and log JSON lines. `trellis up` runs them (see `examples/`).
 #![forbid(unsafe_code)]
 
@@ -45,7 +45,7 @@ async fn main() -> std::process::ExitCode {
         App::Artists { genre } => trellis_demo::dj::genre(genre).await,
         App::GrpcEcho { name } => {
             let port = trellis_demo::web::port(50051);
-            match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            match tokio::net::TcpListener::bind((trellis_demo::web::bind_ip(), port)).await {
                 Ok(l) => trellis_demo::echo::serve(l, &name).await.map_err(std::io::Error::other),
                 Err(e) => Err(e),
             }

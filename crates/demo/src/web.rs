@@ -113,14 +113,20 @@ pub fn port(default: u16) -> u16 {
     std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(default)
 }
 
-/// Serves `handler` on 127.0.0.1:`port` (HTTP/1.1 and HTTP/2) until SIGTERM or Ctrl-C, then
+/// The address to listen on: `$BIND` (in a Pod, `0.0.0.0` or the Pod's IP from the downward
+/// API), else 127.0.0.1.
+pub fn bind_ip() -> std::net::IpAddr {
+    std::env::var("BIND").ok().and_then(|b| b.parse().ok()).unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]))
+}
+
+/// Serves `handler` on [`bind_ip`]:`port` (HTTP/1.1 and HTTP/2) until SIGTERM or Ctrl-C, then
 /// finishes in-flight requests. Every request is logged as one JSON line.
 pub async fn serve<H, F>(service: &str, port: u16, handler: H) -> std::io::Result<()>
 where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = SocketAddr::new(bind_ip(), port);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     log(service, "info", "listening", serde_json::json!({"address": addr.to_string()}));
     let handler = Arc::new(handler);

@@ -124,6 +124,38 @@ impl CertificateAuthority {
     }
 }
 
+impl CertificateAuthority {
+    /// A TLS server certificate for the control plane's own HTTPS endpoints (the admission
+    /// webhooks the API server calls), for `dns_names` and `ips`: (chain PEM, private key PEM).
+    pub fn serving_certificate(
+        &self,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+    ) -> Result<(String, String), Error> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(dns_names.to_vec())?;
+        params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::CommonName, dns_names.first().cloned().unwrap_or_else(|| "trellis-control".into()));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature, rcgen::KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::days(365);
+        let issuer = Issuer::from_ca_cert_pem(&self.ca_cert_pem, &self.key)?;
+        let leaf = params.signed_by(&key, &issuer)?;
+        let mut chain = leaf.pem();
+        if !self.chain_pem.trim().is_empty() {
+            chain.push_str(&self.chain_pem);
+        } else if self.ca_cert_pem != self.roots_pem {
+            chain.push_str(&self.ca_cert_pem);
+        }
+        Ok((chain, key.serialize_pem()))
+    }
+}
+
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

@@ -172,6 +172,19 @@ pub fn mesh_server(store: Arc<CredentialStore>) -> Result<Arc<ServerConfig>, Err
     Ok(Arc::new(cfg))
 }
 
+/// A plain TLS server (no client certificate) presenting `chain_pem` with `key_pem`: the control
+/// plane's HTTPS endpoints that the Kubernetes API server calls (admission webhooks).
+pub fn simple_server(chain_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, Error> {
+    let chain = crate::cert::parse_pem_certs(chain_pem)?;
+    let key = crate::cert::parse_pem_key(key_pem)?;
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    cfg.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 /// The outbound (client) side of mesh mTLS towards servers holding one of `expected`, with
 /// ALPN carrying the application protocol.
 pub fn mesh_client(

@@ -1,8 +1,12 @@
-//! The admin port: `/ready`, `/config_dump`, `/quitquitquit` (as Envoy and Istio name them).
+//! The admin port: `/ready`, `/config_dump`, `/quitquitquit` (as Envoy and Istio name them),
+//! and, for an injected Pod, `/app-health/<container>/<readyz|livez|startupz>`: the app's own
+//! HTTP probes, which the injector moved here so the kubelet's plaintext probe never meets an
+//! mTLS-only inbound port (as Istio's agent does).
 //!
 //! It serves operators and orchestrators, never application traffic, and stays up while the
 //! proxy drains so `/ready` can say so.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,20 +19,82 @@ use tokio::net::TcpListener;
 use crate::http::{full, Body};
 use crate::Proxy;
 
+/// The app's HTTP probes, by admin path (`/app-health/app/readyz`).
+#[derive(Clone, Debug, Default)]
+pub struct AppProbers(pub BTreeMap<String, AppProbe>);
+
+/// Where the app answers one probe.
+#[derive(Clone, Debug)]
+pub struct AppProbe {
+    pub addr: SocketAddr,
+    pub path: String,
+}
+
+/// The kubelet's default probe timeout.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl AppProbers {
+    /// Reads the injector's `TRELLIS_APP_PROBERS` JSON (`{"/app-health/app/readyz": {"port": 8080,
+    /// "path": "/healthz"}}`), probing the app at `ip`.
+    pub fn parse(json: &str, ip: std::net::IpAddr) -> Result<AppProbers, String> {
+        let v: BTreeMap<String, serde_json::Value> =
+            serde_json::from_str(json).map_err(|e| format!("TRELLIS_APP_PROBERS: {e}"))?;
+        let mut out = BTreeMap::new();
+        for (path, p) in v {
+            let port = p.get("port").and_then(|p| p.as_u64()).and_then(|p| u16::try_from(p).ok());
+            let Some(port) = port else { return Err(format!("TRELLIS_APP_PROBERS: {path} has no port")) };
+            let target = p.get("path").and_then(|p| p.as_str()).unwrap_or("/").to_string();
+            out.insert(path, AppProbe { addr: SocketAddr::new(ip, port), path: target });
+        }
+        Ok(AppProbers(out))
+    }
+
+    async fn probe(&self, path: &str) -> Option<Response<Body>> {
+        let p = self.0.get(path)?;
+        let result = tokio::time::timeout(PROBE_TIMEOUT, async {
+            let stream = tokio::net::TcpStream::connect(p.addr).await.map_err(|e| e.to_string())?;
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            let req = Request::get(&p.path)
+                .header(header::HOST, p.addr.to_string())
+                .header(header::USER_AGENT, "kube-probe (trellis)")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .map_err(|e| e.to_string())?;
+            send.send_request(req).await.map(|r| r.status()).map_err(|e| e.to_string())
+        })
+        .await;
+        Some(match result {
+            Ok(Ok(s)) if s.is_success() || s.is_redirection() => text(StatusCode::OK, format!("app answered {s}\n")),
+            Ok(Ok(s)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("app answered {s}\n")),
+            Ok(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("app probe failed: {e}\n")),
+            Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "app probe timed out\n"),
+        })
+    }
+}
+
 /// Binds the admin port and serves it until the process exits.
-pub async fn serve(proxy: Arc<Proxy>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+pub async fn serve(proxy: Arc<Proxy>, addr: SocketAddr, probers: AppProbers) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    let probers = Arc::new(probers);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let proxy = proxy.clone();
+            let (proxy, probers) = (proxy.clone(), probers.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
-                    let proxy = proxy.clone();
-                    async move { Ok::<_, Infallible>(route(&proxy, req).await) }
+                    let (proxy, probers) = (proxy.clone(), probers.clone());
+                    async move {
+                        if req.uri().path().starts_with("/app-health/") {
+                            if let Some(r) = probers.probe(req.uri().path()).await {
+                                return Ok::<_, Infallible>(r);
+                            }
+                        }
+                        Ok::<_, Infallible>(route(&proxy, req).await)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
             });

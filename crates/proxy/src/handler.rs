@@ -43,6 +43,8 @@ pub struct ConnInfo {
     /// The peer's SPIFFE id, when the connection is mesh mTLS.
     pub peer_identity: Option<Arc<str>>,
     pub mtls: bool,
+    /// Where the client meant to connect, when iptables redirected it to this proxy.
+    pub original_dst: Option<SocketAddr>,
 }
 
 /// Serves one request; never fails (errors become responses). Every request is recorded once
@@ -199,6 +201,9 @@ async fn proxy(
     let table: &Arc<RouteTable> = match routing {
         ListenerRouting::Table(name) => rt.table(name),
         ListenerRouting::ByRequestPort => rt.outbound_table(req_port.unwrap_or(default_port)),
+        ListenerRouting::OriginalDst { ports, .. } => {
+            conn.original_dst.and_then(|o| ports.get(&o.port())).and_then(|p| rt.table(&p.table))
+        }
         ListenerRouting::Fixed { host: h, port } => {
             host = h.to_ascii_lowercase();
             let a = if *port == 80 { h.clone() } else { format!("{h}:{port}") };

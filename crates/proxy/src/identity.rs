@@ -14,12 +14,37 @@ use trellis_identity::SpiffeId;
 
 use crate::state::Shared;
 
+/// Where the proof of identity comes from.
+#[derive(Clone, Debug)]
+pub enum Token {
+    /// A bootstrap token handed over once (`trellis up`).
+    Value(String),
+    /// A file re-read at every request: a Pod's projected service-account token, which the
+    /// kubelet rotates.
+    File(std::path::PathBuf),
+}
+
+impl Token {
+    fn read(&self) -> Result<String, String> {
+        match self {
+            Token::Value(v) => Ok(v.clone()),
+            Token::File(path) => std::fs::read_to_string(path)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| format!("cannot read token file {}: {e}", path.display())),
+        }
+    }
+}
+
 /// Keeps `store` filled with a valid certificate for `id` until the proxy drains.
-pub async fn run(store: Arc<CredentialStore>, control_plane: String, token: String, id: SpiffeId, shared: Arc<Shared>) {
+pub async fn run(store: Arc<CredentialStore>, control_plane: String, token: Token, id: SpiffeId, shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(100);
     let mut failures = 0u32;
     loop {
-        let next = match fetch(&control_plane, &token, &id).await {
+        let fetched = match token.read() {
+            Ok(t) => fetch(&control_plane, &t, &id).await,
+            Err(e) => Err(e),
+        };
+        let next = match fetched {
             Ok(creds) => {
                 let refresh = creds.cert.refresh_at(0.8);
                 tracing::info!(identity = %id, expires_in_s = creds.cert.not_after.duration_since(SystemTime::now()).unwrap_or_default().as_secs(), "certificate installed");

@@ -8,8 +8,12 @@ use trellis_config::finding;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Files or directories of YAML resources.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "cluster")]
     paths: Vec<PathBuf>,
+    /// Analyze what is in the Kubernetes cluster (of `KUBECONFIG` or `~/.kube/config`), with
+    /// any files given.
+    #[arg(long)]
+    cluster: bool,
     /// Also read subdirectories.
     #[arg(long, short = 'R')]
     recursive: bool,
@@ -25,11 +29,21 @@ enum Output {
 }
 
 pub fn run(args: Args) -> ExitCode {
-    let loaded = trellis_config::check(&args.paths, args.recursive);
+    let loaded = if args.cluster {
+        match cluster(&args) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        trellis_config::check(&args.paths, args.recursive)
+    };
     let errors = loaded.findings.iter().any(|f| f.is_error());
     match args.output {
         Output::Json => match serde_json::to_string_pretty(&loaded.findings) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => outln!("{s}"),
             Err(e) => {
                 eprintln!("error: cannot encode findings: {e}");
                 return ExitCode::from(2);
@@ -37,16 +51,16 @@ pub fn run(args: Args) -> ExitCode {
         },
         Output::Human => {
             for f in &loaded.findings {
-                println!("{f}");
+                outln!("{f}");
             }
             if loaded.findings.is_empty() {
-                println!(
+                outln!(
                     "✔ No validation issues found when analyzing {} resources in {} files.",
                     loaded.resources.len(),
                     loaded.files.len()
                 );
             } else {
-                println!(
+                outln!(
                     "{} in {} resources, {} files.",
                     finding::summary(&loaded.findings),
                     loaded.resources.len(),
@@ -60,4 +74,24 @@ pub fn run(args: Args) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// The cluster's resources (and any files), analyzed together.
+fn cluster(args: &Args) -> anyhow::Result<trellis_config::Loaded> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (resources, findings) = rt.block_on(async {
+        let client = trellis_kube::client().await?;
+        trellis_kube::source::list_once(client).await
+    })?;
+    let mut loaded = if args.paths.is_empty() {
+        trellis_config::Loaded::default()
+    } else {
+        trellis_config::load_paths(&args.paths, args.recursive)
+    };
+    loaded.findings.extend(findings);
+    loaded.resources.extend(resources);
+    let more = trellis_config::analyze::analyze(&loaded.resources, &[]);
+    loaded.findings.extend(more);
+    finding::sort(&mut loaded.findings);
+    Ok(loaded)
 }

@@ -10,8 +10,13 @@ use trellis_control::ConfigStore;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Config files or directories, watched for changes.
-    #[arg(long = "config", short = 'c', required = true)]
+    #[arg(long = "config", short = 'c', required_unless_present = "kubernetes")]
     config: Vec<PathBuf>,
+    /// Read Services, Pods and the Istio kinds from a Kubernetes API server (the cluster of
+    /// `KUBECONFIG`, `~/.kube/config`, or the Pod's own when running in one), besides any
+    /// `--config` files.
+    #[arg(long)]
+    kubernetes: bool,
     /// Also read subdirectories of config directories.
     #[arg(long, short = 'R')]
     recursive: bool,
@@ -27,10 +32,41 @@ pub struct Args {
     cert_ttl: std::time::Duration,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
-    /// Bootstrap tokens: which identity each workload's token proves (JSON). Without it, no
-    /// certificate is issued.
+    /// Bootstrap tokens: which identity each workload's token proves (JSON). Without it (and
+    /// without --kubernetes, where tokens are checked with a TokenReview), no certificate is issued.
     #[arg(long)]
     tokens: Option<PathBuf>,
+    /// With --kubernetes: the audience a Pod's service-account token must be minted for.
+    #[arg(long, default_value = trellis_kube::identity::AUDIENCE)]
+    token_audience: String,
+    /// Serve the admission webhooks (POST /validate, /inject) over HTTPS here, with a
+    /// certificate from the mesh CA for --webhook-name (the CA's root is the webhooks' caBundle:
+    /// <ca-dir>/root-cert.pem).
+    #[arg(long)]
+    webhook_listen: Option<SocketAddr>,
+    /// DNS names of the webhook certificate (the control plane's Service).
+    #[arg(long = "webhook-name", default_values_t = ["trellis-control.trellis-system.svc".to_string()])]
+    webhook_names: Vec<String>,
+    /// With --kubernetes: keep the CA in this Secret (`namespace/name`): restored into --ca-dir
+    /// at start, created from it on first start.
+    #[arg(long)]
+    ca_secret: Option<String>,
+    /// With --kubernetes: webhook configurations (mutating or validating) whose caBundle is set
+    /// to the mesh CA's root at start.
+    #[arg(long = "webhook-config")]
+    webhook_configs: Vec<String>,
+    /// The image injected sidecars run.
+    #[arg(long, default_value = "ghcr.io/trellis-mesh/trellis:latest")]
+    proxy_image: String,
+    /// Where injected sidecars reach this control plane.
+    #[arg(long, default_value = "trellis-control.trellis-system.svc:15010")]
+    injected_control_plane: String,
+    /// Outbound ports injected sidecars never capture (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    exclude_outbound_ports: Vec<u16>,
+    /// Outbound CIDRs injected sidecars never capture (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    exclude_outbound_cidrs: Vec<String>,
 }
 
 pub fn run(args: Args) -> ExitCode {
@@ -42,12 +78,80 @@ async fn serve(args: Args) -> Result<()> {
     let store = ConfigStore::new(args.config.clone(), args.recursive);
     // A config with errors is reported; the control plane still starts and pushes nothing until
     // a good config is on disk, so proxies keep serving what they have.
-    let _ = store.reload();
+    if !args.config.is_empty() {
+        let _ = store.reload();
+    }
     let _watch = store.watch().context("cannot watch config files")?;
+    let kube_client = if args.kubernetes { Some(trellis_kube::client().await?) } else { None };
+    let _cluster = if let Some(client) = kube_client.clone() {
+        let store = store.clone();
+        Some(tokio::spawn(async move {
+            if let Err(e) = trellis_kube::run(client, store).await {
+                tracing::error!("the cluster source stopped: {e}");
+            }
+        }))
+    } else {
+        None
+    };
+    let ca_secret = match (&args.ca_secret, &kube_client) {
+        (Some(s), Some(client)) => {
+            let (ns, name) = s.split_once('/').context("--ca-secret is NAMESPACE/NAME")?;
+            let restored = trellis_kube::bootstrap::restore_ca(client, ns, name, &args.ca_dir)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            Some((client.clone(), ns.to_string(), name.to_string(), restored))
+        }
+        (Some(_), None) => anyhow::bail!("--ca-secret needs --kubernetes"),
+        _ => None,
+    };
     let ca =
         trellis_identity::ca::CertificateAuthority::load_or_generate(&args.ca_dir, &args.trust_domain, args.cert_ttl)
             .with_context(|| format!("certificate authority in {}", args.ca_dir.display()))?;
-    let certificates = std::sync::Arc::new(trellis_control::ca::CertificateService { ca, tokens: args.tokens.clone() });
+    if let Some((client, ns, name, false)) = &ca_secret {
+        trellis_kube::bootstrap::save_ca(client, ns, name, &args.ca_dir).await.map_err(anyhow::Error::msg)?;
+    }
+    if let (Some(client), false) = (&kube_client, args.webhook_configs.is_empty()) {
+        trellis_kube::bootstrap::patch_ca_bundles(client, &args.webhook_configs, ca.bundle_pem())
+            .await
+            .map_err(anyhow::Error::msg)?;
+    }
+    // Who a caller is: the tokens file (local mode), else on a cluster the API server's
+    // TokenReview of the Pod's projected service-account token.
+    let authenticator: Option<Box<dyn trellis_control::ca::Authenticator>> = match (&args.tokens, &kube_client) {
+        (Some(path), _) => Some(Box::new(trellis_control::ca::TokensFileAuthenticator { path: path.clone() })),
+        (None, Some(client)) => Some(Box::new(trellis_kube::identity::TokenReviewer::new(
+            client.clone(),
+            vec![args.token_audience.clone()],
+        ))),
+        (None, None) => None,
+    };
+    let certificates = std::sync::Arc::new(trellis_control::ca::CertificateService { ca, authenticator });
+    let _webhooks = match args.webhook_listen {
+        Some(addr) => {
+            let ips: Vec<std::net::IpAddr> = vec![addr.ip()].into_iter().filter(|ip| !ip.is_unspecified()).collect();
+            let (chain, key) = certificates
+                .ca
+                .serving_certificate(&args.webhook_names, &ips)
+                .context("cannot issue the webhook certificate")?;
+            let tls = trellis_identity::tls::simple_server(&chain, &key).context("webhook TLS")?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (webhooks)"))?;
+            let injector = trellis_kube::inject::Injector {
+                image: args.proxy_image.clone(),
+                control_plane: args.injected_control_plane.clone(),
+                trust_domain: args.trust_domain.clone(),
+                audience: args.token_audience.clone(),
+                exclude_outbound_ports: args.exclude_outbound_ports.clone(),
+                exclude_outbound_cidrs: args.exclude_outbound_cidrs.clone(),
+            };
+            let hooks =
+                std::sync::Arc::new(trellis_kube::webhook::Webhooks { store: store.clone(), injector: Some(injector) });
+            tracing::info!(address = %addr, "admission webhooks serving (/validate, /inject)");
+            Some(tokio::spawn(trellis_kube::webhook::serve(listener, tls, hooks)))
+        }
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -1,7 +1,20 @@
 //! Subcommands.
 
+/// `println!` to stdout that ends the process quietly when the reader went away
+/// (`trellis status | head -1`), instead of panicking.
+macro_rules! outln {
+    () => { $crate::cmd::print_or_quit("\n") };
+    ($($arg:tt)*) => { $crate::cmd::print_or_quit(&format!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `print!` with the same care as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::cmd::print_or_quit(&format!($($arg)*)) };
+}
+
 mod analyze;
 mod control;
+mod kube;
 mod proxy;
 mod status;
 mod up;
@@ -34,6 +47,11 @@ enum Command {
     ProxyConfig(status::ProxyConfigArgs),
     /// Print a Prometheus configuration that scrapes every proxy of a running mesh.
     PrometheusConfig(status::PrometheusArgs),
+    /// Add the Trellis sidecar to the Pod templates of Kubernetes manifests (as `istioctl
+    /// kube-inject`); prints the result.
+    Inject(kube::InjectArgs),
+    /// Program a Pod's transparent capture with iptables (the injected init container).
+    ProxyInit(kube::ProxyInitArgs),
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -45,6 +63,22 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Status(a) => status::status(a),
         Command::ProxyConfig(a) => status::proxy_config(a),
         Command::PrometheusConfig(a) => status::prometheus_config(a),
+        Command::Inject(a) => kube::inject(a),
+        Command::ProxyInit(a) => kube::proxy_init(a),
+    }
+}
+
+/// Writes `text` to stdout; a closed pipe (`trellis ... | head`) ends the process quietly with
+/// success, as `ls | head` does.
+pub(crate) fn print_or_quit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(1);
     }
 }
 

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use trellis_config::compile::{InboundSpec, ProxySpec, UpstreamSpec};
+use trellis_config::compile::{CaptureSpec, InboundSpec, ProxySpec, UpstreamSpec};
 use trellis_config::snapshot::{Role, UpstreamProtocol};
 use trellis_config::Spec;
 use trellis_proxy::source::StaticSource;
@@ -19,7 +19,7 @@ pub struct Args {
     #[arg(long = "config", short = 'c', required_unless_present = "control_plane", conflicts_with = "control_plane")]
     config: Vec<PathBuf>,
     /// Get config from a control plane at this address instead of files.
-    #[arg(long)]
+    #[arg(long, env = "TRELLIS_CONTROL_PLANE")]
     control_plane: Option<String>,
     /// Also read subdirectories of config directories.
     #[arg(long, short = 'R')]
@@ -86,9 +86,24 @@ pub struct Args {
     access_log: Option<String>,
     /// File holding the bootstrap token that proves this workload's identity to the control
     /// plane (default: $TRELLIS_BOOTSTRAP_TOKEN). With one, the proxy gets a certificate and
-    /// speaks mesh mTLS.
+    /// speaks mesh mTLS. Re-read at every certificate request (a projected token rotates).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Run as the injected sidecar of a Kubernetes Pod: who it is comes from the environment
+    /// the injector sets (POD_NAME, POD_NAMESPACE, POD_IP, SERVICE_ACCOUNT, TRELLIS_POD_LABELS),
+    /// traffic arrives by transparent capture (`trellis proxy-init`) on the inbound and
+    /// outbound capture ports, and the app's probes are served on the admin port
+    /// (TRELLIS_APP_PROBERS).
+    #[arg(long, requires = "control_plane")]
+    kubernetes: bool,
+    /// With --kubernetes: the app's container ports (served inbound through the capture port).
+    #[arg(long, value_delimiter = ',')]
+    app_ports: Vec<u16>,
+    /// With --kubernetes: where captured inbound and outbound traffic arrives.
+    #[arg(long, default_value = "15006")]
+    inbound_capture_port: u16,
+    #[arg(long, default_value = "15001")]
+    outbound_capture_port: u16,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -166,7 +181,88 @@ pub fn run(args: Args) -> ExitCode {
     }
 }
 
+/// The sidecar of a Kubernetes Pod, from the environment the injector gives it.
+fn pod_spec(args: &Args) -> Result<ProxySpec> {
+    let env = |name: &str| std::env::var(name).map_err(|_| anyhow!("{name} is not set (the injector sets it)"));
+    let pod = env("POD_NAME")?;
+    let namespace = env("POD_NAMESPACE")?;
+    let ip: IpAddr = env("POD_IP")?.parse().context("POD_IP")?;
+    let labels: BTreeMap<String, String> = match std::env::var("TRELLIS_POD_LABELS") {
+        Ok(text) if !text.is_empty() => serde_json::from_str(&text).context("TRELLIS_POD_LABELS")?,
+        _ => BTreeMap::new(),
+    };
+    let mut labels = labels;
+    labels.extend(args.labels.iter().cloned());
+    let any = IpAddr::from([0, 0, 0, 0]);
+    let inbound = SocketAddr::new(any, args.inbound_capture_port);
+    if matches!(args.role, RoleArg::Gateway) {
+        // A gateway Pod: not captured; its Gateway servers listen on every address of the Pod.
+        return Ok(ProxySpec {
+            admin: Some(args.admin),
+            service_account: std::env::var("SERVICE_ACCOUNT")
+                .ok()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".into()),
+            trust_domain: args.trust_domain.clone(),
+            role: Role::Gateway,
+            name: workload_name(&pod, &labels),
+            namespace,
+            labels,
+            bind_address: any,
+            port_map: args.port_map.iter().copied().collect(),
+            inbound: Vec::new(),
+            outbound: None,
+            upstreams: Vec::new(),
+            capture: None,
+        });
+    }
+    Ok(ProxySpec {
+        admin: Some(args.admin),
+        service_account: std::env::var("SERVICE_ACCOUNT")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into()),
+        trust_domain: args.trust_domain.clone(),
+        role: Role::Sidecar,
+        name: workload_name(&pod, &labels),
+        namespace,
+        labels,
+        bind_address: ip,
+        port_map: BTreeMap::new(),
+        inbound: args
+            .app_ports
+            .iter()
+            .map(|p| InboundSpec { listen: inbound, app: SocketAddr::new(ip, *p), protocol: None })
+            .collect(),
+        outbound: None,
+        upstreams: Vec::new(),
+        capture: Some(CaptureSpec { inbound, outbound: SocketAddr::new(any, args.outbound_capture_port) }),
+    })
+}
+
+/// The workload a Pod belongs to, as Istio names it: a Deployment's Pod
+/// `reviews-v1-5d8f7c9b4-x2x7q` (label `pod-template-hash: 5d8f7c9b4`) is `reviews-v1`; a Pod of
+/// another controller loses its generated suffix; a bare Pod keeps its name.
+fn workload_name(pod: &str, labels: &BTreeMap<String, String>) -> String {
+    if let Some(hash) = labels.get("pod-template-hash") {
+        if let Some((name, _)) = pod.split_once(&format!("-{hash}-")) {
+            return name.to_string();
+        }
+    }
+    for key in ["controller-revision-hash", "batch.kubernetes.io/controller-uid"] {
+        if labels.contains_key(key) {
+            if let Some((name, _)) = pod.rsplit_once('-') {
+                return name.to_string();
+            }
+        }
+    }
+    pod.to_string()
+}
+
 fn proxy_spec(args: &Args) -> Result<ProxySpec> {
+    if args.kubernetes {
+        return pod_spec(args);
+    }
     let role = match args.role {
         RoleArg::Sidecar => Role::Sidecar,
         RoleArg::Gateway => Role::Gateway,
@@ -205,6 +301,7 @@ fn proxy_spec(args: &Args) -> Result<ProxySpec> {
         inbound: args.inbound.clone(),
         outbound: args.outbound,
         upstreams: args.upstreams.clone(),
+        capture: None,
     })
 }
 
@@ -223,9 +320,13 @@ async fn serve(args: Args) -> Result<()> {
     // An identity (mesh mTLS) when a bootstrap token proves one to the control plane.
     let token = match &args.token_file {
         Some(f) => {
-            Some(std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?.trim().to_string())
+            std::fs::metadata(f).with_context(|| format!("cannot read {}", f.display()))?;
+            Some(trellis_proxy::identity::Token::File(f.clone()))
         }
-        None => std::env::var("TRELLIS_BOOTSTRAP_TOKEN").ok().filter(|t| !t.is_empty()),
+        None => std::env::var("TRELLIS_BOOTSTRAP_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .map(trellis_proxy::identity::Token::Value),
     };
     let identity = match (&args.control_plane, token) {
         (Some(cp), Some(token)) => {
@@ -235,13 +336,19 @@ async fn serve(args: Args) -> Result<()> {
         }
         _ => None,
     };
+    let probers = match (args.kubernetes, std::env::var("TRELLIS_APP_PROBERS")) {
+        (true, Ok(json)) if !json.trim().is_empty() => {
+            trellis_proxy::admin::AppProbers::parse(&json, spec.bind_address).map_err(|e| anyhow!(e))?
+        }
+        _ => trellis_proxy::admin::AppProbers::default(),
+    };
     let proxy = Proxy::with_options(telemetry, identity.as_ref().map(|(s, ..)| s.clone())).map_err(|e| anyhow!(e))?;
     if let Some((store, cp, token, id)) = identity {
         tokio::spawn(trellis_proxy::identity::run(store, cp, token, id, proxy.shared().clone()));
     }
     if let Some(cp) = &args.control_plane {
         // Control-plane mode: admin first (so /ready can say "not yet"), then connect.
-        let admin = trellis_proxy::admin::serve(proxy.clone(), args.admin)
+        let admin = trellis_proxy::admin::serve(proxy.clone(), args.admin, probers.clone())
             .await
             .with_context(|| format!("cannot bind admin address {}", args.admin))?;
         proxy.shared().update_status(|s| s.source = "control-plane".into());
@@ -255,7 +362,7 @@ async fn serve(args: Args) -> Result<()> {
             }
             anyhow!("config has errors; not starting (run `trellis analyze` for details)")
         })?;
-        let admin = trellis_proxy::admin::serve(proxy.clone(), args.admin)
+        let admin = trellis_proxy::admin::serve(proxy.clone(), args.admin, probers.clone())
             .await
             .with_context(|| format!("cannot bind admin address {}", args.admin))?;
         proxy.shared().update_status(|s| s.source = "file".into());

@@ -69,7 +69,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
                 "config_findings": reply.config_findings,
                 "proxies": proxies,
             });
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            outln!("{}", serde_json::to_string_pretty(&out)?);
             return Ok(());
         }
         let mut rows = vec![vec![
@@ -99,9 +99,9 @@ pub fn status(args: StatusArgs) -> ExitCode {
         }
         print_table(&rows);
         if !reply.config_error.is_empty() {
-            println!("\nconfig: {}", reply.config_error);
+            outln!("\nconfig: {}", reply.config_error);
             for f in &reply.config_findings {
-                println!("  {f}");
+                outln!("  {f}");
             }
         }
         Ok(())
@@ -118,16 +118,20 @@ pub fn proxy_config(args: ProxyConfigArgs) -> ExitCode {
             .into_inner();
         let snap: Snapshot = serde_json::from_slice(&reply.snapshot_json)?;
         if args.output == Output::Json {
-            println!("{}", serde_json::to_string_pretty(&snap)?);
+            outln!("{}", serde_json::to_string_pretty(&snap)?);
             return Ok(());
         }
-        println!("proxy {} (version {})\n", reply.proxy_id, snap.version);
+        outln!("proxy {} (version {})\n", reply.proxy_id, snap.version);
         let mut rows = vec![vec!["LISTENER".to_string(), "ADDRESS".into(), "DIRECTION".into(), "ROUTES".into()]];
         for l in &snap.listeners {
             let routing = match &l.routing {
                 ListenerRouting::Table(t) => t.clone(),
                 ListenerRouting::ByRequestPort => "outbound|<request port>".into(),
                 ListenerRouting::Fixed { host, port } => format!("as {host}:{port}"),
+                ListenerRouting::OriginalDst { ports, .. } => format!(
+                    "by original destination: {}",
+                    ports.iter().map(|(p, c)| format!("{p}→{}", c.table)).collect::<Vec<_>>().join(", ")
+                ),
             };
             rows.push(vec![
                 l.name.clone(),
@@ -137,7 +141,7 @@ pub fn proxy_config(args: ProxyConfigArgs) -> ExitCode {
             ]);
         }
         print_table(&rows);
-        println!();
+        outln!();
         let mut rows = vec![vec!["ROUTE TABLE".to_string(), "DOMAINS".into(), "MATCH".into(), "ACTION".into()]];
         for (name, t) in &snap.route_tables {
             for vh in &t.virtual_hosts {
@@ -162,7 +166,7 @@ pub fn proxy_config(args: ProxyConfigArgs) -> ExitCode {
             }
         }
         print_table(&rows);
-        println!();
+        outln!();
         let mut rows = vec![vec!["CLUSTER".to_string(), "ENDPOINT".into(), "WORKLOAD".into(), "LB".into()]];
         for c in snap.clusters.values() {
             let lb = serde_json::to_string(&c.lb).unwrap_or_default().trim_matches('"').to_string();
@@ -213,7 +217,7 @@ pub fn prometheus_config(args: PrometheusArgs) -> ExitCode {
                 p.role
             ));
         }
-        print!("{out}");
+        out!("{out}");
         Ok(())
     })
 }
@@ -226,6 +230,6 @@ pub(crate) fn print_table(rows: &[Vec<String>]) {
         .collect();
     for r in rows {
         let line: Vec<String> = r.iter().enumerate().map(|(i, cell)| format!("{cell:<w$}", w = widths[i])).collect();
-        println!("{}", line.join("  ").trim_end());
+        outln!("{}", line.join("  ").trim_end());
     }
 }

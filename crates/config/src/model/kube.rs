@@ -1,6 +1,11 @@
-//! The Kubernetes kinds Trellis reads: core `v1` `Service` (a name, a selector and ports).
+//! The Kubernetes kinds Trellis reads: core `v1` `Service` (a name, a selector and ports), and
+//! the kinds that run pods, reduced to what the mesh needs of their pod template.
+
+use std::collections::BTreeMap;
 
 use serde::Deserialize;
+
+use super::Kind;
 
 use super::networking::Labels;
 
@@ -32,4 +37,60 @@ pub struct KubeServicePort {
     pub protocol: Option<String>,
     pub app_protocol: Option<String>,
     pub node_port: Option<u32>,
+}
+
+/// What the mesh needs of a pod, or of the pod template of a kind that runs pods: the labels
+/// selectors match, the service account (the workload's identity) and the named container ports
+/// (a Service's named `targetPort`).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct PodTemplate {
+    pub labels: Labels,
+    pub service_account: Option<String>,
+    pub ports: BTreeMap<String, u16>,
+    /// A running, ready Pod's IP (set by the cluster source, never read from a manifest): the
+    /// pod is then an endpoint of the Services that select it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+}
+
+impl PodTemplate {
+    /// Reads the pod template of a `kind` from its `spec` (a Pod's own labels are `pod_labels`).
+    /// Nothing here is validated: the API server does that; a field that is absent or of another
+    /// shape reads as empty.
+    pub fn from_spec(kind: Kind, spec: &serde_json::Value, pod_labels: &Labels) -> PodTemplate {
+        let (labels, pod_spec) = match kind {
+            Kind::Pod => (pod_labels.clone(), Some(spec)),
+            Kind::CronJob => {
+                let t = spec.pointer("/jobTemplate/spec/template");
+                (template_labels(t), t.and_then(|t| t.get("spec")))
+            }
+            _ => {
+                let t = spec.get("template");
+                (template_labels(t), t.and_then(|t| t.get("spec")))
+            }
+        };
+        let service_account = pod_spec
+            .and_then(|s| s.get("serviceAccountName").or_else(|| s.get("serviceAccount")))
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        let mut ports = BTreeMap::new();
+        for c in pod_spec.and_then(|s| s.get("containers")).and_then(|c| c.as_array()).into_iter().flatten() {
+            for p in c.get("ports").and_then(|p| p.as_array()).into_iter().flatten() {
+                let name = p.get("name").and_then(|n| n.as_str());
+                let number = p.get("containerPort").and_then(|n| n.as_u64()).and_then(|n| u16::try_from(n).ok());
+                if let (Some(name), Some(number)) = (name, number) {
+                    ports.insert(name.to_string(), number);
+                }
+            }
+        }
+        PodTemplate { labels, service_account, ports, address: None }
+    }
+}
+
+fn template_labels(template: Option<&serde_json::Value>) -> Labels {
+    template
+        .and_then(|t| t.pointer("/metadata/labels"))
+        .and_then(|l| l.as_object())
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+        .unwrap_or_default()
 }

@@ -37,6 +37,25 @@ pub enum Kind {
     Telemetry,
     /// `trellis.dev/v1alpha1`: a local process of the mesh.
     Workload,
+    /// Kubernetes kinds that run pods (`Pod`, `Deployment`, `StatefulSet`, `DaemonSet`,
+    /// `ReplicaSet`, `Job`, `CronJob`): read for their pods' labels and service account, so
+    /// `analyze` knows which workloads selectors and subsets reach.
+    Pod,
+    Deployment,
+    StatefulSet,
+    DaemonSet,
+    ReplicaSet,
+    Job,
+    CronJob,
+    /// `Namespace` (its labels: sidecar injection) and `ServiceAccount` (an identity): read so a
+    /// folder of application manifests loads without warnings; nothing is compiled from them.
+    Namespace,
+    ServiceAccount,
+    /// The Gateway API (`gateway.networking.k8s.io`), read as the Istio kinds they mean (see
+    /// `gateway_api`).
+    GatewayApiGateway,
+    HttpRoute,
+    GrpcRoute,
 }
 
 impl Kind {
@@ -66,7 +85,32 @@ impl Kind {
                 ],
             ),
             ("telemetry.istio.io", &["v1alpha1", "v1"], &[("Telemetry", Kind::Telemetry)]),
-            ("", &["v1"], &[("Service", Kind::Service)]),
+            (
+                "",
+                &["v1"],
+                &[
+                    ("Service", Kind::Service),
+                    ("Pod", Kind::Pod),
+                    ("Namespace", Kind::Namespace),
+                    ("ServiceAccount", Kind::ServiceAccount),
+                ],
+            ),
+            (
+                "apps",
+                &["v1"],
+                &[
+                    ("Deployment", Kind::Deployment),
+                    ("StatefulSet", Kind::StatefulSet),
+                    ("DaemonSet", Kind::DaemonSet),
+                    ("ReplicaSet", Kind::ReplicaSet),
+                ],
+            ),
+            ("batch", &["v1"], &[("Job", Kind::Job), ("CronJob", Kind::CronJob)]),
+            (
+                "gateway.networking.k8s.io",
+                &["v1", "v1beta1"],
+                &[("Gateway", Kind::GatewayApiGateway), ("HTTPRoute", Kind::HttpRoute), ("GRPCRoute", Kind::GrpcRoute)],
+            ),
             ("trellis.dev", &["v1alpha1"], &[("Workload", Kind::Workload)]),
         ];
         for (g, versions, kinds) in known {
@@ -106,7 +150,33 @@ impl Kind {
             Kind::RequestAuthentication => "RequestAuthentication",
             Kind::Telemetry => "Telemetry",
             Kind::Workload => "Workload",
+            Kind::Pod => "Pod",
+            Kind::Deployment => "Deployment",
+            Kind::StatefulSet => "StatefulSet",
+            Kind::DaemonSet => "DaemonSet",
+            Kind::ReplicaSet => "ReplicaSet",
+            Kind::Job => "Job",
+            Kind::CronJob => "CronJob",
+            Kind::Namespace => "Namespace",
+            Kind::ServiceAccount => "ServiceAccount",
+            Kind::GatewayApiGateway => "Gateway.gateway.networking.k8s.io",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
         }
+    }
+
+    /// Whether resources of this kind run pods (their template is a workload).
+    pub fn runs_pods(self) -> bool {
+        matches!(
+            self,
+            Kind::Pod
+                | Kind::Deployment
+                | Kind::StatefulSet
+                | Kind::DaemonSet
+                | Kind::ReplicaSet
+                | Kind::Job
+                | Kind::CronJob
+        )
     }
 }
 
@@ -156,6 +226,10 @@ pub enum Spec {
     WorkloadEntry(networking::WorkloadEntry),
     Service(kube::Service),
     Workload(trellis::Workload),
+    /// A kind that runs pods, reduced to its pod template (see [`kube::PodTemplate`]).
+    PodTemplate(kube::PodTemplate),
+    /// `Namespace` and `ServiceAccount`: metadata only.
+    Metadata,
     Telemetry(telemetry::Telemetry),
     PeerAuthentication(security::PeerAuthentication),
     AuthorizationPolicy(security::AuthorizationPolicy),

@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use trellis_config::snapshot::{Direction, Listener as ListenerSpec, MtlsMode, Snapshot};
 
 use crate::handler::{self, ConnInfo};
+use crate::runtime::Captured;
 use crate::state::Shared;
 use crate::upstream::Io;
 
@@ -138,6 +139,7 @@ async fn accept_loop(
             _ = shared.drain.started() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let original_dst = if shared.runtime().is_capturing(&name) { original_dst(&stream) } else { None };
                     let conn = ConnInfo {
                         listener: name.clone(),
                         direction,
@@ -145,6 +147,7 @@ async fn accept_loop(
                         local: local.unwrap_or(peer),
                         peer_identity: None,
                         mtls: false,
+                        original_dst,
                     };
                     tokio::spawn(serve(stream, conn, shared.clone()));
                 }
@@ -170,7 +173,27 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 async fn serve(stream: TcpStream, mut conn: ConnInfo, shared: Arc<Shared>) {
     let _open = shared.drain.track();
     let _ = stream.set_nodelay(true);
-    let mode = shared.runtime().listener_mtls(&conn.listener);
+    let mode = if shared.runtime().is_capturing(&conn.listener) {
+        let Some(original) = conn.original_dst else {
+            tracing::debug!(listener = %conn.listener, peer = %conn.peer, "captured connection without an original destination; closed");
+            return;
+        };
+        // A client that connects to the capture port itself would loop back here forever.
+        if original.port() == conn.local.port() && (original.ip() == conn.local.ip() || original.ip().is_loopback()) {
+            tracing::debug!(listener = %conn.listener, peer = %conn.peer, "connection addressed to the capture port itself; closed");
+            return;
+        }
+        match shared.runtime().captured(&conn.listener, original.port()) {
+            Captured::Http(mode) => mode,
+            Captured::Passthrough => return passthrough(stream, original, &conn).await,
+            Captured::Refuse => {
+                tracing::debug!(listener = %conn.listener, %original, "plaintext to an undeclared port of a STRICT workload; refused");
+                return;
+            }
+        }
+    } else {
+        shared.runtime().listener_mtls(&conn.listener)
+    };
     let tls = match (mode, &shared.mesh_server) {
         (Some(MtlsMode::Strict), None) => {
             tracing::warn!(listener = %conn.listener, "STRICT mTLS but this proxy has no certificate; connection refused");
@@ -206,6 +229,30 @@ async fn serve(stream: TcpStream, mut conn: ConnInfo, shared: Arc<Shared>) {
         }
     };
     serve_http(io, Arc::new(conn), shared.clone()).await;
+}
+
+/// `SO_ORIGINAL_DST`: where a connection redirected by iptables was going.
+fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
+    let sin = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::OriginalDst).ok()?;
+    let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+    Some(SocketAddr::from((ip, u16::from_be(sin.sin_port))))
+}
+
+/// A captured connection Trellis does not serve as HTTP: bytes copied both ways to where the
+/// client was going (Istio's PassthroughCluster). The proxy's own connections are not
+/// captured (iptables skips its UID), so this does not loop.
+async fn passthrough(mut client: TcpStream, original: SocketAddr, conn: &ConnInfo) {
+    let connect = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(original)).await;
+    let mut upstream = match connect {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(listener = %conn.listener, %original, "passthrough connect failed: {e}");
+            return;
+        }
+        Err(_) => return,
+    };
+    let _ = upstream.set_nodelay(true);
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
 
 async fn serve_http(io: Io, conn: Arc<ConnInfo>, shared: Arc<Shared>) {

@@ -212,7 +212,12 @@ impl Runtime {
         }
         let mut listeners = HashMap::new();
         for l in &snapshot.listeners {
-            if let ListenerRouting::Table(t) = &l.routing {
+            let used: Vec<&String> = match &l.routing {
+                ListenerRouting::Table(t) => vec![t],
+                ListenerRouting::OriginalDst { ports, .. } => ports.values().map(|p| &p.table).collect(),
+                _ => Vec::new(),
+            };
+            for t in used {
                 if !tables.contains_key(t) {
                     return Err(format!("listener {} uses unknown route table {t}", l.name));
                 }
@@ -236,6 +241,35 @@ impl Runtime {
         self.listeners.get(name).and_then(|l| l.1)
     }
 
+    /// What a capturing listener does with a connection to `original` port: serve it as HTTP
+    /// with this mTLS mode, or pass it through as TCP.
+    pub fn captured(&self, name: &str, original: u16) -> Captured {
+        match self.listeners.get(name).map(|l| &l.0) {
+            Some(ListenerRouting::OriginalDst { ports, passthrough_mtls }) => match ports.get(&original) {
+                Some(p) => Captured::Http(p.mtls),
+                None if *passthrough_mtls == Some(spec::MtlsMode::Strict) => Captured::Refuse,
+                None => Captured::Passthrough,
+            },
+            _ => Captured::Passthrough,
+        }
+    }
+
+    /// Whether a listener captures traffic (its connections have an original destination).
+    pub fn is_capturing(&self, name: &str) -> bool {
+        matches!(self.listeners.get(name).map(|l| &l.0), Some(ListenerRouting::OriginalDst { .. }))
+    }
+}
+
+/// See [`Runtime::captured`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Captured {
+    Http(Option<spec::MtlsMode>),
+    Passthrough,
+    /// Plaintext to an undeclared port of a STRICT workload.
+    Refuse,
+}
+
+impl Runtime {
     pub fn table(&self, name: &str) -> Option<&Arc<RouteTable>> {
         self.tables.get(name)
     }

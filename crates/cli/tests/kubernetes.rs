@@ -1,0 +1,772 @@
+//! Trellis on a real Kubernetes API server (etcd, kube-apiserver and kube-controller-manager
+//! built from their Go modules; see `support/cluster.rs`): the control plane reads Services, Pods
+//! and Istio resources applied with `kubectl`, and a gateway proxy follows them live.
+
+#[path = "support/cluster.rs"]
+mod cluster;
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cluster::{Network, Node, TestCluster};
+use support::{free_port, get, trellis_bin, try_get, ProxyProc};
+
+const CRDS: &str = include_str!("../../../deploy/helm/trellis/crds/istio.yaml");
+const GATEWAY_API_CRDS: &str = include_str!("../../../deploy/helm/trellis/crds/gateway-api.yaml");
+
+/// The same canary with the Gateway API: a Gateway, one Service per version, an HTTPRoute with
+/// relative weights.
+fn http_route(blue: u32, green: u32) -> String {
+    format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: colors, namespace: colors}}
+spec:
+  parentRefs: [{{name: colors-gw}}]
+  hostnames: [colors.example]
+  rules:
+  - backendRefs:
+    - {{name: colorteller-blue, port: 80, weight: {blue}}}
+    - {{name: colorteller-green, port: 80, weight: {green}}}
+"#
+    )
+}
+
+const GATEWAY_API: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: colors-gw, namespace: colors}
+spec:
+  gatewayClassName: trellis
+  listeners:
+  - {name: http, port: 80, protocol: HTTP, hostname: colors.example}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: colorteller-blue, namespace: colors}
+spec:
+  selector: {app: colorteller, version: blue}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: colorteller-green, namespace: colors}
+spec:
+  selector: {app: colorteller, version: green}
+  ports: [{name: http, port: 80, targetPort: http}]
+"#;
+
+fn teller(color: &str, replicas: u32) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: colorteller-{color}, namespace: colors}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: colorteller, version: {color}}}}}
+  template:
+    metadata: {{labels: {{app: colorteller, version: {color}}}}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: app
+        image: trellis/demo:dev
+        command: [trellis-demo, colorteller]
+        env:
+        - {{name: COLOR, value: {color}}}
+        - {{name: PORT, value: "8080"}}
+        - name: BIND
+          valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}
+        ports: [{{name: http, containerPort: 8080}}]
+        readinessProbe: {{httpGet: {{path: /, port: http}}}}
+        lifecycle: {{preStop: {{sleep: {{seconds: 1}}}}}}
+"#
+    )
+}
+
+fn route(blue: u32, green: u32) -> String {
+    format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: colorteller, namespace: colors}}
+spec:
+  hosts: ["*"]
+  gateways: [colors-gateway]
+  http:
+  - route:
+    - destination: {{host: colorteller, subset: blue}}
+      weight: {blue}
+    - destination: {{host: colorteller, subset: green}}
+      weight: {green}
+"#
+    )
+}
+
+const APP: &str = r#"apiVersion: v1
+kind: Namespace
+metadata: {name: colors}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: colorteller, namespace: colors}
+spec:
+  selector: {app: colorteller}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: colors-gateway, namespace: colors}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: colorteller, namespace: colors}
+spec:
+  host: colorteller
+  subsets:
+  - {name: blue, labels: {version: blue}}
+  - {name: green, labels: {version: green}}
+"#;
+
+/// `trellis control --kubernetes`, killed on drop.
+struct ControlPlane {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ControlPlane {
+    fn start(cluster: &TestCluster) -> ControlPlane {
+        ControlPlane::start_with(cluster, &format!("127.0.0.1:{}", free_port()), &[])
+    }
+
+    fn start_with(cluster: &TestCluster, addr: &str, extra: &[&str]) -> ControlPlane {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addr = addr.to_string();
+        let log = std::fs::File::create(dir.path().join("control.log")).expect("log");
+        let child = Command::new(trellis_bin())
+            .args(["control", "--kubernetes", "--listen", &addr, "--ca-dir"])
+            .arg(dir.path().join("ca"))
+            .args(extra)
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("trellis control");
+        ControlPlane { child, addr, _dir: dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("control.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn demo_dir() -> std::path::PathBuf {
+    std::path::Path::new(trellis_bin()).parent().expect("target dir").to_path_buf()
+}
+
+/// One request through the gateway: (color, pod) or the failure.
+async fn ask(url: &str) -> Result<(String, String), String> {
+    let r = tokio::time::timeout(Duration::from_secs(5), get(url, &[])).await.map_err(|_| "timed out".to_string())?;
+    if r.status != 200 {
+        return Err(format!("{} {}", r.status, r.body));
+    }
+    Ok((r.body.trim().to_string(), r.header("x-served-by").unwrap_or_default().to_string()))
+}
+
+/// Requests at ~50/s in the background until stopped: every answer (with the time its request
+/// was sent) in order, and failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<(Instant, String, String)>>>,
+    failures: Arc<Mutex<Vec<String>>>,
+    sent: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    fn start(url: String) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen: Arc<Mutex<Vec<(Instant, String, String)>>> = Arc::default();
+        let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sent = Arc::new(AtomicUsize::new(0));
+        let (s, se, f, n) = (stop.clone(), seen.clone(), failures.clone(), sent.clone());
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            // Bounded: at most 60 s of load whatever the test does.
+            for _ in 0..3000 {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                tick.tick().await; // rate pacing (50 req/s), not a readiness wait
+                n.fetch_add(1, Ordering::SeqCst);
+                let started = Instant::now();
+                match ask(&url).await {
+                    Ok((color, pod)) => se.lock().expect("seen").push((started, color, pod)),
+                    Err(e) => f.lock().expect("failures").push(e),
+                }
+            }
+        });
+        Load { stop, seen, failures, sent, task }
+    }
+
+    async fn finish(self) -> (Vec<(Instant, String, String)>, Vec<String>, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.task.await;
+        let seen = std::mem::take(&mut *self.seen.lock().expect("seen"));
+        let failures = std::mem::take(&mut *self.failures.lock().expect("failures"));
+        (seen, failures, self.sent.load(Ordering::SeqCst))
+    }
+
+    fn pods_seen(&self) -> BTreeMap<String, Instant> {
+        let mut first = BTreeMap::new();
+        for (t, _, pod) in self.seen.lock().expect("seen").iter() {
+            first.entry(pod.clone()).or_insert(*t);
+        }
+        first
+    }
+}
+
+/// Ready Pods of a Deployment's selector, from the API server.
+async fn ready_pods(client: &kube::Client, selector: &str) -> Vec<String> {
+    let api: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client.clone(), "colors");
+    let list = api.list(&kube::api::ListParams::default().labels(selector)).await.expect("list pods");
+    list.items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .filter_map(|p| p.metadata.name)
+        .collect()
+}
+
+async fn all_pods(client: &kube::Client, selector: &str) -> Vec<String> {
+    let api: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client.clone(), "colors");
+    let list = api.list(&kube::api::ListParams::default().labels(selector)).await.expect("list pods");
+    list.items.into_iter().filter_map(|p| p.metadata.name).collect()
+}
+
+async fn until<F: std::future::Future<Output = bool>>(what: &str, within: Duration, mut f: impl FnMut() -> F) {
+    let deadline = Instant::now() + within;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_mesh_follows_pods_and_istio_resources_applied_with_kubectl() {
+    let cluster = TestCluster::start().await;
+    cluster.apply_ok(CRDS);
+    cluster.apply_ok(GATEWAY_API_CRDS);
+    cluster.kubectl_ok(&["wait", "--for", "condition=Established", "crd", "--all", "--timeout", "60s"]);
+    let client = cluster.client().await;
+    let _node = Node::start(client.clone(), vec![demo_dir()]).await;
+
+    cluster.apply_ok(APP);
+    cluster.apply_ok(&format!("{}---\n{}---\n{}", teller("blue", 1), teller("green", 1), route(90, 10)));
+    let cp = ControlPlane::start(&cluster);
+    let gw_port = free_port();
+    let gateway = ProxyProc::start(&[
+        "--role",
+        "gateway",
+        "--control-plane",
+        &cp.addr,
+        "--workload",
+        "ingressgateway",
+        "--namespace",
+        "colors",
+        "--label",
+        "istio=ingressgateway",
+        "--label",
+        "gateway.networking.k8s.io/gateway-name=colors-gw",
+        "--port-map",
+        &format!("80={gw_port}"),
+    ])
+    .await;
+    let url = format!("http://127.0.0.1:{gw_port}/");
+
+    // Both Pods ready, then the gateway serves both colors, split 90/10.
+    until("both tellers ready", Duration::from_secs(60), || async {
+        ready_pods(&client, "app=colorteller").await.len() == 2
+    })
+    .await;
+    until("the gateway to reach a teller", Duration::from_secs(20), || async { ask(&url).await.is_ok() }).await;
+    let mut colors: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..200 {
+        let (color, _) = ask(&url).await.unwrap_or_else(|e| panic!("request failed: {e}\n{}", cp.log()));
+        *colors.entry(color).or_default() += 1;
+    }
+    let green = colors.get("green").copied().unwrap_or(0);
+    assert!((4..=45).contains(&green), "90/10 split gave {colors:?}");
+
+    // Scale blue 1 → 3 under load: the new Pods get traffic soon after they are ready, nothing fails.
+    let load = Load::start(url.clone());
+    cluster.kubectl_ok(&["scale", "deployment", "colorteller-blue", "-n", "colors", "--replicas", "3"]);
+    let mut ready_at: BTreeMap<String, Instant> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for p in ready_pods(&client, "version=blue").await {
+            ready_at.entry(p).or_insert_with(Instant::now);
+        }
+        let seen = load.pods_seen();
+        if ready_at.len() == 3 && ready_at.keys().all(|p| seen.contains_key(p)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "three blue Pods serving: ready {ready_at:?}, seen {seen:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = load.pods_seen();
+    for (pod, ready) in &ready_at {
+        let first = seen[pod];
+        let lag = first.saturating_duration_since(*ready);
+        assert!(lag < Duration::from_secs(2), "{pod} got its first request {lag:?} after it was ready");
+    }
+
+    // Scale back to 1: deleted Pods get no request once they are gone, still nothing fails.
+    cluster.kubectl_ok(&["scale", "deployment", "colorteller-blue", "-n", "colors", "--replicas", "1"]);
+    let before: Vec<String> = ready_at.keys().cloned().collect();
+    until("two blue Pods deleted", Duration::from_secs(60), || async {
+        all_pods(&client, "version=blue").await.len() == 1
+    })
+    .await;
+    let gone_at = Instant::now();
+    let remaining = all_pods(&client, "version=blue").await;
+    // Keep the load on a little longer: the removed Pods must see none of it.
+    let n = load.sent.load(Ordering::SeqCst);
+    until("25 more requests", Duration::from_secs(10), || async { load.sent.load(Ordering::SeqCst) >= n + 25 }).await;
+    let (seen, failures, sent) = load.finish().await;
+    assert!(failures.is_empty(), "{} of {sent} requests failed while scaling: {failures:?}", failures.len());
+    let removed: Vec<&String> = before.iter().filter(|p| !remaining.contains(p)).collect();
+    assert_eq!(removed.len(), 2, "{before:?} → {remaining:?}");
+    let late: Vec<_> = seen.iter().filter(|(t, _, pod)| *t > gone_at && removed.contains(&pod)).collect();
+    assert!(late.is_empty(), "deleted Pods still answered: {late:?}");
+
+    // Canary by editing the VirtualService: 90/10 → 0/100. Once the gateway runs the new
+    // version, no blue answer follows, and no request fails.
+    let load = Load::start(url.clone());
+    until("some load", Duration::from_secs(10), || async { load.sent.load(Ordering::SeqCst) >= 10 }).await;
+    let old = gateway.version().await;
+    let started = Instant::now();
+    cluster.apply_ok(&route(0, 100));
+    // From the API server's answer to kubectl (the edit is in force) to the gateway running it.
+    let applied = Instant::now();
+    let new = gateway.wait_version_change(&old, Duration::from_secs(10)).await;
+    let switched = Instant::now();
+    println!(
+        "VirtualService edit: kubectl apply {:?}, then to the gateway {:?}",
+        applied - started,
+        switched - applied
+    );
+    assert!(
+        switched - applied < Duration::from_secs(1),
+        "the route change took {:?} to reach the gateway",
+        switched - applied
+    );
+    let n = load.sent.load(Ordering::SeqCst);
+    until("25 more requests", Duration::from_secs(10), || async { load.sent.load(Ordering::SeqCst) >= n + 25 }).await;
+    let (seen, failures, sent) = load.finish().await;
+    assert!(failures.is_empty(), "{} of {sent} failed during the canary: {failures:?}", failures.len());
+    let blue_after: Vec<_> = seen.iter().filter(|(t, c, _)| *t > switched && c == "blue").collect();
+    assert!(blue_after.is_empty(), "blue answers after version {new} was applied: {}", blue_after.len());
+    assert!(seen.iter().any(|(t, c, _)| *t > switched && c == "green"));
+
+    // The same with the Gateway API: an HTTPRoute with weights 9:1, then 0:1.
+    cluster.apply_ok(&format!("{GATEWAY_API}---\n{}", http_route(9, 1)));
+    let host = [("host", "colors.example")];
+    until("the HTTPRoute to serve", Duration::from_secs(10), || async { get(&url, &host).await.status == 200 }).await;
+    let mut colors: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..200 {
+        let r = get(&url, &host).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        *colors.entry(r.body.trim().to_string()).or_default() += 1;
+    }
+    let green = colors.get("green").copied().unwrap_or(0);
+    assert!((4..=45).contains(&green), "9:1 HTTPRoute gave {colors:?}");
+    let old = gateway.version().await;
+    cluster.apply_ok(&http_route(0, 1));
+    let applied = Instant::now();
+    gateway.wait_version_change(&old, Duration::from_secs(10)).await;
+    let switched = Instant::now();
+    println!("HTTPRoute edit: to the gateway {:?}", switched - applied);
+    assert!(switched - applied < Duration::from_secs(1), "the HTTPRoute change took {:?}", switched - applied);
+    for _ in 0..50 {
+        let r = get(&url, &host).await;
+        assert_eq!((r.status.as_u16(), r.body.trim()), (200, "green"));
+    }
+}
+
+const REFERENCE: &str = include_str!("../../../examples/kubernetes/reference-platform.yaml");
+
+/// Webhook configurations that call the control plane by URL: the test API server has no
+/// Service network to reach it through (the chart's configurations name its Service).
+fn webhooks(port: u16) -> String {
+    format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: {{name: trellis-sidecar-injector}}
+webhooks:
+- name: istio-injection.sidecar-injector.trellis.dev
+  admissionReviewVersions: [v1]
+  sideEffects: None
+  failurePolicy: Fail
+  clientConfig: {{url: "https://localhost:{port}/inject"}}
+  rules: [{{operations: [CREATE], apiGroups: [""], apiVersions: [v1], resources: [pods]}}]
+  namespaceSelector: {{matchLabels: {{istio-injection: enabled}}}}
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata: {{name: trellis-validator}}
+webhooks:
+- name: validation.trellis.dev
+  admissionReviewVersions: [v1]
+  sideEffects: None
+  failurePolicy: Fail
+  clientConfig: {{url: "https://localhost:{port}/validate"}}
+  rules: [{{operations: [CREATE, UPDATE], apiGroups: [networking.istio.io, security.istio.io, telemetry.istio.io], apiVersions: ["*"], resources: ["*"]}}]
+"#
+    )
+}
+
+fn openssl_peer_san(addr: &str) -> String {
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", addr, "-showcerts"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl");
+    drop(child.stdin.take());
+    let out = child.wait_with_output().expect("openssl output");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let start =
+        text.find("-----BEGIN CERTIFICATE-----").unwrap_or_else(|| panic!("no certificate from {addr}: {text}"));
+    let end = text[start..].find("-----END CERTIFICATE-----").expect("end") + start + 25;
+    let mut x509 = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("openssl x509");
+    std::io::Write::write_all(x509.stdin.as_mut().expect("stdin"), text[start..end].as_bytes()).expect("write");
+    String::from_utf8_lossy(&x509.wait_with_output().expect("x509").stdout).into_owned()
+}
+
+async fn pod_named(client: &kube::Client, ns: &str, app: &str) -> k8s_openapi::api::core::v1::Pod {
+    let api: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client.clone(), ns);
+    let list = api.list(&kube::api::ListParams::default().labels(&format!("app={app}"))).await.expect("pods");
+    list.items
+        .into_iter()
+        .find(|p| p.metadata.deletion_timestamp.is_none())
+        .unwrap_or_else(|| panic!("no pod of {app}"))
+}
+
+fn pod_ip(p: &k8s_openapi::api::core::v1::Pod) -> String {
+    p.status.as_ref().and_then(|s| s.pod_ip.clone()).expect("pod IP")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn injected_sidecars_capture_traffic_and_prove_service_account_identities() {
+    assert!(nix::unistd::Uid::effective().is_root(), "Pod network namespaces need root (CI runs as root)");
+    let cluster = TestCluster::start().await;
+    cluster.apply_ok(CRDS);
+    cluster.kubectl_ok(&["wait", "--for", "condition=Established", "crd", "--all", "--timeout", "60s"]);
+    let client = cluster.client().await;
+    let network = Network::namespaces();
+    let Network::Namespaces { gateway: bridge_ip, .. } = &network else { unreachable!() };
+    let node = Node::start_with(client.clone(), vec![demo_dir()], network.clone()).await;
+
+    let webhook_port = free_port();
+    cluster.apply_ok(&webhooks(webhook_port));
+    let cp_addr = format!("{bridge_ip}:{}", free_port());
+    let cp = ControlPlane::start_with(
+        &cluster,
+        &cp_addr,
+        &[
+            "--webhook-listen",
+            &format!("127.0.0.1:{webhook_port}"),
+            "--webhook-name",
+            "localhost",
+            "--webhook-config",
+            "trellis-sidecar-injector",
+            "--webhook-config",
+            "trellis-validator",
+            "--injected-control-plane",
+            &cp_addr,
+            "--proxy-image",
+            "trellis:test",
+        ],
+    );
+    until("the webhooks to serve", Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", webhook_port)).await.is_ok()
+    })
+    .await;
+    // The caBundle is set by the control plane at start: wait for it before creating Pods.
+    until("the caBundle", Duration::from_secs(30), || async {
+        cluster
+            .kubectl_ok(&[
+                "get",
+                "mutatingwebhookconfiguration",
+                "trellis-sidecar-injector",
+                "-o",
+                "jsonpath={.webhooks[0].clientConfig.caBundle}",
+            ])
+            .len()
+            > 100
+    })
+    .await;
+
+    let manifests = REFERENCE.replace("trellis-control.trellis-system.svc:15010", &cp_addr);
+    let applied = cluster.apply_ok(&manifests);
+    until("every Pod ready", Duration::from_secs(120), || async {
+        let api: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client.clone(), "default");
+        let pods = api.list(&Default::default()).await.expect("pods").items;
+        pods.len() == 9
+            && pods.iter().all(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+    })
+    .await;
+    let _ = applied;
+
+    // Validation at apply time: an error is refused with its field named; a warning is admitted
+    // and kubectl prints it.
+    let (ok, out) = cluster.apply(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: bad-weights}\nspec:\n  hosts: [service-b]\n  http:\n  - route:\n    - destination: {host: service-b}\n      weight: 50\n    - destination: {host: service-c}\n      weight: 40\n",
+        &[],
+    );
+    assert!(!ok, "a VirtualService with weights summing to 90 was admitted: {out}");
+    assert!(
+        out.contains("denied the request") && out.contains("spec.http[0].route") && out.contains("not 100"),
+        "{out}"
+    );
+    let (ok, out) = cluster.apply(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ghost}\nspec:\n  hosts: [service-b]\n  http:\n  - route:\n    - destination: {host: no-such-service}\n",
+        &[],
+    );
+    assert!(ok, "a VirtualService with only a warning was refused: {out}");
+    assert!(out.contains("Warning:") && out.contains("no-such-service"), "{out}");
+    cluster.kubectl_ok(&["delete", "virtualservice", "ghost"]);
+
+    // Every app Pod got its sidecar from the webhook the API server called; the gateway opted out.
+    for x in "abcdefgh".chars() {
+        let p = pod_named(&client, "default", &format!("service-{x}")).await;
+        let inits: Vec<String> = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.init_containers.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(inits, ["trellis-init", "trellis-proxy"], "service-{x}");
+        assert_eq!(
+            p.metadata.labels.as_ref().and_then(|l| l.get("security.istio.io/tlsMode")).map(String::as_str),
+            Some("istio")
+        );
+    }
+    let gw = pod_named(&client, "default", "ingressgateway").await;
+    assert!(gw.spec.as_ref().and_then(|s| s.init_containers.clone()).unwrap_or_default().is_empty());
+
+    // Through the gateway: seven greetings, every hop through two sidecars with STRICT mTLS.
+    let url = format!("http://{}:8080/api/greeting", pod_ip(&gw));
+    until("the gateway to answer", Duration::from_secs(30), || async {
+        matches!(support::try_get(&url).await, Ok(200))
+    })
+    .await;
+    let r = get(&url, &[]).await;
+    assert_eq!(r.status, 200, "{}\n{}", r.body, cp.log());
+    let services: Vec<String> =
+        r.json().as_array().expect("array").iter().map(|g| g["service"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(services, ["Service D", "Service G", "Service H", "Service E", "Service B", "Service C", "Service A"]);
+
+    // A sidecar presents its Pod's service-account identity (openssl against the captured port).
+    let b = pod_named(&client, "default", "service-b").await;
+    let san = openssl_peer_san(&format!("{}:8080", pod_ip(&b)));
+    assert!(san.contains("URI:spiffe://cluster.local/ns/default/sa/service-b"), "{san}");
+    // Plaintext to a STRICT sidecar is refused.
+    assert!(support::try_get(&format!("http://{}:8080/api/health", pod_ip(&b))).await.is_err());
+
+    // A token of another service account gets no certificate for service-b.
+    let sa_api: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        kube::Api::namespaced(client.clone(), "default");
+    let body = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"audiences": ["trellis"], "expirationSeconds": 600}});
+    let token: serde_json::Value =
+        sa_api.create_subresource("token", "service-c", &Default::default(), &body).await.expect("token for service-c");
+    let token = token["status"]["token"].as_str().expect("token").to_string();
+    let mut c =
+        trellis_api::control::control_client::ControlClient::connect(format!("http://{cp_addr}")).await.expect("cp");
+    let forged =
+        trellis_identity::cert::generate_csr(&trellis_identity::SpiffeId::new("cluster.local", "default", "service-b"))
+            .expect("csr");
+    let denied = c
+        .create_certificate(trellis_api::control::CertificateRequest { csr_pem: forged.csr_pem, token: token.clone() })
+        .await;
+    assert_eq!(denied.expect_err("service-c's token for service-b").code(), tonic::Code::PermissionDenied);
+    let own =
+        trellis_identity::cert::generate_csr(&trellis_identity::SpiffeId::new("cluster.local", "default", "service-c"))
+            .expect("csr");
+    c.create_certificate(trellis_api::control::CertificateRequest { csr_pem: own.csr_pem, token })
+        .await
+        .expect("service-c's own certificate");
+    let denied = c
+        .create_certificate(trellis_api::control::CertificateRequest {
+            csr_pem: trellis_identity::cert::generate_csr(&trellis_identity::SpiffeId::new(
+                "cluster.local",
+                "default",
+                "service-c",
+            ))
+            .expect("csr")
+            .csr_pem,
+            token: "not-a-token".into(),
+        })
+        .await;
+    assert_eq!(denied.expect_err("made-up token").code(), tonic::Code::Unauthenticated);
+
+    // Transparent capture: an unmodified curl in Service A's Pod calls Service B by its cluster
+    // name. Nothing routes a ClusterIP here (no kube-proxy), so an answer means the sidecar
+    // took the call; Service B's sidecar counts one more mTLS request from service-a.
+    let a = pod_named(&client, "default", "service-a").await;
+    let b_admin: std::net::SocketAddr = format!("{}:15021", pod_ip(&b)).parse().expect("addr");
+    let from_a = |metrics: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains("reporter=\"destination\"")
+                    && l.contains("source_workload=\"service-a\"")
+                    && l.contains("connection_security_policy=\"mutual_tls\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let before = from_a(&support::admin_get(b_admin, "/metrics").await.expect("metrics").1);
+    let netns = node.pod_netns("default", a.metadata.name.as_deref().unwrap_or_default()).expect("netns");
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &netns,
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "http://service-b.default.svc.cluster.local/api/greeting",
+        ])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("Service B"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let (_, a_metrics) =
+        support::admin_get(format!("{}:15021", pod_ip(&a)).parse().expect("addr"), "/metrics").await.expect("metrics");
+    assert!(
+        a_metrics.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains("reporter=\"source\"")
+            && l.contains("destination_service=\"service-b.default.svc.cluster.local\"")),
+        "service-a's sidecar did not see the call"
+    );
+    until("service-b's sidecar to count the call", Duration::from_secs(5), || async {
+        from_a(&support::admin_get(b_admin, "/metrics").await.expect("metrics").1) > before
+    })
+    .await;
+}
+
+/// `helm` from the test cluster's directory (built by scripts/testcluster.sh).
+fn helm(cluster: &TestCluster, args: &[&str]) -> std::process::Output {
+    Command::new(cluster.bin.join("helm"))
+        .args(args)
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .env("HELM_CACHE_HOME", cluster.dir.path().join("helm-cache"))
+        .env("HELM_CONFIG_HOME", cluster.dir.path().join("helm-config"))
+        .env("HELM_DATA_HOME", cluster.dir.path().join("helm-data"))
+        .output()
+        .expect("run helm")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_helm_chart_and_offline_injection_apply_to_a_real_api_server() {
+    let cluster = TestCluster::start().await;
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/helm/trellis");
+    let chart = chart.to_string_lossy().into_owned();
+
+    let lint = helm(&cluster, &["lint", "--strict", &chart]);
+    let text = String::from_utf8_lossy(&lint.stdout).into_owned() + &String::from_utf8_lossy(&lint.stderr);
+    assert!(lint.status.success(), "helm lint: {text}");
+    assert!(text.contains("0 chart(s) failed"), "{text}");
+
+    let rendered = helm(
+        &cluster,
+        &[
+            "template",
+            "trellis",
+            &chart,
+            "--namespace",
+            "trellis-system",
+            "--include-crds",
+            "--set",
+            "meshDefaults.mtlsMode=STRICT",
+        ],
+    );
+    assert!(rendered.status.success(), "helm template: {}", String::from_utf8_lossy(&rendered.stderr));
+    let rendered = String::from_utf8_lossy(&rendered.stdout).into_owned();
+    cluster.kubectl_ok(&["create", "namespace", "trellis-system"]);
+    // CRDs first (the mesh default PeerAuthentication needs its kind), as Helm installs them.
+    let (crds, rest): (Vec<&str>, Vec<&str>) =
+        rendered.split("\n---").partition(|d| d.contains("kind: CustomResourceDefinition"));
+    let (ok, out) = cluster.apply(&crds.join("\n---\n"), &["--server-side"]);
+    assert!(ok, "CRDs: {out}");
+    cluster.kubectl_ok(&["wait", "--for", "condition=Established", "crd", "--all", "--timeout", "60s"]);
+    let (ok, out) = cluster.apply(&rest.join("\n---\n"), &["--server-side"]);
+    assert!(ok, "chart: {out}");
+    for object in [
+        "deployment/trellis-control",
+        "service/trellis-control",
+        "serviceaccount/trellis-control",
+        "peerauthentication.security.istio.io/default",
+    ] {
+        cluster.kubectl_ok(&["get", "-n", "trellis-system", object]);
+    }
+    cluster.kubectl_ok(&[
+        "get",
+        "mutatingwebhookconfiguration/trellis-sidecar-injector",
+        "validatingwebhookconfiguration/trellis-validator",
+    ]);
+
+    // `trellis inject -f`: what it prints passes the API server's own validation.
+    let injected = Command::new(trellis_bin())
+        .args(["inject", "-f", "../../examples/kubernetes/reference-platform.yaml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("trellis inject");
+    assert!(injected.status.success(), "{}", String::from_utf8_lossy(&injected.stderr));
+    assert!(String::from_utf8_lossy(&injected.stderr).contains("8 pod template(s) injected"));
+    let text = String::from_utf8_lossy(&injected.stdout).into_owned();
+    assert_eq!(text.matches("\"trellis-proxy\"").count(), 8, "the gateway opts out");
+    // A server-side dry run does not create the namespaces it would create: make that one first.
+    cluster.kubectl_ok(&["create", "namespace", "istio-system"]);
+    let (ok, out) = cluster.apply(&text, &["--dry-run=server"]);
+    assert!(ok, "kubectl apply --dry-run=server: {out}");
+    assert!(out.contains("deployment.apps/service-a created (server dry run)"), "{out}");
+}
