@@ -171,6 +171,11 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- control plane log (tail)\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -592,10 +597,20 @@ async fn injected_sidecars_capture_traffic_and_prove_service_account_identities(
 
     // Through the gateway: seven greetings, every hop through two sidecars with STRICT mTLS.
     let url = format!("http://{}:8080/api/greeting", pod_ip(&gw));
-    until("the gateway to answer", Duration::from_secs(30), || async {
-        matches!(support::try_get(&url).await, Ok(200))
-    })
-    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(5), get(&url, &[])).await;
+        match r {
+            Ok(r) if r.status == 200 => break,
+            other => {
+                let seen = other
+                    .map(|r| format!("{} {:?} {}", r.status, r.flag(), r.body))
+                    .unwrap_or_else(|_| "timed out".into());
+                assert!(Instant::now() < deadline, "the gateway never answered 200; last: {seen}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let r = get(&url, &[]).await;
     assert_eq!(r.status, 200, "{}\n{}", r.body, cp.log());
     let services: Vec<String> =
@@ -716,9 +731,15 @@ async fn the_helm_chart_and_offline_injection_apply_to_a_real_api_server() {
     assert!(lint.status.success(), "helm lint: {text}");
     assert!(text.contains("0 chart(s) failed"), "{text}");
 
+    // Rendered for the test API server's version (helm template alone assumes an old one).
+    let version: serde_json::Value =
+        serde_json::from_str(&cluster.kubectl_ok(&["version", "-o", "json"])).expect("kubectl version");
+    let server_version = version["serverVersion"]["gitVersion"].as_str().expect("server version").to_string();
     let rendered = helm(
         &cluster,
         &[
+            "--kube-version",
+            &server_version,
             "template",
             "trellis",
             &chart,
@@ -750,6 +771,12 @@ async fn the_helm_chart_and_offline_injection_apply_to_a_real_api_server() {
     }
     cluster.kubectl_ok(&[
         "get",
+        "mutatingwebhookconfiguration/trellis-sidecar-injector",
+        "validatingwebhookconfiguration/trellis-validator",
+    ]);
+    // No control plane runs here to answer them; the dry run below is the API server's own check.
+    cluster.kubectl_ok(&[
+        "delete",
         "mutatingwebhookconfiguration/trellis-sidecar-injector",
         "validatingwebhookconfiguration/trellis-validator",
     ]);

@@ -249,6 +249,16 @@ fn workload_name(pod: &str, labels: &BTreeMap<String, String>) -> String {
             return name.to_string();
         }
     }
+    // Without labels (a Pod not injected): a Deployment's Pod name ends in `-<hash>-<5 chars>`.
+    if labels.is_empty() {
+        let parts: Vec<&str> = pod.rsplitn(3, '-').collect();
+        if let [last, hash, name] = parts.as_slice() {
+            let alnum = |s: &str| s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+            if last.len() == 5 && (6..=10).contains(&hash.len()) && alnum(last) && alnum(hash) {
+                return name.to_string();
+            }
+        }
+    }
     for key in ["controller-revision-hash", "batch.kubernetes.io/controller-uid"] {
         if labels.contains_key(key) {
             if let Some((name, _)) = pod.rsplit_once('-') {

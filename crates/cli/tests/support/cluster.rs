@@ -115,6 +115,9 @@ impl TestCluster {
                     "--allow-privileged",
                     "--endpoint-reconciler-type",
                     "none",
+                    // Webhooks of a Service are called at one of its endpoints, never through DNS
+                    // (a `*.svc` name means nothing on this machine).
+                    "--enable-aggregator-routing=true",
                     "--v",
                     "0",
                 ],
@@ -269,10 +272,18 @@ impl Drop for TestCluster {
     }
 }
 
+/// A proxy address that refuses: whatever in the test cluster would dial out of this machine
+/// through an HTTP client fails here instead (Go never proxies loopback, so calls to 127.0.0.1
+/// and localhost go direct).
+const NOWHERE_PROXY: &str = "http://127.0.0.1:9";
+
 fn spawn(program: &Path, args: &[&str], log: &Path) -> Child {
     let log = std::fs::File::create(log).expect("log file");
     Command::new(program)
         .args(args)
+        .env("HTTPS_PROXY", NOWHERE_PROXY)
+        .env("HTTP_PROXY", NOWHERE_PROXY)
+        .env("NO_PROXY", "127.0.0.1,localhost")
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
@@ -403,6 +414,9 @@ impl Node {
             run_ip(&["link", "add", bridge, "type", "bridge"]).expect("create bridge");
             run_ip(&["addr", "add", &format!("{gateway}/16"), "dev", bridge]).expect("bridge address");
             run_ip(&["link", "set", bridge, "up"]).expect("bridge up");
+            // Pods reach each other and this machine's address on the bridge, nothing beyond it
+            // (even where this machine forwards packets).
+            forward_guard(bridge, "-I").expect("iptables FORWARD guard for the pod bridge");
         }
         let nodes: Api<KubeNode> = Api::all(client.clone());
         let node: KubeNode = serde_json::from_value(serde_json::json!({
@@ -585,9 +599,31 @@ impl Drop for Node {
         }
         if let Network::Namespaces { bridge, .. } = &self.network {
             let _ = run_ip(&["link", "del", bridge]);
+            let _ = forward_guard(bridge, "-D");
         }
-        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("trellis-node-{}", std::process::id())));
+        let root = std::env::temp_dir().join(format!("trellis-node-{}", std::process::id()));
+        if std::thread::panicking() {
+            eprintln!("node: containers' logs kept in {}", root.display());
+        } else {
+            let _ = std::fs::remove_dir_all(root);
+        }
     }
+}
+
+/// Adds (`-I`) or removes (`-D`) the root namespace's rules that drop anything forwarded from
+/// or to the pod bridge, except between its own ports (Pod to Pod, which the kernel's bridge
+/// netfilter hook may send through FORWARD).
+fn forward_guard(bridge: &str, op: &str) -> Result<(), String> {
+    let rules: [&[&str]; 3] =
+        [&["-i", bridge, "-j", "DROP"], &["-o", bridge, "-j", "DROP"], &["-i", bridge, "-o", bridge, "-j", "ACCEPT"]];
+    for rule in rules {
+        let out =
+            Command::new("iptables").args([op, "FORWARD"]).args(rule).output().map_err(|e| format!("iptables: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+    }
+    Ok(())
 }
 
 fn run_ip(args: &[&str]) -> Result<(), String> {
