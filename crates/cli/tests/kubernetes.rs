@@ -186,8 +186,10 @@ fn demo_dir() -> std::path::PathBuf {
 }
 
 /// One request through the gateway: (color, pod) or the failure.
-async fn ask(url: &str) -> Result<(String, String), String> {
-    let r = tokio::time::timeout(Duration::from_secs(5), get(url, &[])).await.map_err(|_| "timed out".to_string())?;
+async fn ask(url: &str, host: Option<&str>) -> Result<(String, String), String> {
+    let headers: Vec<(&str, &str)> = host.map(|h| vec![("host", h)]).unwrap_or_default();
+    let r =
+        tokio::time::timeout(Duration::from_secs(5), get(url, &headers)).await.map_err(|_| "timed out".to_string())?;
     if r.status != 200 {
         return Err(format!("{} {}", r.status, r.body));
     }
@@ -206,6 +208,14 @@ struct Load {
 
 impl Load {
     fn start(url: String) -> Load {
+        Load::start_inner(url, None)
+    }
+
+    fn start_with_host(url: String, host: &'static str) -> Load {
+        Load::start_inner(url, Some(host))
+    }
+
+    fn start_inner(url: String, host: Option<&'static str>) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let seen: Arc<Mutex<Vec<(Instant, String, String)>>> = Arc::default();
         let failures: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -221,7 +231,7 @@ impl Load {
                 tick.tick().await; // rate pacing (50 req/s), not a readiness wait
                 n.fetch_add(1, Ordering::SeqCst);
                 let started = Instant::now();
-                match ask(&url).await {
+                match ask(&url, host).await {
                     Ok((color, pod)) => se.lock().expect("seen").push((started, color, pod)),
                     Err(e) => f.lock().expect("failures").push(e),
                 }
@@ -315,10 +325,10 @@ async fn the_mesh_follows_pods_and_istio_resources_applied_with_kubectl() {
         ready_pods(&client, "app=colorteller").await.len() == 2
     })
     .await;
-    until("the gateway to reach a teller", Duration::from_secs(20), || async { ask(&url).await.is_ok() }).await;
+    until("the gateway to reach a teller", Duration::from_secs(20), || async { ask(&url, None).await.is_ok() }).await;
     let mut colors: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..200 {
-        let (color, _) = ask(&url).await.unwrap_or_else(|e| panic!("request failed: {e}\n{}", cp.log()));
+        let (color, _) = ask(&url, None).await.unwrap_or_else(|e| panic!("request failed: {e}\n{}", cp.log()));
         *colors.entry(color).or_default() += 1;
     }
     let green = colors.get("green").copied().unwrap_or(0);
@@ -407,6 +417,8 @@ async fn the_mesh_follows_pods_and_istio_resources_applied_with_kubectl() {
     }
     let green = colors.get("green").copied().unwrap_or(0);
     assert!((4..=45).contains(&green), "9:1 HTTPRoute gave {colors:?}");
+    let load = Load::start_with_host(url.clone(), "colors.example");
+    until("some load", Duration::from_secs(10), || async { load.sent.load(Ordering::SeqCst) >= 10 }).await;
     let old = gateway.version().await;
     cluster.apply_ok(&http_route(0, 1));
     let applied = Instant::now();
@@ -414,10 +426,28 @@ async fn the_mesh_follows_pods_and_istio_resources_applied_with_kubectl() {
     let switched = Instant::now();
     println!("HTTPRoute edit: to the gateway {:?}", switched - applied);
     assert!(switched - applied < Duration::from_secs(1), "the HTTPRoute change took {:?}", switched - applied);
-    for _ in 0..50 {
-        let r = get(&url, &host).await;
-        assert_eq!((r.status.as_u16(), r.body.trim()), (200, "green"));
-    }
+    let n = load.sent.load(Ordering::SeqCst);
+    until("25 more requests", Duration::from_secs(10), || async { load.sent.load(Ordering::SeqCst) >= n + 25 }).await;
+    let (seen, failures, sent) = load.finish().await;
+    assert!(failures.is_empty(), "{} of {sent} failed during the HTTPRoute canary: {failures:?}", failures.len());
+    assert!(seen.iter().all(|(t, c, _)| *t < switched || c == "green"), "blue after the HTTPRoute switch");
+
+    // `trellis analyze --cluster` reads what the cluster holds, with the same rules as files.
+    cluster.apply_ok(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: purple, namespace: colors}\nspec:\n  host: colorteller\n  subsets: [{name: purple, labels: {version: purple}}]\n",
+    );
+    let out = Command::new(trellis_bin())
+        .args(["analyze", "--cluster", "--output", "json"])
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .output()
+        .expect("trellis analyze --cluster");
+    let findings: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
+    assert!(
+        findings.iter().any(|f| f["code"] == "TRL0109" && f["file"] == "k8s:DestinationRule/colors/purple"),
+        "{findings:#?}"
+    );
 }
 
 const REFERENCE: &str = include_str!("../../../examples/kubernetes/reference-platform.yaml");
@@ -706,6 +736,53 @@ async fn injected_sidecars_capture_traffic_and_prove_service_account_identities(
         from_a(&support::admin_get(b_admin, "/metrics").await.expect("metrics").1) > before
     })
     .await;
+
+    // A Service without a selector: its endpoints are an EndpointSlice someone manages (here:
+    // the gateway Pod's admin port). Called by name from Service A's Pod, through its sidecar.
+    cluster.apply_ok(&format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: gateway-admin}}
+spec:
+  ports: [{{name: http, port: 80}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: gateway-admin-1
+  labels: {{kubernetes.io/service-name: gateway-admin, endpointslice.kubernetes.io/managed-by: by-hand}}
+addressType: IPv4
+ports: [{{name: http, port: 15021}}]
+endpoints: [{{addresses: ["{}"], conditions: {{ready: true}}}}]
+"#,
+        pod_ip(&gw)
+    ));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &netns,
+                "curl",
+                "-sS",
+                "--max-time",
+                "2",
+                "http://gateway-admin.default.svc.cluster.local/ready",
+            ])
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && text.contains("LIVE") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the hand-made endpoint never answered: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// `helm` from the test cluster's directory (built by scripts/testcluster.sh).

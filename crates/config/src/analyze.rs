@@ -212,7 +212,7 @@ pub fn analyze(resources: &[Resource], extra: &[Workload]) -> Vec<Finding> {
             Spec::PeerAuthentication(pa) => cx.peer_authentication(r, pa, resources),
             Spec::AuthorizationPolicy(ap) => cx.authorization_policy(r, ap, resources, extra),
             Spec::RequestAuthentication(ra) => cx.request_authentication(r, ra, resources, extra),
-            Spec::Gateway(_) | Spec::PodTemplate(_) | Spec::Metadata => {}
+            Spec::Gateway(_) | Spec::PodTemplate(_) | Spec::Metadata | Spec::EndpointSlice(_) => {}
         }
     }
     cx.findings

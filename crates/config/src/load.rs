@@ -137,6 +137,19 @@ struct Envelope<S> {
     status: Option<serde_json::Value>,
 }
 
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SliceDoc {
+    #[allow(dead_code)]
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(flatten)]
+    slice: kube::EndpointSlice,
+}
+
 fn decode_resource(file: Arc<PathBuf>, doc: Arc<Node>, findings: &mut Vec<Finding>) -> Option<Resource> {
     let schema = |pos, msg: String| Finding::new(Code::Schema, msg).in_file(file.clone(), Some(pos));
     if !matches!(doc.value, yaml::Value::Map(_)) {
@@ -203,6 +216,9 @@ fn decode_resource(file: Arc<PathBuf>, doc: Arc<Node>, findings: &mut Vec<Findin
                 Ok((env.metadata, Some(spec)))
             })
         }
+        // No `spec`: its fields are at the top level.
+        Kind::EndpointSlice => yaml::decode::<SliceDoc>(&doc, |p| unknown.push(p))
+            .map(|d| (d.metadata, Some(Spec::EndpointSlice(d.slice)))),
         _ => decode_as::<serde_json::Value>(&doc, &mut unknown, |_| Spec::Metadata),
     };
     let (meta, spec) = match decoded {
@@ -271,6 +287,7 @@ fn empty_spec(kind: Kind) -> Spec {
         k if k.runs_pods() => Spec::PodTemplate(Default::default()),
         Kind::GatewayApiGateway => Spec::Gateway(Default::default()),
         Kind::HttpRoute | Kind::GrpcRoute => Spec::VirtualService(Default::default()),
+        Kind::EndpointSlice => Spec::EndpointSlice(Default::default()),
         _ => Spec::Metadata,
     }
 }

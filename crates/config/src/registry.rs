@@ -108,6 +108,41 @@ impl Workload {
     }
 }
 
+/// The ready endpoints of the EndpointSlices of Service `namespace/service`.
+fn slice_endpoints(resources: &[Resource], namespace: &str, service: &str) -> Vec<Workload> {
+    let mut out = Vec::new();
+    for r in resources {
+        let Spec::EndpointSlice(slice) = &r.spec else { continue };
+        if r.namespace() != namespace
+            || r.meta.labels.get(crate::model::kube::SERVICE_NAME_LABEL).map(String::as_str) != Some(service)
+        {
+            continue;
+        }
+        let ports: BTreeMap<String, u16> = slice
+            .ports
+            .iter()
+            .filter_map(|p| Some((p.name.clone().unwrap_or_default(), u16::try_from(p.port?).ok()?)))
+            .collect();
+        for (i, e) in slice.endpoints.iter().enumerate() {
+            if e.conditions.ready == Some(false) {
+                continue;
+            }
+            for (j, address) in e.addresses.iter().enumerate() {
+                out.push(Workload {
+                    name: format!("{}-{i}-{j}", r.name()),
+                    namespace: namespace.to_string(),
+                    address: address.clone(),
+                    ports: ports.clone(),
+                    labels: Labels::new(),
+                    weight: 1,
+                    service_account: None,
+                });
+            }
+        }
+    }
+    out
+}
+
 /// `true` when every label of `selector` is on `labels`.
 pub fn selects(selector: &Labels, labels: &Labels) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
@@ -276,7 +311,8 @@ impl Registry {
                         })
                         .collect();
                     let endpoints = if svc.selector.is_empty() {
-                        Vec::new()
+                        // No selector: whatever EndpointSlices name this Service.
+                        slice_endpoints(resources, ns, &name)
                     } else {
                         workloads
                             .iter()

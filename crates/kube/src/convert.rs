@@ -6,6 +6,7 @@
 //! one about a file. Server-managed fields (status, managedFields, uid, ...) never reach the model.
 
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{json, Map, Value};
 use trellis_config::load::cluster_source;
 use trellis_config::model::kube::PodTemplate;
@@ -85,6 +86,24 @@ pub fn pod(p: &Pod) -> Converted {
     converted
 }
 
+/// Converts an EndpointSlice (of a Service without a selector).
+pub fn endpoint_slice(slice: &EndpointSlice) -> Converted {
+    let value = serde_json::to_value(slice).unwrap_or(Value::Null);
+    let endpoints: Vec<Value> = value
+        .get("endpoints")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|e| json!({"addresses": e.get("addresses"), "conditions": e.get("conditions").cloned().unwrap_or_else(|| json!({}))}))
+        .collect();
+    let doc = json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": metadata(&value),
+        "addressType": value.get("addressType"), "endpoints": endpoints,
+        "ports": value.get("ports").cloned().unwrap_or_else(|| json!([])),
+    });
+    load("EndpointSlice", &doc)
+}
+
 /// A Pod's IP when it serves traffic: running, `Ready`, not terminating.
 pub fn ready_ip(p: &Pod) -> Option<String> {
     if p.metadata.deletion_timestamp.is_some() {
@@ -119,7 +138,7 @@ fn load(kind: &str, doc: &Value) -> Converted {
     let text = serde_json::to_string_pretty(doc).unwrap_or_default();
     let mut loaded = trellis_config::load_str(&cluster_source(kind, ns, name), &text);
     // Core kinds are reduced above; anything still unknown there is ours to ignore.
-    if matches!(kind, "Service" | "Pod") {
+    if matches!(kind, "Service" | "Pod" | "EndpointSlice") {
         loaded.findings.retain(|f| f.code != Code::UnknownField);
     }
     Converted { resource: loaded.resources.pop(), findings: loaded.findings }

@@ -1,7 +1,8 @@
 //! The cluster as a config source: list+watch every kind Trellis reads and keep the control
 //! plane's store in step.
 //!
-//! One kube-rs watcher per kind (list, then watch from the list's resourceVersion, with
+//! One kube-rs watcher per kind (Services, Pods, hand-made EndpointSlices, and each Istio or
+//! Gateway API kind the cluster serves, looked for again every 30 s; list, then watch from the list's resourceVersion, with
 //! bookmarks; a `410 Gone` relists; errors back off exponentially). Each watcher keeps its kind's
 //! objects, converted ([`crate::convert`]); a change marks the set dirty and one publisher task
 //! hands the whole set to the store, debounced, so a burst of Pod updates is one generation.
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DynamicObject};
 use kube::discovery::{ApiResource, Discovery};
 use kube::runtime::watcher::{self, Event};
@@ -55,44 +57,88 @@ pub async fn run(client: Client, store: Arc<ConfigStore>) -> Result<(), Error> {
 
     // The Istio kinds the cluster serves, each at its preferred version (the API server converts
     // objects stored at other versions).
-    let groups: Vec<&str> = ISTIO_KINDS.iter().map(|(g, _)| *g).collect();
-    let discovery = Discovery::new(client.clone()).filter(&groups).run().await.map_err(Error::Discovery)?;
-    let mut dynamic: Vec<ApiResource> = Vec::new();
+    let dynamic = discover(&client).await?;
     for (group, names) in ISTIO_KINDS {
         for kind in *names {
-            match discovery.get(group).and_then(|g| g.recommended_kind(kind)) {
-                Some((ar, _)) => dynamic.push(ar),
-                None => {
-                    tracing::warn!(group, kind, "the cluster does not serve this kind (CRD not installed); not watched")
-                }
+            if !dynamic.iter().any(|ar| ar.group == *group && ar.kind == *kind) {
+                tracing::warn!(
+                    group,
+                    kind,
+                    "the cluster does not serve this kind (CRD not installed yet); looked for again every 30 s"
+                );
             }
         }
     }
-    // Every watcher counts down once its first list is in; set before any starts.
-    objects.pending.store(2 + dynamic.len(), Ordering::SeqCst);
-    let mut kinds: Vec<(String, tokio::task::JoinHandle<()>)> = Vec::new();
+    // Every watcher of the first set counts down once its first list is in; set before any starts.
+    objects.pending.store(3 + dynamic.len(), Ordering::SeqCst);
+    let mut watched: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     let services: Api<Service> = Api::all(client.clone());
-    kinds.push(("Service".into(), spawn_watch(services, objects.clone(), "Service", convert::service)));
+    let _services = spawn_watch(services, objects.clone(), "Service", convert::service);
     let pods: Api<Pod> = Api::all(client.clone());
-    kinds.push(("Pod".into(), spawn_watch(pods, objects.clone(), "Pod", convert::pod)));
+    let _pods = spawn_watch(pods, objects.clone(), "Pod", convert::pod);
+    // EndpointSlices that Kubernetes' own controller did not make: those of Services without a
+    // selector (the others say what the Pods say, which are watched already).
+    let slices: Api<EndpointSlice> = Api::all(client.clone());
+    let _slices =
+        spawn_watch_with(slices, objects.clone(), "EndpointSlice", convert::endpoint_slice, Some(MANUAL_SLICES));
+    let mut tasks = Vec::new();
     for ar in dynamic {
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
         let key = format!("{}/{}", ar.group, ar.kind);
-        kinds.push((key.clone(), spawn_dynamic(api, ar, objects.clone(), key)));
+        watched.insert(key.clone());
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        tasks.push(spawn_dynamic(api, ar, objects.clone(), key, true));
     }
-    tracing::info!(kinds = kinds.len(), "watching the cluster");
+    tracing::info!(kinds = 3 + watched.len(), "watching the cluster");
 
+    let mut rediscover = tokio::time::interval(REDISCOVER);
+    rediscover.tick().await;
     loop {
-        objects.changed.notified().await;
-        tokio::time::sleep(DEBOUNCE).await;
-        if objects.pending.load(Ordering::SeqCst) > 0 {
-            continue; // Some kind has not finished its first list yet.
+        tokio::select! {
+            _ = objects.changed.notified() => {
+                tokio::time::sleep(DEBOUNCE).await;
+                if objects.pending.load(Ordering::SeqCst) > 0 {
+                    continue; // Some kind has not finished its first list yet.
+                }
+                let resources = objects.all();
+                let store = store.clone();
+                // Analysis and compilation are CPU work: off the runtime's async threads.
+                let _ = tokio::task::spawn_blocking(move || store.set_cluster_resources(resources)).await;
+            }
+            // A CRD installed after the start (the Gateway API, Istio's CRDs) is watched from
+            // the next look on.
+            _ = rediscover.tick() => match discover(&client).await {
+                Ok(found) => {
+                    for ar in found {
+                        let key = format!("{}/{}", ar.group, ar.kind);
+                        if watched.insert(key.clone()) {
+                            tracing::info!(kind = %key, "the cluster serves a new kind; watching it");
+                            let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+                            tasks.push(spawn_dynamic(api, ar, objects.clone(), key, false));
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!("discovery failed, trying again later: {e}"),
+            },
         }
-        let resources = objects.all();
-        let store = store.clone();
-        // Analysis and compilation are CPU work: off the runtime's async threads.
-        let _ = tokio::task::spawn_blocking(move || store.set_cluster_resources(resources)).await;
     }
+}
+
+/// How often the cluster is asked which of the kinds Trellis reads it serves.
+const REDISCOVER: Duration = Duration::from_secs(30);
+
+/// The Istio and Gateway API kinds the cluster serves, at their preferred versions.
+async fn discover(client: &Client) -> Result<Vec<ApiResource>, Error> {
+    let groups: Vec<&str> = ISTIO_KINDS.iter().map(|(g, _)| *g).collect();
+    let discovery = Discovery::new(client.clone()).filter(&groups).run().await.map_err(Error::Discovery)?;
+    let mut out = Vec::new();
+    for (group, names) in ISTIO_KINDS {
+        for kind in *names {
+            if let Some((ar, _)) = discovery.get(group).and_then(|g| g.recommended_kind(kind)) {
+                out.push(ar);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Lists the cluster once (what `trellis analyze --cluster` reads): every resource Trellis
@@ -113,18 +159,17 @@ pub async fn list_once(client: Client) -> Result<(Vec<Resource>, Vec<trellis_con
     for p in pods.list(&lp).await.map_err(Error::List)?.items {
         take(convert::pod(&p));
     }
-    let groups: Vec<&str> = ISTIO_KINDS.iter().map(|(g, _)| *g).collect();
-    let discovery = Discovery::new(client.clone()).filter(&groups).run().await.map_err(Error::Discovery)?;
-    for (group, names) in ISTIO_KINDS {
-        for kind in *names {
-            let Some((ar, _)) = discovery.get(group).and_then(|g| g.recommended_kind(kind)) else { continue };
-            let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
-            for o in api.list(&lp).await.map_err(Error::List)?.items {
-                let mut value = serde_json::to_value(&o).unwrap_or_default();
-                value["apiVersion"] = serde_json::Value::String(ar.api_version.clone());
-                value["kind"] = serde_json::Value::String(ar.kind.clone());
-                take(convert::object(&value));
-            }
+    let slices: Api<EndpointSlice> = Api::all(client.clone());
+    for s in slices.list(&kube::api::ListParams::default().labels(MANUAL_SLICES)).await.map_err(Error::List)?.items {
+        take(convert::endpoint_slice(&s));
+    }
+    for ar in discover(&client).await? {
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        for o in api.list(&lp).await.map_err(Error::List)?.items {
+            let mut value = serde_json::to_value(&o).unwrap_or_default();
+            value["apiVersion"] = serde_json::Value::String(ar.api_version.clone());
+            value["kind"] = serde_json::Value::String(ar.kind.clone());
+            take(convert::object(&value));
         }
     }
     Ok((resources, findings))
@@ -177,6 +222,9 @@ fn log_findings(kind: &str, key: &str, c: &Converted) {
     }
 }
 
+/// EndpointSlices not managed by the EndpointSlice controller.
+const MANUAL_SLICES: &str = "endpointslice.kubernetes.io/managed-by!=endpointslice-controller.k8s.io";
+
 fn spawn_watch<K>(
     api: Api<K>,
     objects: Arc<Objects>,
@@ -186,9 +234,26 @@ fn spawn_watch<K>(
 where
     K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
+    spawn_watch_with(api, objects, kind, conv, None)
+}
+
+fn spawn_watch_with<K>(
+    api: Api<K>,
+    objects: Arc<Objects>,
+    kind: &'static str,
+    conv: fn(&K) -> Converted,
+    labels: Option<&'static str>,
+) -> tokio::task::JoinHandle<()>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
     tokio::spawn(async move {
-        let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
-        consume(stream, objects, kind.to_string(), move |o: &K| {
+        let mut config = watcher::Config::default();
+        if let Some(l) = labels {
+            config = config.labels(l);
+        }
+        let stream = watcher::watcher(api, config).default_backoff();
+        consume(stream, objects, kind.to_string(), true, move |o: &K| {
             let key = key_of(o.meta().namespace.as_deref(), o.meta().name.as_deref().unwrap_or_default());
             (key, conv(o))
         })
@@ -201,10 +266,11 @@ fn spawn_dynamic(
     ar: ApiResource,
     objects: Arc<Objects>,
     kind: String,
+    counts: bool,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
-        consume(stream, objects, kind, move |o: &DynamicObject| {
+        consume(stream, objects, kind, counts, move |o: &DynamicObject| {
             let key = key_of(o.metadata.namespace.as_deref(), o.metadata.name.as_deref().unwrap_or_default());
             let mut value = serde_json::to_value(o).unwrap_or_default();
             // Watch events of a dynamic kind may omit apiVersion/kind; the resource says them.
@@ -216,8 +282,15 @@ fn spawn_dynamic(
     })
 }
 
-async fn consume<K, S>(stream: S, objects: Arc<Objects>, kind: String, conv: impl Fn(&K) -> (String, Converted))
-where
+/// Applies a watcher's events to `objects`; `counts`: this kind's first list is part of the
+/// initial set the publisher waits for.
+async fn consume<K, S>(
+    stream: S,
+    objects: Arc<Objects>,
+    kind: String,
+    counts: bool,
+    conv: impl Fn(&K) -> (String, Converted),
+) where
     S: futures_util::Stream<Item = Result<Event<K>, watcher::Error>>,
 {
     let mut stream = std::pin::pin!(stream);
@@ -241,7 +314,9 @@ where
                 objects.replace(&kind, set);
                 if !listed_once {
                     listed_once = true;
-                    objects.pending.fetch_sub(1, Ordering::SeqCst);
+                    if counts {
+                        objects.pending.fetch_sub(1, Ordering::SeqCst);
+                    }
                     objects.changed.notify_one();
                 }
             }

@@ -94,3 +94,47 @@ fn template_labels(template: Option<&serde_json::Value>) -> Labels {
         .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
         .unwrap_or_default()
 }
+
+/// `discovery.k8s.io/v1` `EndpointSlice`: the endpoints of a Service without a selector (whose
+/// endpoints someone manages by hand or with their own controller). Services with a selector take
+/// their endpoints from the Pods they select. Unlike most kinds it has no `spec`.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct EndpointSlice {
+    pub address_type: Option<String>,
+    pub endpoints: Vec<SliceEndpoint>,
+    pub ports: Vec<SlicePort>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct SliceEndpoint {
+    pub addresses: Vec<String>,
+    pub conditions: SliceConditions,
+    pub hostname: Option<String>,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    pub target_ref: Option<serde_json::Value>,
+    pub hints: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct SliceConditions {
+    /// Absent means ready (the API's rule).
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct SlicePort {
+    pub name: Option<String>,
+    pub port: Option<u32>,
+    pub protocol: Option<String>,
+    pub app_protocol: Option<String>,
+}
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

@@ -56,6 +56,8 @@ pub enum Kind {
     GatewayApiGateway,
     HttpRoute,
     GrpcRoute,
+    /// `discovery.k8s.io/v1`: endpoints of Services without a selector.
+    EndpointSlice,
 }
 
 impl Kind {
@@ -106,6 +108,7 @@ impl Kind {
                 ],
             ),
             ("batch", &["v1"], &[("Job", Kind::Job), ("CronJob", Kind::CronJob)]),
+            ("discovery.k8s.io", &["v1"], &[("EndpointSlice", Kind::EndpointSlice)]),
             (
                 "gateway.networking.k8s.io",
                 &["v1", "v1beta1"],
@@ -162,6 +165,7 @@ impl Kind {
             Kind::GatewayApiGateway => "Gateway.gateway.networking.k8s.io",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
+            Kind::EndpointSlice => "EndpointSlice",
         }
     }
 
@@ -230,6 +234,7 @@ pub enum Spec {
     PodTemplate(kube::PodTemplate),
     /// `Namespace` and `ServiceAccount`: metadata only.
     Metadata,
+    EndpointSlice(kube::EndpointSlice),
     Telemetry(telemetry::Telemetry),
     PeerAuthentication(security::PeerAuthentication),
     AuthorizationPolicy(security::AuthorizationPolicy),
