@@ -502,7 +502,7 @@ fn openssl_peer_san(addr: &str) -> String {
         .stdout(Stdio::piped())
         .spawn()
         .expect("openssl x509");
-    std::io::Write::write_all(x509.stdin.as_mut().expect("stdin"), text[start..end].as_bytes()).expect("write");
+    std::io::Write::write_all(x509.stdin.as_mut().expect("stdin"), &text.as_bytes()[start..end]).expect("write");
     String::from_utf8_lossy(&x509.wait_with_output().expect("x509").stdout).into_owned()
 }
 

@@ -99,7 +99,7 @@ fn http_route(namespace: &str, rule: &Value, grpc: bool) -> Value {
     let backends: Vec<&Value> = rule.get("backendRefs").and_then(Value::as_array).into_iter().flatten().collect();
     let weights: Vec<u64> = backends.iter().map(|b| b.get("weight").and_then(Value::as_u64).unwrap_or(1)).collect();
     let total: u64 = weights.iter().sum();
-    let mut shares: Vec<u64> = weights.iter().map(|w| if total == 0 { 0 } else { w * 100 / total }).collect();
+    let mut shares: Vec<u64> = weights.iter().map(|w| (w * 100).checked_div(total).unwrap_or(0)).collect();
     if total > 0 {
         let rest = 100 - shares.iter().sum::<u64>();
         if let Some(first) = shares.iter_mut().zip(&weights).find(|(_, w)| **w > 0).map(|(s, _)| s) {

@@ -110,7 +110,7 @@ pub fn validate(store: &ConfigStore, request: &Value) -> Value {
     if !errors.is_empty() {
         let message = format!(
             "admission webhook \"validation.trellis.dev\" denied the request: {}",
-            errors.iter().map(|f| describe(f)).collect::<Vec<_>>().join("; ")
+            errors.iter().map(describe).collect::<Vec<_>>().join("; ")
         );
         response["status"] = json!({"code": 400, "reason": "Invalid", "message": message});
     }
