@@ -100,6 +100,8 @@ pub async fn run(pin: &Pinning, bin: &Path, proxies: usize, services: usize) -> 
                 proxy_id: format!("sidecar~sim-{i}.default"),
                 spec_json: spec.to_string().into_bytes(),
                 current_version: String::new(),
+                // This control plane has no tokens file: it does not check identities.
+                token: String::new(),
             };
             if tx.send(ProxyMessage { kind: Some(proxy_message::Kind::Hello(hello)) }).await.is_err() {
                 return;

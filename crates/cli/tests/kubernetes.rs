@@ -280,6 +280,36 @@ async fn all_pods(client: &kube::Client, selector: &str) -> Vec<String> {
     list.items.into_iter().filter_map(|p| p.metadata.name).collect()
 }
 
+/// A token for the audience `trellis` of a service account (TokenRequest), as a Pod's projected
+/// token would be.
+async fn service_account_token(client: &kube::Client, ns: &str, sa: &str) -> String {
+    let api: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> = kube::Api::namespaced(client.clone(), ns);
+    let body = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"audiences": ["trellis"], "expirationSeconds": 3600}});
+    let answer: serde_json::Value =
+        api.create_subresource("token", sa, &Default::default(), &body).await.expect("TokenRequest");
+    answer["status"]["token"].as_str().expect("token").to_string()
+}
+
+/// Opens a config stream as a proxy would (Hello with `spec` and `token`): the first answer.
+async fn subscribe(cp: &str, spec: serde_json::Value, token: &str) -> Result<(), tonic::Status> {
+    use trellis_api::control::{control_client::ControlClient, proxy_message, Hello, ProxyMessage};
+    let mut c = ControlClient::connect(format!("http://{cp}")).await.expect("control plane");
+    let hello = Hello {
+        proxy_id: format!(
+            "sidecar~{}.{}",
+            spec["name"].as_str().unwrap_or_default(),
+            spec["namespace"].as_str().unwrap_or_default()
+        ),
+        spec_json: spec.to_string().into_bytes(),
+        current_version: String::new(),
+        token: token.to_string(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(ProxyMessage { kind: Some(proxy_message::Kind::Hello(hello)) }).await.expect("send");
+    let mut stream = c.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    stream.message().await.map(|_| ())
+}
+
 async fn until<F: std::future::Future<Output = bool>>(what: &str, within: Duration, mut f: impl FnMut() -> F) {
     let deadline = Instant::now() + within;
     while !f().await {
@@ -300,12 +330,20 @@ async fn the_mesh_follows_pods_and_istio_resources_applied_with_kubectl() {
     cluster.apply_ok(APP);
     cluster.apply_ok(&format!("{}---\n{}---\n{}", teller("blue", 1), teller("green", 1), route(90, 10)));
     let cp = ControlPlane::start(&cluster);
+    // The gateway proves it is colors/ingressgateway with that service account's token.
+    cluster.apply_ok("apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: ingressgateway, namespace: colors}\n");
+    let token_file = cluster.dir.path().join("gateway-token");
+    std::fs::write(&token_file, service_account_token(&client, "colors", "ingressgateway").await).expect("token");
     let gw_port = free_port();
     let gateway = ProxyProc::start(&[
         "--role",
         "gateway",
         "--control-plane",
         &cp.addr,
+        "--token-file",
+        &token_file.to_string_lossy(),
+        "--service-account",
+        "ingressgateway",
         "--workload",
         "ingressgateway",
         "--namespace",
@@ -655,12 +693,7 @@ async fn injected_sidecars_capture_traffic_and_prove_service_account_identities(
     assert!(support::try_get(&format!("http://{}:8080/api/health", pod_ip(&b))).await.is_err());
 
     // A token of another service account gets no certificate for service-b.
-    let sa_api: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
-        kube::Api::namespaced(client.clone(), "default");
-    let body = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"audiences": ["trellis"], "expirationSeconds": 600}});
-    let token: serde_json::Value =
-        sa_api.create_subresource("token", "service-c", &Default::default(), &body).await.expect("token for service-c");
-    let token = token["status"]["token"].as_str().expect("token").to_string();
+    let token = service_account_token(&client, "default", "service-c").await;
     let mut c =
         trellis_api::control::control_client::ControlClient::connect(format!("http://{cp_addr}")).await.expect("cp");
     let forged =
@@ -673,7 +706,7 @@ async fn injected_sidecars_capture_traffic_and_prove_service_account_identities(
     let own =
         trellis_identity::cert::generate_csr(&trellis_identity::SpiffeId::new("cluster.local", "default", "service-c"))
             .expect("csr");
-    c.create_certificate(trellis_api::control::CertificateRequest { csr_pem: own.csr_pem, token })
+    c.create_certificate(trellis_api::control::CertificateRequest { csr_pem: own.csr_pem, token: token.clone() })
         .await
         .expect("service-c's own certificate");
     let denied = c
@@ -689,6 +722,23 @@ async fn injected_sidecars_capture_traffic_and_prove_service_account_identities(
         })
         .await;
     assert_eq!(denied.expect_err("made-up token").code(), tonic::Code::Unauthenticated);
+
+    // The config stream too: no token, a made-up token, or service-c's token claiming to be
+    // service-b are refused, and leave no entry in the control plane's status.
+    let claim = |sa: &str| serde_json::json!({"role": "sidecar", "name": "intruder", "namespace": "default", "service_account": sa, "labels": {}, "bind_address": "127.0.0.1", "port_map": {}, "inbound": [], "outbound": null, "upstreams": []});
+    let no_token = subscribe(&cp_addr, claim("service-b"), "").await.expect_err("no token");
+    assert_eq!(no_token.code(), tonic::Code::Unauthenticated, "{no_token:?}");
+    let made_up = subscribe(&cp_addr, claim("service-b"), "not-a-token").await.expect_err("made-up token");
+    assert_eq!(made_up.code(), tonic::Code::Unauthenticated, "{made_up:?}");
+    let other = subscribe(&cp_addr, claim("service-b"), &token).await.expect_err("service-c's token as service-b");
+    assert_eq!(other.code(), tonic::Code::PermissionDenied, "{other:?}");
+    assert!(other.message().contains("proves default/service-c"), "{other:?}");
+    let status = c.status(trellis_api::control::StatusRequest {}).await.expect("status").into_inner();
+    assert!(!status.proxies.iter().any(|p| p.workload == "intruder"), "a refused stream left an entry");
+    subscribe(&cp_addr, claim("service-c"), &token).await.expect("service-c's own token admits it");
+    // Every sidecar and the gateway are in the status, one entry per Pod.
+    let status = c.status(trellis_api::control::StatusRequest {}).await.expect("status").into_inner();
+    assert!(status.proxies.iter().filter(|p| p.state == "CONNECTED").count() >= 9, "{:?}", status.proxies);
 
     // Transparent capture: an unmodified curl in Service A's Pod calls Service B by its cluster
     // name. Nothing routes a ClusterIP here (no kube-proxy), so an answer means the sidecar

@@ -49,6 +49,10 @@ pub struct ProxySpec {
     /// served through the capture listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capture: Option<CaptureSpec>,
+    /// This instance of the workload (a Pod's name), when there may be several: it keeps their
+    /// entries apart in the control plane's status. Nothing is compiled from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 /// Where captured traffic arrives (Istio's 15006 and 15001 by default).
@@ -72,6 +76,7 @@ impl Default for ProxySpec {
             upstreams: Vec::new(),
             admin: None,
             capture: None,
+            instance: None,
             service_account: default_service_account(),
             trust_domain: default_trust_domain(),
         }

@@ -35,6 +35,36 @@ impl ControlService {
         ControlService { store, proxies: Arc::new(Proxies::default()), certificates }
     }
 
+    /// A proxy stream is admitted only with a token that proves the namespace and service
+    /// account the proxy claims (when this control plane can check tokens at all: with a tokens
+    /// file, or on Kubernetes). Without, a stranger could register as any workload, overwrite
+    /// another proxy's status and read every workload's routes.
+    async fn authenticate(&self, hello: &Hello, spec: &ProxySpec) -> Result<(), Status> {
+        let Some(auth) = self.certificates.as_ref().and_then(|c| c.authenticator.as_ref()) else {
+            return Ok(());
+        };
+        let claimed = format!("{}/{}", spec.namespace, spec.service_account);
+        if hello.token.is_empty() {
+            tracing::warn!(proxy = %hello.proxy_id, claims = %claimed, "refused a proxy stream without a token");
+            return Err(Status::unauthenticated(format!(
+                "this control plane admits only proxies that prove their identity; {} sent no token (bootstrap token, or the Pod's service-account token)",
+                hello.proxy_id
+            )));
+        }
+        let id = auth.authenticate(&hello.token).await.map_err(|e| {
+            tracing::warn!(proxy = %hello.proxy_id, claims = %claimed, "refused a proxy stream: {e}");
+            Status::unauthenticated(format!("the token of {} proves nothing: {e}", hello.proxy_id))
+        })?;
+        if id.namespace != spec.namespace || id.service_account != spec.service_account {
+            tracing::warn!(proxy = %hello.proxy_id, claims = %claimed, proves = %format!("{}/{}", id.namespace, id.service_account), "refused a proxy stream");
+            return Err(Status::permission_denied(format!(
+                "the token proves {}/{}, but {} claims {claimed}",
+                id.namespace, id.service_account, hello.proxy_id
+            )));
+        }
+        Ok(())
+    }
+
     pub fn into_server(self) -> control_server::ControlServer<ControlService> {
         control_server::ControlServer::new(self)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -56,6 +86,7 @@ impl control_server::Control for ControlService {
         };
         let spec: ProxySpec = serde_json::from_slice(&hello.spec_json)
             .map_err(|e| Status::invalid_argument(format!("bad proxy spec: {e}")))?;
+        self.authenticate(&hello, &spec).await?;
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(session(self.store.clone(), self.proxies.clone(), hello, spec, inbound, tx));
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))

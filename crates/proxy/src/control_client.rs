@@ -22,11 +22,14 @@ const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
 /// A stable id for a proxy: `role~name.namespace` (a restarted proxy takes its place back).
 pub fn proxy_id(spec: &ProxySpec) -> String {
-    format!("{}~{}.{}", format!("{:?}", spec.role).to_lowercase(), spec.name, spec.namespace)
+    // One entry per instance: a Pod's name when there are replicas.
+    let name = spec.instance.as_deref().unwrap_or(&spec.name);
+    format!("{}~{}.{}", format!("{:?}", spec.role).to_lowercase(), name, spec.namespace)
 }
 
-/// Runs until the proxy drains.
-pub async fn run(proxy: Arc<Proxy>, addr: String, spec: ProxySpec) {
+/// Runs until the proxy drains. `token` proves who the proxy is (read again at every connect:
+/// a Pod's projected token rotates).
+pub async fn run(proxy: Arc<Proxy>, addr: String, spec: ProxySpec, token: Option<crate::identity::Token>) {
     let id = proxy_id(&spec);
     let spec_json = match serde_json::to_vec(&spec) {
         Ok(j) => j,
@@ -40,7 +43,7 @@ pub async fn run(proxy: Arc<Proxy>, addr: String, spec: ProxySpec) {
     loop {
         set_state(&proxy, "connecting");
         let result = tokio::select! {
-            r = session(&proxy, &addr, &id, &spec_json, &mut backoff) => r,
+            r = session(&proxy, &addr, &id, &spec_json, token.as_ref(), &mut backoff) => r,
             _ = shared.drain.started() => return,
         };
         set_state(&proxy, "disconnected");
@@ -62,7 +65,18 @@ fn set_state(proxy: &Proxy, state: &str) {
     proxy.shared().update_status(|s| s.control_plane = Some(state.to_string()));
 }
 
-async fn session(proxy: &Proxy, addr: &str, id: &str, spec_json: &[u8], backoff: &mut Duration) -> Result<(), String> {
+async fn session(
+    proxy: &Proxy,
+    addr: &str,
+    id: &str,
+    spec_json: &[u8],
+    token: Option<&crate::identity::Token>,
+    backoff: &mut Duration,
+) -> Result<(), String> {
+    let token = match token {
+        Some(t) => t.read()?,
+        None => String::new(),
+    };
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(1))
@@ -74,11 +88,22 @@ async fn session(proxy: &Proxy, addr: &str, id: &str, spec_json: &[u8], backoff:
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel(8);
-    let hello =
-        Hello { proxy_id: id.to_string(), spec_json: spec_json.to_vec(), current_version: current_version(proxy) };
+    let hello = Hello {
+        proxy_id: id.to_string(),
+        spec_json: spec_json.to_vec(),
+        current_version: current_version(proxy),
+        token,
+    };
     tx.send(ProxyMessage { kind: Some(proxy_message::Kind::Hello(hello)) }).await.map_err(|e| e.to_string())?;
-    let mut inbound =
-        client.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(|e| e.to_string())?.into_inner();
+    let mut inbound = match client.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) => {
+            // Not a network blip: say so at every attempt, loudly.
+            tracing::error!(control_plane = %addr, proxy = %id, "the control plane refused this proxy: {}", s.message());
+            return Err(s.message().to_string());
+        }
+        Err(s) => return Err(s.to_string()),
+    };
     tracing::info!(control_plane = %addr, proxy = %id, "connected to control plane");
     set_state(proxy, "connected");
     *backoff = MIN_BACKOFF;

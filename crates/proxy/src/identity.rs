@@ -25,7 +25,7 @@ pub enum Token {
 }
 
 impl Token {
-    fn read(&self) -> Result<String, String> {
+    pub fn read(&self) -> Result<String, String> {
         match self {
             Token::Value(v) => Ok(v.clone()),
             Token::File(path) => std::fs::read_to_string(path)

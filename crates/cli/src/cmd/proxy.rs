@@ -214,6 +214,7 @@ fn pod_spec(args: &Args) -> Result<ProxySpec> {
             outbound: None,
             upstreams: Vec::new(),
             capture: None,
+            instance: Some(pod.clone()),
         });
     }
     Ok(ProxySpec {
@@ -237,6 +238,7 @@ fn pod_spec(args: &Args) -> Result<ProxySpec> {
         outbound: None,
         upstreams: Vec::new(),
         capture: Some(CaptureSpec { inbound, outbound: SocketAddr::new(any, args.outbound_capture_port) }),
+        instance: Some(pod),
     })
 }
 
@@ -312,6 +314,7 @@ fn proxy_spec(args: &Args) -> Result<ProxySpec> {
         outbound: args.outbound,
         upstreams: args.upstreams.clone(),
         capture: None,
+        instance: None,
     })
 }
 
@@ -338,6 +341,7 @@ async fn serve(args: Args) -> Result<()> {
             .filter(|t| !t.is_empty())
             .map(trellis_proxy::identity::Token::Value),
     };
+    let stream_token = token.clone();
     let identity = match (&args.control_plane, token) {
         (Some(cp), Some(token)) => {
             let store = std::sync::Arc::new(trellis_identity::tls::CredentialStore::default());
@@ -363,7 +367,7 @@ async fn serve(args: Args) -> Result<()> {
             .with_context(|| format!("cannot bind admin address {}", args.admin))?;
         proxy.shared().update_status(|s| s.source = "control-plane".into());
         tracing::info!(admin = %admin, control_plane = %cp, proxy = %trellis_proxy::control_client::proxy_id(&spec), "proxy started; waiting for config");
-        tokio::spawn(trellis_proxy::control_client::run(proxy.clone(), cp.clone(), spec));
+        tokio::spawn(trellis_proxy::control_client::run(proxy.clone(), cp.clone(), spec, stream_token));
     } else {
         let source = StaticSource { paths: args.config.clone(), recursive: args.recursive, spec };
         let (snap, _warnings) = source.load().map_err(|findings| {
