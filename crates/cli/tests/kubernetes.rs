@@ -248,6 +248,22 @@ impl Load {
         (seen, failures, self.sent.load(Ordering::SeqCst))
     }
 
+    /// Waits until `n` more requests have been sent.
+    async fn more(&self, n: usize) {
+        let start = self.sent.load(Ordering::SeqCst);
+        until(&format!("{n} more requests"), Duration::from_secs(10), || async {
+            self.sent.load(Ordering::SeqCst) >= start + n
+        })
+        .await;
+    }
+
+    /// Stops the load: every answer, once none failed.
+    async fn finish_without_failures(self, during: &str) -> Vec<(Instant, String, String)> {
+        let (seen, failures, sent) = self.finish().await;
+        assert!(failures.is_empty(), "{} of {sent} requests failed {during}: {failures:?}", failures.len());
+        seen
+    }
+
     fn pods_seen(&self) -> BTreeMap<String, Instant> {
         let mut first = BTreeMap::new();
         for (t, _, pod) in self.seen.lock().expect("seen").iter() {
@@ -405,10 +421,8 @@ async fn the_mesh_follows_pods_and_istio_resources_applied_with_kubectl() {
     let gone_at = Instant::now();
     let remaining = all_pods(&client, "version=blue").await;
     // Keep the load on a little longer: the removed Pods must see none of it.
-    let n = load.sent.load(Ordering::SeqCst);
-    until("25 more requests", Duration::from_secs(10), || async { load.sent.load(Ordering::SeqCst) >= n + 25 }).await;
-    let (seen, failures, sent) = load.finish().await;
-    assert!(failures.is_empty(), "{} of {sent} requests failed while scaling: {failures:?}", failures.len());
+    load.more(25).await;
+    let seen = load.finish_without_failures("while scaling").await;
     let removed: Vec<&String> = before.iter().filter(|p| !remaining.contains(p)).collect();
     assert_eq!(removed.len(), 2, "{before:?} → {remaining:?}");
     let late: Vec<_> = seen.iter().filter(|(t, _, pod)| *t > gone_at && removed.contains(&pod)).collect();
@@ -417,7 +431,7 @@ async fn the_mesh_follows_pods_and_istio_resources_applied_with_kubectl() {
     // Canary by editing the VirtualService: 90/10 → 0/100. Once the gateway runs the new
     // version, no blue answer follows, and no request fails.
     let load = Load::start(url.clone());
-    until("some load", Duration::from_secs(10), || async { load.sent.load(Ordering::SeqCst) >= 10 }).await;
+    load.more(10).await;
     let old = gateway.version().await;
     let started = Instant::now();
     cluster.apply_ok(&route(0, 100));
@@ -435,10 +449,8 @@ async fn the_mesh_follows_pods_and_istio_resources_applied_with_kubectl() {
         "the route change took {:?} to reach the gateway",
         switched - applied
     );
-    let n = load.sent.load(Ordering::SeqCst);
-    until("25 more requests", Duration::from_secs(10), || async { load.sent.load(Ordering::SeqCst) >= n + 25 }).await;
-    let (seen, failures, sent) = load.finish().await;
-    assert!(failures.is_empty(), "{} of {sent} failed during the canary: {failures:?}", failures.len());
+    load.more(25).await;
+    let seen = load.finish_without_failures("during the canary").await;
     let blue_after: Vec<_> = seen.iter().filter(|(t, c, _)| *t > switched && c == "blue").collect();
     assert!(blue_after.is_empty(), "blue answers after version {new} was applied: {}", blue_after.len());
     assert!(seen.iter().any(|(t, c, _)| *t > switched && c == "green"));
@@ -456,7 +468,7 @@ async fn the_mesh_follows_pods_and_istio_resources_applied_with_kubectl() {
     let green = colors.get("green").copied().unwrap_or(0);
     assert!((4..=45).contains(&green), "9:1 HTTPRoute gave {colors:?}");
     let load = Load::start_with_host(url.clone(), "colors.example");
-    until("some load", Duration::from_secs(10), || async { load.sent.load(Ordering::SeqCst) >= 10 }).await;
+    load.more(10).await;
     let old = gateway.version().await;
     cluster.apply_ok(&http_route(0, 1));
     let applied = Instant::now();
@@ -464,10 +476,8 @@ async fn the_mesh_follows_pods_and_istio_resources_applied_with_kubectl() {
     let switched = Instant::now();
     println!("HTTPRoute edit: to the gateway {:?}", switched - applied);
     assert!(switched - applied < Duration::from_secs(1), "the HTTPRoute change took {:?}", switched - applied);
-    let n = load.sent.load(Ordering::SeqCst);
-    until("25 more requests", Duration::from_secs(10), || async { load.sent.load(Ordering::SeqCst) >= n + 25 }).await;
-    let (seen, failures, sent) = load.finish().await;
-    assert!(failures.is_empty(), "{} of {sent} failed during the HTTPRoute canary: {failures:?}", failures.len());
+    load.more(25).await;
+    let seen = load.finish_without_failures("during the HTTPRoute canary").await;
     assert!(seen.iter().all(|(t, c, _)| *t < switched || c == "green"), "blue after the HTTPRoute switch");
 
     // `trellis analyze --cluster` reads what the cluster holds, with the same rules as files.
@@ -551,6 +561,14 @@ async fn pod_named(client: &kube::Client, ns: &str, app: &str) -> k8s_openapi::a
         .into_iter()
         .find(|p| p.metadata.deletion_timestamp.is_none())
         .unwrap_or_else(|| panic!("no pod of {app}"))
+}
+
+/// An unmodified `curl` in a Pod's network namespace (its /etc/hosts is the node's cluster DNS).
+fn curl_in(netns: &str, url: &str, max_time: &str) -> std::process::Output {
+    Command::new("ip")
+        .args(["netns", "exec", netns, "curl", "-sS", "--max-time", max_time, url])
+        .output()
+        .expect("curl")
 }
 
 fn pod_ip(p: &k8s_openapi::api::core::v1::Pod) -> String {
@@ -759,19 +777,7 @@ async fn injected_sidecars_capture_traffic_and_prove_service_account_identities(
     };
     let before = from_a(&support::admin_get(b_admin, "/metrics").await.expect("metrics").1);
     let netns = node.pod_netns("default", a.metadata.name.as_deref().unwrap_or_default()).expect("netns");
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &netns,
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "http://service-b.default.svc.cluster.local/api/greeting",
-        ])
-        .output()
-        .expect("curl");
+    let out = curl_in(&netns, "http://service-b.default.svc.cluster.local/api/greeting", "5");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("Service B"), "{text}{}", String::from_utf8_lossy(&out.stderr));
     let (_, a_metrics) =
@@ -809,19 +815,7 @@ endpoints: [{{addresses: ["{}"], conditions: {{ready: true}}}}]
     ));
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &netns,
-                "curl",
-                "-sS",
-                "--max-time",
-                "2",
-                "http://gateway-admin.default.svc.cluster.local/ready",
-            ])
-            .output()
-            .expect("curl");
+        let out = curl_in(&netns, "http://gateway-admin.default.svc.cluster.local/ready", "2");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         if out.status.success() && text.contains("LIVE") {
             break;

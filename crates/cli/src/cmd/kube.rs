@@ -35,7 +35,11 @@ pub struct ProxyInitArgs {
 }
 
 pub fn proxy_init(args: ProxyInitArgs) -> ExitCode {
-    match run_proxy_init(args) {
+    exit_code(run_proxy_init(args))
+}
+
+fn exit_code(r: Result<()>) -> ExitCode {
+    match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -93,13 +97,7 @@ pub struct InjectArgs {
 }
 
 pub fn inject(args: InjectArgs) -> ExitCode {
-    match run_inject(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code(run_inject(args))
 }
 
 fn run_inject(args: InjectArgs) -> Result<()> {

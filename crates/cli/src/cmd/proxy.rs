@@ -195,34 +195,11 @@ fn pod_spec(args: &Args) -> Result<ProxySpec> {
     labels.extend(args.labels.iter().cloned());
     let any = IpAddr::from([0, 0, 0, 0]);
     let inbound = SocketAddr::new(any, args.inbound_capture_port);
-    if matches!(args.role, RoleArg::Gateway) {
-        // A gateway Pod: not captured; its Gateway servers listen on every address of the Pod.
-        return Ok(ProxySpec {
-            admin: Some(args.admin),
-            service_account: std::env::var("SERVICE_ACCOUNT")
-                .ok()
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "default".into()),
-            trust_domain: args.trust_domain.clone(),
-            role: Role::Gateway,
-            name: workload_name(&pod, &labels),
-            namespace,
-            labels,
-            bind_address: any,
-            port_map: args.port_map.iter().copied().collect(),
-            inbound: Vec::new(),
-            outbound: None,
-            upstreams: Vec::new(),
-            capture: None,
-            instance: Some(pod.clone()),
-        });
-    }
-    Ok(ProxySpec {
+    let service_account =
+        std::env::var("SERVICE_ACCOUNT").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into());
+    let mut spec = ProxySpec {
         admin: Some(args.admin),
-        service_account: std::env::var("SERVICE_ACCOUNT")
-            .ok()
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "default".into()),
+        service_account,
         trust_domain: args.trust_domain.clone(),
         role: Role::Sidecar,
         name: workload_name(&pod, &labels),
@@ -239,7 +216,16 @@ fn pod_spec(args: &Args) -> Result<ProxySpec> {
         upstreams: Vec::new(),
         capture: Some(CaptureSpec { inbound, outbound: SocketAddr::new(any, args.outbound_capture_port) }),
         instance: Some(pod),
-    })
+    };
+    if matches!(args.role, RoleArg::Gateway) {
+        // A gateway Pod: not captured; its Gateway servers listen on every address of the Pod.
+        spec.role = Role::Gateway;
+        spec.bind_address = any;
+        spec.port_map = args.port_map.iter().copied().collect();
+        spec.inbound.clear();
+        spec.capture = None;
+    }
+    Ok(spec)
 }
 
 /// The workload a Pod belongs to, as Istio names it: a Deployment's Pod
