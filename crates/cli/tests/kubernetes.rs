@@ -191,7 +191,7 @@ async fn ask(url: &str, host: Option<&str>) -> Result<(String, String), String> 
     let r =
         tokio::time::timeout(Duration::from_secs(5), get(url, &headers)).await.map_err(|_| "timed out".to_string())?;
     if r.status != 200 {
-        return Err(format!("{} {}", r.status, r.body));
+        return Err(format!("{} {:?} {}", r.status, r.flag(), r.body));
     }
     Ok((r.body.trim().to_string(), r.header("x-served-by").unwrap_or_default().to_string()))
 }
@@ -223,6 +223,7 @@ impl Load {
         let (s, se, f, n) = (stop.clone(), seen.clone(), failures.clone(), sent.clone());
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(20));
+            let begun = Instant::now();
             // Bounded: at most 60 s of load whatever the test does.
             for _ in 0..3000 {
                 if s.load(Ordering::SeqCst) {
@@ -233,7 +234,10 @@ impl Load {
                 let started = Instant::now();
                 match ask(&url, host).await {
                     Ok((color, pod)) => se.lock().expect("seen").push((started, color, pod)),
-                    Err(e) => f.lock().expect("failures").push(e),
+                    Err(e) => f
+                        .lock()
+                        .expect("failures")
+                        .push(format!("{e} (sent {:?} after the load started)", started - begun)),
                 }
             }
         });
@@ -792,6 +796,66 @@ async fn injected_sidecars_capture_traffic_and_prove_service_account_identities(
         from_a(&support::admin_get(b_admin, "/metrics").await.expect("metrics").1) > before
     })
     .await;
+
+    // Service E scaled 1 → 3 → 1 while greetings go through the gateway at 50 req/s: each new
+    // Pod's sidecar receives requests soon after the Pod is ready, a deleted Pod's none once it
+    // is gone, and no request fails.
+    let load = Load::start(url.clone());
+    load.more(10).await;
+    let load_begun = Instant::now();
+    cluster.kubectl_ok(&["scale", "deployment", "service-e", "--replicas", "3"]);
+    let served = |ip: String| async move {
+        let metrics = support::admin_get(format!("{ip}:15021").parse().expect("addr"), "/metrics")
+            .await
+            .map(|m| m.1)
+            .unwrap_or_default();
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{") && l.contains("reporter=\"destination\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+            > 0.0
+    };
+    let mut ready_at: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut served_at: BTreeMap<String, Instant> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let api: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client.clone(), "default");
+        let pods = api.list(&kube::api::ListParams::default().labels("app=service-e")).await.expect("pods").items;
+        for p in pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none()) {
+            let ready = p
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let (Some(name), true) = (p.metadata.name.clone(), ready) else { continue };
+            ready_at.entry(name.clone()).or_insert_with(Instant::now);
+            if !served_at.contains_key(&name) && served(pod_ip(p)).await {
+                served_at.insert(name, Instant::now());
+            }
+        }
+        if ready_at.len() == 3 && served_at.len() == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "three Service E Pods serving: ready {ready_at:?}, served {served_at:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (pod, ready) in &ready_at {
+        let lag = served_at[pod].saturating_duration_since(*ready);
+        assert!(lag < Duration::from_secs(2), "{pod} got its first request {lag:?} after it was ready");
+    }
+    println!("Service E: three Pods serving {:?} after the load started", load_begun.elapsed());
+    cluster.kubectl_ok(&["scale", "deployment", "service-e", "--replicas", "1"]);
+    println!("Service E: scaled down {:?} after the load started", load_begun.elapsed());
+    until("two Service E Pods deleted", Duration::from_secs(60), || async {
+        let api: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client.clone(), "default");
+        api.list(&kube::api::ListParams::default().labels("app=service-e")).await.expect("pods").items.len() == 1
+    })
+    .await;
+    println!("Service E: two Pods gone {:?} after the load started", load_begun.elapsed());
+    load.more(25).await;
+    let seen = load.finish_without_failures("while Service E scaled").await;
+    assert!(seen.iter().all(|(_, body, _)| body.contains("Service E")), "a greeting without Service E");
 
     // A Service without a selector: its endpoints are an EndpointSlice someone manages (here:
     // the gateway Pod's admin port). Called by name from Service A's Pod, through its sidecar.

@@ -412,6 +412,10 @@ impl Node {
         if let Network::Namespaces { bridge, gateway } = &network {
             let _ = run_ip(&["link", "del", bridge]);
             run_ip(&["link", "add", bridge, "type", "bridge"]).expect("create bridge");
+            // A fixed address, as CNI bridge plugins set: a bridge otherwise takes the lowest MAC
+            // of its ports, which changes when a Pod's veth goes, and every Pod's ARP entry for
+            // the node goes stale for seconds.
+            run_ip(&["link", "set", bridge, "address", "02:00:0a:f4:00:01"]).expect("bridge address");
             run_ip(&["addr", "add", &format!("{gateway}/16"), "dev", bridge]).expect("bridge address");
             run_ip(&["link", "set", bridge, "up"]).expect("bridge up");
             // Pods reach each other and this machine's address on the bridge, nothing beyond it
@@ -759,12 +763,12 @@ async fn write_hosts(client: &kube::Client, netns: &str, pod_ns: &str, pod: &str
     std::fs::write(dir.join("hosts"), hosts).map_err(|e| e.to_string())
 }
 
+/// Stops a Pod's processes in the reverse of their start: the app containers first, then the
+/// native sidecars, as the kubelet stops a Pod (SIGTERM, then SIGKILL after 10 s).
 fn stop_children(children: &mut [Child]) {
-    for c in children.iter() {
+    for c in children.iter_mut().rev() {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for c in children.iter_mut() {
+        let deadline = Instant::now() + Duration::from_secs(10);
         while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10)); // waiting for a child to exit
         }
