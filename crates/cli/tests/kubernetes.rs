@@ -148,6 +148,10 @@ impl ControlPlane {
     }
 
     fn start_with(cluster: &TestCluster, addr: &str, extra: &[&str]) -> ControlPlane {
+        ControlPlane::start_as(&cluster.kubeconfig, addr, extra)
+    }
+
+    fn start_as(kubeconfig: &std::path::Path, addr: &str, extra: &[&str]) -> ControlPlane {
         let dir = tempfile::tempdir().expect("tempdir");
         let addr = addr.to_string();
         let log = std::fs::File::create(dir.path().join("control.log")).expect("log");
@@ -155,7 +159,7 @@ impl ControlPlane {
             .args(["control", "--kubernetes", "--listen", &addr, "--ca-dir"])
             .arg(dir.path().join("ca"))
             .args(extra)
-            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -303,8 +307,13 @@ async fn all_pods(client: &kube::Client, selector: &str) -> Vec<String> {
 /// A token for the audience `trellis` of a service account (TokenRequest), as a Pod's projected
 /// token would be.
 async fn service_account_token(client: &kube::Client, ns: &str, sa: &str) -> String {
+    service_account_token_for(client, ns, sa, &["trellis"]).await
+}
+
+/// A service account's token for `audiences` (none: the API server's own).
+async fn service_account_token_for(client: &kube::Client, ns: &str, sa: &str, audiences: &[&str]) -> String {
     let api: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> = kube::Api::namespaced(client.clone(), ns);
-    let body = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"audiences": ["trellis"], "expirationSeconds": 3600}});
+    let body = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"audiences": audiences, "expirationSeconds": 3600}});
     let answer: serde_json::Value =
         api.create_subresource("token", sa, &Default::default(), &body).await.expect("TokenRequest");
     answer["status"]["token"].as_str().expect("token").to_string()
@@ -908,6 +917,7 @@ fn helm(cluster: &TestCluster, args: &[&str]) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_helm_chart_and_offline_injection_apply_to_a_real_api_server() {
     let cluster = TestCluster::start().await;
+    let client = cluster.client().await;
     let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/helm/trellis");
     let chart = chart.to_string_lossy().into_owned();
 
@@ -959,6 +969,49 @@ async fn the_helm_chart_and_offline_injection_apply_to_a_real_api_server() {
         "mutatingwebhookconfiguration/trellis-sidecar-injector",
         "validatingwebhookconfiguration/trellis-validator",
     ]);
+    // The chart's RBAC is what the control plane needs: run it as the chart's service account
+    // (its token, not the admin certificate) with the chart's flags; it lists and watches the
+    // cluster, keeps its CA in a Secret and sets the webhooks' caBundle.
+    let token = service_account_token_for(&client, "trellis-system", "trellis-control", &[]).await;
+    let kubeconfig = cluster.kubeconfig_with_token("trellis-control", &token);
+    let webhook_port = free_port();
+    let cp = ControlPlane::start_as(
+        &kubeconfig,
+        &format!("127.0.0.1:{}", free_port()),
+        &[
+            "--ca-secret",
+            "trellis-system/trellis-ca",
+            "--webhook-listen",
+            &format!("127.0.0.1:{webhook_port}"),
+            "--webhook-name",
+            "trellis-control.trellis-system.svc",
+            "--webhook-config",
+            "trellis-sidecar-injector",
+            "--webhook-config",
+            "trellis-validator",
+        ],
+    );
+    until("the CA Secret and the caBundle", Duration::from_secs(30), || async {
+        cluster.kubectl(&["get", "secret", "-n", "trellis-system", "trellis-ca"]).status.success()
+            && cluster
+                .kubectl_ok(&[
+                    "get",
+                    "validatingwebhookconfiguration",
+                    "trellis-validator",
+                    "-o",
+                    "jsonpath={.webhooks[0].clientConfig.caBundle}",
+                ])
+                .len()
+                > 100
+    })
+    .await;
+    until("the control plane to watch the cluster", Duration::from_secs(30), || async {
+        cp.log().contains("config loaded")
+    })
+    .await;
+    assert!(!cp.log().contains("forbidden"), "the chart's RBAC is not enough:\n{}", cp.log());
+    drop(cp);
+
     // No control plane runs here to answer them; the dry run below is the API server's own check.
     cluster.kubectl_ok(&[
         "delete",

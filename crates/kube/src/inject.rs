@@ -79,15 +79,15 @@ impl Injector {
                 pod["metadata"]["namespace"] = ns.clone();
             }
         }
-        let before = pod.clone();
         match self.inject_pod(&mut pod) {
             Ok(()) => {
                 use base64::Engine;
+                // The injected metadata and spec as a whole: simpler to read back than a list of
+                // additions, and the API server validates the result either way.
                 let patch = json!([
                     {"op": "replace", "path": "/metadata", "value": pod["metadata"]},
                     {"op": "replace", "path": "/spec", "value": pod["spec"]},
                 ]);
-                let _ = before;
                 json!({
                     "allowed": true,
                     "patchType": "JSONPatch",

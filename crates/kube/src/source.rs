@@ -92,17 +92,29 @@ pub async fn run(client: Client, store: Arc<ConfigStore>) -> Result<(), Error> {
 
     let mut rediscover = tokio::time::interval(REDISCOVER);
     rediscover.tick().await;
+    // A kind that cannot be listed (RBAC, a broken CRD) must not keep the whole mesh waiting:
+    // after this long, what has been listed is served, and the rest follows as it comes.
+    let grace = tokio::time::Instant::now() + INITIAL_LIST_GRACE;
+    let mut waited = false;
     loop {
         tokio::select! {
             _ = objects.changed.notified() => {
                 tokio::time::sleep(DEBOUNCE).await;
-                if objects.pending.load(Ordering::SeqCst) > 0 {
+                if objects.pending.load(Ordering::SeqCst) > 0 && !waited {
                     continue; // Some kind has not finished its first list yet.
                 }
                 let resources = objects.all();
                 let store = store.clone();
                 // Analysis and compilation are CPU work: off the runtime's async threads.
                 let _ = tokio::task::spawn_blocking(move || store.set_cluster_resources(resources)).await;
+            }
+            _ = tokio::time::sleep_until(grace), if !waited => {
+                waited = true;
+                let left = objects.pending.load(Ordering::SeqCst);
+                if left > 0 {
+                    tracing::error!(kinds = left, "some kinds are still not listed (see the watch errors above); serving what is");
+                    objects.changed.notify_one();
+                }
             }
             // A CRD installed after the start (the Gateway API, Istio's CRDs) is watched from
             // the next look on.
@@ -122,6 +134,9 @@ pub async fn run(client: Client, store: Arc<ConfigStore>) -> Result<(), Error> {
         }
     }
 }
+
+/// How long the first publication waits for every kind's first list.
+const INITIAL_LIST_GRACE: Duration = Duration::from_secs(15);
 
 /// How often the cluster is asked which of the kinds Trellis reads it serves.
 const REDISCOVER: Duration = Duration::from_secs(30);

@@ -256,6 +256,21 @@ impl TestCluster {
         text
     }
 
+    /// A kubeconfig that authenticates with `token` (a service account's) instead of the admin
+    /// certificate, so what runs with it has exactly that account's RBAC.
+    pub fn kubeconfig_with_token(&self, name: &str, token: &str) -> PathBuf {
+        use base64::Engine;
+        let ca = std::fs::read_to_string(self.dir.path().join("ca.crt")).expect("ca.crt");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority-data: {}\nusers:\n- name: sa\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: sa\ncurrent-context: test\n",
+            self.server,
+            base64::engine::general_purpose::STANDARD.encode(ca)
+        );
+        let path = self.dir.path().join(format!("kubeconfig-{name}"));
+        std::fs::write(&path, text).expect("kubeconfig");
+        path
+    }
+
     pub async fn client(&self) -> kube::Client {
         let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig");
         let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("config");
