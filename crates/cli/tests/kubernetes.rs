@@ -343,7 +343,7 @@ async fn until<F: std::future::Future<Output = bool>>(what: &str, within: Durati
     let deadline = Instant::now() + within;
     while !f().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval of a wait on a signal
     }
 }
 
@@ -415,7 +415,7 @@ async fn the_mesh_follows_pods_and_istio_resources_applied_with_kubectl() {
             break;
         }
         assert!(Instant::now() < deadline, "three blue Pods serving: ready {ready_at:?}, seen {seen:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a wait on a signal
     }
     let seen = load.pods_seen();
     for (pod, ready) in &ready_at {
@@ -708,7 +708,7 @@ async fn injected_sidecars_capture_traffic_and_prove_service_account_identities(
                 assert!(Instant::now() < deadline, "the gateway never answered 200; last: {seen}");
             }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll interval of a wait on a signal
     }
     let r = get(&url, &[]).await;
     assert_eq!(r.status, 200, "{}\n{}", r.body, cp.log());
@@ -847,7 +847,7 @@ async fn injected_sidecars_capture_traffic_and_prove_service_account_identities(
             break;
         }
         assert!(Instant::now() < deadline, "three Service E Pods serving: ready {ready_at:?}, served {served_at:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a wait on a signal
     }
     for (pod, ready) in &ready_at {
         let lag = served_at[pod].saturating_duration_since(*ready);
@@ -898,7 +898,7 @@ endpoints: [{{addresses: ["{}"], conditions: {{ready: true}}}}]
             "the hand-made endpoint never answered: {text}{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll interval of a wait on a signal
     }
 }
 

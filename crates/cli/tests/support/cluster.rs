@@ -127,7 +127,7 @@ impl TestCluster {
         let kubeconfig = d.join("kubeconfig");
         std::fs::write(&kubeconfig, pki.kubeconfig(&server)).expect("kubeconfig");
         let mut cluster = TestCluster { dir, bin, kubeconfig, server, procs };
-        cluster.wait_apiserver();
+        cluster.wait_apiserver().await;
         let kc = cluster.kubeconfig.to_string_lossy().into_owned();
         let d = cluster.dir.path().to_path_buf();
         cluster.procs.push((
@@ -159,14 +159,16 @@ impl TestCluster {
             ),
         ));
         // The service-account controller creating `default` in `default` says the controllers run.
-        cluster.wait_for(
-            || cluster.kubectl(&["get", "serviceaccount", "default", "-n", "default"]).status.success(),
-            "the controller manager to create the default service account",
-        );
+        cluster
+            .wait_for(
+                || cluster.kubectl(&["get", "serviceaccount", "default", "-n", "default"]).status.success(),
+                "the controller manager to create the default service account",
+            )
+            .await;
         cluster
     }
 
-    fn wait_apiserver(&mut self) {
+    async fn wait_apiserver(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             let out = self.kubectl(&["get", "--raw", "/readyz"]);
@@ -175,15 +177,16 @@ impl TestCluster {
             }
             self.check_alive();
             assert!(Instant::now() < deadline, "kube-apiserver not ready in 90 s:\n{}", self.logs());
-            std::thread::sleep(Duration::from_millis(200)); // polling a process we cannot be told about
+            // Poll interval: the API server has no readiness signal but its /readyz.
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    fn wait_for(&self, mut ok: impl FnMut() -> bool, what: &str) {
+    async fn wait_for(&self, mut ok: impl FnMut() -> bool, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !ok() {
             assert!(Instant::now() < deadline, "timed out waiting for {what}:\n{}", self.logs());
-            std::thread::sleep(Duration::from_millis(200)); // kubectl polling
+            tokio::time::sleep(Duration::from_millis(200)).await; // poll interval between kubectl checks
         }
     }
 
@@ -479,6 +482,7 @@ impl Node {
                         .unwrap_or(0);
                     tokio::spawn(async move {
                         if let Some(rp) = stopped {
+                            // The preStop sleep hook itself (the Pod asked for it), not a wait.
                             tokio::time::sleep(Duration::from_secs(pre_stop.max(0) as u64)).await;
                             let _ = tokio::task::spawn_blocking(move || rp.stop()).await;
                         }
@@ -897,7 +901,7 @@ async fn wait_probe(c: &Container, probe: Option<&k8s_openapi::api::core::v1::Pr
         if Instant::now() > deadline {
             return Err(format!("{url} ({}) never became ready", c.name));
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await; // probe period
     }
     Ok(())
 }
