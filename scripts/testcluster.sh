@@ -5,6 +5,8 @@
 # ${TRELLIS_TESTCLUSTER_CACHE:-~/.cache/trellis/testcluster}. Prints the directory that holds them.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
+# Go as the toolchain image installs it, when it is not on PATH.
+command -v go >/dev/null || export PATH="$PATH:/usr/local/go/bin"
 
 kube_version=$(awk '$1 == "k8s.io/kubernetes" && $2 ~ /^v/ {print $2; exit}' "$here/testcluster/go.mod")
 helm_version=v3.21.4
@@ -20,7 +22,7 @@ dir="$cache/$kube_version-$key"
 if [ ! -x "$dir/testcluster" ]; then
   echo "building the test cluster ($kube_version: etcd, kube-apiserver, kube-controller-manager, kubectl) into $dir" >&2
   mkdir -p "$dir"
-  (cd "$here/testcluster" && go build -trimpath -ldflags="$ldflags" -o "$dir/testcluster.tmp" .)
+  (cd "$here/testcluster" && go build -buildvcs=false -trimpath -ldflags="$ldflags" -o "$dir/testcluster.tmp" .)
   mv "$dir/testcluster.tmp" "$dir/testcluster"
 fi
 for name in etcd kube-apiserver kube-controller-manager kubectl; do
