@@ -13,8 +13,8 @@ helm_version=v3.21.4
 minor=$(echo "$kube_version" | cut -d. -f2)
 # The components report the version they were built from (as a release build does).
 ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$kube_version -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/client-go/pkg/version.gitVersion=$kube_version"
-# The module file, main.go and the flags are the cache key: a change to any rebuilds.
 helm_ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$helm_version"
+# The module file, main.go and the flags are the cache key: a change to any rebuilds.
 key=$( (cat "$here/testcluster/go.mod" "$here/testcluster/main.go"; echo "$ldflags $helm_ldflags") | sha256sum | cut -c1-12)
 cache="${TRELLIS_TESTCLUSTER_CACHE:-$HOME/.cache/trellis/testcluster}"
 dir="$cache/$kube_version-$key"
