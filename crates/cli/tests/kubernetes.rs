@@ -770,6 +770,13 @@ async fn injected_sidecars_capture_traffic_and_prove_service_account_identities(
     // Every sidecar and the gateway are in the status, one entry per Pod.
     let status = c.status(trellis_api::control::StatusRequest {}).await.expect("status").into_inner();
     assert!(status.proxies.iter().filter(|p| p.state == "CONNECTED").count() >= 9, "{:?}", status.proxies);
+    // Each injected sidecar reports an admin address others can scrape: its Pod's IP.
+    let sidecars: Vec<_> = status.proxies.iter().filter(|p| p.role == "sidecar" && p.workload != "intruder").collect();
+    assert_eq!(sidecars.len(), 8, "{sidecars:?}");
+    assert!(
+        sidecars.iter().all(|p| p.admin_address.starts_with("10.244.") && p.admin_address.ends_with(":15021")),
+        "{sidecars:?}"
+    );
 
     // Transparent capture: an unmodified curl in Service A's Pod calls Service B by its cluster
     // name. Nothing routes a ClusterIP here (no kube-proxy), so an answer means the sidecar

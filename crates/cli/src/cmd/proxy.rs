@@ -197,8 +197,11 @@ fn pod_spec(args: &Args) -> Result<ProxySpec> {
     let inbound = SocketAddr::new(any, args.inbound_capture_port);
     let service_account =
         std::env::var("SERVICE_ACCOUNT").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into());
+    // The admin address others can reach (status, Prometheus): the Pod's IP when it listens on
+    // every address.
+    let admin = if args.admin.ip().is_unspecified() { SocketAddr::new(ip, args.admin.port()) } else { args.admin };
     let mut spec = ProxySpec {
-        admin: Some(args.admin),
+        admin: Some(admin),
         service_account,
         trust_domain: args.trust_domain.clone(),
         role: Role::Sidecar,

@@ -43,6 +43,15 @@ async fn client(addr: &str) -> Result<ControlClient<tonic::transport::Channel>> 
     Ok(ControlClient::new(ch).max_decoding_message_size(256 * 1024 * 1024))
 }
 
+/// Where a proxy's metrics are scraped (its admin address), or "-" when it did not say.
+fn metrics_url(admin: &str) -> String {
+    if admin.is_empty() {
+        "-".into()
+    } else {
+        format!("http://{admin}/metrics")
+    }
+}
+
 pub fn status(args: StatusArgs) -> ExitCode {
     super::block_on(async move {
         let reply = client(&args.control_plane)
@@ -60,6 +69,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
                         "proxy": p.proxy_id, "role": p.role, "workload": p.workload, "namespace": p.namespace,
                         "state": p.state, "sent": p.sent_version, "acked": p.acked_version,
                         "nacked": p.nacked_version, "nack_reason": p.nack_reason, "state_age_seconds": p.state_age_seconds,
+                        "admin": p.admin_address, "metrics": metrics_url(&p.admin_address),
                     })
                 })
                 .collect();
@@ -79,6 +89,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
             "VERSION".into(),
             "LAST ACK/NACK".into(),
             "SINCE".into(),
+            "METRICS".into(),
         ]];
         for p in &reply.proxies {
             let last = if !p.nacked_version.is_empty() && p.nacked_version == p.sent_version {
@@ -95,6 +106,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
                 p.acked_version.clone(),
                 last,
                 format!("{}s", p.state_age_seconds),
+                metrics_url(&p.admin_address),
             ]);
         }
         print_table(&rows);
