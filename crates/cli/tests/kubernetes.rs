@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cluster::{Network, Node, TestCluster};
-use support::{free_port, get, trellis_bin, try_get, ProxyProc};
+use support::{free_port, get, subscribe, trellis_bin, try_get, ProxyProc};
 
 const CRDS: &str = include_str!("../../../deploy/helm/trellis/crds/istio.yaml");
 const GATEWAY_API_CRDS: &str = include_str!("../../../deploy/helm/trellis/crds/gateway-api.yaml");
@@ -320,25 +320,6 @@ async fn service_account_token_for(client: &kube::Client, ns: &str, sa: &str, au
 }
 
 /// Opens a config stream as a proxy would (Hello with `spec` and `token`): the first answer.
-async fn subscribe(cp: &str, spec: serde_json::Value, token: &str) -> Result<(), tonic::Status> {
-    use trellis_api::control::{control_client::ControlClient, proxy_message, Hello, ProxyMessage};
-    let mut c = ControlClient::connect(format!("http://{cp}")).await.expect("control plane");
-    let hello = Hello {
-        proxy_id: format!(
-            "sidecar~{}.{}",
-            spec["name"].as_str().unwrap_or_default(),
-            spec["namespace"].as_str().unwrap_or_default()
-        ),
-        spec_json: spec.to_string().into_bytes(),
-        current_version: String::new(),
-        token: token.to_string(),
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(ProxyMessage { kind: Some(proxy_message::Kind::Hello(hello)) }).await.expect("send");
-    let mut stream = c.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
-    stream.message().await.map(|_| ())
-}
-
 async fn until<F: std::future::Future<Output = bool>>(what: &str, within: Duration, mut f: impl FnMut() -> F) {
     let deadline = Instant::now() + within;
     while !f().await {

@@ -173,19 +173,23 @@ async fn color_canary_splits_two_to_one_then_shifts_to_green_without_failures() 
     let dir = example("color-canary", port);
     let up = Up::start(dir.path(), port);
     let client = h1_client();
-    let mut green = 0;
+    let mut colors = Vec::new();
+    let mut last = serde_json::Value::Null;
     for _ in 0..3000 {
         let r = send(&client, http::Request::get(up.url("/color")).body(empty()).expect("req")).await;
         assert_eq!(r.status, 200, "{}", r.body);
-        if color_of(&r.body) == "green" {
-            green += 1;
-        }
+        colors.push(color_of(&r.body));
+        last = r.json();
     }
-    let share = green as f64 / 3000.0;
+    let share = colors.iter().filter(|c| *c == "green").count() as f64 / 3000.0;
     println!("green share over 3000 requests: {share:.3}");
     assert!((share - 0.33).abs() <= 0.03, "green share {share:.3}");
-    let stats = get(&up.url("/color"), &[]).await.json();
-    assert!(stats["stats"]["green"].as_f64().is_some_and(|g| (g - 0.33).abs() <= 0.04), "{stats}");
+    // The app's stats are the shares of exactly the last 100 answers this test received.
+    let window = trellis_demo::color::STATS_WINDOW;
+    let recent_green = colors[colors.len() - window..].iter().filter(|c| *c == "green").count() as f64;
+    let expected = (recent_green / window as f64 * 100.0).round() / 100.0;
+    assert_eq!(last["of_last"], window, "{last}");
+    assert_eq!(last["stats"]["green"].as_f64().unwrap_or(0.0), expected, "{last}");
 
     // Shift to 100% green under 200 req/s.
     let loader = tokio::spawn(load(up.url("/color"), 200, Duration::from_secs(4)));

@@ -94,6 +94,27 @@ pub fn load_paths(paths: &[PathBuf], recursive: bool) -> Loaded {
     loaded
 }
 
+/// Loads `paths`, then the files of `overlays` in order, each resource of a later file
+/// replacing the one with the same kind, namespace and name before it (what `trellis apply`
+/// does to a running mesh, as `kubectl apply` does to a cluster).
+pub fn load_layered(paths: &[PathBuf], recursive: bool, overlays: &[PathBuf]) -> Loaded {
+    let mut loaded = load_paths(paths, recursive);
+    for file in overlays {
+        let top = load_paths(std::slice::from_ref(file), false);
+        overlay(&mut loaded, top);
+    }
+    loaded
+}
+
+/// Puts `top` over `base`: `top`'s resources replace `base`'s with the same id.
+pub fn overlay(base: &mut Loaded, top: Loaded) {
+    let ids: std::collections::HashSet<String> = top.resources.iter().map(Resource::id).collect();
+    base.resources.retain(|r| !ids.contains(&r.id()));
+    base.resources.extend(top.resources);
+    base.findings.extend(top.findings);
+    base.files.extend(top.files);
+}
+
 /// Loads one file's text, as if read from `file`.
 pub fn load_str(file: &Path, text: &str) -> Loaded {
     let mut loaded = Loaded::default();

@@ -239,7 +239,8 @@ async fn session(
 ) {
     let id = hello.proxy_id.clone();
     proxies.connected(&id, spec.clone());
-    tracing::info!(proxy = %id, version = %hello.current_version, "proxy connected");
+    let has = if hello.current_version.is_empty() { "none" } else { hello.current_version.as_str() };
+    tracing::info!(proxy = %id, has_version = %has, "proxy connected");
     let mut config = store.subscribe();
     let mut last_sent = hello.current_version.clone();
     // What the proxy holds, as far as this stream knows: the base of the next delta.

@@ -36,6 +36,8 @@ pub struct Rejection {
 pub struct ConfigStore {
     paths: Vec<PathBuf>,
     recursive: bool,
+    /// A directory of files put over `paths` (`trellis apply`), in name order.
+    overlay: Option<PathBuf>,
     /// The cluster's resources, when a cluster is a source.
     cluster: Mutex<Option<Arc<Vec<Resource>>>>,
     tx: watch::Sender<Arc<ConfigState>>,
@@ -47,9 +49,16 @@ const DEBOUNCE: Duration = Duration::from_millis(30);
 
 impl ConfigStore {
     pub fn new(paths: Vec<PathBuf>, recursive: bool) -> Arc<ConfigStore> {
+        ConfigStore::layered(paths, recursive, None)
+    }
+
+    /// A store whose files in `overlay` replace same-named resources of `paths` (see
+    /// [`trellis_config::load::load_layered`]).
+    pub fn layered(paths: Vec<PathBuf>, recursive: bool, overlay: Option<PathBuf>) -> Arc<ConfigStore> {
         Arc::new(ConfigStore {
             paths,
             recursive,
+            overlay,
             cluster: Mutex::new(None),
             tx: watch::channel(Arc::new(ConfigState::default())).0,
             rejection: Mutex::new(None),
@@ -66,10 +75,14 @@ impl ConfigStore {
     /// generation, on errors in files keeps the current one.
     pub fn reload(&self) -> Result<u64, Rejection> {
         let started = std::time::Instant::now();
+        let overlays = match &self.overlay {
+            Some(d) => trellis_config::load::list_files(std::slice::from_ref(d), false).unwrap_or_default(),
+            None => Vec::new(),
+        };
         let mut loaded = if self.paths.is_empty() {
             trellis_config::Loaded::default()
         } else {
-            trellis_config::load_paths(&self.paths, self.recursive)
+            trellis_config::load::load_layered(&self.paths, self.recursive, &overlays)
         };
         let cluster = self.cluster.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(c) = &cluster {
@@ -150,7 +163,8 @@ impl ConfigStore {
             return Ok(tokio::spawn(std::future::pending()));
         }
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let watcher = trellis_config::watch::watch(&self.paths, self.recursive, move || {
+        let watched: Vec<PathBuf> = self.paths.iter().chain(&self.overlay).cloned().collect();
+        let watcher = trellis_config::watch::watch(&watched, self.recursive, move || {
             let _ = tx.send(());
         })?;
         let store = self.clone();

@@ -27,11 +27,15 @@ pub async fn teller() -> std::io::Result<()> {
     .await
 }
 
-/// `colorgateway`: `GET /color` → `{"color":"blue","stats":{"blue":0.67,"green":0.33}}`;
-/// `GET /color/clear` resets the counts.
+/// How many recent answers `stats` covers: enough to show a 2:1 split, few enough that a
+/// shift shows within a hundred requests (cumulative shares would hide it for long).
+pub const STATS_WINDOW: usize = 100;
+
+/// `colorgateway`: `GET /color` → `{"color":"blue","stats":{"blue":0.67,"green":0.33},"of_last":100}`
+/// (shares of the last [`STATS_WINDOW`] answers); `GET /color/clear` forgets them.
 pub async fn gateway() -> std::io::Result<()> {
     let teller = std::env::var("COLORTELLER_URL").unwrap_or_else(|_| "http://colorteller".into());
-    let counts: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let counts: Arc<Mutex<std::collections::VecDeque<String>>> = Arc::default();
     let client = web::client();
     web::serve("colorgateway", web::port(8080), move |req| {
         let (teller, counts, client) = (teller.clone(), counts.clone(), client.clone());
@@ -57,16 +61,24 @@ pub async fn gateway() -> std::io::Result<()> {
                             return web::json(StatusCode::BAD_GATEWAY, &serde_json::json!({"error": e.to_string()}))
                         }
                     };
-                    let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
-                    *c.entry(color.clone()).or_insert(0) += 1;
-                    let total: u64 = c.values().sum();
+                    let mut recent = counts.lock().unwrap_or_else(|p| p.into_inner());
+                    if recent.len() == STATS_WINDOW {
+                        recent.pop_front();
+                    }
+                    recent.push_back(color.clone());
+                    let mut c: BTreeMap<&str, u64> = BTreeMap::new();
+                    for k in recent.iter() {
+                        *c.entry(k).or_insert(0) += 1;
+                    }
+                    let total = recent.len() as f64;
                     let stats: serde_json::Map<String, serde_json::Value> = c
                         .iter()
-                        .map(|(k, v)| {
-                            (k.clone(), serde_json::json!(((*v as f64 / total as f64) * 100.0).round() / 100.0))
-                        })
+                        .map(|(k, v)| (k.to_string(), serde_json::json!(((*v as f64 / total) * 100.0).round() / 100.0)))
                         .collect();
-                    web::json(StatusCode::OK, &serde_json::json!({"color": color, "stats": stats}))
+                    web::json(
+                        StatusCode::OK,
+                        &serde_json::json!({"color": color, "stats": stats, "of_last": recent.len()}),
+                    )
                 }
                 _ => web::json(StatusCode::NOT_FOUND, &serde_json::json!({"error": "try /color"})),
             }

@@ -1,13 +1,16 @@
 //! `trellis up`: a whole mesh on one machine.
 //!
-//! Validates the config (refusing to start on errors), plans ports ([`plan`]), then runs, each
-//! as a supervised child process ([`supervisor`]): the control plane, one sidecar per workload,
-//! the gateways its Gateways select, and the workloads themselves — each app only once its
-//! sidecar is ready. On Ctrl-C or SIGTERM it stops them in the order that loses no request:
-//! gateways drain, apps stop, sidecars drain, the control plane goes last.
+//! Validates the config (refusing to start on errors), plans ports ([`plan`]), claims the
+//! mesh's state directory and checks every fixed port before starting anything ([`state`]),
+//! then runs, each as a supervised child process ([`supervisor`]): the control plane, one
+//! sidecar per workload, the gateways its Gateways select, and the workloads themselves — each
+//! app only once its sidecar is ready. On Ctrl-C or SIGTERM, at any moment (start-up included),
+//! it stops what runs in the order that loses no request: gateways drain, apps stop, sidecars
+//! drain, the control plane goes last; then it removes the state directory's `run/`.
 #![forbid(unsafe_code)]
 
 pub mod plan;
+pub mod state;
 pub mod supervisor;
 
 use std::net::SocketAddr;
@@ -19,6 +22,7 @@ use nix::sys::signal::Signal;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::plan::Plan;
+use crate::state::{ClaimError, MeshDir, UpInfo};
 use crate::supervisor::{Child, ChildSpec, Output};
 
 pub struct UpOptions {
@@ -36,6 +40,10 @@ pub struct UpOptions {
     /// Span exporters for every proxy.
     pub otlp_endpoint: Option<String>,
     pub zipkin_endpoint: Option<String>,
+    /// The mesh's state directory (default: [`state::default_mesh_dir`] of `paths`).
+    pub state_dir: Option<PathBuf>,
+    /// Stream every child's output to the terminal (else warnings and errors only).
+    pub verbose: bool,
 }
 
 impl UpOptions {
@@ -53,9 +61,36 @@ impl UpOptions {
     }
 }
 
+/// What has been started so far, for stopping it at any moment (also mid-start-up).
+#[derive(Default)]
+struct Started {
+    control: Option<Arc<Child>>,
+    sidecars: Vec<Arc<Child>>,
+    gateways: Vec<Arc<Child>>,
+    apps: Vec<Arc<Child>>,
+}
+
+type Shared = Arc<std::sync::Mutex<Started>>;
+
+fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Started> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Runs the mesh until Ctrl-C or SIGTERM.
 pub async fn up(opts: UpOptions) -> Result<(), String> {
     let started = Instant::now();
+    // Signals first: from here on, Ctrl-C or SIGTERM at any moment stops whatever has started
+    // (tokio keeps a signal that arrives before it is awaited).
+    let mut sigint = unix_signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = unix_signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = sigint.recv() => "SIGINT",
+            _ = sigterm.recv() => "SIGTERM",
+        }
+    };
+    tokio::pin!(shutdown);
+
     let loaded = trellis_config::check(&opts.paths, opts.recursive);
     let errors: Vec<_> = loaded.findings.iter().filter(|f| f.is_error()).collect();
     for f in loaded.findings.iter().filter(|f| f.severity != trellis_config::Severity::Info) {
@@ -70,26 +105,166 @@ pub async fn up(opts: UpOptions) -> Result<(), String> {
         return Err("nothing to run: the config declares no Workload and no Gateway".into());
     }
 
+    // Fail fast, before anything starts: one mesh per state directory, every fixed port free.
+    let root = opts.state_dir.clone().unwrap_or_else(|| state::default_mesh_dir(&opts.paths));
+    let fixed = fixed_ports(&plan, &opts);
+    let mut mesh = match MeshDir::claim(&root) {
+        Ok(m) => m,
+        Err(ClaimError::Busy(info)) => {
+            let mut msg = match &info {
+                Some(i) => format!(
+                    "this mesh is already running: `trellis up` pid {} runs it from {}; to stop it, {}",
+                    i.pid,
+                    root.display(),
+                    i.how_to_stop()
+                ),
+                None => format!("another `trellis up` holds {}", root.display()),
+            };
+            for line in port_conflicts(&fixed).iter().filter(|l| l.starts_with("port ")) {
+                msg.push_str(&format!("\n  {line}"));
+            }
+            return Err(msg);
+        }
+        Err(ClaimError::Io(e)) => return Err(format!("cannot use state directory {}: {e}", root.display())),
+    };
+    let conflicts = port_conflicts(&fixed);
+    if !conflicts.is_empty() {
+        mesh.release();
+        return Err(format!("cannot start, nothing was started:\n  {}", conflicts.join("\n  ")));
+    }
+    let info = UpInfo {
+        pid: std::process::id(),
+        dir: root.clone(),
+        paths: opts.paths.iter().map(|p| p.display().to_string()).collect(),
+        control_plane: opts.control_plane.to_string(),
+        ports: fixed.iter().map(|(a, what)| (a.port(), what.clone())).collect(),
+    };
+    mesh.write_info(&info).map_err(|e| format!("cannot write {}: {e}", root.join("up.json").display()))?;
+    eprintln!(
+        "trellis up: state in {}; each process logs to {}/NAME.log (`trellis logs NAME`)",
+        root.display(),
+        mesh.logs_dir().display()
+    );
+
+    let all = Shared::default();
+    let result = tokio::select! {
+        biased;
+        sig = &mut shutdown => Err(Stop::Signal(sig)),
+        r = start(&opts, &plan, &loaded.resources, &mesh, &all, started) => r.map_err(Stop::Failed),
+    };
+    let outcome = match result {
+        Ok(()) => {
+            let sig = shutdown.await;
+            eprintln!("trellis up: {sig}: stopping (gateways drain, then apps, then sidecars)");
+            Ok(())
+        }
+        Err(Stop::Signal(sig)) => {
+            eprintln!("trellis up: {sig} during start-up: stopping what has started");
+            Err(format!("interrupted by {sig} during start-up"))
+        }
+        Err(Stop::Failed(e)) => Err(e),
+    };
+    let t = Instant::now();
+    let (gateways, apps, sidecars, control) = {
+        let s = lock(&all);
+        (s.gateways.clone(), s.apps.clone(), s.sidecars.clone(), s.control.clone())
+    };
+    stop_all(&gateways, &apps, &sidecars, control.as_ref()).await;
+    if outcome.is_ok() {
+        eprintln!("trellis up: stopped in {} ms", t.elapsed().as_millis());
+    }
+    mesh.release();
+    outcome
+}
+
+enum Stop {
+    Signal(&'static str),
+    Failed(String),
+}
+
+fn unix_signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal, String> {
+    tokio::signal::unix::signal(kind).map_err(|e| format!("cannot handle signals: {e}"))
+}
+
+/// Ports the mesh needs exactly (the rest are picked free): the control plane's, the gateways'
+/// server ports, and workloads' declared `appPort`s.
+fn fixed_ports(plan: &Plan, opts: &UpOptions) -> Vec<(SocketAddr, String)> {
+    let mut out = vec![(opts.control_plane, "control plane, --control-plane".to_string())];
+    for g in &plan.gateways {
+        for p in &g.ports {
+            out.push((SocketAddr::from(([127, 0, 0, 1], *p)), format!("gateway {}", g.name)));
+        }
+    }
+    for w in &plan.workloads {
+        if w.spec.app_port.is_some() {
+            out.push((w.app, format!("workload {}, appPort", w.name)));
+        }
+    }
+    out
+}
+
+/// What is wrong with the fixed ports: one line per port taken, naming who holds it, then how
+/// to stop each mesh that holds one. Empty when every port is free.
+fn port_conflicts(fixed: &[(SocketAddr, String)]) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut meshes = std::collections::BTreeSet::new();
+    for (addr, what) in fixed.iter().filter(|(addr, _)| !state::port_free(*addr)) {
+        let owner = match state::port_owner(addr.port()) {
+            Some(o) => {
+                if let Some((pid, _)) = &o.mesh {
+                    meshes.insert(*pid);
+                }
+                format!(" by {o}")
+            }
+            None => String::new(),
+        };
+        lines.push(format!("port {} ({what}) is in use{owner}", addr.port()));
+    }
+    for pid in meshes {
+        lines.push(format!(
+            "to stop the mesh of `trellis up` pid {pid}: press Ctrl-C in its terminal, or run `kill -INT {pid}`"
+        ));
+    }
+    lines
+}
+
+/// Starts the control plane, sidecars, gateways, then each app once its sidecar is ready, and
+/// waits until everything is ready; each child is recorded in `all` as soon as it starts.
+async fn start(
+    opts: &UpOptions,
+    plan: &Plan,
+    resources: &[trellis_config::Resource],
+    mesh: &MeshDir,
+    all: &Shared,
+    started: Instant,
+) -> Result<(), String> {
     // The control plane reads the user's config plus where each local workload listens.
-    let state = tempfile::Builder::new()
-        .prefix("trellis-up-")
-        .tempdir()
-        .map_err(|e| format!("cannot create state directory: {e}"))?;
-    let entries = state.path().join("workloads.yaml");
-    std::fs::write(&entries, plan.workload_entries(&loaded.resources))
+    let run = mesh.run_dir();
+    let entries = run.join("workloads.yaml");
+    std::fs::write(&entries, plan.workload_entries(resources))
         .map_err(|e| format!("cannot write {}: {e}", entries.display()))?;
 
     let trellis_dir = opts.trellis.parent().map(PathBuf::from).unwrap_or_default();
     let names =
         plan.workloads.iter().map(|w| w.name.len() + 6).chain(plan.gateways.iter().map(|g| g.name.len())).chain([13]);
-    let out = Output { width: names.max().unwrap_or(12), color: std::io::IsTerminal::is_terminal(&std::io::stdout()) };
+    let out = Output {
+        width: names.max().unwrap_or(12),
+        color: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        verbose: opts.verbose,
+        logs: Some(mesh.logs_dir()),
+        launcher: Some(opts.trellis.clone()),
+    };
     let mut color = 0;
     let mut next_color = || {
         color += 1;
         color
     };
-    let proxy_env =
-        vec![("RUST_LOG".to_string(), std::env::var("TRELLIS_PROXY_LOG").unwrap_or_else(|_| "warn".into()))];
+    let mesh_env = vec![
+        (state::MESH_DIR_ENV.to_string(), mesh.root.display().to_string()),
+        (state::UP_PID_ENV.to_string(), std::process::id().to_string()),
+    ];
+    let mut proxy_env = mesh_env.clone();
+    proxy_env.push(("RUST_LOG".to_string(), std::env::var("TRELLIS_PROXY_LOG").unwrap_or_else(|_| "warn".into())));
     // One bootstrap token per proxy: the control plane signs a certificate only for the identity
     // its token names (the sidecar gets its token in its environment, never on a command line).
     let mut tokens = std::collections::BTreeMap::new();
@@ -101,7 +276,7 @@ pub async fn up(opts: UpOptions) -> Result<(), String> {
     let sidecar_tokens: Vec<String> =
         plan.workloads.iter().map(|w| token_for(&w.namespace, &w.service_account())).collect();
     let gateway_tokens: Vec<String> = plan.gateways.iter().map(|g| token_for("default", &g.name)).collect();
-    let tokens_file = state.path().join("tokens.json");
+    let tokens_file = run.join("tokens.json");
     write_private(&tokens_file, &serde_json::json!({ "tokens": tokens }).to_string())
         .map_err(|e| format!("cannot write {}: {e}", tokens_file.display()))?;
 
@@ -115,6 +290,8 @@ pub async fn up(opts: UpOptions) -> Result<(), String> {
         format!("{}s", opts.cert_ttl.as_secs()),
         "--tokens".into(),
         tokens_file.display().to_string(),
+        "--overlay".into(),
+        mesh.applied_dir().display().to_string(),
     ];
     if opts.recursive {
         cp_args.push("-R".into());
@@ -123,12 +300,14 @@ pub async fn up(opts: UpOptions) -> Result<(), String> {
         cp_args.push("-c".into());
         cp_args.push(p.display().to_string());
     }
+    let mut cp_env = mesh_env.clone();
+    cp_env.push(("RUST_LOG".into(), "info".into()));
     let control = Child::start(
         ChildSpec {
             name: "control-plane".into(),
             program: opts.trellis.clone(),
             args: cp_args,
-            env: vec![("RUST_LOG".into(), "info".into())],
+            env: cp_env,
             cwd: None,
             restart_delay: Duration::from_millis(100),
         },
@@ -136,8 +315,8 @@ pub async fn up(opts: UpOptions) -> Result<(), String> {
         0,
     )
     .map_err(|e| e.to_string())?;
+    lock(all).control = Some(control);
 
-    let mut sidecars = Vec::new();
     for (w, token) in plan.workloads.iter().zip(&sidecar_tokens) {
         let mut env = proxy_env.clone();
         env.push(("TRELLIS_BOOTSTRAP_TOKEN".into(), token.clone()));
@@ -149,9 +328,9 @@ pub async fn up(opts: UpOptions) -> Result<(), String> {
             cwd: None,
             restart_delay: Duration::from_millis(100),
         };
-        sidecars.push(Child::start(spec, out.clone(), next_color()).map_err(|e| e.to_string())?);
+        let c = Child::start(spec, out.clone(), next_color()).map_err(|e| e.to_string())?;
+        lock(all).sidecars.push(c);
     }
-    let mut gateways = Vec::new();
     for (g, token) in plan.gateways.iter().zip(&gateway_tokens) {
         let mut env = proxy_env.clone();
         env.push(("TRELLIS_BOOTSTRAP_TOKEN".into(), token.clone()));
@@ -163,79 +342,55 @@ pub async fn up(opts: UpOptions) -> Result<(), String> {
             cwd: None,
             restart_delay: Duration::from_millis(100),
         };
-        gateways.push(Child::start(spec, out.clone(), next_color()).map_err(|e| e.to_string())?);
+        let c = Child::start(spec, out.clone(), next_color()).map_err(|e| e.to_string())?;
+        lock(all).gateways.push(c);
     }
 
-    let mut all: Vec<Arc<Child>> = vec![control.clone()];
-    all.extend(sidecars.iter().cloned());
-    all.extend(gateways.iter().cloned());
-    let result = async {
-        // Hold each app until its sidecar is ready (Istio's holdApplicationUntilProxyStarts).
-        let waits = plan
-            .workloads
-            .iter()
-            .map(|w| wait_http(w.admin, "/ready", Duration::from_secs(30), format!("sidecar of {}", w.name)));
-        futures_join(waits).await?;
-        let mut apps = Vec::new();
-        for w in &plan.workloads {
-            let (program, args) =
-                w.command(&trellis_dir).ok_or_else(|| format!("workload {} has no command", w.name))?;
-            let spec = ChildSpec {
-                name: w.name.clone(),
-                program,
-                args,
-                env: w.env(),
-                cwd: Some(w.working_dir()),
-                restart_delay: Duration::from_secs(1),
-            };
-            apps.push(Child::start(spec, out.clone(), next_color()).map_err(|e| e.to_string())?);
-        }
-        let app_waits = plan.workloads.iter().map(|w| {
-            let probe = w.spec.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).map(|g| g.path.clone());
-            let what = format!("workload {}", w.name);
-            async move {
-                match probe {
-                    Some(path) => wait_http(w.app, &path, Duration::from_secs(30), what).await,
-                    None => wait_tcp(w.app, Duration::from_secs(30), what).await,
-                }
+    // Hold each app until its sidecar is ready (Istio's holdApplicationUntilProxyStarts).
+    let waits = plan
+        .workloads
+        .iter()
+        .map(|w| wait_http(w.admin, "/ready", Duration::from_secs(30), format!("sidecar of {}", w.name)));
+    futures_join(waits).await?;
+    for w in &plan.workloads {
+        let (program, args) = w.command(&trellis_dir).ok_or_else(|| format!("workload {} has no command", w.name))?;
+        let mut env = w.env();
+        env.extend(mesh_env.iter().cloned());
+        let spec = ChildSpec {
+            name: w.name.clone(),
+            program,
+            args,
+            env,
+            cwd: Some(w.working_dir()),
+            restart_delay: Duration::from_secs(1),
+        };
+        let c = Child::start(spec, out.clone(), next_color()).map_err(|e| e.to_string())?;
+        lock(all).apps.push(c);
+    }
+    let app_waits = plan.workloads.iter().map(|w| {
+        let probe = w.spec.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref()).map(|g| g.path.clone());
+        let what = format!("workload {}", w.name);
+        async move {
+            match probe {
+                Some(path) => wait_http(w.app, &path, Duration::from_secs(30), what).await,
+                None => wait_tcp(w.app, Duration::from_secs(30), what).await,
             }
-        });
-        futures_join(app_waits).await?;
-        let gw_waits = plan
-            .gateways
-            .iter()
-            .map(|g| wait_http(g.admin, "/ready", Duration::from_secs(30), format!("gateway {}", g.name)));
-        futures_join(gw_waits).await?;
-        Ok::<_, String>(apps)
-    }
-    .await;
-    let apps = match result {
-        Ok(apps) => apps,
-        Err(e) => {
-            stop_all(&gateways, &[], &sidecars, &control).await;
-            return Err(e);
         }
-    };
-    print_table(&plan, opts.control_plane, started.elapsed());
-
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    eprintln!("trellis up: stopping (gateways drain, then apps, then sidecars)");
-    let t = Instant::now();
-    stop_all(&gateways, &apps, &sidecars, &control).await;
-    eprintln!("trellis up: stopped in {} ms", t.elapsed().as_millis());
-    drop(state);
+    });
+    futures_join(app_waits).await?;
+    let gw_waits = plan
+        .gateways
+        .iter()
+        .map(|g| wait_http(g.admin, "/ready", Duration::from_secs(30), format!("gateway {}", g.name)));
+    futures_join(gw_waits).await?;
+    print_table(plan, opts.control_plane, started.elapsed(), &mesh.logs_dir());
     Ok(())
 }
 
 /// Stops everything within ~5 s, in the order that completes in-flight requests: gateways
 /// drain (no new requests enter), apps stop (finishing what they serve, calling out through
 /// their sidecars), then sidecars drain, then the control plane.
-async fn stop_all(gateways: &[Arc<Child>], apps: &[Arc<Child>], sidecars: &[Arc<Child>], control: &Arc<Child>) {
+async fn stop_all(gateways: &[Arc<Child>], apps: &[Arc<Child>], sidecars: &[Arc<Child>], control: Option<&Arc<Child>>) {
     for g in gateways {
         g.signal(Signal::SIGTERM);
     }
@@ -248,8 +403,10 @@ async fn stop_all(gateways: &[Arc<Child>], apps: &[Arc<Child>], sidecars: &[Arc<
         s.signal(Signal::SIGTERM);
     }
     join_all(sidecars.iter().map(|s| s.wait_or_kill(Duration::from_millis(800)))).await;
-    control.signal(Signal::SIGTERM);
-    control.wait_or_kill(Duration::from_millis(300)).await;
+    if let Some(control) = control {
+        control.signal(Signal::SIGTERM);
+        control.wait_or_kill(Duration::from_millis(300)).await;
+    }
 }
 
 async fn join_all<F: std::future::Future<Output = ()>>(futs: impl Iterator<Item = F>) {
@@ -316,7 +473,7 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     f.write_all(text.as_bytes())
 }
 
-fn print_table(plan: &Plan, cp: SocketAddr, took: Duration) {
+fn print_table(plan: &Plan, cp: SocketAddr, took: Duration, logs: &std::path::Path) {
     let mut rows = vec![vec![
         "WORKLOAD".to_string(),
         "SERVICES".into(),
@@ -347,6 +504,7 @@ fn print_table(plan: &Plan, cp: SocketAddr, took: Duration) {
         push_table(&mut out, &rows);
     }
     out.push_str(&format!("\ncontrol plane {cp} (`trellis status`, `trellis proxy-config WORKLOAD`)\n"));
+    out.push_str(&format!("logs in {} (`trellis logs NAME -f`)\n", logs.display()));
     out.push_str(&format!("mesh ready in {} ms; Ctrl-C stops it\n", took.as_millis()));
     println!("\n{out}");
 }

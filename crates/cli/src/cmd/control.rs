@@ -20,6 +20,10 @@ pub struct Args {
     /// Also read subdirectories of config directories.
     #[arg(long, short = 'R')]
     recursive: bool,
+    /// A directory whose files are put over the config, in name order: each resource there
+    /// replaces the one with the same kind, namespace and name (where `trellis apply` writes).
+    #[arg(long)]
+    overlay: Option<PathBuf>,
     /// Address of the control-plane API.
     #[arg(long, default_value = trellis_control::DEFAULT_ADDR)]
     listen: SocketAddr,
@@ -75,7 +79,7 @@ pub fn run(args: Args) -> ExitCode {
 }
 
 async fn serve(args: Args) -> Result<()> {
-    let store = ConfigStore::new(args.config.clone(), args.recursive);
+    let store = ConfigStore::layered(args.config.clone(), args.recursive, args.overlay.clone());
     // A config with errors is reported; the control plane still starts and pushes nothing until
     // a good config is on disk, so proxies keep serving what they have.
     if !args.config.is_empty() {

@@ -47,11 +47,18 @@ enum Command {
     ProxyConfig(status::ProxyConfigArgs),
     /// Print a Prometheus configuration that scrapes every proxy of a running mesh.
     PrometheusConfig(status::PrometheusArgs),
+    /// Show the log of one process of the mesh `trellis up` runs (or ran).
+    Logs(up::LogsArgs),
+    /// Apply config files to the mesh `trellis up` runs, as `kubectl apply -f` (until it stops).
+    Apply(up::ApplyArgs),
     /// Add the Trellis sidecar to the Pod templates of Kubernetes manifests (as `istioctl
     /// kube-inject`); prints the result.
     Inject(kube::InjectArgs),
     /// Program a Pod's transparent capture with iptables (the injected init container).
     ProxyInit(kube::ProxyInitArgs),
+    /// Internal: how `trellis up` starts each child so it dies with `trellis up`.
+    #[command(hide = true)]
+    ExecSupervised(up::ExecArgs),
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -65,6 +72,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::PrometheusConfig(a) => status::prometheus_config(a),
         Command::Inject(a) => kube::inject(a),
         Command::ProxyInit(a) => kube::proxy_init(a),
+        Command::Logs(a) => up::logs(a),
+        Command::Apply(a) => up::apply(a),
+        Command::ExecSupervised(a) => up::exec_supervised(a),
     }
 }
 

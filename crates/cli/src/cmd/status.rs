@@ -52,6 +52,13 @@ fn metrics_url(admin: &str) -> String {
     }
 }
 
+/// The control plane's config generation and current config error.
+pub(crate) async fn generation(addr: &str) -> Result<(u64, String)> {
+    let reply = client(addr).await?.status(StatusRequest {}).await.map_err(|s| anyhow!(s.message().to_string()))?;
+    let reply = reply.into_inner();
+    Ok((reply.config_generation, reply.config_error))
+}
+
 pub fn status(args: StatusArgs) -> ExitCode {
     super::block_on(async move {
         let reply = client(&args.control_plane)

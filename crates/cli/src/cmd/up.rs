@@ -1,8 +1,11 @@
-//! `trellis up PATH...`
+//! `trellis up PATH...`, and the commands that act on a mesh it runs: `trellis logs`,
+//! `trellis apply`, and the internal `trellis exec-supervised` it starts children through.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+use trellis_local::state;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -32,14 +35,18 @@ pub struct Args {
     /// Export every proxy's spans as Zipkin v2 JSON, e.g. http://127.0.0.1:9411/api/v2/spans.
     #[arg(long)]
     zipkin_endpoint: Option<String>,
+    /// The mesh's state directory: its lock, tokens, applied changes and logs.
+    /// Default: $XDG_STATE_HOME/trellis/meshes/<config dir>-<hash>.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Stream every process's output (access logs included) to the terminal; by default only
+    /// warnings and errors are shown, and each process's full log is in <state dir>/logs.
+    #[arg(long, short)]
+    verbose: bool,
 }
 
 fn default_ca_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(|| PathBuf::from(".trellis"));
-    base.join("trellis/ca")
+    state::state_base().join("ca")
 }
 
 pub fn run(args: Args) -> ExitCode {
@@ -60,6 +67,217 @@ pub fn run(args: Args) -> ExitCode {
         cert_ttl: args.cert_ttl,
         otlp_endpoint: args.otlp_endpoint,
         zipkin_endpoint: args.zipkin_endpoint,
+        state_dir: args.state_dir,
+        verbose: args.verbose,
     };
     super::block_on(async move { trellis_local::up(opts).await.map_err(|e| anyhow::anyhow!(e)) })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LogsArgs {
+    /// The process: a workload (`service-a`), its sidecar (`service-a-proxy`), a gateway, or
+    /// `control-plane`. Without it, lists the log files.
+    name: Option<String>,
+    /// Keep printing what is appended (as `tail -f`), until interrupted.
+    #[arg(long, short)]
+    follow: bool,
+    /// Print only the last N lines first.
+    #[arg(long)]
+    tail: Option<usize>,
+    /// The mesh: its state directory or its config directory. Default: the one running
+    /// mesh, else the most recently run one.
+    #[arg(long)]
+    mesh: Option<PathBuf>,
+}
+
+/// `trellis logs NAME [-f]`.
+pub fn logs(args: LogsArgs) -> ExitCode {
+    let (dir, _) = match state::pick_mesh(args.mesh.as_deref(), true) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let logs = dir.join("logs");
+    let mut names: Vec<String> = std::fs::read_dir(&logs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".log").map(String::from))
+        .collect();
+    names.sort();
+    let Some(name) = args.name else {
+        outln!("logs of {}:", dir.display());
+        for n in &names {
+            outln!("  {n}");
+        }
+        return ExitCode::SUCCESS;
+    };
+    let file = logs.join(format!("{name}.log"));
+    if !file.is_file() {
+        eprintln!("error: no log named {name} in {} (there are: {})", logs.display(), names.join(", "));
+        return ExitCode::FAILURE;
+    }
+    match print_log(&file, args.tail, args.follow) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}: {e}", file.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_log(file: &Path, tail: Option<usize>, follow: bool) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let text = std::fs::read(file)?;
+    let start = match tail {
+        Some(n) => {
+            // The offset after the (n+1)-th newline from the end (the last line may lack one).
+            let body = text.strip_suffix(b"\n").unwrap_or(&text);
+            body.iter()
+                .enumerate()
+                .rev()
+                .filter(|(_, b)| **b == b'\n')
+                .nth(n.saturating_sub(1))
+                .map_or(0, |(i, _)| i + 1)
+        }
+        None => 0,
+    };
+    if tail != Some(0) {
+        out!("{}", String::from_utf8_lossy(&text[start..]));
+    }
+    if !follow {
+        return Ok(());
+    }
+    let mut pos = text.len() as u64;
+    let mut f = std::fs::File::open(file)?;
+    loop {
+        let len = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        if len < pos {
+            // Rotated or truncated by a new run: start again from the top of the new file.
+            f = std::fs::File::open(file)?;
+            pos = 0;
+        }
+        if len > pos {
+            f.seek(SeekFrom::Start(pos))?;
+            let mut buf = Vec::new();
+            f.by_ref().take(len - pos).read_to_end(&mut buf)?;
+            pos += buf.len() as u64;
+            out!("{}", String::from_utf8_lossy(&buf));
+        }
+        // Polling keeps `-f` independent of inotify limits; a quarter second is what a
+        // person reading a log notices least.
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ApplyArgs {
+    /// Files to apply: their resources replace those with the same kind, namespace and name
+    /// in the running mesh (or are added), as `kubectl apply -f` does.
+    #[arg(short = 'f', long = "filename", required = true)]
+    files: Vec<PathBuf>,
+    /// The mesh: its state directory or its config directory. Default: the one running mesh.
+    #[arg(long)]
+    mesh: Option<PathBuf>,
+}
+
+/// `trellis apply -f FILE`: checks the mesh's config with the file applied (refusing on
+/// errors, with file:line), then hands it to the running mesh's control plane and waits until
+/// the control plane serves the new config. Nothing in the config directory is edited; the
+/// change lasts until the mesh stops (apply the original file to undo it).
+pub fn apply(args: ApplyArgs) -> ExitCode {
+    let (dir, info) = match state::pick_mesh(args.mesh.as_deref(), false) {
+        Ok((d, Some(i))) => (d, i),
+        Ok((d, None)) => {
+            eprintln!("error: the mesh of {} is not running (start it with `trellis up`)", d.display());
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let applied = state::applied_dir(&dir);
+    let mut layers = trellis_config::load::list_files(std::slice::from_ref(&applied), false).unwrap_or_default();
+    layers.extend(args.files.iter().cloned());
+    let paths: Vec<PathBuf> = info.paths.iter().map(PathBuf::from).chain([dir.join("run/workloads.yaml")]).collect();
+    let mut loaded = trellis_config::load::load_layered(&paths, false, &layers);
+    loaded.findings.extend(trellis_config::analyze::analyze(&loaded.resources, &[]));
+    trellis_config::finding::sort(&mut loaded.findings);
+    let mine = |f: &&trellis_config::Finding| f.file.as_deref().is_some_and(|p| args.files.iter().any(|a| a == p));
+    for f in loaded.findings.iter().filter(|f| f.severity != trellis_config::Severity::Info).filter(mine) {
+        eprintln!("{f}");
+    }
+    let errors = loaded.findings.iter().filter(|f| f.is_error()).count();
+    if errors > 0 {
+        for f in loaded.findings.iter().filter(|f| f.is_error() && !mine(f)) {
+            eprintln!("{f}");
+        }
+        eprintln!("error: the mesh's config with these files applied has {errors} error(s); nothing applied");
+        return ExitCode::FAILURE;
+    }
+    super::block_on(async move {
+        let before = super::status::generation(&info.control_plane).await?;
+        let seq = std::fs::read_dir(&applied).map(|d| d.count()).unwrap_or(0);
+        for (i, f) in args.files.iter().enumerate() {
+            let text = std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+            let base = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "applied.yaml".into());
+            let name = format!("{:04}-{base}", seq + i);
+            // Written hidden, then renamed: the control plane never reads half a file.
+            let tmp = applied.join(format!(".{name}"));
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, applied.join(&name))?;
+        }
+        for r in loaded.resources.iter().filter(|r| args.files.iter().any(|a| a == &*r.source.file)) {
+            outln!("{} {}/{} applied", r.kind, r.namespace(), r.meta.name);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let (generation, error) = super::status::generation(&info.control_plane).await?;
+            if generation > before.0 {
+                outln!("the control plane serves it as config generation {generation} (`trellis status`)");
+                return Ok(());
+            }
+            if !error.is_empty() && error != before.1 {
+                anyhow::bail!("the control plane rejected it: {error} (see `trellis status`)");
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "the control plane did not pick the change up within 5 s (see `trellis logs control-plane`)"
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExecArgs {
+    /// The supervisor's pid: if it is already gone, do not start.
+    #[arg(long)]
+    parent: i32,
+    /// The program and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<std::ffi::OsString>,
+}
+
+/// `trellis exec-supervised --parent PID -- PROGRAM ARGS...`: asks the kernel to kill this
+/// process when its parent dies (`PR_SET_PDEATHSIG`, kept across `exec`), then becomes
+/// PROGRAM. How `trellis up` makes sure no child outlives it, even when it is SIGKILLed.
+pub fn exec_supervised(args: ExecArgs) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+        eprintln!("error: cannot set the parent-death signal: {e}");
+        return ExitCode::FAILURE;
+    }
+    // The parent may have died before the line above: then nobody would kill us later.
+    if nix::unistd::getppid().as_raw() != args.parent {
+        return ExitCode::FAILURE;
+    }
+    let (program, rest) = args.command.split_first().expect("clap requires a command");
+    let e = std::process::Command::new(program).args(rest).exec();
+    eprintln!("error: cannot start {}: {e}", Path::new(program).display());
+    ExitCode::from(127)
 }

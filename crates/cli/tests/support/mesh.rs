@@ -45,6 +45,8 @@ pub fn demo_bin_present() {
 /// A running `trellis up`.
 pub struct Up {
     pub child: Child,
+    /// `XDG_STATE_HOME` of this mesh: its state directory and CA live under it.
+    pub state_home: tempfile::TempDir,
     pub cp: SocketAddr,
     pub port: u16,
     lines: Arc<Mutex<Vec<String>>>,
@@ -57,16 +59,31 @@ impl Up {
         Up::start_with(dir, port, &[])
     }
 
-    /// Starts `trellis up DIR` with extra flags and waits until the mesh is ready.
+    /// Starts `trellis up DIR --verbose` (tests read access logs and the control plane's log
+    /// from its output) with extra flags and waits until the mesh is ready.
     pub fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Up {
-        demo_bin_present();
+        let mut up = Up::spawn(dir, port, &[&["--verbose"], extra].concat());
+        up.wait_ready();
+        up
+    }
+
+    /// Starts `trellis up DIR` with `args` (a control plane on a free port, free admin ports,
+    /// a fresh state home), without waiting.
+    pub fn spawn(dir: &Path, port: u16, args: &[&str]) -> Up {
         let cp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        Up::spawn_in(tempfile::tempdir().expect("state home"), dir, port, cp, args)
+    }
+
+    /// Starts `trellis up DIR` in `state_home` with the control plane at `cp`, without waiting.
+    pub fn spawn_in(state_home: tempfile::TempDir, dir: &Path, port: u16, cp: SocketAddr, args: &[&str]) -> Up {
+        demo_bin_present();
         let started = Instant::now();
         let mut child = Command::new(trellis_bin())
             .arg("up")
             .arg(dir)
             .args(["--control-plane", &cp.to_string(), "--admin-port-base", "0"])
-            .args(extra)
+            .args(args)
+            .env("XDG_STATE_HOME", state_home.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -86,20 +103,45 @@ impl Up {
                 }
             });
         }
-        let mut up = Up { child, cp, port, lines, started, ready_after: Duration::ZERO };
+        Up { child, state_home, cp, port, lines, started, ready_after: Duration::ZERO }
+    }
+
+    /// Waits for "mesh ready" in the output.
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if up.output().contains("mesh ready in") {
+            if self.output().contains("mesh ready in") {
                 break;
             }
-            if let Ok(Some(s)) = up.child.try_wait() {
-                panic!("trellis up exited with {s}:\n{}", up.output());
+            if let Ok(Some(s)) = self.child.try_wait() {
+                panic!("trellis up exited with {s}:\n{}", self.output());
             }
-            assert!(Instant::now() < deadline, "mesh not ready:\n{}", up.output());
-            std::thread::sleep(Duration::from_millis(20));
+            assert!(Instant::now() < deadline, "mesh not ready:\n{}", self.output());
+            std::thread::sleep(Duration::from_millis(20)); // poll interval of a wait on the output
         }
-        up.ready_after = up.started.elapsed();
-        up
+        self.ready_after = self.started.elapsed();
+    }
+
+    /// The mesh's state directory, from the line `trellis up` prints before starting anything.
+    pub fn mesh_dir(&self) -> Option<std::path::PathBuf> {
+        let out = self.output();
+        let line = out.lines().find(|l| l.starts_with("trellis up: state in "))?;
+        let rest = line.strip_prefix("trellis up: state in ")?;
+        Some(std::path::PathBuf::from(rest.split(';').next()?))
+    }
+
+    /// Runs `trellis ARGS` against this mesh (same state home); `(exit success, stdout, stderr)`.
+    pub fn trellis(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(trellis_bin())
+            .args(args)
+            .env("XDG_STATE_HOME", self.state_home.path())
+            .output()
+            .expect("run trellis");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     pub fn output(&self) -> String {

@@ -636,3 +636,24 @@ fn any_str(v: Option<&trellis_telemetry::otlp::AnyValue>) -> Option<String> {
         _ => None,
     }
 }
+
+/// Opens a config subscription as a proxy with `spec` (a ProxySpec as JSON) and `token`: Ok once
+/// the control plane sends its first message, the refusal otherwise.
+pub async fn subscribe(cp: &str, spec: serde_json::Value, token: &str) -> Result<(), tonic::Status> {
+    use trellis_api::control::{control_client::ControlClient, proxy_message, Hello, ProxyMessage};
+    let mut c = ControlClient::connect(format!("http://{cp}")).await.expect("control plane");
+    let hello = Hello {
+        proxy_id: format!(
+            "sidecar~{}.{}",
+            spec["name"].as_str().unwrap_or_default(),
+            spec["namespace"].as_str().unwrap_or_default()
+        ),
+        spec_json: spec.to_string().into_bytes(),
+        current_version: String::new(),
+        token: token.to_string(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(ProxyMessage { kind: Some(proxy_message::Kind::Hello(hello)) }).await.expect("send");
+    let mut stream = c.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    stream.message().await.map(|_| ())
+}
