@@ -17,7 +17,21 @@ apt_install() {
   local sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
+  # The tests run these programs themselves; their packages' system services (nginx on port 80,
+  # prometheus on 9090, haproxy) must not start: policy-rc.d 101 tells Debian's maintainer
+  # scripts not to start services during the install...
+  local policy=/usr/sbin/policy-rc.d placed=""
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null && $sudo chmod 755 "$policy" && placed=1
+  fi
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [ -z "$placed" ] || $sudo rm -f "$policy"
+  # ...and on a machine with systemd they are disabled and stopped, so none starts at boot.
+  if [ -d /run/systemd/system ]; then
+    for svc in nginx haproxy prometheus prometheus-node-exporter; do
+      $sudo systemctl disable --now "$svc" >/dev/null 2>&1 || true
+    done
+  fi
 }
 
 # curl (HTTP/1.1 and HTTP/2 client in the protocol tests).
@@ -58,5 +72,8 @@ cargo nextest run --workspace --profile ci "$@"
 # build mean nothing; CI never fails on a figure, only on the harness failing).
 log "benchmark harness (quick)"
 out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
 target/debug/bench --quick --out "$out" > "$out/table.md"
-tail -n 20 "$out/table.md"
+# The latency and saturation tables, each with its header row.
+sed -n '/^### Latency/,/^### Resources/p' "$out/table.md" | sed '$d'
+

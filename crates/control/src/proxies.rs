@@ -13,6 +13,8 @@ pub struct ProxyEntry {
     pub connected: bool,
     pub since: Instant,
     pub sent: String,
+    /// The config generation `sent` was compiled from.
+    pub generation: u64,
     pub acked: String,
     pub nacked: String,
     pub nack_reason: String,
@@ -31,6 +33,7 @@ impl Proxies {
             connected: true,
             since: Instant::now(),
             sent: String::new(),
+            generation: 0,
             acked: String::new(),
             nacked: String::new(),
             nack_reason: String::new(),

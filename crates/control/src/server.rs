@@ -109,6 +109,7 @@ impl control_server::Control for ControlService {
                 nack_reason: e.nack_reason,
                 state_age_seconds: e.since.elapsed().as_secs(),
                 admin_address: e.spec.admin.map(|a| a.to_string()).unwrap_or_default(),
+                config_generation: e.generation,
             })
             .collect();
         let rejection = self.store.rejection();
@@ -252,7 +253,8 @@ async fn session(
         if dirty {
             dirty = false;
             let state = config.borrow_and_update().clone();
-            if state.generation > 0 {
+            let generation = state.generation;
+            if generation > 0 {
                 if holds.is_none() && in_flight.is_none() {
                     let Ok(permit) = WHOLE_PUSHES.clone().acquire_owned().await else { break };
                     in_flight = Some((permit, tokio::time::Instant::now() + WHOLE_PUSH_TIMEOUT));
@@ -276,7 +278,10 @@ async fn session(
                         break;
                     }
                     tracing::debug!(proxy = %id, version = %enc.version, "snapshot pushed");
-                    proxies.update(&id, |e| e.sent = enc.version.clone());
+                    proxies.update(&id, |e| {
+                        e.sent = enc.version.clone();
+                        e.generation = generation;
+                    });
                     last_sent = enc.version.clone();
                 } else if !last_sent.is_empty() {
                     // The proxy already serves this version (e.g. after a control-plane restart).
@@ -284,6 +289,7 @@ async fn session(
                     let v = last_sent.clone();
                     proxies.update(&id, |e| {
                         e.sent = v.clone();
+                        e.generation = generation;
                         if e.acked.is_empty() {
                             e.acked = v;
                         }

@@ -52,11 +52,10 @@ fn metrics_url(admin: &str) -> String {
     }
 }
 
-/// The control plane's config generation and current config error.
-pub(crate) async fn generation(addr: &str) -> Result<(u64, String)> {
+/// What the control plane at `addr` reports: its config generation and error, every proxy's state.
+pub(crate) async fn fetch_status(addr: &str) -> Result<trellis_api::control::StatusReply> {
     let reply = client(addr).await?.status(StatusRequest {}).await.map_err(|s| anyhow!(s.message().to_string()))?;
-    let reply = reply.into_inner();
-    Ok((reply.config_generation, reply.config_error))
+    Ok(reply.into_inner())
 }
 
 pub fn status(args: StatusArgs) -> ExitCode {

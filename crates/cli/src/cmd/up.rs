@@ -219,7 +219,7 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     super::block_on(async move {
-        let before = super::status::generation(&info.control_plane).await?;
+        let before = super::status::fetch_status(&info.control_plane).await?;
         let seq = std::fs::read_dir(&applied).map(|d| d.count()).unwrap_or(0);
         for (i, f) in args.files.iter().enumerate() {
             let text = std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
@@ -233,19 +233,35 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
         for r in loaded.resources.iter().filter(|r| args.files.iter().any(|a| a == &*r.source.file)) {
             outln!("{} {}/{} applied", r.kind, r.namespace(), r.meta.name);
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        // Applied means served: wait until the control plane has a new generation and every
+        // connected proxy has answered the push compiled from it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            let (generation, error) = super::status::generation(&info.control_plane).await?;
-            if generation > before.0 {
-                outln!("the control plane serves it as config generation {generation} (`trellis status`)");
-                return Ok(());
+            let now = super::status::fetch_status(&info.control_plane).await?;
+            if !now.config_error.is_empty() && now.config_error != before.config_error {
+                anyhow::bail!("the control plane rejected it: {} (see `trellis status`)", now.config_error);
             }
-            if !error.is_empty() && error != before.1 {
-                anyhow::bail!("the control plane rejected it: {error} (see `trellis status`)");
+            let generation = now.config_generation;
+            let connected: Vec<_> = now.proxies.iter().filter(|p| p.state == "CONNECTED").collect();
+            let answered = |p: &&trellis_api::control::ProxyStatus| {
+                p.config_generation >= generation
+                    && (p.acked_version == p.sent_version || p.nacked_version == p.sent_version)
+            };
+            if generation > before.config_generation && connected.iter().all(answered) {
+                let nacks: Vec<String> = connected
+                    .iter()
+                    .filter(|p| p.nacked_version == p.sent_version)
+                    .map(|p| format!("{}: {}", p.proxy_id, p.nack_reason))
+                    .collect();
+                if !nacks.is_empty() {
+                    anyhow::bail!("config generation {generation} was rejected by:\n  {}", nacks.join("\n  "));
+                }
+                outln!("config generation {generation} is served by all {} connected proxies", connected.len());
+                return Ok(());
             }
             if std::time::Instant::now() > deadline {
                 anyhow::bail!(
-                    "the control plane did not pick the change up within 5 s (see `trellis logs control-plane`)"
+                    "config generation {generation} not yet served by every proxy after 10 s (see `trellis status`)"
                 );
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;

@@ -78,7 +78,7 @@ impl Up {
     pub fn spawn_in(state_home: tempfile::TempDir, dir: &Path, port: u16, cp: SocketAddr, args: &[&str]) -> Up {
         demo_bin_present();
         let started = Instant::now();
-        let mut child = Command::new(trellis_bin())
+        let child = Command::new(trellis_bin())
             .arg("up")
             .arg(dir)
             .args(["--control-plane", &cp.to_string(), "--admin-port-base", "0"])
@@ -88,6 +88,27 @@ impl Up {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn trellis up");
+        Up::collect(child, state_home, cp, port, started)
+    }
+
+    /// Starts `trellis up ARGS` exactly as typed (default control plane and admin ports), from
+    /// `cwd`, in `state_home`, without waiting.
+    pub fn spawn_readme(state_home: tempfile::TempDir, cwd: &Path, args: &str) -> Up {
+        demo_bin_present();
+        let child = Command::new(trellis_bin())
+            .arg("up")
+            .args(args.split_whitespace())
+            .current_dir(cwd)
+            .env("XDG_STATE_HOME", state_home.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn trellis up");
+        Up::collect(child, state_home, SocketAddr::from(([127, 0, 0, 1], 15010)), 8080, Instant::now())
+    }
+
+    /// An `Up` for `child`, its stdout and stderr lines collected as they come.
+    fn collect(mut child: Child, state_home: tempfile::TempDir, cp: SocketAddr, port: u16, started: Instant) -> Up {
         let lines = Arc::new(Mutex::new(Vec::new()));
         for stream in [
             child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
