@@ -186,6 +186,22 @@ async fn proxy(
     }
     let authority = authority_of(&req)?;
     let (mut parts, body) = req.into_parts();
+    // The request target's authority wins over a received Host (RFC 9112 §3.2.2: a proxy
+    // MUST ignore it and generate Host from an absolute-form target; RFC 9113 §8.3.1 for
+    // :authority), so the upstream sees the authority the request was routed by.
+    if let Some(a) = parts.uri.authority() {
+        let target = a.as_str().rsplit('@').next().unwrap_or_default();
+        let host = parts.headers.get(header::HOST);
+        let stale = match host {
+            Some(h) => h.as_bytes() != target.as_bytes(),
+            None => parts.version < Version::HTTP_2,
+        };
+        if stale {
+            if let Ok(v) = HeaderValue::from_str(target) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+    }
     if conn.direction != Direction::Outbound {
         authenticate_and_authorize(shared, rt, conn, &mut parts, authority.as_ref(), record).await?;
     }
@@ -322,9 +338,14 @@ async fn proxy(
     }
     route.request_headers.apply(&mut parts.headers);
     dest.request_headers.apply(&mut parts.headers);
+    if up_authority.is_empty() {
+        // No authority from the client (HTTP/1.0 without Host): the destination's, since an
+        // HTTP/1.1 request needs Host (RFC 9112 §3.2).
+        up_authority = if cluster.authority.is_empty() { endpoint.address.clone() } else { cluster.authority.clone() };
+    }
     parts.uri = match wire {
         Wire::Http1 => {
-            if !parts.headers.contains_key(header::HOST) && !up_authority.is_empty() {
+            if !parts.headers.contains_key(header::HOST) {
                 if let Ok(v) = HeaderValue::from_str(&up_authority) {
                     parts.headers.insert(header::HOST, v);
                 }
@@ -334,7 +355,7 @@ async fn proxy(
         }
         Wire::Http2 => {
             parts.version = Version::HTTP_2;
-            let a = if up_authority.is_empty() { endpoint.address.clone() } else { up_authority };
+            let a = up_authority;
             parts.headers.remove(header::HOST);
             Uri::builder()
                 .scheme(Scheme::HTTP)
@@ -348,7 +369,9 @@ async fn proxy(
         parts.headers.insert(headers::ORIG_PROTO, HeaderValue::from_static(v));
     }
     if let Some(peer) = &cluster.peer_header {
-        parts.headers.insert(trellis_telemetry::peer::PEER_HEADER, peer.clone());
+        if cluster.mesh_peers.get(pick.0).copied().unwrap_or(false) {
+            parts.headers.insert(trellis_telemetry::peer::PEER_HEADER, peer.clone());
+        }
     }
     record.trace.inject(&mut parts.headers, shared.telemetry.formats);
     if let Some(d) = record.details.as_mut() {
@@ -467,13 +490,16 @@ fn redirect(
     req_port: Option<u16>,
     route: &crate::runtime::route::Route,
 ) -> Response<Body> {
+    let scheme_changed = rd.scheme.as_deref().is_some_and(|s| s != scheme);
     let scheme = rd.scheme.as_deref().unwrap_or(scheme);
     let (auth_host, auth_port) = match &rd.authority {
         Some(a) => match a.rsplit_once(':') {
             Some((h, p)) if p.parse::<u16>().is_ok() => (h.to_string(), p.parse::<u16>().ok()),
             _ => (a.clone(), None),
         },
-        None => (host.to_string(), None),
+        // The request's authority as received, port included, unless the redirect moves the
+        // client to another scheme (whose default port then applies), as Envoy does.
+        None => (host.to_string(), if scheme_changed { None } else { req_port }),
     };
     let port = rd.port.or(auth_port).or(if rd.port_from_request { req_port } else { None });
     let default = if scheme == "https" { 443 } else { 80 };

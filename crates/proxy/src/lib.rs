@@ -53,8 +53,10 @@ impl Proxy {
     pub fn with_options(
         opts: telemetry::TelemetryOptions,
         identity: Option<Arc<trellis_identity::tls::CredentialStore>>,
+        header_read_timeout: std::time::Duration,
     ) -> Result<Arc<Proxy>, String> {
         let mut shared = Shared::with_telemetry(opts).map_err(|e| format!("cannot open the access log: {e}"))?;
+        shared.set_header_read_timeout(header_read_timeout);
         if let Some(store) = identity {
             shared.set_identity(store)?;
         }

@@ -17,6 +17,9 @@ use crate::upstream::Pools;
 /// Largest request head accepted; larger gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// The header read timeout of sidecars (a gateway's is set tighter by `trellis proxy`).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub struct Shared {
     runtime: ArcSwap<Runtime>,
     pub metrics: Arc<trellis_telemetry::metrics::ProxyMetrics>,
@@ -80,6 +83,14 @@ impl Shared {
         Ok(())
     }
 
+    /// How long a client may take to send a request head (from the connection's first byte, or
+    /// the end of the previous request): past it the connection is closed and counted in
+    /// `trellis_proxy_downstream_header_timeouts_total`. Slow-loris clients hold a connection
+    /// no longer than this.
+    pub fn set_header_read_timeout(&mut self, timeout: Duration) {
+        self.server.http1().header_read_timeout(timeout);
+    }
+
     /// Shared state with default telemetry and no exporters.
     pub fn new() -> Shared {
         let mut server = auto::Builder::new(TokioExecutor::new());
@@ -87,7 +98,7 @@ impl Shared {
             .http1()
             .timer(TokioTimer::new())
             .max_buf_size(MAX_HEADER_BYTES)
-            .header_read_timeout(Duration::from_secs(30));
+            .header_read_timeout(DEFAULT_HEADER_READ_TIMEOUT);
         server
             .http2()
             .timer(TokioTimer::new())

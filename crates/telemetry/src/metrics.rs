@@ -188,6 +188,8 @@ pub struct ProxyMetrics {
     pub spans_dropped: Counter,
     pub access_log_dropped: Counter,
     pub authz_decisions: Family<AuthzLabels, Counter>,
+    /// Downstream connections closed because a request head did not arrive in time.
+    pub header_timeouts: Counter,
 }
 
 /// An authorization decision: `allow`, `deny` or `audit`, and the policy (`ns/name`) that made it.
@@ -251,6 +253,12 @@ impl ProxyMetrics {
             access_log_dropped.clone(),
         );
         registry.register("trellis_proxy_connections_open", "Downstream connections open", connections_open.clone());
+        let header_timeouts = Counter::default();
+        registry.register(
+            "trellis_proxy_downstream_header_timeouts",
+            "Downstream connections closed because a request head did not arrive within the header read timeout",
+            header_timeouts.clone(),
+        );
         registry.register(
             "trellis_proxy_config_applied_timestamp_seconds",
             "When the snapshot in force was applied (Unix time)",
@@ -287,6 +295,7 @@ impl ProxyMetrics {
             spans_dropped,
             access_log_dropped,
             authz_decisions,
+            header_timeouts,
         }
     }
 

@@ -62,6 +62,11 @@ pub struct Args {
     /// A local port bound to a named upstream: `LISTEN_ADDR=HOST:PORT`.
     #[arg(long = "upstream", value_parser = parse_upstream)]
     upstreams: Vec<UpstreamSpec>,
+    /// How long a client may take to send a request's head before the connection is closed
+    /// (slow clients; counted in trellis_proxy_downstream_header_timeouts_total). Default: 10s
+    /// for a gateway, which faces the internet, 30s for a sidecar.
+    #[arg(long, value_parser = super::parse_duration)]
+    header_read_timeout: Option<Duration>,
     /// How long a drain waits for in-flight requests.
     #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
     drain_timeout: Duration,
@@ -307,6 +312,9 @@ fn proxy_spec(args: &Args) -> Result<ProxySpec> {
     })
 }
 
+/// A gateway's header read timeout: what HAProxy's `timeout http-request` is usually set to.
+const GATEWAY_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn serve(args: Args) -> Result<()> {
     let spec = proxy_spec(&args)?;
     let telemetry = trellis_proxy::telemetry::TelemetryOptions {
@@ -345,7 +353,12 @@ async fn serve(args: Args) -> Result<()> {
         }
         _ => trellis_proxy::admin::AppProbers::default(),
     };
-    let proxy = Proxy::with_options(telemetry, identity.as_ref().map(|(s, ..)| s.clone())).map_err(|e| anyhow!(e))?;
+    let header_read_timeout = args.header_read_timeout.unwrap_or(match spec.role {
+        Role::Gateway => GATEWAY_HEADER_READ_TIMEOUT,
+        Role::Sidecar => trellis_proxy::state::DEFAULT_HEADER_READ_TIMEOUT,
+    });
+    let proxy = Proxy::with_options(telemetry, identity.as_ref().map(|(s, ..)| s.clone()), header_read_timeout)
+        .map_err(|e| anyhow!(e))?;
     if let Some((store, cp, token, id)) = identity {
         tokio::spawn(trellis_proxy::identity::run(store, cp, token, id, proxy.shared().clone()));
     }

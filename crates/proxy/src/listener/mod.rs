@@ -272,6 +272,9 @@ async fn serve_http(io: Io, conn: Arc<ConnInfo>, shared: Arc<Shared>) {
         }
     };
     if let Err(e) = result {
+        if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout) {
+            shared.metrics.header_timeouts.inc();
+        }
         tracing::debug!(listener = %conn.listener, peer = %conn.peer, error = %e, "connection ended with error");
     }
 }

@@ -49,8 +49,16 @@ pub struct Cluster {
     pub identities: Vec<Arc<Identity>>,
     pub balancer: Balancer,
     pub service: Arc<ServiceLabels>,
-    /// Peer metadata sent with every request to this cluster (none towards the local app).
+    /// Peer metadata sent with requests to this cluster's mesh peers (none towards the local
+    /// app, nor to endpoints outside the mesh: it names the caller's workload).
     pub peer_header: Option<HeaderValue>,
+    /// Whether each endpoint (same order as `endpoints`) runs a mesh proxy: it speaks mesh
+    /// mTLS or carries Istio's `security.istio.io/tlsMode: istio` label.
+    pub mesh_peers: Vec<bool>,
+    /// The authority requests get when the client sent none (an HTTP/1.0 request without
+    /// `Host`): the service's host, with its port unless 80; empty for inbound clusters (the
+    /// endpoint's address is used).
+    pub authority: String,
     /// Spoken to with mesh mutual TLS.
     pub mtls: bool,
 }
@@ -182,6 +190,17 @@ impl Runtime {
                     Arc::new(Identity::new(w, ns, &e.labels, e.identity.as_deref()))
                 })
                 .collect();
+            let mtls = matches!(c.tls, Some(spec::UpstreamTls::IstioMutual { .. }));
+            let mesh_peers = c
+                .endpoints
+                .iter()
+                .map(|e| mtls || e.labels.get(trellis_config::compile::TLS_MODE_LABEL).is_some_and(|m| m == "istio"))
+                .collect();
+            let authority = match (name.starts_with("inbound|"), c.port) {
+                (true, _) => String::new(),
+                (false, 80) => c.service.clone(),
+                (false, port) => format!("{}:{port}", c.service),
+            };
             let balancer = Balancer::new(&c.lb, &endpoints);
             let service = Arc::new(ServiceLabels::new(&c.service, &c.service_name, &c.service_namespace));
             let peer_header =
@@ -197,7 +216,9 @@ impl Runtime {
                     balancer,
                     service,
                     peer_header,
-                    mtls: matches!(c.tls, Some(spec::UpstreamTls::IstioMutual { .. })),
+                    mesh_peers,
+                    authority,
+                    mtls,
                 }),
             );
         }
