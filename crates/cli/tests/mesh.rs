@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use support::load::*;
 use support::mesh::*;
 use support::*;
 
@@ -16,7 +17,7 @@ use support::*;
 async fn reference_platform_greets_through_every_sidecar() {
     let port = free_port();
     let dir = example("reference-platform", port);
-    let up = Up::start(dir.path(), port);
+    let up = Up::start(dir.path(), port).await;
     let first = Instant::now();
     let r = get(&up.url("/api/greeting"), &[]).await;
     println!(
@@ -130,36 +131,6 @@ async fn reference_platform_greets_through_every_sidecar() {
     );
 }
 
-/// Open-loop load: `rate` requests/s for `duration`; returns (send time, status, body).
-async fn load(url: String, rate: u32, duration: Duration) -> Vec<(Duration, u16, String)> {
-    let client = h1_client();
-    let start = Instant::now();
-    let n = (rate as f64 * duration.as_secs_f64()) as u32;
-    let interval = Duration::from_secs_f64(1.0 / rate as f64);
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        tokio::time::sleep_until((start + interval * i).into()).await;
-        let (c, u) = (client.clone(), url.clone());
-        tasks.push(tokio::spawn(async move {
-            let sent = start.elapsed();
-            match c.request(http::Request::get(u).body(empty()).expect("req")).await {
-                Ok(r) => {
-                    let s = r.status().as_u16();
-                    let b =
-                        http_body_util::BodyExt::collect(r.into_body()).await.map(|b| b.to_bytes()).unwrap_or_default();
-                    (sent, s, String::from_utf8_lossy(&b).into_owned())
-                }
-                Err(e) => (sent, 0, format!("error: {e}")),
-            }
-        }));
-    }
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.expect("join"));
-    }
-    out
-}
-
 fn color_of(body: &str) -> String {
     serde_json::from_str::<serde_json::Value>(body)
         .ok()
@@ -171,7 +142,7 @@ fn color_of(body: &str) -> String {
 async fn color_canary_splits_two_to_one_then_shifts_to_green_without_failures() {
     let port = free_port();
     let dir = example("color-canary", port);
-    let up = Up::start(dir.path(), port);
+    let up = Up::start(dir.path(), port).await;
     let client = h1_client();
     let mut colors = Vec::new();
     let mut last = serde_json::Value::Null;
@@ -191,53 +162,75 @@ async fn color_canary_splits_two_to_one_then_shifts_to_green_without_failures() 
     assert_eq!(last["of_last"], window, "{last}");
     assert_eq!(last["stats"]["green"].as_f64().unwrap_or(0.0), expected, "{last}");
 
-    // Shift to 100% green under 200 req/s.
-    let loader = tokio::spawn(load(up.url("/color"), 200, Duration::from_secs(4)));
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Shift to 100% green under 200 req/s and on two keep-alive connections.
+    let g0 = up.generation();
+    let open = Load::open_loop(&up.url("/color"), 200, 800);
+    let conns = Load::per_connection(&up.url("/color"), 2, 300, Duration::from_millis(10));
+    open.wait_received(100, Duration::from_secs(20)).await;
+    conns.wait_received(20, Duration::from_secs(20)).await;
     let shifted = std::fs::read_to_string(dir.path().join("steps/all-green.yaml")).expect("step");
+    let edited = Instant::now();
     dir.write("colorteller-route.yaml", &shifted);
-    let samples = loader.await.expect("load");
-    let failed: Vec<_> = samples.iter().filter(|s| s.1 != 200).collect();
+    let (g1, applied) = up.wait_served(g0, Duration::from_secs(10)).await;
+    println!("generation {g0} -> {g1} served by every proxy {:?} after the edit", edited.elapsed());
+    let mut samples = open.finish().await;
+    samples.extend(conns.finish().await);
+    samples.sort_by_key(|s| s.sent);
+    let failed: Vec<_> = samples.iter().filter(|s| s.status != 200).collect();
     assert!(failed.is_empty(), "failed requests: {:?}", &failed[..failed.len().min(5)]);
-    let last_blue = samples.iter().filter(|s| color_of(&s.2) == "blue").map(|s| s.0).max().unwrap_or_default();
-    println!("last blue answer sent {last_blue:?} into the load (edit at ~1 s)");
-    assert!(last_blue < Duration::from_millis(3000), "shift took effect within 2 s of the edit");
-    assert!(samples.iter().filter(|s| s.0 > last_blue).all(|s| color_of(&s.2) == "green"));
+    let is_green = |b: &str| color_of(b) == "green";
+    let after = assert_new_after(&samples, applied, is_green);
+    assert!(after > 0, "no request was sent after the shift was served");
+    let before = samples.iter().filter(|s| s.sent < edited && color_of(&s.body) == "blue").count();
+    assert!(before > 0, "the 2:1 split served blue before the edit");
+    println!("{} requests: {before} blue before the edit, all {after} sent after it was served green", samples.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dj_canary_rolls_out_in_three_steps_without_failures() {
     let port = free_port();
     let dir = example("dj-canary", port);
-    let up = Up::start(dir.path(), port);
-    let loader = tokio::spawn(load(up.url("/metal"), 100, Duration::from_secs(6)));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    dir.write("metal-route.yaml", &std::fs::read_to_string(dir.path().join("steps/metal-50.yaml")).expect("step"));
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    dir.write("metal-route.yaml", &std::fs::read_to_string(dir.path().join("steps/metal-100.yaml")).expect("step"));
-    let samples = loader.await.expect("load");
-    let failed: Vec<_> = samples.iter().filter(|s| s.1 != 200).collect();
+    let up = Up::start(dir.path(), port).await;
+    let step = |name: &str| std::fs::read_to_string(dir.path().join("steps").join(name)).expect("step");
+    let load = Load::open_loop(&up.url("/metal"), 100, 900);
+    // Each phase lasts until 150 more answers came back, counted from the moment its config
+    // was served by every proxy.
+    load.wait_received(150, Duration::from_secs(30)).await;
+    let g0 = up.generation();
+    let write50 = Instant::now();
+    dir.write("metal-route.yaml", &step("metal-50.yaml"));
+    let (g1, served50) = up.wait_served(g0, Duration::from_secs(10)).await;
+    load.wait_received(load.received() + 150, Duration::from_secs(30)).await;
+    let write100 = Instant::now();
+    dir.write("metal-route.yaml", &step("metal-100.yaml"));
+    let (_, served100) = up.wait_served(g1, Duration::from_secs(10)).await;
+    load.wait_received(load.received() + 150, Duration::from_secs(30)).await;
+    let samples = load.finish().await;
+    let failed: Vec<_> = samples.iter().filter(|s| s.status != 200).collect();
     assert!(failed.is_empty(), "failed requests: {:?}", &failed[..failed.len().min(5)]);
-    let v2 = |s: &&(Duration, u16, String)| s.2.contains("Los Angeles");
-    let phase = |from: u64, to: u64| {
-        let in_phase: Vec<_> =
-            samples.iter().filter(|s| s.0 >= Duration::from_millis(from) && s.0 < Duration::from_millis(to)).collect();
-        in_phase.iter().filter(|s| v2(s)).count() as f64 / in_phase.len().max(1) as f64
+    let v2 = |s: &&Sample| s.body.contains("Los Angeles");
+    let share = |from: Instant, to: Instant| {
+        let in_phase: Vec<_> = samples.iter().filter(|s| s.sent >= from && s.sent < to).collect();
+        (in_phase.iter().filter(|s| v2(s)).count() as f64 / in_phase.len().max(1) as f64, in_phase.len())
     };
-    let (p10, p50, p100) = (phase(0, 1400), phase(2000, 3400), phase(4500, 6000));
-    println!("metal v2 share: {p10:.2} → {p50:.2} → {p100:.2}");
+    let start = samples.first().map(|s| s.sent).expect("samples");
+    let end = Instant::now();
+    let ((p10, n10), (p50, n50), (p100, n100)) =
+        (share(start, write50), share(served50, write100), share(served100, end));
+    println!("metal v2 share: {p10:.2} of {n10} → {p50:.2} of {n50} → {p100:.2} of {n100}");
+    assert!(n10 >= 100 && n50 >= 100 && n100 >= 100, "each phase saw traffic");
     assert!(p10 < 0.3 && p10 > 0.0, "10% step: {p10}");
     assert!((0.3..0.7).contains(&p50), "50% step: {p50}");
-    assert_eq!(p100, 1.0, "100% step");
+    assert_eq!(p100, 1.0, "100% step: every request sent after it was served");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_edit_is_reported_and_traffic_keeps_flowing() {
     let port = free_port();
     let dir = example("color-canary", port);
-    let up = Up::start(dir.path(), port);
-    let loader = tokio::spawn(load(up.url("/color"), 100, Duration::from_secs(3)));
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let up = Up::start(dir.path(), port).await;
+    let loader = Load::open_loop(&up.url("/color"), 100, 300);
+    loader.wait_received(50, Duration::from_secs(20)).await;
     let bad = std::fs::read_to_string(dir.path().join("colorteller-route.yaml"))
         .expect("read")
         .replace("weight: 33", "weight: 3");
@@ -249,13 +242,15 @@ async fn invalid_edit_is_reported_and_traffic_keeps_flowing() {
             break s;
         }
         assert!(Instant::now() < deadline, "no config error reported:\n{}", up.output());
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval of a wait on the status
     };
+    let reported = Instant::now();
     let finding = status["config_findings"][0].as_str().unwrap_or("").to_string();
     let line = bad.lines().position(|l| l.trim() == "- route:").expect("route line") + 1;
     assert!(finding.contains("TRL0102") && finding.contains(&format!("{}:{line}:", file.display())), "{finding}");
-    let samples = loader.await.expect("load");
-    assert!(samples.iter().all(|s| s.1 == 200), "traffic kept flowing");
+    let samples = loader.finish().await;
+    assert!(samples.iter().all(|s| s.status == 200), "traffic kept flowing");
+    assert!(samples.iter().any(|s| s.sent > reported), "traffic continued after the rejection");
     assert!(up.output().contains("TRL0102"), "the control plane logs the finding");
 }
 
@@ -263,7 +258,7 @@ async fn invalid_edit_is_reported_and_traffic_keeps_flowing() {
 async fn control_plane_and_sidecar_deaths_are_survived() {
     let port = free_port();
     let dir = example("reference-platform", port);
-    let up = Up::start(dir.path(), port);
+    let up = Up::start(dir.path(), port).await;
     let versions = |s: &serde_json::Value| -> BTreeMap<String, String> {
         s["proxies"]
             .as_array()
@@ -280,8 +275,8 @@ async fn control_plane_and_sidecar_deaths_are_survived() {
         .into_iter()
         .find(|p| std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default().contains("control"))
         .expect("control plane process");
-    let loader = tokio::spawn(load(up.url("/api/greeting"), 50, Duration::from_secs(3)));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let loader = Load::open_loop(&up.url("/api/greeting"), 50, 200);
+    loader.wait_received(20, Duration::from_secs(20)).await;
     let killed_at = Instant::now();
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(cp_pid), nix::sys::signal::Signal::SIGKILL);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -300,11 +295,11 @@ async fn control_plane_and_sidecar_deaths_are_survived() {
             }
         }
         assert!(Instant::now() < deadline, "proxies did not re-sync:\n{}", up.output());
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval of a wait on the status
     }
     println!("all proxies re-synced {:?} after the control plane was killed", killed_at.elapsed());
-    let samples = loader.await.expect("load");
-    assert!(samples.iter().all(|s| s.1 == 200), "no failed request while the control plane was down");
+    let samples = loader.finish().await;
+    assert!(samples.iter().all(|s| s.status == 200), "no failed request while the control plane was down");
 
     // Kill one sidecar: `trellis up` restarts it and its workload's traffic resumes.
     let sidecar = children_of(up.pid())
@@ -323,7 +318,7 @@ async fn control_plane_and_sidecar_deaths_are_survived() {
             break;
         }
         assert!(Instant::now() < deadline, "traffic did not resume:\n{}", up.output());
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval of a wait on an answer
     }
     assert!(up.output().contains("service-c-proxy exited"), "the restart is logged");
 }
@@ -335,9 +330,9 @@ async fn ctrl_c_completes_in_flight_requests_and_leaves_no_process() {
     // A workload that ignores SIGTERM must not outlive `trellis up` either.
     dir.write(
         "stubborn.yaml",
-        "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata:\n  name: stubborn\n  labels: {app: stubborn}\nspec:\n  command: [python3, -c, \"import os,signal,socket,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); s=socket.socket(); s.bind(('127.0.0.1', int(os.environ['PORT']))); s.listen(); time.sleep(600)\"]\n",
+        "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata:\n  name: stubborn\n  labels: {app: stubborn}\nspec:\n  command: [python3, -c, \"import os,signal,socket,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); s=socket.socket(); s.bind(('127.0.0.1', int(os.environ['PORT']))); s.listen(); time.sleep(600)\"]\n", // the app idles, deaf to SIGTERM
     );
-    let mut up = Up::start(dir.path(), port);
+    let mut up = Up::start(dir.path(), port).await;
     let children = children_of(up.pid());
     assert!(children.len() >= 19, "control plane, 9 sidecars, gateway, 9 apps: {children:?}");
     let gateway_admin = up.admins()["istio-ingressgateway"];
@@ -350,7 +345,7 @@ async fn ctrl_c_completes_in_flight_requests_and_leaves_no_process() {
     let deadline = Instant::now() + Duration::from_secs(5);
     while metric_sum(&metrics(gateway_admin).await, "trellis_proxy_connections_open", &[]) < 10.0 {
         assert!(Instant::now() < deadline, "requests did not reach the gateway");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await; // poll interval of a wait on a metric
     }
     let t = Instant::now();
     up.interrupt();
@@ -366,7 +361,7 @@ async fn ctrl_c_completes_in_flight_requests_and_leaves_no_process() {
             break;
         }
         assert!(Instant::now() < deadline, "trellis up did not stop within 5 s:\n{}", up.output());
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a wait on the exit
     }
     println!("stopped {:?} after Ctrl-C", t.elapsed());
     let alive: Vec<i32> = children

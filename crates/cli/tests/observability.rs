@@ -63,7 +63,8 @@ async fn one_greeting_is_one_trace_tree_in_otlp_and_zipkin() {
         dir.path(),
         port,
         &["--otlp-endpoint", &collector.otlp_url(), "--zipkin-endpoint", &collector.zipkin_url()],
-    );
+    )
+    .await;
     let r = get(&up.url("/api/greeting"), &[]).await;
     assert_eq!(r.status, 200);
     let spans = collector.wait_otlp("14 spans", |s| s.len() >= 14).await;
@@ -71,7 +72,7 @@ async fn one_greeting_is_one_trace_tree_in_otlp_and_zipkin() {
     let deadline = Instant::now() + Duration::from_secs(10);
     while collector.zipkin_spans().len() < 14 {
         assert!(Instant::now() < deadline, "zipkin spans: {:#?}", collector.zipkin_spans());
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a wait on the collector
     }
     let zipkin = collector.zipkin_spans();
     assert_greeting_tree(&zipkin);
@@ -184,7 +185,7 @@ async fn access_log_has_one_line_per_request_joined_to_its_span() {
             break lines;
         }
         assert!(Instant::now() < deadline, "{} lines:\n{text}\n{}", lines.len(), proxy.log_text());
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a wait on the access log file
     };
     assert_eq!(lines.len(), 21, "exactly one line per request");
     for i in 0..20 {
@@ -244,7 +245,7 @@ async fn a_dead_exporter_costs_requests_nothing_and_is_counted() {
             break;
         }
         assert!(Instant::now() < deadline, "drop counter at {dropped}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval of a wait on a metric
     }
 }
 
@@ -269,7 +270,7 @@ async fn python_interop(format: &str) {
             panic!("python app exited ({s}); install opentelemetry-sdk, opentelemetry-exporter-otlp-proto-http and opentelemetry-propagator-b3:\n{err}");
         }
         assert!(Instant::now() < deadline, "python app did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval of a wait on the app's port
     }
     let dir = ConfigDir::new();
     let mut y = gateway("gw", gw_port);
@@ -387,7 +388,7 @@ async fn a_real_prometheus_scrapes_istio_metrics_and_every_dashboard_query_has_d
     let prometheus = prometheus_bin();
     let port = free_port();
     let dir = example("reference-platform", port);
-    let up = Up::start(dir.path(), port);
+    let up = Up::start(dir.path(), port).await;
     let out = Command::new(trellis_bin())
         .args(["prometheus-config", "--scrape-interval", "1s", "--control-plane", &up.cp.to_string()])
         .output()
@@ -417,7 +418,7 @@ async fn a_real_prometheus_scrapes_istio_metrics_and_every_dashboard_query_has_d
     let deadline = Instant::now() + Duration::from_secs(30);
     while get_opt(&format!("http://{paddr}/-/ready")).await != Some(200) {
         assert!(Instant::now() < deadline, "prometheus not ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll interval of a wait on /-/ready
     }
     // Load: 20 greetings/s (and a few errors) for the rate windows.
     let load_until = Instant::now() + Duration::from_secs(12);
@@ -430,7 +431,7 @@ async fn a_real_prometheus_scrapes_istio_metrics_and_every_dashboard_query_has_d
             let _ = send(&c, http::Request::get(&url).body(empty()).expect("req")).await;
             let _ = send(&c, http::Request::get(&status_url).body(empty()).expect("req")).await;
             let _ = send(&c, http::Request::get(&missing_url).body(empty()).expect("req")).await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await; // rate pacing of the load loop
         }
     });
     // All targets up.
@@ -441,7 +442,7 @@ async fn a_real_prometheus_scrapes_istio_metrics_and_every_dashboard_query_has_d
             break;
         }
         assert!(Instant::now() < deadline, "targets not up: {up_count}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await; // poll interval of a wait on Prometheus targets
     }
     // A rate needs two scrapes of each target: wait until every HTTP service has one.
     let expected = ["a", "b", "c", "d", "e", "g", "h"];
@@ -468,7 +469,7 @@ async fn a_real_prometheus_scrapes_istio_metrics_and_every_dashboard_query_has_d
         {
             break names;
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await; // poll interval of a wait on a Prometheus query
     };
     for s in expected {
         assert!(names.get(&format!("service-{s}")).is_some_and(|v| *v > 0.0), "service-{s}: {names:?}");
@@ -502,7 +503,7 @@ async fn a_real_prometheus_scrapes_istio_metrics_and_every_dashboard_query_has_d
             let has_data = |res: &serde_json::Value| res.as_array().is_some_and(|a| !a.is_empty());
             let mut res = prom_query(paddr, &q).await;
             while !has_data(&res) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await; // poll interval of a wait on a Prometheus query
                 res = prom_query(paddr, &q).await;
             }
             assert!(has_data(&res), "{}: no data for {q}", path.display());

@@ -8,7 +8,6 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use support::mesh::Up;
 use support::*;
@@ -76,7 +75,7 @@ async fn readme_what_to_try_runs_in_order_and_leaves_the_tree_clean() {
             }
             let state = tempfile::TempDir::new_in(state_home.path()).expect("home");
             let mut up = Up::spawn_readme(state, &root, args.trim());
-            up.wait_ready();
+            up.wait_ready().await;
             println!("$ {line}\n(mesh ready)");
             mesh = Some(up);
             continue;
@@ -104,6 +103,5 @@ async fn readme_what_to_try_runs_in_order_and_leaves_the_tree_clean() {
         up.interrupt();
         drop(up);
     }
-    tokio::time::sleep(Duration::ZERO).await;
     assert_eq!(git_status(&root), before, "the README's commands changed the working tree");
 }

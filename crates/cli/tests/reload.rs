@@ -4,9 +4,9 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use support::load::*;
 use support::*;
 
 fn split_config(port: u16, v1: &Backend, v2: &Backend, w1: u32, w2: u32) -> String {
@@ -43,44 +43,8 @@ spec:
     y
 }
 
-/// One result of the load loop: when it was sent (since start), status, server.
-type Sample = (Duration, u16, String);
-
-/// Sends `rate` requests per second for `duration` (open loop, each request on its own task).
-async fn load(url: String, rate: u32, duration: Duration) -> Vec<Sample> {
-    let client = h1_client();
-    let start = Instant::now();
-    let total = (rate as f64 * duration.as_secs_f64()) as u32;
-    let interval = Duration::from_secs_f64(1.0 / rate as f64);
-    let results = Arc::new(tokio::sync::Mutex::new(Vec::new()));
-    let mut tasks = Vec::new();
-    for i in 0..total {
-        tokio::time::sleep_until((start + interval * i).into()).await;
-        let (c, u, res) = (client.clone(), url.clone(), results.clone());
-        tasks.push(tokio::spawn(async move {
-            let sent = start.elapsed();
-            let (status, server) = match c.request(http::Request::get(u).body(empty()).expect("req")).await {
-                Ok(r) => {
-                    let s = r.status().as_u16();
-                    let b =
-                        http_body_util::BodyExt::collect(r.into_body()).await.map(|b| b.to_bytes()).unwrap_or_default();
-                    let server = serde_json::from_slice::<serde_json::Value>(&b)
-                        .ok()
-                        .and_then(|j| j["server"].as_str().map(String::from))
-                        .unwrap_or_default();
-                    (s, server)
-                }
-                Err(e) => (0, format!("error: {e}")),
-            };
-            res.lock().await.push((sent, status, server));
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
-    let mut v = results.lock().await.clone();
-    v.sort_by_key(|s| s.0);
-    v
+fn server_is(name: &'static str) -> impl Fn(&str) -> bool {
+    move |body: &str| body.contains(&format!("\"server\":\"{name}\""))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,26 +56,29 @@ async fn weight_change_applies_under_load_with_zero_failures() {
     let proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
     let v0 = proxy.version().await;
 
+    // 200 requests/s from a client population, plus 4 keep-alive connections in sequence.
     let url = format!("http://127.0.0.1:{port}/color");
-    let loader = tokio::spawn(load(url, 200, Duration::from_secs(5)));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let open = Load::open_loop(&url, 200, 1000);
+    let conns = Load::per_connection(&url, 4, 300, Duration::from_millis(10));
+    open.wait_received(200, Duration::from_secs(20)).await;
+    conns.wait_received(40, Duration::from_secs(20)).await;
     let changed_at = Instant::now();
     dir.write("mesh.yaml", &split_config(port, &blue, &green, 0, 100));
-    let v1 = proxy.wait_version_change(&v0, Duration::from_secs(2)).await;
-    println!("config {v0} -> {v1} applied {:?} after the write", changed_at.elapsed());
-    let samples = loader.await.expect("load");
+    let v1 = proxy.wait_version_change(&v0, Duration::from_secs(5)).await;
+    let applied = Instant::now();
+    println!("config {v0} -> {v1} reported {:?} after the write", changed_at.elapsed());
+    let mut samples = open.finish().await;
+    samples.extend(conns.finish().await);
+    samples.sort_by_key(|s| s.sent);
 
-    let failed: Vec<&Sample> = samples.iter().filter(|s| s.1 != 200).collect();
-    assert!(failed.is_empty(), "failed requests: {failed:?}");
-    assert!(samples.len() >= 990, "only {} requests completed", samples.len());
-    // Before the change everything is blue; from the last blue answer on, everything is green.
-    let last_blue = samples.iter().filter(|s| s.2 == "blue").map(|s| s.0).max().expect("some blue");
-    let first_green = samples.iter().filter(|s| s.2 == "green").map(|s| s.0).min().expect("some green");
-    assert!(samples.iter().all(|s| s.2 == "blue" || s.2 == "green"));
-    let write_at = Duration::from_millis(1500);
-    println!("last blue sent at {last_blue:?}, first green at {first_green:?}, write at ~{write_at:?}");
-    assert!(last_blue < write_at + Duration::from_secs(2), "old weights served {last_blue:?} after start");
-    assert!(samples.iter().filter(|s| s.0 > last_blue).all(|s| s.2 == "green"));
+    let after = assert_new_after(&samples, applied, server_is("green"));
+    let (old, new) = assert_atomic_switch(&samples, server_is("blue"), server_is("green"));
+    println!(
+        "{} requests: {old} blue then {new} green; {after} sent after the new version was reported",
+        samples.len()
+    );
+    assert!(old >= 200 && after > 0, "the change happened under load: {old} before, {after} after");
+    assert!(samples.len() >= 1000, "only {} requests completed", samples.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,8 +91,8 @@ async fn invalid_change_is_rejected_and_traffic_keeps_flowing() {
     let v0 = proxy.version().await;
 
     let url = format!("http://127.0.0.1:{port}/color");
-    let loader = tokio::spawn(load(url, 200, Duration::from_secs(3)));
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let loader = Load::open_loop(&url, 200, 600);
+    loader.wait_received(100, Duration::from_secs(20)).await;
     // Weights summing to 90: rejected with TRL0102 at the `route` line.
     dir.write("mesh.yaml", &split_config(port, &blue, &green, 50, 40));
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -135,10 +102,10 @@ async fn invalid_change_is_rejected_and_traffic_keeps_flowing() {
             break dump["status"]["last_rejection"].clone();
         }
         assert!(Instant::now() < deadline, "rejection not reported; log:\n{}", proxy.log_text());
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a wait on /config_dump
     };
-    let samples = loader.await.expect("load");
-    assert!(samples.iter().all(|s| s.1 == 200 && s.2 == "blue"), "last good config keeps serving");
+    let samples = loader.finish().await;
+    assert!(samples.iter().all(|s| s.status == 200 && server_is("blue")(&s.body)), "last good config keeps serving");
     assert_eq!(proxy.version().await, v0);
 
     let finding = &rejection["findings"][0];
@@ -173,7 +140,7 @@ async fn a_snapshot_that_cannot_bind_is_rejected_whole() {
     let deadline = Instant::now() + Duration::from_secs(5);
     while proxy.config_dump().await["status"]["rejected"].as_u64().unwrap_or(0) == 0 {
         assert!(Instant::now() < deadline, "no rejection; log:\n{}", proxy.log_text());
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a wait on /config_dump
     }
     let dump = proxy.config_dump().await;
     assert!(dump["status"]["last_rejection"]["reason"].as_str().unwrap_or_default().contains("cannot bind"), "{dump}");
@@ -200,7 +167,7 @@ async fn quitquitquit_drains_in_flight_requests() {
     let deadline = Instant::now() + Duration::from_secs(5);
     while blue.in_flight.load(std::sync::atomic::Ordering::SeqCst) < 20 {
         assert!(Instant::now() < deadline, "slow requests did not arrive");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await; // poll interval of a wait on a counter
     }
     let (code, _) = admin_get(proxy.admin, "/quitquitquit").await.expect("quit");
     assert_eq!(code, 200);

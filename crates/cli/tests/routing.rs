@@ -432,7 +432,7 @@ async fn least_request_avoids_busy_endpoints() {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while b[0].in_flight.load(std::sync::atomic::Ordering::SeqCst) < 5 {
         assert!(std::time::Instant::now() < deadline, "slow requests did not arrive");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await; // poll interval of a wait on a counter
     }
     let mut names = Vec::new();
     for _ in 0..40 {

@@ -14,14 +14,14 @@ use support::mesh::*;
 use support::*;
 
 /// A mesh from YAML written into a temp dir (no example), started with `trellis up`.
-fn mesh(yaml: &str, extra: &[&str]) -> (ConfigDir, Up, tempfile::TempDir) {
+async fn mesh(yaml: &str, extra: &[&str]) -> (ConfigDir, Up, tempfile::TempDir) {
     let dir = ConfigDir::new();
     dir.write("mesh.yaml", yaml);
     let ca = tempfile::tempdir().expect("ca dir");
     let mut args = vec!["--ca-dir", ca.path().to_str().expect("path")];
     args.extend_from_slice(extra);
     let port = free_port(); // unused when the config has no gateway on it
-    let up = Up::start_with(dir.path(), port, &args);
+    let up = Up::start_with(dir.path(), port, &args).await;
     (dir, up, ca)
 }
 
@@ -108,7 +108,7 @@ async fn sidecars_speak_tls13_with_spiffe_certificates_and_strict_refuses_strang
     let mut yaml = workload("server", "default", "server-sa", "reference");
     yaml.push_str(&workload("client", "default", "client-sa", "colorteller"));
     yaml.push_str("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec:\n  mtls: {mode: STRICT}\n");
-    let (_d, up, ca) = mesh(&yaml, &["--cert-ttl", "1h"]);
+    let (_d, up, ca) = mesh(&yaml, &["--cert-ttl", "1h"]).await;
     let inbound = listener_addr(&up, "server", "default", "inbound-");
 
     // openssl sees TLS 1.3 and the server's SPIFFE identity; the lifetime is the configured one.
@@ -253,7 +253,7 @@ async fn permissive_serves_plaintext_and_mtls_on_one_port() {
     let mut yaml = workload("server", "default", "server-sa", "reference");
     yaml.push_str(&workload("client", "default", "client-sa", "colorteller"));
     // No PeerAuthentication: Istio's default, PERMISSIVE.
-    let (_d, up, _ca) = mesh(&yaml, &[]);
+    let (_d, up, _ca) = mesh(&yaml, &[]).await;
     let inbound = listener_addr(&up, "server", "default", "inbound-");
     assert_eq!(try_get(&format!("http://{inbound}/api/health")).await, Ok(200), "plaintext served");
     let outbound = listener_addr(&up, "client", "default", "outbound");
@@ -273,7 +273,8 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
     let port = free_port();
     let dir = example("color-canary", port);
     let ca = tempfile::tempdir().expect("ca");
-    let up = Up::start_with(dir.path(), port, &["--ca-dir", ca.path().to_str().expect("path"), "--cert-ttl", "30s"]);
+    let up =
+        Up::start_with(dir.path(), port, &["--ca-dir", ca.path().to_str().expect("path"), "--cert-ttl", "30s"]).await;
     // 200 req/s for 90 s through the gateway and two sidecars (gateway → colorgateway →
     // colorteller), every hop mutual TLS with 30 s certificates renewed at 80%.
     let client = h1_client();
@@ -449,7 +450,7 @@ async fn jwt_validation_and_jwks_rotation_at_its_uri() {
         if r.status == 200 || Instant::now() >= deadline {
             break r;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval of a wait on the JWKS refresh
     };
     assert_eq!(r.status, 200, "rotated key: {}", r.body);
     // The refetch replaced the key set: the old key is gone.
@@ -533,7 +534,7 @@ spec:
   - to: [{{operation: {{paths: ["/api/health"]}}}}]
 "#
     ));
-    let (_d, up, _ca) = mesh(&yaml, &[]);
+    let (_d, up, _ca) = mesh(&yaml, &[]).await;
     let a = listener_addr(&up, "client-a", "default", "outbound");
     let b = listener_addr(&up, "client-b", "other", "outbound");
     let admin_tok = key

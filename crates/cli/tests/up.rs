@@ -64,7 +64,7 @@ fn proxies(status: &serde_json::Value) -> Vec<(String, String, String, String)> 
 }
 
 /// Runs `trellis up` to its exit; fails the test if it takes more than `within`.
-fn run_to_exit(mut cmd: Command, within: Duration) -> (std::process::ExitStatus, String) {
+async fn run_to_exit(mut cmd: Command, within: Duration) -> (std::process::ExitStatus, String) {
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
     let deadline = Instant::now() + within;
     loop {
@@ -82,7 +82,7 @@ fn run_to_exit(mut cmd: Command, within: Duration) -> (std::process::ExitStatus,
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        std::thread::sleep(Duration::from_millis(10)); // poll interval of a wait on the exit
+        tokio::time::sleep(Duration::from_millis(10)).await; // poll interval of a wait on the exit
     }
 }
 
@@ -90,7 +90,7 @@ fn run_to_exit(mut cmd: Command, within: Duration) -> (std::process::ExitStatus,
 async fn a_second_mesh_fails_fast_naming_the_port_and_the_running_mesh() {
     let port = free_port();
     let dir = example("color-canary", port);
-    let up = Up::start(dir.path(), port);
+    let up = Up::start(dir.path(), port).await;
     let before = up.status();
     let first = proxies(&before);
     assert_eq!(first.len(), 4, "{before}");
@@ -101,7 +101,7 @@ async fn a_second_mesh_fails_fast_naming_the_port_and_the_running_mesh() {
     let mut same = Command::new(trellis_bin());
     same.arg("up").arg(dir.path()).args(["--control-plane", &up.cp.to_string(), "--admin-port-base", "0"]);
     same.env("XDG_STATE_HOME", up.state_home.path());
-    let (status, out) = run_to_exit(same, Duration::from_secs(2));
+    let (status, out) = run_to_exit(same, Duration::from_secs(2)).await;
     assert!(!status.success(), "{out}");
     assert!(out.contains("already running"), "{out}");
     assert!(out.contains(&format!("pid {}", up.pid())), "names the running trellis up: {out}");
@@ -115,7 +115,7 @@ async fn a_second_mesh_fails_fast_naming_the_port_and_the_running_mesh() {
     let mut clash = Command::new(trellis_bin());
     clash.arg("up").arg(other.path()).args(["--control-plane", &up.cp.to_string(), "--admin-port-base", "0"]);
     clash.env("XDG_STATE_HOME", other_home.path());
-    let (status, out) = run_to_exit(clash, Duration::from_secs(2));
+    let (status, out) = run_to_exit(clash, Duration::from_secs(2)).await;
     assert!(!status.success(), "{out}");
     assert!(out.contains(&format!("port {port} (gateway istio-ingressgateway) is in use")), "{out}");
     assert!(out.contains(&format!("port {} (control plane", up.cp.port())), "{out}");
@@ -198,7 +198,7 @@ async fn quiet_terminal_full_logs_per_process_and_apply_without_editing_files() 
     let port = free_port();
     let dir = example("color-canary", port);
     let mut up = Up::spawn(dir.path(), port, &[]);
-    up.wait_ready();
+    up.wait_ready().await;
     let r = get(&up.url("/color"), &[("x-test", "quiet")]).await;
     assert_eq!(r.status, 200);
     let access =
@@ -278,7 +278,7 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 async fn the_control_plane_admits_only_proxies_with_a_token_it_issued() {
     let port = free_port();
     let dir = example("color-canary", port);
-    let up = Up::start(dir.path(), port);
+    let up = Up::start(dir.path(), port).await;
     let cp = up.cp.to_string();
     let claim = serde_json::json!({"role": "sidecar", "name": "colorteller-blue", "namespace": "default", "service_account": "colorteller-blue", "labels": {}, "bind_address": "127.0.0.1", "port_map": {}, "inbound": [], "outbound": null, "upstreams": []});
     let no_token = subscribe(&cp, claim.clone(), "").await.expect_err("no token");

@@ -76,6 +76,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
                         "state": p.state, "sent": p.sent_version, "acked": p.acked_version,
                         "nacked": p.nacked_version, "nack_reason": p.nack_reason, "state_age_seconds": p.state_age_seconds,
                         "admin": p.admin_address, "metrics": metrics_url(&p.admin_address),
+                        "config_generation": p.config_generation,
                     })
                 })
                 .collect();

@@ -178,7 +178,7 @@ impl TestCluster {
             self.check_alive();
             assert!(Instant::now() < deadline, "kube-apiserver not ready in 90 s:\n{}", self.logs());
             // Poll interval: the API server has no readiness signal but its /readyz.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await; // poll interval of a wait on /readyz
         }
     }
 
@@ -483,7 +483,7 @@ impl Node {
                     tokio::spawn(async move {
                         if let Some(rp) = stopped {
                             // The preStop sleep hook itself (the Pod asked for it), not a wait.
-                            tokio::time::sleep(Duration::from_secs(pre_stop.max(0) as u64)).await;
+                            tokio::time::sleep(Duration::from_secs(pre_stop.max(0) as u64)).await; // the Pod's preStop sleep itself
                             let _ = tokio::task::spawn_blocking(move || rp.stop()).await;
                         }
                         let _ = api

@@ -55,15 +55,15 @@ pub struct Up {
 }
 
 impl Up {
-    pub fn start(dir: &Path, port: u16) -> Up {
-        Up::start_with(dir, port, &[])
+    pub async fn start(dir: &Path, port: u16) -> Up {
+        Up::start_with(dir, port, &[]).await
     }
 
     /// Starts `trellis up DIR --verbose` (tests read access logs and the control plane's log
     /// from its output) with extra flags and waits until the mesh is ready.
-    pub fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Up {
+    pub async fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Up {
         let mut up = Up::spawn(dir, port, &[&["--verbose"], extra].concat());
-        up.wait_ready();
+        up.wait_ready().await;
         up
     }
 
@@ -128,7 +128,7 @@ impl Up {
     }
 
     /// Waits for "mesh ready" in the output.
-    pub fn wait_ready(&mut self) {
+    pub async fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if self.output().contains("mesh ready in") {
@@ -138,7 +138,7 @@ impl Up {
                 panic!("trellis up exited with {s}:\n{}", self.output());
             }
             assert!(Instant::now() < deadline, "mesh not ready:\n{}", self.output());
-            std::thread::sleep(Duration::from_millis(20)); // poll interval of a wait on the output
+            tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a wait on the output
         }
         self.ready_after = self.started.elapsed();
     }
@@ -180,7 +180,7 @@ impl Up {
             if Instant::now() >= deadline {
                 return false;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a wait on the output
         }
     }
 
@@ -203,12 +203,34 @@ impl Up {
     }
 
     pub fn status(&self) -> serde_json::Value {
-        let out = Command::new(trellis_bin())
-            .args(["status", "-o", "json", "--control-plane", &self.cp.to_string()])
-            .output()
-            .expect("status");
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("status json ({e}): {}", String::from_utf8_lossy(&out.stderr)))
+        status_of(self.cp, self.state_home.path())
+    }
+
+    /// Waits until the control plane serves a config generation newer than `after` and every
+    /// connected proxy has ACKed the push compiled from it (what `trellis apply` waits for);
+    /// returns that generation and when it was seen.
+    pub async fn wait_served(&self, after: u64, within: Duration) -> (u64, Instant) {
+        let deadline = Instant::now() + within;
+        loop {
+            let (cp, home) = (self.cp, self.state_home.path().to_path_buf());
+            let status = tokio::task::spawn_blocking(move || status_of(cp, &home)).await.expect("status");
+            let generation = status["config_generation"].as_u64().unwrap_or(0);
+            let proxies = status["proxies"].as_array().cloned().unwrap_or_default();
+            let served = proxies
+                .iter()
+                .filter(|p| p["state"] == "CONNECTED")
+                .all(|p| p["config_generation"].as_u64().unwrap_or(0) >= generation && p["acked"] == p["sent"]);
+            if generation > after && served {
+                return (generation, Instant::now());
+            }
+            assert!(Instant::now() < deadline, "generation {after}+1 not served within {within:?}: {status}");
+            tokio::time::sleep(Duration::from_millis(10)).await; // poll interval of a wait on the status
+        }
+    }
+
+    /// The control plane's config generation now.
+    pub fn generation(&self) -> u64 {
+        self.status()["config_generation"].as_u64().unwrap_or(0)
     }
 
     pub fn pid(&self) -> i32 {
@@ -228,11 +250,22 @@ impl Drop for Up {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20)); // Drop cannot await: poll interval of a wait on the exit
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `trellis status -o json` of the control plane at `cp`.
+fn status_of(cp: SocketAddr, state_home: &Path) -> serde_json::Value {
+    let out = Command::new(trellis_bin())
+        .args(["status", "-o", "json", "--control-plane", &cp.to_string()])
+        .env("XDG_STATE_HOME", state_home)
+        .output()
+        .expect("status");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status json ({e}): {}", String::from_utf8_lossy(&out.stderr)))
 }
 
 /// Child processes of `pid` (direct children), from /proc.

@@ -2,6 +2,7 @@
 //! 127.0.0.1. Tests wait on readiness signals (`/ready`, a bound port), never on fixed sleeps.
 #![allow(dead_code)]
 
+pub mod load;
 pub mod mesh;
 
 use std::collections::BTreeMap;
@@ -141,7 +142,7 @@ impl ProxyProc {
                 return;
             }
             assert!(Instant::now() < deadline, "proxy not ready in 20 s; log:\n{}", self.log_text());
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a wait on /ready
         }
     }
 
@@ -182,7 +183,7 @@ impl ProxyProc {
                 return v;
             }
             assert!(Instant::now() < deadline, "config version stayed {old}; log:\n{}", self.log_text());
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a wait on /config_dump
         }
     }
 
@@ -194,7 +195,7 @@ impl ProxyProc {
                 return s;
             }
             assert!(Instant::now() < deadline, "proxy did not exit; log:\n{}", self.log_text());
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a wait on the exit
         }
     }
 }
@@ -366,7 +367,7 @@ fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
 async fn backend_handle(name: &str, req: Request<Incoming>) -> Response<TestBody> {
     let path = req.uri().path().to_string();
     if let Some(ms) = query_param(&req, "sleep_ms").and_then(|v| v.parse().ok()) {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+        tokio::time::sleep(Duration::from_millis(ms)).await; // the backend's simulated work (?sleep_ms)
     }
     if let Some(code) = path.strip_prefix("/status/") {
         let mut r = Response::new(full(format!("status {code}")));
@@ -376,7 +377,7 @@ async fn backend_handle(name: &str, req: Request<Incoming>) -> Response<TestBody
     }
     if path == "/slow" {
         let ms: u64 = query_param(&req, "ms").and_then(|v| v.parse().ok()).unwrap_or(500);
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+        tokio::time::sleep(Duration::from_millis(ms)).await; // the backend's simulated work (/slow)
         return Response::new(full(format!("{{\"server\":\"{name}\",\"slept_ms\":{ms}}}")));
     }
     if path == "/bytes" {
@@ -621,7 +622,7 @@ impl Collector {
                 return spans;
             }
             assert!(Instant::now() < deadline, "timed out waiting for {what}; have {} spans: {spans:#?}", spans.len());
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a wait on the collector
         }
     }
 }
