@@ -1019,3 +1019,129 @@ fn more_specific<'a>(a: &'a str, b: &'a str) -> &'a str {
         b
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::snapshot::{Action, Direction, MtlsMode};
+
+    fn load(yaml: &str) -> Vec<Resource> {
+        let loaded = crate::load::load_str(Path::new("mesh.yaml"), yaml);
+        assert!(loaded.findings.iter().all(|f| !f.is_error()), "{:?}", loaded.findings);
+        loaded.resources
+    }
+
+    const SERVICE: &str = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: STATIC\n  endpoints:\n  - {address: 127.0.0.1, ports: {http: 9001}, labels: {version: v1}}\n  - {address: 127.0.0.2, ports: {http: 9002}, labels: {version: v2}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]\n---\n";
+
+    fn split(w1: u32, w2: u32, gateways: &str) -> String {
+        format!(
+            "{SERVICE}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews}}\nspec:\n  hosts: [reviews]\n{gateways}  http:\n  - route:\n    - {{destination: {{host: reviews, subset: v1}}, weight: {w1}}}\n    - {{destination: {{host: reviews, subset: v2}}, weight: {w2}}}\n"
+        )
+    }
+
+    fn sidecar() -> ProxySpec {
+        ProxySpec {
+            name: "productpage".into(),
+            labels: [("app".to_string(), "productpage".to_string())].into(),
+            outbound: Some("127.0.0.1:15001".parse().expect("addr")),
+            ..ProxySpec::default()
+        }
+    }
+
+    fn gateway(labels: &[(&str, &str)]) -> ProxySpec {
+        ProxySpec {
+            role: Role::Gateway,
+            name: "gw".into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            port_map: [(80, 18080)].into(),
+            ..ProxySpec::default()
+        }
+    }
+
+    /// The routes whose virtual host serves `domain`, across every table.
+    fn routes_for<'a>(snap: &'a Snapshot, domain: &str) -> Vec<&'a crate::snapshot::Route> {
+        snap.route_tables
+            .values()
+            .flat_map(|t| &t.virtual_hosts)
+            .filter(|v| v.domains.iter().any(|d| d == domain))
+            .flat_map(|v| &v.routes)
+            .collect()
+    }
+
+    #[test]
+    fn a_weighted_split_targets_subset_clusters_holding_only_their_endpoints() {
+        let resources = load(&split(80, 20, ""));
+        let snap = compile(&resources, &[], &sidecar());
+        let routes = routes_for(&snap, "reviews");
+        assert_eq!(routes.len(), 1, "{routes:#?}");
+        let Action::Forward(f) = &routes[0].action else { panic!("{:?}", routes[0].action) };
+        let dests: Vec<(&str, u32)> = f.destinations.iter().map(|d| (d.cluster.as_str(), d.weight)).collect();
+        assert_eq!(dests, [("outbound|80|v1|reviews", 80), ("outbound|80|v2|reviews", 20)]);
+        let v1 = &snap.clusters["outbound|80|v1|reviews"];
+        assert_eq!(v1.endpoints.iter().map(|e| e.address.as_str()).collect::<Vec<_>>(), ["127.0.0.1:9001"]);
+        let v2 = &snap.clusters["outbound|80|v2|reviews"];
+        assert_eq!(v2.endpoints.iter().map(|e| e.address.as_str()).collect::<Vec<_>>(), ["127.0.0.2:9002"]);
+        assert_eq!(routes[0].source.as_deref(), Some("VirtualService default/reviews http[0]"));
+    }
+
+    #[test]
+    fn the_version_is_a_content_hash() {
+        let a = compile(&load(&split(80, 20, "")), &[], &sidecar());
+        let again = compile(&load(&split(80, 20, "")), &[], &sidecar());
+        let b = compile(&load(&split(50, 50, "")), &[], &sidecar());
+        assert_eq!(a.version, again.version);
+        assert_ne!(a.version, b.version);
+        assert_eq!(a.version, version_of(&a));
+    }
+
+    #[test]
+    fn gateway_listeners_follow_the_selector_and_the_port_map() {
+        let mut y = split(100, 0, "  gateways: [gw]\n");
+        y.push_str("---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw}\nspec:\n  selector: {istio: ingressgateway}\n  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [\"*\"]}]\n");
+        let resources = load(&y);
+        let selected = compile(&resources, &[], &gateway(&[("istio", "ingressgateway")]));
+        let ports: Vec<u16> = selected.listeners.iter().map(|l| l.address.port()).collect();
+        assert_eq!(ports, [18080], "Gateway port 80 served on its mapped local port");
+        assert_eq!(selected.listeners[0].direction, Direction::Gateway);
+        assert_eq!(routes_for(&selected, "reviews").len(), 1, "the VirtualService bound to the gateway");
+        let other = compile(&resources, &[], &gateway(&[("istio", "egressgateway")]));
+        assert!(other.listeners.is_empty(), "a gateway the selector does not match serves nothing");
+        // Bound to the gateway only: sidecars do not get it (no `mesh` in gateways).
+        let side = compile(&resources, &[], &sidecar());
+        let on_sidecar = routes_for(&side, "reviews");
+        assert!(
+            on_sidecar.iter().all(|r| r.source.is_none()),
+            "the gateway's VirtualService leaked to a sidecar: {on_sidecar:#?}"
+        );
+    }
+
+    #[test]
+    fn peer_authentication_is_workload_then_namespace_then_mesh_with_port_overrides() {
+        let y = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: ns, namespace: legacy}\nspec: {mtls: {mode: PERMISSIVE}}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: app, namespace: legacy}\nspec:\n  selector: {matchLabels: {app: old}}\n  mtls: {mode: UNSET}\n  portLevelMtls: {\"9090\": {mode: DISABLE}}\n";
+        let resources = load(y);
+        let in_ns = |ns: &str, app: &str| ProxySpec {
+            namespace: ns.into(),
+            labels: [("app".to_string(), app.to_string())].into(),
+            ..ProxySpec::default()
+        };
+        assert_eq!(peer_authentication(&resources, &in_ns("default", "a"), 8080), MtlsMode::Strict, "mesh-wide");
+        assert_eq!(peer_authentication(&resources, &in_ns("legacy", "a"), 8080), MtlsMode::Permissive, "namespace");
+        assert_eq!(
+            peer_authentication(&resources, &in_ns("legacy", "old"), 8080),
+            MtlsMode::Permissive,
+            "UNSET inherits"
+        );
+        assert_eq!(peer_authentication(&resources, &in_ns("legacy", "old"), 9090), MtlsMode::Disable, "port level");
+        assert_eq!(peer_authentication(&[], &in_ns("default", "a"), 80), MtlsMode::Permissive, "Istio's default");
+    }
+
+    #[test]
+    fn hosts_and_ports_join_as_authorities() {
+        assert_eq!(join_host_port("reviews", 80), "reviews:80");
+        assert_eq!(more_specific("*.example.com", "api.example.com"), "api.example.com");
+        assert_eq!(qualify("gw", "default"), "default/gw");
+        assert_eq!(qualify("other/gw", "default"), "other/gw");
+    }
+}

@@ -150,30 +150,6 @@ fn header_str(h: &http::HeaderMap, name: impl http::header::AsHeaderName) -> Opt
     h.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
-/// The request's authority: the absolute-form URI's, else `Host` (HTTP/1), else `:authority`.
-fn authority_of(req: &Request<Incoming>) -> Result<Option<Authority>, ProxyError> {
-    if let Some(a) = req.uri().authority() {
-        return Ok(Some(a.clone()));
-    }
-    let mut hosts = req.headers().get_all(header::HOST).iter();
-    let Some(host) = hosts.next() else {
-        return if req.version() == Version::HTTP_11 {
-            Err(ProxyError::bad_request("missing Host header"))
-        } else {
-            Ok(None)
-        };
-    };
-    if hosts.next().is_some() {
-        return Err(ProxyError::bad_request("more than one Host header"));
-    }
-    match Authority::try_from(host.as_bytes()) {
-        Ok(a) if !a.as_str().contains('@') && !a.host().is_empty() => Ok(Some(a)),
-        _ => {
-            Err(ProxyError::bad_request(format!("invalid Host header {:?}", String::from_utf8_lossy(host.as_bytes()))))
-        }
-    }
-}
-
 async fn proxy(
     shared: &Shared,
     rt: &Runtime,
@@ -184,24 +160,9 @@ async fn proxy(
     if req.method() == http::Method::CONNECT {
         return Err(ProxyError::bad_request("CONNECT tunnels are not supported yet"));
     }
-    let authority = authority_of(&req)?;
+    let authority = headers::request_authority(req.uri(), req.version(), req.headers())?;
     let (mut parts, body) = req.into_parts();
-    // The request target's authority wins over a received Host (RFC 9112 §3.2.2: a proxy
-    // MUST ignore it and generate Host from an absolute-form target; RFC 9113 §8.3.1 for
-    // :authority), so the upstream sees the authority the request was routed by.
-    if let Some(a) = parts.uri.authority() {
-        let target = a.as_str().rsplit('@').next().unwrap_or_default();
-        let host = parts.headers.get(header::HOST);
-        let stale = match host {
-            Some(h) => h.as_bytes() != target.as_bytes(),
-            None => parts.version < Version::HTTP_2,
-        };
-        if stale {
-            if let Ok(v) = HeaderValue::from_str(target) {
-                parts.headers.insert(header::HOST, v);
-            }
-        }
-    }
+    headers::host_from_target(&mut parts);
     if conn.direction != Direction::Outbound {
         authenticate_and_authorize(shared, rt, conn, &mut parts, authority.as_ref(), record).await?;
     }
@@ -490,6 +451,25 @@ fn redirect(
     req_port: Option<u16>,
     route: &crate::runtime::route::Route,
 ) -> Response<Body> {
+    let location = redirect_location(rd, uri, scheme, host, req_port);
+    let mut resp = Response::new(crate::http::empty());
+    *resp.status_mut() = http::StatusCode::from_u16(rd.code).unwrap_or(http::StatusCode::MOVED_PERMANENTLY);
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    route.response_headers.apply(resp.headers_mut());
+    resp
+}
+
+/// Where a redirect sends the client: Istio's `redirect` fields over the request's scheme,
+/// host, port, path and query.
+fn redirect_location(
+    rd: &trellis_config::snapshot::Redirect,
+    uri: &Uri,
+    scheme: &str,
+    host: &str,
+    req_port: Option<u16>,
+) -> String {
     let scheme_changed = rd.scheme.as_deref().is_some_and(|s| s != scheme);
     let scheme = rd.scheme.as_deref().unwrap_or(scheme);
     let (auth_host, auth_port) = match &rd.authority {
@@ -509,12 +489,60 @@ fn redirect(
     };
     let path = rd.uri.clone().unwrap_or_else(|| uri.path().to_string());
     let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-    let location = format!("{scheme}://{auth_host}{port}{path}{query}");
-    let mut resp = Response::new(crate::http::empty());
-    *resp.status_mut() = http::StatusCode::from_u16(rd.code).unwrap_or(http::StatusCode::MOVED_PERMANENTLY);
-    if let Ok(v) = HeaderValue::from_str(&location) {
-        resp.headers_mut().insert(header::LOCATION, v);
+    format!("{scheme}://{auth_host}{port}{path}{query}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::route::Rewrite;
+    use trellis_config::snapshot::Redirect;
+
+    fn rd(f: impl FnOnce(&mut Redirect)) -> Redirect {
+        let mut r =
+            Redirect { uri: None, authority: None, port: None, port_from_request: false, scheme: None, code: 301 };
+        f(&mut r);
+        r
     }
-    route.response_headers.apply(resp.headers_mut());
-    resp
+
+    #[test]
+    fn redirect_locations() {
+        let uri: Uri = "/old?k=v".parse().expect("uri");
+        let at = |r: &Redirect, port: Option<u16>| redirect_location(r, &uri, "http", "shop.test", port);
+        assert_eq!(at(&rd(|r| r.uri = Some("/new".into())), Some(8080)), "http://shop.test:8080/new?k=v");
+        assert_eq!(at(&rd(|r| r.uri = Some("/new".into())), None), "http://shop.test/new?k=v");
+        assert_eq!(at(&rd(|r| r.scheme = Some("https".into())), Some(8080)), "https://shop.test/old?k=v");
+        assert_eq!(at(&rd(|r| r.authority = Some("other.test".into())), Some(8080)), "http://other.test/old?k=v");
+        assert_eq!(at(&rd(|r| r.authority = Some("other.test:9000".into())), None), "http://other.test:9000/old?k=v");
+        assert_eq!(
+            at(&rd(|r| (r.authority, r.port_from_request) = (Some("o.test".into()), true)), Some(8443)),
+            "http://o.test:8443/old?k=v"
+        );
+        assert_eq!(at(&rd(|r| r.port = Some(80)), Some(8080)), "http://shop.test/old?k=v", "default port elided");
+        assert_eq!(
+            at(&rd(|r| (r.scheme, r.port) = (Some("https".into()), Some(8443))), None),
+            "https://shop.test:8443/old?k=v"
+        );
+    }
+
+    #[test]
+    fn rewrites_replace_the_matched_prefix_or_the_whole_path() {
+        let rw = |uri: &str| Rewrite { uri: Some(uri.into()), authority: None, uri_regex: None };
+        assert_eq!(rewrite_path(&rw("/v2"), Some("/v1"), "/v1/items").as_deref(), Some("/v2/items"));
+        assert_eq!(rewrite_path(&rw("/"), Some("/api/"), "/api/items").as_deref(), Some("/items"));
+        assert_eq!(rewrite_path(&rw("/v2/"), Some("/v1"), "/v1/items").as_deref(), Some("/v2/items"));
+        assert_eq!(
+            rewrite_path(&rw("/health"), None, "/status").as_deref(),
+            Some("/health"),
+            "exact match: whole path"
+        );
+        let re = Rewrite {
+            uri: None,
+            authority: None,
+            uri_regex: Some((regex::Regex::new("^/service/([^/]+)(/.*)$").expect("re"), "${2}/instance/${1}".into())),
+        };
+        assert_eq!(rewrite_path(&re, None, "/service/foo/v1/api").as_deref(), Some("/v1/api/instance/foo"));
+        let none = Rewrite { uri: None, authority: None, uri_regex: None };
+        assert_eq!(rewrite_path(&none, Some("/"), "/x"), None);
+    }
 }

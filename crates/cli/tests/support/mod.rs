@@ -40,7 +40,9 @@ pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     const SLICE: u16 = 250;
     static NEXT: AtomicU16 = AtomicU16::new(u16::MAX);
-    let base = 15_000 + (std::process::id() % 20) as u16 * SLICE;
+    // 16000-19999, below the kernel's ephemeral range (outgoing connections never take these)
+    // and clear of the fixed ports the README's walkthrough uses (8080, 15010, 15100-15108).
+    let base = 16_000 + (std::process::id() % 16) as u16 * SLICE;
     let _ = NEXT.compare_exchange(u16::MAX, fastrand::u16(0..SLICE), Ordering::Relaxed, Ordering::Relaxed);
     for _ in 0..SLICE {
         let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % SLICE;
@@ -103,6 +105,14 @@ pub fn gateway(name: &str, port: u16) -> String {
 
 // --- proxy processes ---
 
+/// The admin address a proxy logged (`admin=127.0.0.1:PORT`, the address it bound).
+fn admin_from_log(log: &str) -> Option<SocketAddr> {
+    log.lines().find_map(|l| {
+        let rest = &l[l.find("admin=")? + "admin=".len()..];
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
 /// A running `trellis proxy` (killed on drop).
 pub struct ProxyProc {
     pub child: Child,
@@ -112,34 +122,42 @@ pub struct ProxyProc {
 }
 
 impl ProxyProc {
-    /// Starts `trellis proxy ARGS --admin <free>` and waits until `/ready` answers 200.
+    /// Starts `trellis proxy ARGS --admin 127.0.0.1:0`, reads the admin address it bound from
+    /// its log, and waits until `/ready` answers 200.
     pub async fn start(args: &[&str]) -> ProxyProc {
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let logdir = tempfile::tempdir().expect("tempdir");
         let log = logdir.path().join("proxy.log");
         let logfile = std::fs::File::create(&log).expect("log file");
         let child = Command::new(trellis_bin())
             .arg("proxy")
             .args(args)
-            .args(["--admin", &admin.to_string()])
+            .args(["--admin", "127.0.0.1:0"])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(logfile)
             .spawn()
             .expect("spawn trellis proxy");
-        let mut p = ProxyProc { child, admin, log, _logdir: logdir };
+        let mut p = ProxyProc { child, admin: SocketAddr::from(([127, 0, 0, 1], 0)), log, _logdir: logdir };
         p.wait_ready().await;
         p
     }
 
+    /// Waits until the proxy logged its admin address and `/ready` answers 200.
     pub async fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("proxy exited with {status} before ready; log:\n{}", self.log_text());
             }
-            if let Ok((200, _)) = admin_get(self.admin, "/ready").await {
-                return;
+            if self.admin.port() == 0 {
+                if let Some(a) = admin_from_log(&self.log_text()) {
+                    self.admin = a;
+                }
+            }
+            if self.admin.port() != 0 {
+                if let Ok((200, _)) = admin_get(self.admin, "/ready").await {
+                    return;
+                }
             }
             assert!(Instant::now() < deadline, "proxy not ready in 20 s; log:\n{}", self.log_text());
             tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a wait on /ready

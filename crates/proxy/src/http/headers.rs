@@ -17,18 +17,22 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// Removes hop-by-hop headers, including those the `Connection` header names. `TE: trailers`
 /// survives (gRPC needs it end to end).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if let Some(conn) = headers.get(header::CONNECTION).cloned() {
-        if let Ok(list) = conn.to_str() {
-            for name in list.split(',') {
-                let name = name.trim();
-                if name.eq_ignore_ascii_case("te") {
-                    continue;
-                }
-                if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
-                    headers.remove(n);
-                }
+    // Every Connection field line counts (it is a list, and may be split over several lines).
+    let mut listed: Vec<HeaderName> = Vec::new();
+    for conn in headers.get_all(header::CONNECTION) {
+        let Ok(list) = conn.to_str() else { continue };
+        for name in list.split(',') {
+            let name = name.trim();
+            if name.eq_ignore_ascii_case("te") {
+                continue;
+            }
+            if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+                listed.push(n);
             }
         }
+    }
+    for n in listed {
+        headers.remove(n);
     }
     for h in [
         header::CONNECTION,
@@ -78,6 +82,55 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: std::net::IpAddr, proto: &
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+}
+
+/// The request's authority: the absolute-form target's, else `Host` (HTTP/1), else
+/// `:authority` (HTTP/2, in the URI). HTTP/1.1 without Host, several Hosts, or a Host that is
+/// no authority (userinfo, empty host) are 400s; HTTP/1.0 may have none.
+pub fn request_authority(
+    uri: &http::Uri,
+    version: http::Version,
+    headers: &HeaderMap,
+) -> Result<Option<http::uri::Authority>, crate::http::ProxyError> {
+    use crate::http::ProxyError;
+    if let Some(a) = uri.authority() {
+        return Ok(Some(a.clone()));
+    }
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let Some(host) = hosts.next() else {
+        return if version == http::Version::HTTP_11 {
+            Err(ProxyError::bad_request("missing Host header"))
+        } else {
+            Ok(None)
+        };
+    };
+    if hosts.next().is_some() {
+        return Err(ProxyError::bad_request("more than one Host header"));
+    }
+    match http::uri::Authority::try_from(host.as_bytes()) {
+        Ok(a) if !a.as_str().contains('@') && !a.host().is_empty() => Ok(Some(a)),
+        _ => {
+            Err(ProxyError::bad_request(format!("invalid Host header {:?}", String::from_utf8_lossy(host.as_bytes()))))
+        }
+    }
+}
+
+/// Makes `Host` the target's authority (userinfo dropped) when the target has one: RFC 9112
+/// §3.2.2 says a proxy MUST ignore a received Host and generate it from an absolute-form
+/// target (RFC 9113 §8.3.1: `:authority` wins too), so the upstream sees the authority the
+/// request was routed by. HTTP/2 requests without Host are left alone (it stays in the URI).
+pub fn host_from_target(parts: &mut http::request::Parts) {
+    let Some(a) = parts.uri.authority() else { return };
+    let target = a.as_str().rsplit('@').next().unwrap_or_default();
+    let stale = match parts.headers.get(header::HOST) {
+        Some(h) => h.as_bytes() != target.as_bytes(),
+        None => parts.version < http::Version::HTTP_2,
+    };
+    if stale {
+        if let Ok(v) = HeaderValue::from_str(target) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
 }
 
 /// Header operations, validated once at snapshot build time.
@@ -140,6 +193,16 @@ mod tests {
         assert!(h.get(header::CONNECTION).is_none());
         assert_eq!(h.get(header::TE).map(|v| v.as_bytes()), Some(&b"trailers"[..]));
         assert!(h.get("x-keep").is_some());
+    }
+
+    #[test]
+    fn every_connection_line_counts() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.append(header::CONNECTION, HeaderValue::from_static("x-second"));
+        h.insert("x-second", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-second").is_none(), "a name listed on the second Connection line survived");
     }
 
     #[test]
