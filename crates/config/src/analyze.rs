@@ -215,6 +215,7 @@ pub fn analyze(resources: &[Resource], extra: &[Workload]) -> Vec<Finding> {
             Spec::Gateway(_) | Spec::PodTemplate(_) | Spec::Metadata | Spec::EndpointSlice(_) => {}
         }
     }
+    cx.findings.extend(crate::crosscheck::run(resources, &registry));
     cx.findings
 }
 
@@ -796,7 +797,7 @@ impl<'a> Cx<'a> {
                             let mut p = dp.clone();
                             p.extend(["destination".into(), "port".into(), "number".into()]);
                             let ports = svc.ports.iter().map(|p| p.number.to_string()).collect::<Vec<_>>().join(", ");
-                            self.push(Code::Schema, r, p, format!("{} has no port {} (ports: {ports})", svc.hostname, port.number));
+                            self.push(Code::DestinationPortNotFound, r, p, format!("{} has no port {} (ports: {ports})", svc.hostname, port.number));
                         }
                     }
                 }

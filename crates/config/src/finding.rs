@@ -71,6 +71,53 @@ codes! {
     SelectsNothing = "TRL0202", Warning, "policy-selects-nothing";
     ConflictingPeerAuthentication = "TRL0203", Error, "conflicting-peer-authentication";
     InvalidJwks = "TRL0204", Error, "invalid-jwks";
+    GatewaySelectsNothing = "TRL0110", Warning, "gateway-selects-nothing";
+    ConflictingGateways = "TRL0111", Error, "conflicting-gateways";
+    DestinationPortRequired = "TRL0112", Error, "destination-port-required";
+    DestinationPortNotFound = "TRL0113", Error, "destination-port-not-found";
+    TlsWithoutCa = "TRL0114", Warning, "tls-without-ca-certificates";
+    TlsWithoutCaAtPort = "TRL0115", Warning, "tls-without-ca-certificates-at-port";
+    ServiceEntryAddressesRequired = "TRL0116", Warning, "serviceentry-addresses-required";
+    ConflictingServiceEntryProtocol = "TRL0117", Warning, "conflicting-serviceentry-protocol";
+    UnknownDestinationRuleHost = "TRL0118", Warning, "unknown-destinationrule-host";
+    IngressSubsetIgnored = "TRL0119", Warning, "subset-ignored-on-ingress";
+    JwtClaimRoutingWithoutRequestAuthentication = "TRL0120", Error, "jwt-claim-routing-without-requestauthentication";
+    PortNameConvention = "TRL0121", Info, "port-name-convention";
+    Deprecated = "TRL0122", Warning, "deprecated-field";
+    ReferencedInternalGateway = "TRL0123", Warning, "referenced-internal-gateway";
+    ConflictingTelemetrySelectors = "TRL0301", Error, "conflicting-telemetry-selectors";
+    TelemetriesWithoutSelector = "TRL0302", Error, "telemetries-without-selector";
+}
+
+impl Code {
+    /// The `istioctl analyze` message this finding corresponds to, when there is one.
+    pub fn istio(self) -> Option<&'static str> {
+        Some(match self {
+            Code::Schema => "IST0106",
+            Code::SubsetNotFound | Code::GatewayNotFound | Code::HostNotFound => "IST0101",
+            Code::GatewaySelectsNothing | Code::DestinationPortNotFound => "IST0101",
+            Code::ShadowedMatch => "IST0130",
+            Code::DuplicateHost => "IST0109",
+            Code::HostNotInGateway => "IST0132",
+            Code::SubsetSelectsNothing => "IST0173",
+            Code::SelectsNothing => "IST0127",
+            Code::ConflictingGateways => "IST0145",
+            Code::DestinationPortRequired => "IST0112",
+            Code::TlsWithoutCa => "IST0128",
+            Code::TlsWithoutCaAtPort => "IST0129",
+            Code::ServiceEntryAddressesRequired => "IST0134",
+            Code::ConflictingServiceEntryProtocol => "IST0177",
+            Code::UnknownDestinationRuleHost => "IST0174",
+            Code::IngressSubsetIgnored => "IST0140",
+            Code::JwtClaimRoutingWithoutRequestAuthentication => "IST0149",
+            Code::PortNameConvention => "IST0118",
+            Code::Deprecated => "IST0002",
+            Code::ReferencedInternalGateway => "IST0165",
+            Code::ConflictingTelemetrySelectors => "IST0159",
+            Code::TelemetriesWithoutSelector => "IST0160",
+            _ => return None,
+        })
+    }
 }
 
 impl Code {
@@ -116,6 +163,9 @@ pub struct Finding {
     pub resource: Option<String>,
     /// The field, as `spec.http[0].route[1].weight`.
     pub path: Option<String>,
+    /// The `istioctl analyze` code it corresponds to (`IST0101`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub istio_code: Option<&'static str>,
 }
 
 impl Finding {
@@ -129,6 +179,7 @@ impl Finding {
             column: None,
             resource: None,
             path: None,
+            istio_code: code.istio(),
         }
     }
 
@@ -163,7 +214,10 @@ impl Finding {
 
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} [{}] {}", self.severity, self.code, self.location())?;
+        match self.istio_code {
+            Some(ist) => write!(f, "{} [{} ({ist})] {}", self.severity, self.code, self.location())?,
+            None => write!(f, "{} [{}] {}", self.severity, self.code, self.location())?,
+        }
         if let Some(r) = &self.resource {
             write!(f, " {r}")?;
         }

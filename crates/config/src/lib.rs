@@ -12,6 +12,7 @@ pub mod analyze;
 pub mod authz_keys;
 pub mod cidr;
 pub mod compile;
+mod crosscheck;
 pub mod encode;
 pub mod filter;
 pub mod finding;

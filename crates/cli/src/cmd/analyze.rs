@@ -20,6 +20,30 @@ pub struct Args {
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Human)]
     output: Output,
+    /// Exit 1 when a finding is at this level or above (as istioctl analyze).
+    #[arg(long, value_enum, default_value_t = Level::Error, ignore_case = true)]
+    failure_threshold: Level,
+    /// Print only findings at this level or above (as istioctl analyze).
+    #[arg(long, value_enum, default_value_t = Level::Info, ignore_case = true)]
+    output_threshold: Level,
+}
+
+/// A finding level, lowest first.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Level {
+    Info,
+    Warning,
+    Error,
+}
+
+impl Level {
+    fn of(s: trellis_config::Severity) -> Level {
+        match s {
+            trellis_config::Severity::Info => Level::Info,
+            trellis_config::Severity::Warning => Level::Warning,
+            trellis_config::Severity::Error => Level::Error,
+        }
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -29,7 +53,7 @@ enum Output {
 }
 
 pub fn run(args: Args) -> ExitCode {
-    let loaded = if args.cluster {
+    let mut loaded = if args.cluster {
         match cluster(&args) {
             Ok(l) => l,
             Err(e) => {
@@ -40,7 +64,8 @@ pub fn run(args: Args) -> ExitCode {
     } else {
         trellis_config::check(&args.paths, args.recursive)
     };
-    let errors = loaded.findings.iter().any(|f| f.is_error());
+    let failing = loaded.findings.iter().any(|f| Level::of(f.severity) >= args.failure_threshold);
+    loaded.findings.retain(|f| Level::of(f.severity) >= args.output_threshold);
     match args.output {
         Output::Json => match serde_json::to_string_pretty(&loaded.findings) {
             Ok(s) => outln!("{s}"),
@@ -69,7 +94,7 @@ pub fn run(args: Args) -> ExitCode {
             }
         }
     }
-    if errors {
+    if failing {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

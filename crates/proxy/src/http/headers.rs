@@ -85,8 +85,8 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: std::net::IpAddr, proto: &
 }
 
 /// The request's authority: the absolute-form target's, else `Host` (HTTP/1), else
-/// `:authority` (HTTP/2, in the URI). HTTP/1.1 without Host, several Hosts, or a Host that is
-/// no authority (userinfo, empty host) are 400s; HTTP/1.0 may have none.
+/// `:authority` (HTTP/2, in the URI). HTTP/1.1 without Host, several Hosts, or an authority
+/// with userinfo or without a host (in the target or in Host) are 400s; HTTP/1.0 may have none.
 pub fn request_authority(
     uri: &http::Uri,
     version: http::Version,
@@ -94,6 +94,10 @@ pub fn request_authority(
 ) -> Result<Option<http::uri::Authority>, crate::http::ProxyError> {
     use crate::http::ProxyError;
     if let Some(a) = uri.authority() {
+        // RFC 9110 §4.2.4: userinfo in a target is an error; a target needs a host.
+        if a.as_str().contains('@') || a.host().is_empty() {
+            return Err(ProxyError::bad_request(format!("invalid request target authority {:?}", a.as_str())));
+        }
         return Ok(Some(a.clone()));
     }
     let mut hosts = headers.get_all(header::HOST).iter();
