@@ -77,3 +77,8 @@ target/debug/bench --quick --out "$out" > "$out/table.md"
 # The latency and saturation tables, each with its header row.
 sed -n '/^### Latency/,/^### Resources/p' "$out/table.md" | sed '$d'
 
+# Every fuzz target for a few seconds under libFuzzer (the seeds and every crash ever found are
+# also replayed by the tests above); `scripts/fuzz.sh 1800` is the long run.
+log "fuzz targets (10 s each)"
+scripts/fuzz.sh 10
+
