@@ -62,6 +62,18 @@ pub(crate) fn run(resources: &[Resource], registry: &Registry) -> Vec<Finding> {
                     let declared =
                         p.app_protocol.as_deref().or(p.name.as_deref().map(|n| n.split('-').next().unwrap_or(n)));
                     let known = declared.is_some_and(|d| Protocol::parse(d) != Protocol::Unknown);
+                    let external_name = svc.service_type.as_deref() == Some("ExternalName");
+                    if external_name
+                        && (p.name.as_deref() == Some("tcp") || (!udp && !known && !well_known_port(p.port)))
+                    {
+                        push(
+                            Code::ExternalNamePortName,
+                            r,
+                            path!["spec", "ports", i],
+                            format!("port {} of an ExternalName Service needs a protocol name other than plain \"tcp\" (http-..., tls-..., ...): its traffic cannot be routed by host otherwise", p.port),
+                        );
+                        continue;
+                    }
                     if !udp && !known && !well_known_port(p.port) {
                         let name = p.name.as_deref().unwrap_or("");
                         push(
@@ -78,7 +90,232 @@ pub(crate) fn run(resources: &[Resource], registry: &Registry) -> Vec<Finding> {
     }
     service_entries(resources, &mut push);
     telemetries(resources, &pods, &mut push);
+    namespaces(resources, &mut push);
+    deployments(resources, &mut push);
+    gateway_ports_on_services(resources, &mut push);
+    gateway_certificates(resources, &mut push);
+    ineffective_selectors(resources, &mut push);
     out
+}
+
+/// The label Istio (and Trellis's webhook) reads to inject sidecars into a namespace's Pods.
+const INJECTION_LABEL: &str = "istio-injection";
+const REVISION_LABEL: &str = "istio.io/rev";
+const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+/// The label Kubernetes puts on the Pods of a Gateway API Gateway.
+const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// IST0102 NamespaceNotInjected and IST0123 NamespaceMultipleInjectionLabels.
+fn namespaces(resources: &[Resource], push: &mut Push<'_>) {
+    for r in resources.iter().filter(|r| r.kind == crate::model::Kind::Namespace) {
+        let labels = &r.meta.labels;
+        let injection = labels.get(INJECTION_LABEL);
+        let revision = labels.get(REVISION_LABEL);
+        let ambient = labels.get(DATAPLANE_MODE_LABEL);
+        if r.name() != crate::compile::ROOT_NAMESPACE
+            && injection.is_none()
+            && revision.is_none()
+            && ambient.map(String::as_str) != Some("ambient")
+        {
+            push(
+                Code::NamespaceNotInjected,
+                r,
+                path!["metadata", "name"],
+                format!("namespace {} is not enabled for sidecar injection: label it {INJECTION_LABEL}=enabled (or {INJECTION_LABEL}=disabled to say it is meant)", r.name()),
+            );
+        }
+        let counted = usize::from(injection.is_some())
+            + if injection.is_none() || injection.map(String::as_str) == Some("enabled") {
+                usize::from(revision.is_some()) + usize::from(ambient.is_some())
+            } else {
+                0
+            };
+        if counted > 1 {
+            push(
+                Code::NamespaceMultipleInjectionLabels,
+                r,
+                path!["metadata", "labels"],
+                format!("namespace {} has more than one of {INJECTION_LABEL}, {REVISION_LABEL}, {DATAPLANE_MODE_LABEL}: keep one", r.name()),
+            );
+        }
+    }
+}
+
+/// Kubernetes Services in `ns` whose selector matches `labels`.
+fn services_selecting<'r>(
+    resources: &'r [Resource],
+    ns: &str,
+    labels: &crate::model::networking::Labels,
+) -> Vec<(&'r Resource, &'r crate::model::kube::Service)> {
+    resources
+        .iter()
+        .filter_map(|r| match &r.spec {
+            Spec::Service(s) if r.namespace() == ns && !s.selector.is_empty() && selects(&s.selector, labels) => {
+                Some((r, s))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// IST0116 DeploymentAssociatedToMultipleServices and IST0137 DeploymentConflictingPorts: the
+/// Services that select one Deployment's Pods disagree on a port.
+fn deployments(resources: &[Resource], push: &mut Push<'_>) {
+    for r in resources.iter().filter(|r| r.kind == crate::model::Kind::Deployment) {
+        let Spec::PodTemplate(t) = &r.spec else { continue };
+        let services = services_selecting(resources, r.namespace(), &t.labels);
+        // port → protocols (TCP by default) and the Services using it.
+        let mut protocols: BTreeMap<u32, (Vec<String>, Vec<String>)> = BTreeMap::new();
+        // targetPort → (service port, Service) pairs.
+        let mut targets: BTreeMap<String, Vec<(u32, String)>> = BTreeMap::new();
+        for (sr, svc) in &services {
+            for p in &svc.ports {
+                let proto = p.protocol.clone().unwrap_or_else(|| "TCP".into()).to_ascii_uppercase();
+                let e = protocols.entry(p.port).or_default();
+                if !e.0.contains(&proto) {
+                    e.0.push(proto);
+                }
+                e.1.push(sr.name().to_string());
+                let target = p.target_port.clone().unwrap_or_else(|| p.port.to_string());
+                targets.entry(target).or_default().push((p.port, sr.name().to_string()));
+            }
+        }
+        for (port, (protos, names)) in &protocols {
+            if protos.len() > 1 {
+                push(
+                    Code::DeploymentAssociatedToMultipleServices,
+                    r,
+                    path!["metadata", "name"],
+                    format!(
+                        "Services {} select this Deployment on port {port} with different protocols ({})",
+                        names.join(", "),
+                        protos.join(", ")
+                    ),
+                );
+            }
+        }
+        for (target, uses) in &targets {
+            let mut ports: Vec<u32> = uses.iter().map(|(p, _)| *p).collect();
+            ports.sort_unstable();
+            ports.dedup();
+            if ports.len() > 1 {
+                let names: Vec<&str> = uses.iter().map(|(_, n)| n.as_str()).collect();
+                push(
+                    Code::DeploymentConflictingPorts,
+                    r,
+                    path!["metadata", "name"],
+                    format!(
+                        "Services {} send to targetPort {target} of this Deployment from different ports {ports:?}",
+                        names.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// IST0162 GatewayPortNotDefinedOnService: a Gateway server port that no Service of its
+/// workloads exposes (clients cannot reach it through the Service).
+fn gateway_ports_on_services(resources: &[Resource], push: &mut Push<'_>) {
+    for r in resources {
+        let Spec::Gateway(gw) = &r.spec else { continue };
+        if gw.selector.is_empty() {
+            continue;
+        }
+        for pod in
+            resources.iter().filter(|p| matches!(&p.spec, Spec::PodTemplate(t) if selects(&gw.selector, &t.labels)))
+        {
+            let Spec::PodTemplate(t) = &pod.spec else { continue };
+            let services = services_selecting(resources, pod.namespace(), &t.labels);
+            if services.is_empty() {
+                continue;
+            }
+            for (i, s) in gw.servers.iter().enumerate() {
+                let exposed = services.iter().flat_map(|(_, svc)| &svc.ports).any(|p| {
+                    let target = p.target_port.as_deref().and_then(|t| t.parse::<u32>().ok());
+                    target == Some(s.port.number) || (target.is_none() && p.port == s.port.number)
+                });
+                if !exposed {
+                    push(
+                        Code::GatewayPortNotDefinedOnService,
+                        r,
+                        path!["spec", "servers", i, "port", "number"],
+                        format!("port {} is not exposed by any Service of the gateway's workloads ({}): clients cannot reach it", s.port.number, pod.id()),
+                    );
+                }
+            }
+            break;
+        }
+    }
+}
+
+/// IST0138 GatewayDuplicateCertificate: two Gateways for the same workloads serving TLS with
+/// the same certificate (`credentialName`, or the same certificate and key files).
+fn gateway_certificates(resources: &[Resource], push: &mut Push<'_>) {
+    let mut seen: Vec<(&Resource, &crate::model::networking::Labels, String)> = Vec::new();
+    for r in resources {
+        let Spec::Gateway(gw) = &r.spec else { continue };
+        for (i, s) in gw.servers.iter().enumerate() {
+            let Some(tls) = &s.tls else { continue };
+            let str_of = |k: &str| tls.get(k).and_then(|v| v.as_str()).map(str::to_string);
+            let cert = match (str_of("credentialName"), str_of("serverCertificate"), str_of("privateKey")) {
+                (Some(c), _, _) => format!("credentialName {c}"),
+                (None, Some(c), Some(k)) => format!("serverCertificate {c} and privateKey {k}"),
+                _ => continue,
+            };
+            let clash = seen.iter().find(|(other, labels, c)| {
+                other.id() != r.id()
+                    && *c == cert
+                    && (gw.selector.is_empty() || selects(&gw.selector, labels) || selects(labels, &gw.selector))
+            });
+            if let Some((other, _, _)) = clash {
+                push(
+                    Code::GatewayDuplicateCertificate,
+                    r,
+                    path!["spec", "servers", i, "tls"],
+                    format!("{} serves the same certificate ({cert}) on the same workloads: clients may get either server's routes (HTTP/2 connection reuse)", other.id()),
+                );
+            }
+            seen.push((r, &gw.selector, cert));
+        }
+    }
+}
+
+/// IST0166 IneffectiveSelector: a policy selecting, by labels, the Pods of a Gateway API
+/// Gateway; those are reached with targetRefs.
+fn ineffective_selectors(resources: &[Resource], push: &mut Push<'_>) {
+    for r in resources {
+        let (selector, has_target) = match &r.spec {
+            Spec::AuthorizationPolicy(p) => {
+                (p.selector.as_ref().map(|s| &s.match_labels), p.target_ref.is_some() || p.target_refs.is_some())
+            }
+            Spec::RequestAuthentication(p) => {
+                (p.selector.as_ref().map(|s| &s.match_labels), p.target_ref.is_some() || p.target_refs.is_some())
+            }
+            Spec::Telemetry(t) => {
+                (t.selector.as_ref().map(|s| &s.match_labels), t.target_ref.is_some() || t.target_refs.is_some())
+            }
+            _ => continue,
+        };
+        let Some(selector) = selector.filter(|l| !l.is_empty()) else { continue };
+        if has_target {
+            continue;
+        }
+        let gateway_pod = resources.iter().find_map(|p| match &p.spec {
+            Spec::PodTemplate(t) if p.namespace() == r.namespace() && selects(selector, &t.labels) => {
+                t.labels.get(GATEWAY_NAME_LABEL).cloned()
+            }
+            _ => None,
+        });
+        if let Some(gw) = gateway_pod {
+            push(
+                Code::IneffectiveSelector,
+                r,
+                path!["spec", "selector"],
+                format!("the selector matches the Pods of Gateway API Gateway {gw:?}, which a selector does not reach: use targetRefs"),
+            );
+        }
+    }
 }
 
 /// Ports Istio recognises without a declared protocol (its "well-known" list).

@@ -87,6 +87,14 @@ codes! {
     ReferencedInternalGateway = "TRL0123", Warning, "referenced-internal-gateway";
     ConflictingTelemetrySelectors = "TRL0301", Error, "conflicting-telemetry-selectors";
     TelemetriesWithoutSelector = "TRL0302", Error, "telemetries-without-selector";
+    NamespaceNotInjected = "TRL0401", Info, "namespace-not-injected";
+    NamespaceMultipleInjectionLabels = "TRL0402", Warning, "namespace-multiple-injection-labels";
+    DeploymentAssociatedToMultipleServices = "TRL0403", Warning, "deployment-in-services-with-different-protocols";
+    DeploymentConflictingPorts = "TRL0404", Warning, "deployment-conflicting-ports";
+    GatewayPortNotDefinedOnService = "TRL0124", Warning, "gateway-port-not-on-service";
+    GatewayDuplicateCertificate = "TRL0125", Warning, "gateway-duplicate-certificate";
+    ExternalNamePortName = "TRL0126", Warning, "externalname-port-name";
+    IneffectiveSelector = "TRL0205", Warning, "ineffective-selector";
 }
 
 impl Code {
@@ -115,6 +123,14 @@ impl Code {
             Code::ReferencedInternalGateway => "IST0165",
             Code::ConflictingTelemetrySelectors => "IST0159",
             Code::TelemetriesWithoutSelector => "IST0160",
+            Code::NamespaceNotInjected => "IST0102",
+            Code::NamespaceMultipleInjectionLabels => "IST0123",
+            Code::DeploymentAssociatedToMultipleServices => "IST0116",
+            Code::DeploymentConflictingPorts => "IST0137",
+            Code::GatewayPortNotDefinedOnService => "IST0162",
+            Code::GatewayDuplicateCertificate => "IST0138",
+            Code::ExternalNamePortName => "IST0150",
+            Code::IneffectiveSelector => "IST0166",
             _ => return None,
         })
     }

@@ -51,6 +51,10 @@ pub fn default_mesh_dir(paths: &[PathBuf]) -> PathBuf {
         .unwrap_or_else(|| "mesh".into());
     let name: String =
         first.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).collect();
+    let name = match name.trim_matches('-') {
+        "" => "mesh",
+        n => n,
+    };
     // FNV-1a: stable across runs and builds (std's hasher is not).
     let mut h: u64 = 0xcbf29ce484222325;
     for p in &canonical {

@@ -25,6 +25,8 @@ pub struct Service {
     pub ip_family_policy: Option<String>,
     pub internal_traffic_policy: Option<String>,
     pub external_traffic_policy: Option<String>,
+    /// `type: ExternalName`: the DNS name the Service stands for.
+    pub external_name: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
