@@ -69,6 +69,8 @@ pub fn validity(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), E
 #[derive(Debug)]
 pub struct WorkloadCert {
     pub id: SpiffeId,
+    /// The leaf's serial number, hex (`/certs` on the admin port shows it).
+    pub serial: String,
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
     pub not_before: SystemTime,
@@ -83,7 +85,9 @@ impl WorkloadCert {
             .next()
             .ok_or_else(|| Error::Invalid("certificate has no SPIFFE id".into()))?;
         let (not_before, not_after) = validity(leaf)?;
-        Ok(WorkloadCert { id, chain, key, not_before, not_after })
+        let (_, x509) = X509Certificate::from_der(leaf).map_err(|e| Error::Invalid(format!("bad certificate: {e}")))?;
+        let serial = x509.raw_serial_as_string().replace(':', "");
+        Ok(WorkloadCert { id, serial, chain, key, not_before, not_after })
     }
 
     /// When to renew: at `fraction` of the lifetime (Istio renews at ~80%).

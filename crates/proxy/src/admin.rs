@@ -157,14 +157,40 @@ async fn route(proxy: &Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode config: {e}\n")),
             }
         }
+        (&Method::GET, "/certs") => {
+            let mut r = text(StatusCode::OK, certs(proxy).to_string());
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
         (&Method::POST | &Method::GET, "/quitquitquit") => {
             proxy.shared().drain.start();
             text(StatusCode::OK, "OK\n")
         }
         (&Method::GET, "/") => text(
             StatusCode::OK,
-            "trellis proxy admin\n  /ready          readiness (200 when serving)\n  /metrics        Prometheus metrics (also /stats/prometheus); OpenMetrics when asked for\n  /config_dump    the snapshot in force, as JSON\n  /quitquitquit   drain: stop accepting, finish in-flight, exit\n",
+            "trellis proxy admin\n  /ready          readiness (200 when serving)\n  /metrics        Prometheus metrics (also /stats/prometheus); OpenMetrics when asked for\n  /config_dump    the snapshot in force, as JSON\n  /certs          the workload certificate in use: identity, serial, validity\n  /quitquitquit   drain: stop accepting, finish in-flight, exit\n",
         ),
         _ => text(StatusCode::NOT_FOUND, "not found; see /\n"),
     }
+}
+
+/// The certificate the proxy presents now (as Envoy's `/certs`): identity, serial number and
+/// validity, and how many roots it trusts. Rotation shows as a new serial.
+fn certs(proxy: &Proxy) -> serde_json::Value {
+    let unix = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let Some(creds) = proxy.shared().identity.as_ref().and_then(|s| s.load()) else {
+        return serde_json::json!({"certificates": []});
+    };
+    let c = &creds.cert;
+    let left = c.not_after.duration_since(std::time::SystemTime::now()).map(|d| d.as_secs()).unwrap_or(0);
+    serde_json::json!({
+        "certificates": [{
+            "identity": c.id.to_string(),
+            "serial_number": c.serial,
+            "valid_from": unix(c.not_before),
+            "expiration_time": unix(c.not_after),
+            "seconds_until_expiration": left,
+        }],
+        "trusted_roots": creds.bundle.roots.len(),
+    })
 }
