@@ -45,15 +45,6 @@ async fn edge(extra_args: &[&str]) -> Edge {
     Edge { _dir: dir, proxy, port, outside, inside }
 }
 
-/// Sends `bytes`, returns everything the gateway answers until it closes (bounded).
-async fn raw(port: u16, bytes: &[u8]) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
-    s.write_all(bytes).await.expect("write");
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The JSON body the echo backend returned in `reply`.
 fn echoed(reply: &str) -> serde_json::Value {
     let body = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
@@ -64,9 +55,11 @@ fn echoed(reply: &str) -> serde_json::Value {
 async fn absolute_form_target_wins_over_a_conflicting_host() {
     let e = edge(&[]).await;
     // RFC 9112 §3.2.2: routed by the target's authority, forwarded with Host generated from it.
-    let reply =
-        raw(e.port, b"GET http://inside.test/path?q=1 HTTP/1.1\r\nHost: outside.test\r\nConnection: close\r\n\r\n")
-            .await;
+    let reply = raw_exchange(
+        e.port,
+        b"GET http://inside.test/path?q=1 HTTP/1.1\r\nHost: outside.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     let j = echoed(&reply);
     assert_eq!(j["server"], "inside", "routed by the absolute-form authority: {j}");
@@ -75,12 +68,16 @@ async fn absolute_form_target_wins_over_a_conflicting_host() {
     assert_eq!(j["query"], "q=1");
     // With a port in the target, Host carries it.
     let reply =
-        raw(e.port, b"GET http://inside.test:80/x HTTP/1.1\r\nHost: evil.test\r\nConnection: close\r\n\r\n").await;
+        raw_exchange(e.port, b"GET http://inside.test:80/x HTTP/1.1\r\nHost: evil.test\r\nConnection: close\r\n\r\n")
+            .await;
     assert_eq!(echoed(&reply)["headers"]["host"], "inside.test:80", "{reply}");
     // A target with userinfo or without a host is refused by the proxy itself (RFC 9110
     // §4.2.4), not forwarded (found by the request_head fuzz target).
-    let reply =
-        raw(e.port, b"GET http://user@inside.test/x HTTP/1.1\r\nHost: inside.test\r\nConnection: close\r\n\r\n").await;
+    let reply = raw_exchange(
+        e.port,
+        b"GET http://user@inside.test/x HTTP/1.1\r\nHost: inside.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(reply.starts_with("HTTP/1.1 400") && reply.contains("x-trellis-response-flags: DPE"), "{reply}");
     assert_eq!((e.outside.count(), e.inside.count()), (0, 2), "nothing went by the received Host, nor with userinfo");
 }
@@ -88,7 +85,7 @@ async fn absolute_form_target_wins_over_a_conflicting_host() {
 #[tokio::test]
 async fn http10_without_host_is_forwarded_with_the_destination_host() {
     let e = edge(&[]).await;
-    let reply = raw(e.port, b"GET /ten HTTP/1.0\r\n\r\n").await;
+    let reply = raw_exchange(e.port, b"GET /ten HTTP/1.0\r\n\r\n").await;
     assert!(reply.starts_with("HTTP/1.0 200") || reply.starts_with("HTTP/1.1 200"), "{reply}");
     let j = echoed(&reply);
     assert_eq!(j["version"], "HTTP/1.1", "{j}");
@@ -99,11 +96,11 @@ async fn http10_without_host_is_forwarded_with_the_destination_host() {
 #[tokio::test]
 async fn peer_metadata_goes_only_to_mesh_peers() {
     let e = edge(&[]).await;
-    let to_outside = raw(e.port, b"GET /a HTTP/1.1\r\nHost: outside.test\r\nConnection: close\r\n\r\n").await;
+    let to_outside = raw_exchange(e.port, b"GET /a HTTP/1.1\r\nHost: outside.test\r\nConnection: close\r\n\r\n").await;
     let j = echoed(&to_outside);
     assert_eq!(j["server"], "outside");
     assert!(j["headers"].get("x-trellis-peer").is_none(), "an external service learned the caller: {j}");
-    let to_inside = raw(e.port, b"GET /a HTTP/1.1\r\nHost: inside.test\r\nConnection: close\r\n\r\n").await;
+    let to_inside = raw_exchange(e.port, b"GET /a HTTP/1.1\r\nHost: inside.test\r\nConnection: close\r\n\r\n").await;
     let j = echoed(&to_inside);
     assert_eq!(j["server"], "inside");
     assert!(j["headers"]["x-trellis-peer"].as_str().is_some_and(|p| !p.is_empty()), "a mesh peer gets it: {j}");
@@ -115,7 +112,8 @@ async fn a_redirect_without_authority_keeps_the_port_unless_the_scheme_changes()
     let e = edge(&[]).await;
     let host = format!("127.0.0.1:{}", e.port);
     let reply =
-        raw(e.port, format!("GET /old?k=v HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await;
+        raw_exchange(e.port, format!("GET /old?k=v HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await;
     assert!(reply.starts_with("HTTP/1.1 301"), "{reply}");
     let location = reply
         .lines()
@@ -124,7 +122,8 @@ async fn a_redirect_without_authority_keeps_the_port_unless_the_scheme_changes()
     assert_eq!(location, format!("http://{host}/new?k=v"), "{reply}");
     // To another scheme the old port means nothing: https's default applies.
     let reply =
-        raw(e.port, format!("GET /to-https HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await;
+        raw_exchange(e.port, format!("GET /to-https HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await;
     let location = reply.lines().find_map(|l| l.strip_prefix("location: ")).expect("Location");
     assert_eq!(location, "https://127.0.0.1/secure", "{reply}");
     assert_eq!(e.outside.count() + e.inside.count(), 0, "redirects never reach a backend");
@@ -157,7 +156,7 @@ async fn a_slow_client_is_closed_at_the_header_read_timeout_and_counted() {
         tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a wait on a metric
     }
     // A client that sends its head in time is served as usual.
-    let reply = raw(e.port, b"GET /ok HTTP/1.1\r\nHost: outside.test\r\nConnection: close\r\n\r\n").await;
+    let reply = raw_exchange(e.port, b"GET /ok HTTP/1.1\r\nHost: outside.test\r\nConnection: close\r\n\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert_eq!(e.outside.count(), 1, "the slow request never reached the backend");
 }

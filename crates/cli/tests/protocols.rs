@@ -4,8 +4,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
@@ -215,14 +213,6 @@ async fn curl_gets_the_same_answers_as_rust_clients() {
             }
         }
     }
-}
-
-async fn raw_exchange(port: u16, bytes: &[u8]) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
-    s.write_all(bytes).await.expect("write");
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).to_string()
 }
 
 #[tokio::test]

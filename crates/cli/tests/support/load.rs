@@ -26,6 +26,22 @@ pub struct Sample {
     pub conn: Option<usize>,
 }
 
+/// Status and body of a response (status 0 and the error as body when there was none within
+/// 10 s).
+async fn answer<E: std::fmt::Display>(
+    response: impl std::future::Future<Output = Result<http::Response<hyper::body::Incoming>, E>>,
+) -> (u16, String) {
+    match tokio::time::timeout(Duration::from_secs(10), response).await {
+        Ok(Ok(r)) => {
+            let status = r.status().as_u16();
+            let b = r.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            (status, String::from_utf8_lossy(&b).into_owned())
+        }
+        Ok(Err(e)) => (0, format!("error: {e}")),
+        Err(_) => (0, "error: no answer in 10 s".into()),
+    }
+}
+
 /// Traffic running in the background.
 pub struct Load {
     samples: Arc<Mutex<Vec<Sample>>>,
@@ -50,15 +66,7 @@ impl Load {
                 tasks.push(tokio::spawn(async move {
                     let sent = Instant::now();
                     let req = http::Request::get(u).body(empty()).expect("request");
-                    let (status, body) = match tokio::time::timeout(Duration::from_secs(10), c.request(req)).await {
-                        Ok(Ok(r)) => {
-                            let st = r.status().as_u16();
-                            let b = r.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                            (st, String::from_utf8_lossy(&b).into_owned())
-                        }
-                        Ok(Err(e)) => (0, format!("error: {e}")),
-                        Err(_) => (0, "error: no answer in 10 s".into()),
-                    };
+                    let (status, body) = answer(c.request(req)).await;
                     let sample = Sample { sent, received: Instant::now(), status, body, conn: None };
                     s.lock().expect("samples").push(sample);
                 }));
@@ -92,19 +100,11 @@ impl Load {
                             .body(empty())
                             .expect("request");
                         let sent = Instant::now();
-                        let answer = async {
+                        let response = async {
                             sender.ready().await?;
                             sender.send_request(req).await
                         };
-                        let (status, body) = match tokio::time::timeout(Duration::from_secs(10), answer).await {
-                            Ok(Ok(r)) => {
-                                let st = r.status().as_u16();
-                                let b = r.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                                (st, String::from_utf8_lossy(&b).into_owned())
-                            }
-                            Ok(Err(e)) => (0, format!("error: {e}")),
-                            Err(_) => (0, "error: no answer in 10 s".into()),
-                        };
+                        let (status, body) = answer(response).await;
                         let failed = status == 0;
                         s.lock().expect("samples").push(Sample {
                             sent,

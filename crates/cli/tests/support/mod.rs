@@ -676,3 +676,14 @@ pub async fn subscribe(cp: &str, spec: serde_json::Value, token: &str) -> Result
     let mut stream = c.stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
     stream.message().await.map(|_| ())
 }
+
+/// Sends raw `bytes` to 127.0.0.1:`port` and returns everything answered until the server
+/// closes (bounded to 5 s): for requests a client library would normalise away.
+pub async fn raw_exchange(port: u16, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
