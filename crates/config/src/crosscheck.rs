@@ -95,7 +95,59 @@ pub(crate) fn run(resources: &[Resource], registry: &Registry) -> Vec<Finding> {
     gateway_ports_on_services(resources, &mut push);
     gateway_certificates(resources, &mut push);
     ineffective_selectors(resources, &mut push);
+    pod_checks(resources, &mut push);
     out
+}
+
+/// The container name of an injected sidecar: Trellis's, or Istio's.
+const PROXY_CONTAINERS: [&str; 2] = ["trellis-proxy", "istio-proxy"];
+/// The UID the proxy runs as; iptables capture exempts it.
+const PROXY_UID: i64 = 1337;
+
+/// IST0103 PodMissingProxy and IST0144 InvalidApplicationUID.
+fn pod_checks(resources: &[Resource], push: &mut Push<'_>) {
+    use crate::model::Kind;
+    let injected: Vec<&str> = resources
+        .iter()
+        .filter(|r| {
+            r.kind == Kind::Namespace && r.meta.labels.get(INJECTION_LABEL).map(String::as_str) == Some("enabled")
+        })
+        .map(|r| r.name())
+        .collect();
+    for r in resources {
+        let Spec::PodTemplate(t) = &r.spec else { continue };
+        let has_proxy = t.containers.iter().any(|c| PROXY_CONTAINERS.contains(&c.as_str()));
+        if r.kind == Kind::Pod
+            && injected.contains(&r.namespace())
+            && t.inject.as_deref() != Some("false")
+            && !t.host_network
+            && !has_proxy
+        {
+            push(
+                Code::PodMissingProxy,
+                r,
+                path!["metadata", "name"],
+                format!("Pod {} runs in namespace {}, labelled for injection, without a sidecar: restart it (it was created before injection was on, or the webhook was down)", r.name(), r.namespace()),
+            );
+        }
+        for (container, uid) in &t.run_as_user {
+            if *uid == PROXY_UID && !PROXY_CONTAINERS.contains(&container.as_str()) {
+                let what = if container == crate::model::kube::POD_SECURITY_CONTEXT {
+                    "the pod's securityContext".to_string()
+                } else {
+                    format!("container {container:?}")
+                };
+                push(
+                    Code::InvalidApplicationUid,
+                    r,
+                    path!["metadata", "name"],
+                    format!(
+                        "{what} runs as UID {PROXY_UID}, the sidecar's: its traffic bypasses the sidecar's capture"
+                    ),
+                );
+            }
+        }
+    }
 }
 
 /// The label Istio (and Trellis's webhook) reads to inject sidecars into a namespace's Pods.

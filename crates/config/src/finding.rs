@@ -91,6 +91,8 @@ codes! {
     NamespaceMultipleInjectionLabels = "TRL0402", Warning, "namespace-multiple-injection-labels";
     DeploymentAssociatedToMultipleServices = "TRL0403", Warning, "deployment-in-services-with-different-protocols";
     DeploymentConflictingPorts = "TRL0404", Warning, "deployment-conflicting-ports";
+    PodMissingProxy = "TRL0405", Warning, "pod-missing-proxy";
+    InvalidApplicationUid = "TRL0406", Warning, "application-uid-1337";
     GatewayPortNotDefinedOnService = "TRL0124", Warning, "gateway-port-not-on-service";
     GatewayDuplicateCertificate = "TRL0125", Warning, "gateway-duplicate-certificate";
     ExternalNamePortName = "TRL0126", Warning, "externalname-port-name";
@@ -127,6 +129,8 @@ impl Code {
             Code::NamespaceMultipleInjectionLabels => "IST0123",
             Code::DeploymentAssociatedToMultipleServices => "IST0116",
             Code::DeploymentConflictingPorts => "IST0137",
+            Code::PodMissingProxy => "IST0103",
+            Code::InvalidApplicationUid => "IST0144",
             Code::GatewayPortNotDefinedOnService => "IST0162",
             Code::GatewayDuplicateCertificate => "IST0138",
             Code::ExternalNamePortName => "IST0150",

@@ -53,7 +53,21 @@ pub struct PodTemplate {
     /// pod is then an endpoint of the Services that select it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// Names of the containers (init containers included: a native sidecar is one).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub containers: Vec<String>,
+    /// `runAsUser` of the pod's security context, and of each container that sets one.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub run_as_user: BTreeMap<String, i64>,
+    /// The template's `sidecar.istio.io/inject` label or annotation (`"false"` opts out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inject: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub host_network: bool,
 }
+
+/// The key of the pod-level `runAsUser` in [`PodTemplate::run_as_user`].
+pub const POD_SECURITY_CONTEXT: &str = "(pod)";
 
 impl PodTemplate {
     /// Reads the pod template of a `kind` from its `spec` (a Pod's own labels are `pod_labels`).
@@ -76,6 +90,34 @@ impl PodTemplate {
             .and_then(|v| v.as_str())
             .map(str::to_string);
         let mut ports = BTreeMap::new();
+        let mut containers = Vec::new();
+        let mut run_as_user = BTreeMap::new();
+        if let Some(uid) = pod_spec.and_then(|s| s.pointer("/securityContext/runAsUser")).and_then(|u| u.as_i64()) {
+            run_as_user.insert(POD_SECURITY_CONTEXT.to_string(), uid);
+        }
+        for list in ["initContainers", "containers"] {
+            for c in pod_spec.and_then(|s| s.get(list)).and_then(|c| c.as_array()).into_iter().flatten() {
+                let name = c.get("name").and_then(|n| n.as_str()).unwrap_or_default().to_string();
+                if let Some(uid) = c.pointer("/securityContext/runAsUser").and_then(|u| u.as_i64()) {
+                    run_as_user.insert(name.clone(), uid);
+                }
+                containers.push(name);
+            }
+        }
+        let meta = match kind {
+            Kind::Pod => None,
+            Kind::CronJob => spec.pointer("/jobTemplate/spec/template/metadata"),
+            _ => spec.pointer("/template/metadata"),
+        };
+        let inject = match meta {
+            None => pod_labels.get("sidecar.istio.io/inject").cloned(),
+            Some(m) => m
+                .pointer("/labels/sidecar.istio.io~1inject")
+                .or_else(|| m.pointer("/annotations/sidecar.istio.io~1inject"))
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
+        };
+        let host_network = pod_spec.and_then(|s| s.get("hostNetwork")).and_then(|h| h.as_bool()).unwrap_or(false);
         for c in pod_spec.and_then(|s| s.get("containers")).and_then(|c| c.as_array()).into_iter().flatten() {
             for p in c.get("ports").and_then(|p| p.as_array()).into_iter().flatten() {
                 let name = p.get("name").and_then(|n| n.as_str());
@@ -85,7 +127,7 @@ impl PodTemplate {
                 }
             }
         }
-        PodTemplate { labels, service_account, ports, address: None }
+        PodTemplate { labels, service_account, ports, address: None, containers, run_as_user, inject, host_network }
     }
 }
 
