@@ -27,9 +27,8 @@ struct Edge {
 async fn edge(extra_args: &[&str]) -> Edge {
     let outside = Backend::start("outside").await;
     let inside = Backend::start("inside").await;
-    let port = free_port();
     let dir = ConfigDir::new();
-    let mut y = gateway("gw", port);
+    let mut y = gateway("gw", GW);
     y.push_str(&service("outside.test", "HTTP", &[(outside.addr, &[])]));
     y.push_str(&service("inside.test", "HTTP", &[(inside.addr, &[("security.istio.io/tlsMode", "istio")])]));
     // The test's backend has no sidecar to terminate mesh mTLS: plaintext to it, as a mesh
@@ -42,6 +41,7 @@ async fn edge(extra_args: &[&str]) -> Edge {
     let mut args = vec!["--role", "gateway", "-c", cfg.to_str().expect("path")];
     args.extend_from_slice(extra_args);
     let proxy = ProxyProc::start(&args).await;
+    let port = proxy.port(GW).await;
     Edge { _dir: dir, proxy, port, outside, inside }
 }
 

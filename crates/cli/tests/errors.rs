@@ -5,9 +5,8 @@ mod support;
 use support::*;
 
 async fn gateway_to(yaml_services: &str, route_host: &str, timeout: Option<&str>) -> (ConfigDir, ProxyProc, u16) {
-    let port = free_port();
     let dir = ConfigDir::new();
-    let mut y = gateway("gw", port);
+    let mut y = gateway("gw", GW);
     y.push_str(yaml_services);
     let timeout = timeout.map(|t| format!("    timeout: {t}\n")).unwrap_or_default();
     y.push_str(&format!(
@@ -15,6 +14,7 @@ async fn gateway_to(yaml_services: &str, route_host: &str, timeout: Option<&str>
     ));
     let cfg = dir.write("mesh.yaml", &y);
     let proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
+    let port = proxy.port(GW).await;
     (dir, proxy, port)
 }
 

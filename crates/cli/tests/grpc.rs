@@ -70,13 +70,13 @@ async fn exercise(target: String, expect_server: &str) {
 }
 
 async fn grpc_gateway(endpoint: SocketAddr) -> (ConfigDir, ProxyProc, u16) {
-    let port = free_port();
     let dir = ConfigDir::new();
-    let mut y = gateway("gw", port);
+    let mut y = gateway("gw", GW);
     y.push_str(&echo_service("echo.internal", endpoint));
     y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: echo}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - match: [{uri: {prefix: /trellis.demo.v1.Echo/}}]\n    route: [{destination: {host: echo.internal}}]\n");
     let cfg = dir.write("mesh.yaml", &y);
     let proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
+    let port = proxy.port(GW).await;
     (dir, proxy, port)
 }
 
@@ -90,37 +90,38 @@ async fn tonic_through_a_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tonic_through_outbound_and_inbound_sidecars() {
     let app = echo_server("echo-app").await;
-    let inbound = free_port();
-    let upstream = free_port();
     let dir = ConfigDir::new();
     // The service's only endpoint is the server sidecar's inbound port: the app port is never
-    // named in config, so a successful call crossed both proxies.
-    let in_addr: SocketAddr = format!("127.0.0.1:{inbound}").parse().expect("addr");
-    let cfg = dir.write("mesh.yaml", &echo_service("echo", in_addr));
-    let cfg = cfg.to_str().expect("path");
-    let _server_side = ProxyProc::start(&[
+    // named in config, so a successful call crossed both proxies. The server's sidecar starts
+    // first on a port of its choosing (its own config names no endpoint yet).
+    let placeholder: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let server_cfg = dir.write("server.yaml", &echo_service("echo", placeholder));
+    let server_side = ProxyProc::start(&[
         "--role",
         "sidecar",
         "--workload",
         "echo",
         "-c",
-        cfg,
+        server_cfg.to_str().expect("path"),
         "--inbound",
-        &format!("{inbound}={}", app.port()),
+        &format!("127.0.0.1:0=127.0.0.1:{}", app.port()),
     ])
     .await;
-    let _client_side = ProxyProc::start(&[
+    let in_addr = server_side.listener("inbound-0").await;
+    let cfg = dir.write("mesh.yaml", &echo_service("echo", in_addr));
+    let client_side = ProxyProc::start(&[
         "--role",
         "sidecar",
         "--workload",
         "client",
         "-c",
-        cfg,
+        cfg.to_str().expect("path"),
         "--upstream",
-        &format!("{upstream}=echo:80"),
+        "127.0.0.1:0=echo:80",
     ])
     .await;
-    exercise(format!("http://127.0.0.1:{upstream}"), "echo-app").await;
+    let upstream = client_side.listener("upstream-0").await;
+    exercise(format!("http://{upstream}"), "echo-app").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

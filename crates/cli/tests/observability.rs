@@ -87,9 +87,8 @@ async fn one_greeting_is_one_trace_tree_in_otlp_and_zipkin() {
 
 /// A static gateway in front of `backend`, exporting to `collector`, with extra flags.
 async fn traced_gateway(backend: SocketAddr, collector: &Collector, extra: &[&str]) -> (ConfigDir, ProxyProc, u16) {
-    let port = free_port();
     let dir = ConfigDir::new();
-    let mut y = gateway("gw", port);
+    let mut y = gateway("gw", GW);
     y.push_str(&service("app.internal", "HTTP", &[(backend, &[])]));
     y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: app.internal}}]\n");
     let cfg = dir.write("mesh.yaml", &y);
@@ -98,6 +97,7 @@ async fn traced_gateway(backend: SocketAddr, collector: &Collector, extra: &[&st
         vec!["--role", "gateway", "--workload", "edge", "-c", cfg.to_str().expect("path"), "--otlp-endpoint", &otlp];
     args.extend_from_slice(extra);
     let proxy = ProxyProc::start(&args).await;
+    let port = proxy.port(GW).await;
     (dir, proxy, port)
 }
 
@@ -212,9 +212,8 @@ async fn access_log_has_one_line_per_request_joined_to_its_span() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_exporter_costs_requests_nothing_and_is_counted() {
     let b = Backend::start("b").await;
-    let port = free_port();
     let dir = ConfigDir::new();
-    let mut y = gateway("gw", port);
+    let mut y = gateway("gw", GW);
     y.push_str(&service("app.internal", "HTTP", &[(b.addr, &[])]));
     y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: app.internal}}]\n");
     let cfg = dir.write("mesh.yaml", &y);
@@ -230,6 +229,7 @@ async fn a_dead_exporter_costs_requests_nothing_and_is_counted() {
         &dead,
     ])
     .await;
+    let port = proxy.port(GW).await;
     for _ in 0..200 {
         assert_eq!(get(&format!("http://127.0.0.1:{port}/"), &[]).await.status, 200);
     }
@@ -251,7 +251,7 @@ async fn a_dead_exporter_costs_requests_nothing_and_is_counted() {
 
 async fn python_interop(format: &str) {
     let collector = Collector::start().await;
-    let (app_port, inbound, gw_port) = (free_port(), free_port(), free_port());
+    let (app_port, inbound) = (free_port(), free_port());
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/otel/app.py");
     let mut app = Command::new("python3")
         .arg(&script)
@@ -273,7 +273,7 @@ async fn python_interop(format: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await; // poll interval of a wait on the app's port
     }
     let dir = ConfigDir::new();
-    let mut y = gateway("gw", gw_port);
+    let mut y = gateway("gw", GW);
     y.push_str(&service("py.internal", "HTTP", &[(format!("127.0.0.1:{inbound}").parse().expect("addr"), &[])]));
     y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: py.internal}}]\n");
     let cfg = dir.write("mesh.yaml", &y);
@@ -281,8 +281,9 @@ async fn python_interop(format: &str) {
     let otlp = collector.otlp_url();
     let fmt_flag = if format == "b3" { "b3" } else { "w3c" };
     let common = ["--trace-sampling", "100", "--otlp-endpoint", otlp.as_str(), "--trace-formats", fmt_flag];
-    let _gw =
+    let gw =
         ProxyProc::start(&[&["--role", "gateway", "--workload", "edge", "-c", cfg][..], &common[..]].concat()).await;
+    let gw_port = gw.port(GW).await;
     let inbound_arg = format!("{inbound}={app_port}");
     let _sidecar =
         ProxyProc::start(&[&["--workload", "py", "-c", cfg, "--inbound", &inbound_arg][..], &common[..]].concat())

@@ -15,13 +15,13 @@ use support::*;
 
 async fn simple_gateway(protocol: &str) -> (ConfigDir, ProxyProc, u16, Backend) {
     let b = Backend::start("app").await;
-    let port = free_port();
     let dir = ConfigDir::new();
-    let mut y = gateway("gw", port);
+    let mut y = gateway("gw", GW);
     y.push_str(&service("app.internal", protocol, &[(b.addr, &[])]));
     y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - match: [{uri: {prefix: /missing}}]\n    directResponse: {status: 404, body: {string: gone}}\n  - route: [{destination: {host: app.internal}}]\n");
     let cfg = dir.write("mesh.yaml", &y);
     let proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
+    let port = proxy.port(GW).await;
     (dir, proxy, port, b)
 }
 

@@ -50,10 +50,10 @@ fn server_is(name: &'static str) -> impl Fn(&str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weight_change_applies_under_load_with_zero_failures() {
     let (blue, green) = (Backend::start("blue").await, Backend::start("green").await);
-    let port = free_port();
     let dir = ConfigDir::new();
-    let cfg = dir.write("mesh.yaml", &split_config(port, &blue, &green, 100, 0));
+    let cfg = dir.write("mesh.yaml", &split_config(GW, &blue, &green, 100, 0));
     let proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
+    let port = proxy.port(GW).await;
     let v0 = proxy.version().await;
 
     // 200 requests/s from a client population, plus 4 keep-alive connections in sequence.
@@ -63,7 +63,7 @@ async fn weight_change_applies_under_load_with_zero_failures() {
     open.wait_received(200, Duration::from_secs(20)).await;
     conns.wait_received(40, Duration::from_secs(20)).await;
     let changed_at = Instant::now();
-    dir.write("mesh.yaml", &split_config(port, &blue, &green, 0, 100));
+    dir.write("mesh.yaml", &split_config(GW, &blue, &green, 0, 100));
     let v1 = proxy.wait_version_change(&v0, Duration::from_secs(5)).await;
     let applied = Instant::now();
     println!("config {v0} -> {v1} reported {:?} after the write", changed_at.elapsed());
@@ -84,17 +84,17 @@ async fn weight_change_applies_under_load_with_zero_failures() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_change_is_rejected_and_traffic_keeps_flowing() {
     let (blue, green) = (Backend::start("blue").await, Backend::start("green").await);
-    let port = free_port();
     let dir = ConfigDir::new();
-    let cfg = dir.write("mesh.yaml", &split_config(port, &blue, &green, 100, 0));
+    let cfg = dir.write("mesh.yaml", &split_config(GW, &blue, &green, 100, 0));
     let proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
+    let port = proxy.port(GW).await;
     let v0 = proxy.version().await;
 
     let url = format!("http://127.0.0.1:{port}/color");
     let loader = Load::open_loop(&url, 200, 600);
     loader.wait_received(100, Duration::from_secs(20)).await;
     // Weights summing to 90: rejected with TRL0102 at the `route` line.
-    dir.write("mesh.yaml", &split_config(port, &blue, &green, 50, 40));
+    dir.write("mesh.yaml", &split_config(GW, &blue, &green, 50, 40));
     let deadline = Instant::now() + Duration::from_secs(5);
     let rejection = loop {
         let dump = proxy.config_dump().await;
@@ -118,7 +118,7 @@ async fn invalid_change_is_rejected_and_traffic_keeps_flowing() {
     assert!(log.contains("TRL0102") && log.contains("mesh.yaml"), "the rejection is logged with its finding:\n{log}");
 
     // Fixing the file applies again.
-    dir.write("mesh.yaml", &split_config(port, &blue, &green, 0, 100));
+    dir.write("mesh.yaml", &split_config(GW, &blue, &green, 0, 100));
     proxy.wait_version_change(&v0, Duration::from_secs(5)).await;
     assert_eq!(get(&format!("http://127.0.0.1:{port}/"), &[]).await.server(), "green");
 }
@@ -126,10 +126,12 @@ async fn invalid_change_is_rejected_and_traffic_keeps_flowing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_that_cannot_bind_is_rejected_whole() {
     let (blue, green) = (Backend::start("blue").await, Backend::start("green").await);
-    let port = free_port();
     let dir = ConfigDir::new();
+    // This test is about binding configured ports, so the proxy binds them as configured.
+    let port = free_port();
     let cfg = dir.write("mesh.yaml", &split_config(port, &blue, &green, 100, 0));
-    let proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
+    let proxy =
+        ProxyProc::start_binding_configured_ports(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
     let v0 = proxy.version().await;
     // Move the gateway to a port another process holds: the new listener cannot bind, so the
     // whole snapshot is rejected and the old listener and weights keep serving.
@@ -151,10 +153,10 @@ async fn a_snapshot_that_cannot_bind_is_rejected_whole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quitquitquit_drains_in_flight_requests() {
     let (blue, green) = (Backend::start("blue").await, Backend::start("green").await);
-    let port = free_port();
     let dir = ConfigDir::new();
-    let cfg = dir.write("mesh.yaml", &split_config(port, &blue, &green, 100, 0));
+    let cfg = dir.write("mesh.yaml", &split_config(GW, &blue, &green, 100, 0));
     let mut proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
+    let port = proxy.port(GW).await;
 
     let mut slow = Vec::new();
     for i in 0..20 {

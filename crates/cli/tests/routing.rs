@@ -148,14 +148,14 @@ spec:
 
 async fn fixture() -> Fixture {
     let (a, v1, v2) = (Backend::start("a").await, Backend::start("b-v1").await, Backend::start("b-v2").await);
-    let port = free_port();
     let dir = ConfigDir::new();
-    let mut yaml = gateway("gw", port);
+    let mut yaml = gateway("gw", GW);
     yaml.push_str(&service("a.internal", "HTTP", &[(a.addr, &[])]));
     yaml.push_str(&service("b.internal", "HTTP", &[(v1.addr, &[("version", "v1")]), (v2.addr, &[("version", "v2")])]));
     yaml.push_str(ROUTES);
     let cfg = dir.write("mesh.yaml", &yaml);
     let proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
+    let port = proxy.port(GW).await;
     Fixture { _dir: dir, proxy, port, a, v1, v2 }
 }
 
@@ -322,7 +322,7 @@ async fn http2_clients_route_the_same() {
 async fn virtual_service_hosts_and_gateway_ports_bind_routes() {
     let a = Backend::start("a").await;
     let b = Backend::start("b").await;
-    let (p1, p2) = (free_port(), free_port());
+    let (p1, p2) = (8080, 8081);
     let dir = ConfigDir::new();
     let mut y = format!(
         "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n  selector: {{istio: ingressgateway}}\n  servers:\n  - port: {{number: {p1}, name: http, protocol: HTTP}}\n    hosts: [\"*.example.com\", shop.test]\n  - port: {{number: {p2}, name: http2, protocol: HTTP}}\n    hosts: [\"*\"]\n---\n"
@@ -352,10 +352,10 @@ spec:
 "#
     ));
     let cfg = dir.write("mesh.yaml", &y);
-    let _proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
+    let proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
 
-    let u1 = format!("http://127.0.0.1:{p1}/");
-    let u2 = format!("http://127.0.0.1:{p2}/");
+    let u1 = format!("http://127.0.0.1:{}/", proxy.port(p1).await);
+    let u2 = format!("http://127.0.0.1:{}/", proxy.port(p2).await);
     assert_eq!(get(&u1, &[("host", "shop.test")]).await.server(), "a");
     assert_eq!(get(&u1, &[("host", "api.example.com")]).await.server(), "a");
     assert_eq!(get(&u2, &[("host", "api.example.com")]).await.server(), "b", "port match selects the route");
@@ -372,9 +372,8 @@ spec:
 
 async fn lb_fixture(policy: &str) -> (ConfigDir, ProxyProc, u16, Vec<Backend>) {
     let backends = vec![Backend::start("e0").await, Backend::start("e1").await, Backend::start("e2").await];
-    let port = free_port();
     let dir = ConfigDir::new();
-    let mut y = gateway("gw", port);
+    let mut y = gateway("gw", GW);
     let idx = ["0", "1", "2"];
     let labels: Vec<[(&str, &str); 1]> = idx.iter().map(|i| [("idx", *i)]).collect();
     let eps: Vec<(std::net::SocketAddr, &[(&str, &str)])> =
@@ -386,6 +385,7 @@ async fn lb_fixture(policy: &str) -> (ConfigDir, ProxyProc, u16, Vec<Backend>) {
     ));
     let cfg = dir.write("mesh.yaml", &y);
     let proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
+    let port = proxy.port(GW).await;
     (dir, proxy, port, backends)
 }
 

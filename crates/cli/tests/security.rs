@@ -373,17 +373,16 @@ async fn jwt_validation_and_jwks_rotation_at_its_uri() {
         }
     });
     let b = Backend::start("app").await;
-    let port = free_port();
     let dir = ConfigDir::new();
-    let mut y = gateway("gw", port);
+    let mut y = gateway("gw", GW);
     y.push_str(&service("app.internal", "HTTP", &[(b.addr, &[])]));
     y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: app.internal}}]\n---\n");
     y.push_str(&format!(
         "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: istio-system}}\nspec:\n  selector:\n    matchLabels: {{istio: ingressgateway}}\n  jwtRules:\n  - issuer: https://issuer.test\n    audiences: [shop]\n    jwksUri: http://{jwks_addr}/jwks.json\n    outputPayloadToHeader: x-jwt-payload\n"
     ));
     let cfg = dir.write("mesh.yaml", &y);
-    let _p = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
-    let url = format!("http://127.0.0.1:{port}/");
+    let p = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
+    let url = format!("http://127.0.0.1:{}/", p.port(GW).await);
     let bearer = |t: &str| format!("Bearer {t}");
     let claims = |iss: &str, aud: &str, exp: i64, nbf: i64| serde_json::json!({"iss": iss, "sub": "alice", "aud": aud, "exp": exp, "nbf": nbf, "group": "admins"});
     let good = k1.sign(claims("https://issuer.test", "shop", now() + 600, now() - 10));
@@ -668,7 +667,6 @@ async fn tls_origination_to_an_external_https_server() {
             });
         }
     });
-    let outbound = free_port();
     dir.write(
         "mesh.yaml",
         &format!(
@@ -678,19 +676,10 @@ async fn tls_origination_to_an_external_https_server() {
         ),
     );
     let cfg = dir.path().join("mesh.yaml");
-    let _p = ProxyProc::start(&[
-        "--workload",
-        "app",
-        "-c",
-        cfg.to_str().expect("path"),
-        "--outbound",
-        &format!("127.0.0.1:{outbound}"),
-    ])
-    .await;
+    let p =
+        ProxyProc::start(&["--workload", "app", "-c", cfg.to_str().expect("path"), "--outbound", "127.0.0.1:0"]).await;
     // The app speaks plain HTTP to its sidecar; the sidecar originates TLS and verifies the server.
-    let r =
-        via_proxy(format!("127.0.0.1:{outbound}").parse().expect("addr"), "http://external.test/orders", "GET", &[])
-            .await;
+    let r = via_proxy(p.listener("outbound").await, "http://external.test/orders", "GET", &[]).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body, "secure hello for /orders over TLS (sni external.test)");
 }

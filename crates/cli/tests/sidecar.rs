@@ -40,7 +40,6 @@ async fn curl_via_proxy(proxy: SocketAddr, url: &str, extra: &[&str]) -> (u16, S
 async fn outbound_http_proxy_routes_by_mesh_virtual_services() {
     let (v1, v2) = (Backend::start("reviews-v1").await, Backend::start("reviews-v2").await);
     let ratings = Backend::start("ratings").await;
-    let outbound = free_port();
     let dir = ConfigDir::new();
     let mut y = String::new();
     // Kubernetes Services + WorkloadEntries, as a mesh expansion would declare them.
@@ -55,8 +54,7 @@ async fn outbound_http_proxy_routes_by_mesh_virtual_services() {
     y.push_str("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  host: reviews\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n---\n");
     y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews]\n  http:\n  - match: [{headers: {end-user: {exact: jason}}}]\n    route: [{destination: {host: reviews, subset: v2}}]\n  - route: [{destination: {host: reviews, subset: v1}}]\n");
     let cfg = dir.write("mesh.yaml", &y);
-    let out_addr: SocketAddr = format!("127.0.0.1:{outbound}").parse().expect("addr");
-    let _p = ProxyProc::start(&[
+    let p = ProxyProc::start(&[
         "--role",
         "sidecar",
         "--workload",
@@ -66,9 +64,10 @@ async fn outbound_http_proxy_routes_by_mesh_virtual_services() {
         "-c",
         cfg.to_str().expect("path"),
         "--outbound",
-        &out_addr.to_string(),
+        "127.0.0.1:0",
     ])
     .await;
+    let out_addr = p.listener("outbound").await;
 
     // HTTP_PROXY clients send absolute-form requests; the short name resolves in the proxy's
     // namespace, and the VirtualService picks the subset.
@@ -100,23 +99,30 @@ async fn outbound_http_proxy_routes_by_mesh_virtual_services() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_ports_and_inbound_listener_connect_two_sidecars() {
     let app = Backend::start("service-b").await;
-    let (inbound, upstream) = (free_port(), free_port());
     let dir = ConfigDir::new();
-    let in_addr: SocketAddr = format!("127.0.0.1:{inbound}").parse().expect("addr");
-    let cfg = dir.write("mesh.yaml", &service("service-b", "HTTP", &[(in_addr, &[])]));
-    let cfg = cfg.to_str().expect("path");
-    let _server = ProxyProc::start(&[
+    // The server's sidecar first, on a port of its choosing; then the config that names it.
+    let server_cfg = dir.write("server.yaml", "");
+    let server = ProxyProc::start(&[
         "--workload",
         "service-b",
         "-c",
-        cfg,
+        server_cfg.to_str().expect("path"),
         "--inbound",
-        &format!("{inbound}={}", app.addr.port()),
+        &format!("127.0.0.1:0=127.0.0.1:{}", app.addr.port()),
     ])
     .await;
-    let _client =
-        ProxyProc::start(&["--workload", "service-a", "-c", cfg, "--upstream", &format!("{upstream}=service-b:80")])
-            .await;
+    let in_addr = server.listener("inbound-0").await;
+    let cfg = dir.write("mesh.yaml", &service("service-b", "HTTP", &[(in_addr, &[])]));
+    let client = ProxyProc::start(&[
+        "--workload",
+        "service-a",
+        "-c",
+        cfg.to_str().expect("path"),
+        "--upstream",
+        "127.0.0.1:0=service-b:80",
+    ])
+    .await;
+    let upstream = client.listener("upstream-0").await.port();
 
     let r = get(&format!("http://127.0.0.1:{upstream}/api/greeting"), &[("x-request-id", "abc")]).await;
     assert_eq!(r.status, 200);

@@ -34,6 +34,17 @@ use crate::listener::Listeners;
 use crate::runtime::Runtime;
 use crate::state::{Rejection, Shared};
 
+/// What a proxy process is started with.
+pub struct ProxyOptions {
+    pub telemetry: telemetry::TelemetryOptions,
+    /// The credential store for mesh mTLS, when the proxy has an identity.
+    pub identity: Option<Arc<trellis_identity::tls::CredentialStore>>,
+    /// How long a client may take to send a request head.
+    pub header_read_timeout: Duration,
+    /// Gateway listeners bind port 0 (tests read the bound address from `/config_dump`).
+    pub ephemeral_gateway_ports: bool,
+}
+
 /// One proxy process's data plane.
 pub struct Proxy {
     shared: Arc<Shared>,
@@ -48,19 +59,18 @@ impl Proxy {
         Self::from_shared(Shared::new())
     }
 
-    /// A proxy with the given telemetry settings (starts their exporters; call within a Tokio
-    /// runtime) and, optionally, an identity for mesh mTLS.
-    pub fn with_options(
-        opts: telemetry::TelemetryOptions,
-        identity: Option<Arc<trellis_identity::tls::CredentialStore>>,
-        header_read_timeout: std::time::Duration,
-    ) -> Result<Arc<Proxy>, String> {
-        let mut shared = Shared::with_telemetry(opts).map_err(|e| format!("cannot open the access log: {e}"))?;
-        shared.set_header_read_timeout(header_read_timeout);
-        if let Some(store) = identity {
+    /// A proxy with the given options (starts the telemetry exporters; call within a Tokio
+    /// runtime).
+    pub fn with_options(opts: ProxyOptions) -> Result<Arc<Proxy>, String> {
+        let mut shared =
+            Shared::with_telemetry(opts.telemetry).map_err(|e| format!("cannot open the access log: {e}"))?;
+        shared.set_header_read_timeout(opts.header_read_timeout);
+        if let Some(store) = opts.identity {
             shared.set_identity(store)?;
         }
-        Ok(Self::from_shared(shared))
+        let listeners =
+            if opts.ephemeral_gateway_ports { Listeners::with_ephemeral_gateway_ports() } else { Listeners::default() };
+        Ok(Arc::new(Proxy { shared: Arc::new(shared), listeners, applying: tokio::sync::Mutex::new(()) }))
     }
 
     fn from_shared(shared: Shared) -> Arc<Proxy> {
@@ -137,7 +147,9 @@ impl Proxy {
             .addresses()
             .await
             .into_iter()
-            .map(|(n, a)| serde_json::json!({"name": n, "address": a.to_string()}))
+            .map(|(n, configured, bound)| {
+                serde_json::json!({"name": n, "address": configured.to_string(), "bound": bound.to_string()})
+            })
             .collect();
         serde_json::json!({
             "version": rt.version(),

@@ -67,6 +67,10 @@ pub struct Args {
     /// for a gateway, which faces the internet, 30s for a sidecar.
     #[arg(long, value_parser = super::parse_duration)]
     header_read_timeout: Option<Duration>,
+    /// Bind gateway listeners on port 0 instead of their configured ports; `/config_dump`'s
+    /// `active_listeners` shows each bound address (for tests that own the process).
+    #[arg(long, hide = true)]
+    ephemeral_gateway_ports: bool,
     /// How long a drain waits for in-flight requests.
     #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
     drain_timeout: Duration,
@@ -357,8 +361,13 @@ async fn serve(args: Args) -> Result<()> {
         Role::Gateway => GATEWAY_HEADER_READ_TIMEOUT,
         Role::Sidecar => trellis_proxy::state::DEFAULT_HEADER_READ_TIMEOUT,
     });
-    let proxy = Proxy::with_options(telemetry, identity.as_ref().map(|(s, ..)| s.clone()), header_read_timeout)
-        .map_err(|e| anyhow!(e))?;
+    let proxy = Proxy::with_options(trellis_proxy::ProxyOptions {
+        telemetry,
+        identity: identity.as_ref().map(|(s, ..)| s.clone()),
+        header_read_timeout,
+        ephemeral_gateway_ports: args.ephemeral_gateway_ports,
+    })
+    .map_err(|e| anyhow!(e))?;
     if let Some((store, cp, token, id)) = identity {
         tokio::spawn(trellis_proxy::identity::run(store, cp, token, id, proxy.shared().clone()));
     }

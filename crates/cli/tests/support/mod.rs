@@ -32,6 +32,11 @@ pub fn trellis_bin() -> &'static str {
 /// A port that was free a moment ago, chosen below the ephemeral range so that no outgoing
 /// connection takes it before the process under test binds it.
 ///
+/// Only for ports a test cannot let the kernel choose: a `trellis up` mesh binds the ports its
+/// config and flags name, as users run it (its proxies are its children, not the test's);
+/// etcd, kube-apiserver and Python apps take theirs on the command line; and addresses that
+/// must stay dead. A `trellis proxy` the test starts binds port 0 instead ([`ProxyProc`]).
+///
 /// nextest runs tests as parallel processes, and a port handed out here is only bound later by
 /// the proxy under test; so that two tests do not get the same port in that window, each test
 /// process takes ports from its own slice of the range (by pid), in turn from a random start,
@@ -96,6 +101,10 @@ pub fn service(host: &str, protocol: &str, endpoints: &[(SocketAddr, &[(&str, &s
     )
 }
 
+/// The port test Gateways are configured with; the proxy binds it as port 0 (see
+/// [`ProxyProc::start`]), so tests never race for it.
+pub const GW: u16 = 8080;
+
 /// YAML for a Gateway selecting the default ingress labels, serving HTTP on `port`.
 pub fn gateway(name: &str, port: u16) -> String {
     format!(
@@ -122,9 +131,20 @@ pub struct ProxyProc {
 }
 
 impl ProxyProc {
-    /// Starts `trellis proxy ARGS --admin 127.0.0.1:0`, reads the admin address it bound from
-    /// its log, and waits until `/ready` answers 200.
+    /// Starts `trellis proxy ARGS --admin 127.0.0.1:0 --ephemeral-gateway-ports`, reads the admin
+    /// address it bound from its log, and waits until `/ready` answers 200. Gateway listeners
+    /// bind port 0: [`ProxyProc::port`] gives the port a configured one was bound on.
+    /// (`--inbound`/`--outbound`/`--upstream` addresses are bound as given.)
     pub async fn start(args: &[&str]) -> ProxyProc {
+        Self::launch(args, true).await
+    }
+
+    /// As [`ProxyProc::start`], with gateway listeners bound on their configured ports.
+    pub async fn start_binding_configured_ports(args: &[&str]) -> ProxyProc {
+        Self::launch(args, false).await
+    }
+
+    async fn launch(args: &[&str], ephemeral_gateway_ports: bool) -> ProxyProc {
         let logdir = tempfile::tempdir().expect("tempdir");
         let log = logdir.path().join("proxy.log");
         let logfile = std::fs::File::create(&log).expect("log file");
@@ -132,6 +152,7 @@ impl ProxyProc {
             .arg("proxy")
             .args(args)
             .args(["--admin", "127.0.0.1:0"])
+            .args(ephemeral_gateway_ports.then_some("--ephemeral-gateway-ports"))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(logfile)
@@ -186,6 +207,33 @@ impl ProxyProc {
         let (code, body) = admin_get(self.admin, "/config_dump").await.expect("config_dump");
         assert_eq!(code, 200);
         serde_json::from_str(&body).expect("config_dump json")
+    }
+
+    /// The port the gateway listener configured on `configured` is bound on.
+    pub async fn port(&self, configured: u16) -> u16 {
+        let dump = self.config_dump().await;
+        let listeners = dump["active_listeners"].as_array().cloned().unwrap_or_default();
+        listeners
+            .iter()
+            .find(|l| {
+                let addr = l["address"].as_str().and_then(|a| a.parse::<SocketAddr>().ok());
+                addr.is_some_and(|a| a.port() == configured)
+            })
+            .and_then(|l| l["bound"].as_str()?.parse::<SocketAddr>().ok())
+            .map(|a| a.port())
+            .unwrap_or_else(|| panic!("no listener configured on port {configured}: {listeners:?}"))
+    }
+
+    /// The address the listener `name` (`outbound`, `inbound-PORT`, `upstream-PORT`) is bound on: give
+    /// `--outbound 127.0.0.1:0` and the like, then read the address here.
+    pub async fn listener(&self, name: &str) -> SocketAddr {
+        let dump = self.config_dump().await;
+        let listeners = dump["active_listeners"].as_array().cloned().unwrap_or_default();
+        listeners
+            .iter()
+            .find(|l| l["name"] == name)
+            .and_then(|l| l["bound"].as_str()?.parse().ok())
+            .unwrap_or_else(|| panic!("no listener {name}: {listeners:?}"))
     }
 
     pub async fn version(&self) -> String {

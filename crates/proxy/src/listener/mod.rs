@@ -24,7 +24,10 @@ use crate::state::Shared;
 use crate::upstream::Io;
 
 struct Active {
+    /// The snapshot's address.
     address: SocketAddr,
+    /// The socket's address: the same, unless ephemeral ports are on.
+    bound: SocketAddr,
     direction: Direction,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -39,9 +42,18 @@ pub struct Staged {
 #[derive(Default)]
 pub struct Listeners {
     active: tokio::sync::Mutex<HashMap<String, Active>>,
+    /// Gateway listeners bind port 0 instead of their configured port (tests that own the
+    /// process read the real address from `/config_dump`); requests still see the configured
+    /// port, as behind a Service's port mapping.
+    ephemeral_gateway_ports: bool,
 }
 
 impl Listeners {
+    /// Listeners that bind gateway ports as port 0 (see the field).
+    pub fn with_ephemeral_gateway_ports() -> Listeners {
+        Listeners { ephemeral_gateway_ports: true, ..Listeners::default() }
+    }
+
     /// Binds the listeners of `snap` that are not already open.
     pub async fn stage(&self, snap: &Snapshot) -> Result<Staged, String> {
         let mut active = self.active.lock().await;
@@ -53,7 +65,12 @@ impl Listeners {
                     continue;
                 }
             }
-            let listener = match bind(l.address) {
+            let at = if self.ephemeral_gateway_ports && l.direction == Direction::Gateway {
+                SocketAddr::new(l.address.ip(), 0)
+            } else {
+                l.address
+            };
+            let listener = match bind(at) {
                 Ok(s) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
                     // The address may belong to a listener this snapshot renames or replaces.
@@ -69,8 +86,7 @@ impl Listeners {
                             if let Some(a) = active.remove(&name) {
                                 stop(a).await;
                             }
-                            bind(l.address)
-                                .map_err(|e| format!("listener {}: cannot bind {}: {e}", l.name, l.address))?
+                            bind(at).map_err(|e| format!("listener {}: cannot bind {}: {e}", l.name, l.address))?
                         }
                         None => return Err(format!("listener {}: cannot bind {}: {e}", l.name, l.address)),
                     }
@@ -92,10 +108,14 @@ impl Listeners {
             }
             let (tx, rx) = watch::channel(false);
             let name: Arc<str> = Arc::from(spec.name.as_str());
-            tracing::info!(listener = %name, address = %spec.address, direction = ?spec.direction, "listening");
-            let task = tokio::spawn(accept_loop(listener, name, spec.direction, shared.clone(), rx));
+            let bound = listener.local_addr().unwrap_or(spec.address);
+            tracing::info!(listener = %name, address = %spec.address, %bound, direction = ?spec.direction, "listening");
+            // Requests see the configured address (its port matters to authorization).
+            let local = if spec.address.port() == 0 { bound } else { spec.address };
+            let task = tokio::spawn(accept_loop(listener, name, spec.direction, local, shared.clone(), rx));
             wanted.push(spec.name.clone());
-            active.insert(spec.name, Active { address: spec.address, direction: spec.direction, stop: tx, task });
+            active
+                .insert(spec.name, Active { address: spec.address, bound, direction: spec.direction, stop: tx, task });
         }
         let removed: Vec<String> = active.keys().filter(|k| !wanted.contains(k)).cloned().collect();
         for name in removed {
@@ -106,9 +126,9 @@ impl Listeners {
         }
     }
 
-    /// The addresses currently accepting.
-    pub async fn addresses(&self) -> Vec<(String, SocketAddr)> {
-        self.active.lock().await.iter().map(|(n, a)| (n.clone(), a.address)).collect()
+    /// The listeners currently accepting: name, configured address, bound address.
+    pub async fn addresses(&self) -> Vec<(String, SocketAddr, SocketAddr)> {
+        self.active.lock().await.iter().map(|(n, a)| (n.clone(), a.address, a.bound)).collect()
     }
 }
 
@@ -129,10 +149,10 @@ async fn accept_loop(
     listener: TcpListener,
     name: Arc<str>,
     direction: Direction,
+    local: SocketAddr,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let local = listener.local_addr().ok();
     loop {
         tokio::select! {
             _ = stopped(&mut stop) => break,
@@ -144,7 +164,7 @@ async fn accept_loop(
                         listener: name.clone(),
                         direction,
                         peer,
-                        local: local.unwrap_or(peer),
+                        local,
                         peer_identity: None,
                         mtls: false,
                         original_dst,
