@@ -216,6 +216,9 @@ pub fn analyze(resources: &[Resource], extra: &[Workload]) -> Vec<Finding> {
         }
     }
     cx.findings.extend(crate::crosscheck::run(resources, &registry));
+    cx.findings.extend(crate::schema_warnings::run(resources));
+    cx.findings.extend(crate::annotations::run(resources));
+    cx.findings.extend(crate::conditions::run(resources));
     cx.findings
 }
 
@@ -631,8 +634,7 @@ impl<'a> Cx<'a> {
         if name == MESH_GATEWAY {
             return Some(None);
         }
-        let (ns, n) = name.split_once('/').unwrap_or((r.namespace(), name));
-        self.gateways.get(&(ns.to_string(), n.to_string())).map(|g| Some(*g))
+        self.gateways.get(&crate::model::networking::gateway_ref(name, r.namespace())).map(|g| Some(*g))
     }
 
     fn virtual_service(
@@ -880,7 +882,8 @@ impl<'a> Cx<'a> {
         for (field, present) in [
             ("retries", route.retries.is_some()),
             ("fault", route.fault.is_some()),
-            ("mirror", route.mirror.is_some() || route.mirrors.is_some()),
+            ("mirror", route.mirror.is_some()),
+            ("mirrors", route.mirrors.is_some()),
             ("corsPolicy", route.cors_policy.is_some()),
             ("delegate", route.delegate.is_some()),
         ] {

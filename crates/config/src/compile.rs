@@ -986,11 +986,8 @@ fn compile_match(m: &HttpMatchRequest) -> RouteMatch {
 
 /// `name` or `ns/name` → `ns/name`.
 fn qualify(gateway: &str, ns: &str) -> String {
-    if gateway.contains('/') {
-        gateway.to_string()
-    } else {
-        format!("{ns}/{gateway}")
-    }
+    let (ns, name) = crate::model::networking::gateway_ref(gateway, ns);
+    format!("{ns}/{name}")
 }
 
 /// Gateway server hosts may be written `ns/host`: `*/` and `./` (the gateway's own namespace).

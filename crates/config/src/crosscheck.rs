@@ -27,6 +27,7 @@ pub(crate) fn run(resources: &[Resource], registry: &Registry) -> Vec<Finding> {
         .collect();
 
     gateways(resources, &pods, &mut push);
+    policy_namespaces(resources, &mut push);
     for r in resources {
         match &r.spec {
             Spec::VirtualService(vs) => virtual_service(r, vs, resources, registry, &mut push),
@@ -470,6 +471,7 @@ fn virtual_service(
                 }
             }
         }
+        mirrors(r, i, rule, resources, registry, push);
         if let Some(delay) = rule.fault.as_ref().and_then(|f| f.get("delay")) {
             if delay.get("percent").is_some() {
                 push(
@@ -501,6 +503,110 @@ fn destination_port(r: &Resource, d: &Destination, at: Vec<Seg>, registry: &Regi
     }
 }
 
+/// IST0101 for `mirror` and `mirrors[].destination`: the host, its port and its subset must
+/// exist. A warning here (Istio: error): a mirror never changes the primary request's outcome.
+fn mirrors(
+    r: &Resource,
+    i: usize,
+    rule: &crate::model::networking::HttpRoute,
+    resources: &[Resource],
+    registry: &Registry,
+    push: &mut Push<'_>,
+) {
+    let mut targets: Vec<(Vec<Seg>, &serde_json::Value)> = Vec::new();
+    if let Some(m) = &rule.mirror {
+        targets.push((path!["spec", "http", i, "mirror"], m));
+    }
+    for (j, m) in rule.mirrors.as_ref().and_then(|m| m.as_array()).into_iter().flatten().enumerate() {
+        targets.push((path!["spec", "http", i, "mirrors", j, "destination"], &m["destination"]));
+    }
+    for (at, d) in targets {
+        let Some(host) = d["host"].as_str().filter(|h| !h.is_empty()) else { continue };
+        let Some(svc) = registry.resolve(host, r.namespace()) else {
+            push(
+                Code::MirrorHostNotFound,
+                r,
+                [at, path!["host"]].concat(),
+                format!("referenced mirror host {host:?} is not defined by any Service, ServiceEntry or workload: nothing is mirrored"),
+            );
+            continue;
+        };
+        if let Some(port) = d["port"]["number"].as_u64() {
+            if !svc.ports.is_empty() && svc.port(port as u16).is_none() {
+                let ports = svc.ports.iter().map(|p| p.number.to_string()).collect::<Vec<_>>().join(", ");
+                push(
+                    Code::MirrorHostNotFound,
+                    r,
+                    [at.clone(), path!["port", "number"]].concat(),
+                    format!("mirror host {} has no port {port} (ports: {ports}): nothing is mirrored", svc.hostname),
+                );
+            }
+        }
+        if let Some(subset) = d["subset"].as_str() {
+            let canonical = registry.canonical(host, r.namespace());
+            let defined = resources.iter().any(|dr| match &dr.spec {
+                Spec::DestinationRule(rule) => {
+                    registry.canonical(&rule.host, dr.namespace()) == canonical
+                        && rule.subsets.iter().any(|s| s.name == subset)
+                }
+                _ => false,
+            });
+            if !defined {
+                push(
+                    Code::MirrorHostNotFound,
+                    r,
+                    [at, path!["subset"]].concat(),
+                    format!("referenced mirror subset {subset:?} of host {host:?} is not defined in any DestinationRule: nothing is mirrored"),
+                );
+            }
+        }
+    }
+}
+
+/// IST0101 for AuthorizationPolicy `source.namespaces`/`notNamespaces`: each pattern (`*`,
+/// `prefix*`, `*suffix` or a name, compared without case) must match a namespace of the config:
+/// one a `Namespace` declares or a resource lives in. A warning (Istio: error): the namespace
+/// may be created after the policy.
+fn policy_namespaces(resources: &[Resource], push: &mut Push<'_>) {
+    let known: std::collections::BTreeSet<String> = resources
+        .iter()
+        .flat_map(|r| {
+            let declared = (r.kind == crate::model::Kind::Namespace).then(|| r.name().to_ascii_lowercase());
+            [Some(r.namespace().to_ascii_lowercase()), declared]
+        })
+        .flatten()
+        .collect();
+    let matches = |pattern: &str| {
+        let p = pattern.to_ascii_lowercase();
+        match (p.strip_prefix('*'), p.strip_suffix('*')) {
+            _ if p == "*" => true,
+            (Some(suffix), _) => known.iter().any(|n| n.ends_with(suffix)),
+            (_, Some(prefix)) => known.iter().any(|n| n.starts_with(prefix)),
+            _ => known.contains(&p),
+        }
+    };
+    for r in resources {
+        let Spec::AuthorizationPolicy(ap) = &r.spec else { continue };
+        for (i, rule) in ap.rules.iter().flatten().enumerate() {
+            for (j, from) in rule.from.iter().enumerate() {
+                let src = &from.source;
+                for (field, list) in [("namespaces", &src.namespaces), ("notNamespaces", &src.not_namespaces)] {
+                    for (k, ns) in list.iter().enumerate() {
+                        if !matches(ns) {
+                            push(
+                                Code::NamespaceNotFound,
+                                r,
+                                path!["spec", "rules", i, "from", j, "source", field, k],
+                                format!("referenced namespace {ns:?} matches no namespace of the config"),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Another VirtualService for `host` that routes to it by subset.
 fn subset_split_for(host: &str, me: &Resource, resources: &[Resource], registry: &Registry) -> Option<String> {
     let canonical = registry.canonical(host, me.namespace());
@@ -521,7 +627,7 @@ fn request_authentication_for_gateways(me: &Resource, vs: &VirtualService, resou
         .filter_map(|r| match &r.spec {
             Spec::Gateway(g)
                 if vs.gateways.iter().any(|n| {
-                    let (ns, name) = n.split_once('/').unwrap_or((me.namespace(), n));
+                    let (ns, name) = crate::model::networking::gateway_ref(n, me.namespace());
                     name == r.name() && ns == r.namespace()
                 }) =>
             {

@@ -97,6 +97,14 @@ codes! {
     GatewayDuplicateCertificate = "TRL0125", Warning, "gateway-duplicate-certificate";
     ExternalNamePortName = "TRL0126", Warning, "externalname-port-name";
     IneffectiveSelector = "TRL0205", Warning, "ineffective-selector";
+    SchemaWarning = "TRL0008", Warning, "schema-warning";
+    NegativeConditionStatus = "TRL0009", Warning, "negative-condition-status";
+    MirrorHostNotFound = "TRL0127", Warning, "mirror-host-not-found";
+    NamespaceNotFound = "TRL0206", Warning, "namespace-not-found";
+    UnknownAnnotation = "TRL0501", Warning, "unknown-annotation";
+    MisplacedAnnotation = "TRL0502", Warning, "misplaced-annotation";
+    InvalidAnnotation = "TRL0503", Warning, "invalid-annotation";
+    DeprecatedAnnotation = "TRL0504", Info, "deprecated-annotation";
 }
 
 impl Code {
@@ -135,6 +143,13 @@ impl Code {
             Code::GatewayDuplicateCertificate => "IST0138",
             Code::ExternalNamePortName => "IST0150",
             Code::IneffectiveSelector => "IST0166",
+            Code::SchemaWarning => "IST0133",
+            Code::NegativeConditionStatus => "IST0171",
+            Code::MirrorHostNotFound | Code::NamespaceNotFound => "IST0101",
+            Code::UnknownAnnotation => "IST0108",
+            Code::MisplacedAnnotation => "IST0107",
+            Code::InvalidAnnotation => "IST0125",
+            Code::DeprecatedAnnotation => "IST0135",
             _ => return None,
         })
     }

@@ -135,13 +135,7 @@ pub static ANNOTATIONS: &[Annotation] = &[
         hidden: false,
         alpha: true,
     },
-    Annotation {
-        name: "istio.io/rev",
-        resources: &["Pod"],
-        deprecated: false,
-        hidden: false,
-        alpha: true,
-    },
+    Annotation { name: "istio.io/rev", resources: &["Pod"], deprecated: false, hidden: false, alpha: true },
     Annotation {
         name: "istio.io/use-waypoint-canary-weight",
         resources: &["Service", "ServiceEntry", "Namespace"],
@@ -191,20 +185,8 @@ pub static ANNOTATIONS: &[Annotation] = &[
         hidden: false,
         alpha: true,
     },
-    Annotation {
-        name: "proxy.istio.io/config",
-        resources: &["Pod"],
-        deprecated: false,
-        hidden: false,
-        alpha: false,
-    },
-    Annotation {
-        name: "proxy.istio.io/overrides",
-        resources: &["Pod"],
-        deprecated: false,
-        hidden: true,
-        alpha: true,
-    },
+    Annotation { name: "proxy.istio.io/config", resources: &["Pod"], deprecated: false, hidden: false, alpha: false },
+    Annotation { name: "proxy.istio.io/overrides", resources: &["Pod"], deprecated: false, hidden: true, alpha: true },
     Annotation {
         name: "readiness.status.sidecar.istio.io/applicationPorts",
         resources: &["Pod"],
@@ -268,13 +250,7 @@ pub static ANNOTATIONS: &[Annotation] = &[
         hidden: false,
         alpha: true,
     },
-    Annotation {
-        name: "sidecar.istio.io/inject",
-        resources: &["Pod"],
-        deprecated: true,
-        hidden: false,
-        alpha: false,
-    },
+    Annotation { name: "sidecar.istio.io/inject", resources: &["Pod"], deprecated: true, hidden: false, alpha: false },
     Annotation {
         name: "sidecar.istio.io/interceptionMode",
         resources: &["Pod"],
@@ -401,13 +377,7 @@ pub static ANNOTATIONS: &[Annotation] = &[
         hidden: false,
         alpha: true,
     },
-    Annotation {
-        name: "sidecar.istio.io/status",
-        resources: &["Pod"],
-        deprecated: false,
-        hidden: false,
-        alpha: true,
-    },
+    Annotation { name: "sidecar.istio.io/status", resources: &["Pod"], deprecated: false, hidden: false, alpha: true },
     Annotation {
         name: "sidecar.istio.io/userVolume",
         resources: &["Pod"],

@@ -9,19 +9,23 @@
 #![forbid(unsafe_code)]
 
 pub mod analyze;
+mod annotations;
 pub mod authz_keys;
 pub mod cidr;
 pub mod compile;
+mod conditions;
 mod crosscheck;
 pub mod encode;
 pub mod filter;
 pub mod finding;
 pub mod gateway_api;
 pub mod hash;
+pub mod istio_annotations;
 pub mod jwks;
 pub mod load;
 pub mod model;
 pub mod registry;
+mod schema_warnings;
 pub mod snapshot;
 pub mod watch;
 pub mod yaml;

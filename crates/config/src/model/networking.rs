@@ -317,3 +317,32 @@ pub struct WorkloadEntry {
     pub weight: Option<u32>,
     pub service_account: Option<String>,
 }
+
+/// The `(namespace, name)` a VirtualService's `gateways` entry names, as Istio resolves it:
+/// `ns/name` (`./name`: the VirtualService's namespace), a short `name` in the VirtualService's
+/// namespace, or the legacy `name.ns` / `name.ns.svc.cluster.local`.
+pub fn gateway_ref(gateway: &str, vs_namespace: &str) -> (String, String) {
+    match gateway.split_once('/') {
+        Some((".", name)) => (vs_namespace.to_string(), name.to_string()),
+        Some((ns, name)) => (ns.to_string(), name.to_string()),
+        None => match gateway.split_once('.') {
+            Some((name, rest)) => (rest.split('.').next().unwrap_or(rest).to_string(), name.to_string()),
+            None => (vs_namespace.to_string(), gateway.to_string()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gateway_ref;
+
+    #[test]
+    fn gateway_names_resolve_as_istio_does() {
+        let r = |g: &str| gateway_ref(g, "shop");
+        assert_eq!(r("gw"), ("shop".into(), "gw".into()));
+        assert_eq!(r("edge/gw"), ("edge".into(), "gw".into()));
+        assert_eq!(r("./gw"), ("shop".into(), "gw".into()));
+        assert_eq!(r("gw.edge"), ("edge".into(), "gw".into()));
+        assert_eq!(r("gw.edge.svc.cluster.local"), ("edge".into(), "gw".into()));
+    }
+}
