@@ -344,7 +344,6 @@ async fn the_mesh_follows_pods_and_istio_resources_applied_with_kubectl() {
     cluster.apply_ok("apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: ingressgateway, namespace: colors}\n");
     let token_file = cluster.dir.path().join("gateway-token");
     std::fs::write(&token_file, service_account_token(&client, "colors", "ingressgateway").await).expect("token");
-    let gw_port = free_port();
     let gateway = ProxyProc::start(&[
         "--role",
         "gateway",
@@ -363,10 +362,10 @@ async fn the_mesh_follows_pods_and_istio_resources_applied_with_kubectl() {
         "--label",
         "gateway.networking.k8s.io/gateway-name=colors-gw",
         "--port-map",
-        &format!("80={gw_port}"),
+        "80=8080",
     ])
     .await;
-    let url = format!("http://127.0.0.1:{gw_port}/");
+    let url = format!("http://127.0.0.1:{}/", gateway.port(8080).await);
 
     // Both Pods ready, then the gateway serves both colors, split 90/10.
     until("both tellers ready", Duration::from_secs(60), || async {
