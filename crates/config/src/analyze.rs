@@ -553,6 +553,16 @@ impl<'a> Cx<'a> {
         if let Some(lb) = &tp.load_balancer {
             self.load_balancer(r, at(&["loadBalancer".into()]), lb);
         }
+        if let Some(b) = &tp.retry_budget {
+            if b.percent.as_ref().is_some_and(|p| !(0.0..=100.0).contains(&p.value)) {
+                self.push(
+                    Code::Schema,
+                    r,
+                    at(&["retryBudget".into(), "percent".into(), "value".into()]),
+                    "a percentage between 0 and 100".into(),
+                );
+            }
+        }
         for (i, pl) in tp.port_level_settings.iter().enumerate() {
             if let Some(lb) = &pl.load_balancer {
                 self.load_balancer(r, at(&["portLevelSettings".into(), i.into(), "loadBalancer".into()]), lb);
@@ -564,7 +574,6 @@ impl<'a> Cx<'a> {
             ("tls", tp.tls.is_some()),
             ("tunnel", tp.tunnel.is_some()),
             ("proxyProtocol", tp.proxy_protocol.is_some()),
-            ("retryBudget", tp.retry_budget.is_some()),
         ] {
             if present {
                 self.push(
@@ -879,8 +888,40 @@ impl<'a> Cx<'a> {
                 );
             }
         }
+        if let Some(rt) = &route.retries {
+            if rt.attempts.is_some_and(|a| a < 0) {
+                self.push(
+                    Code::Schema,
+                    r,
+                    at(&["retries".into(), "attempts".into()]),
+                    "attempts must be 0 or more".into(),
+                );
+            }
+            if let Some(text) = &rt.retry_on {
+                if let Err(e) = crate::snapshot::RetryOn::parse_list(text) {
+                    self.push(Code::Schema, r, at(&["retries".into(), "retryOn".into()]), e);
+                }
+            }
+            if rt.per_try_timeout.is_some_and(|t| !t.0.is_zero() && t.0 < std::time::Duration::from_millis(1)) {
+                self.push(
+                    Code::Schema,
+                    r,
+                    at(&["retries".into(), "perTryTimeout".into()]),
+                    "perTryTimeout must be at least 1ms".into(),
+                );
+            }
+            for (field, present) in [("retryRemoteLocalities", rt.retry_remote_localities.is_some())] {
+                if present {
+                    self.push(
+                        Code::NotEnforced,
+                        r,
+                        at(&["retries".into(), field.into()]),
+                        format!("retries.{field} is parsed but not enforced yet (no locality-aware balancing)"),
+                    );
+                }
+            }
+        }
         for (field, present) in [
-            ("retries", route.retries.is_some()),
             ("fault", route.fault.is_some()),
             ("mirror", route.mirror.is_some()),
             ("mirrors", route.mirrors.is_some()),

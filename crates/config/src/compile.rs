@@ -348,6 +348,7 @@ impl<'a> Compiler<'a> {
                         mtls: false,
                     }],
                     tls: None,
+                    retry_budget: RetryBudget::default(),
                 },
             );
             let table = format!("inbound|{port}");
@@ -373,6 +374,8 @@ impl<'a> Compiler<'a> {
                             request_headers: HeaderOps::default(),
                             response_headers: HeaderOps::default(),
                             timeout: None,
+                            // The app next door: no retries (Istio retries on the client side only).
+                            retry: None,
                         }],
                     }],
                 },
@@ -524,6 +527,7 @@ impl<'a> Compiler<'a> {
                 request_headers,
                 response_headers,
                 timeout: hr.timeout.filter(|t| !t.0.is_zero()),
+                retry: retry_policy(hr.retries.as_ref()),
             });
         }
         out
@@ -699,6 +703,21 @@ impl<'a> Compiler<'a> {
         .flatten()
         .find_map(|tp| tls_settings(tp, port))
         .cloned();
+        let retry_budget = [
+            subset_def.as_ref().and_then(|s| s.traffic_policy.as_ref()),
+            dr.as_ref().and_then(|d| d.traffic_policy.as_ref()),
+        ]
+        .into_iter()
+        .flatten()
+        .find_map(|tp| tp.retry_budget.as_ref())
+        .map(|b| {
+            let d = RetryBudget::default();
+            RetryBudget {
+                percent: b.percent.as_ref().map(|p| p.value).unwrap_or(d.percent),
+                min_concurrency: b.min_retry_concurrency.unwrap_or(d.min_concurrency),
+            }
+        })
+        .unwrap_or_default();
         let mesh_tls = || UpstreamTls::IstioMutual {
             identities: {
                 let mut ids: Vec<String> = endpoints.iter().filter_map(|e| e.identity.clone()).collect();
@@ -738,6 +757,7 @@ impl<'a> Compiler<'a> {
                 connect_timeout: Duration(DEFAULT_CONNECT_TIMEOUT),
                 endpoints,
                 tls,
+                retry_budget,
             },
         );
         name
@@ -808,7 +828,39 @@ fn default_route(cluster: String) -> Route {
         request_headers: HeaderOps::default(),
         response_headers: HeaderOps::default(),
         timeout: None,
+        retry: Some(RetryPolicy::istio_default()),
     }
+}
+
+/// A route's retry policy: its own `retries`, else Istio's default; none when `attempts` is 0.
+/// (A `retryOn` that does not parse was reported by analyze; its known conditions apply.)
+fn retry_policy(r: Option<&crate::model::networking::HttpRetry>) -> Option<RetryPolicy> {
+    let Some(r) = r else { return Some(RetryPolicy::istio_default()) };
+    let attempts = r.attempts.unwrap_or(2).max(0) as u32;
+    if attempts == 0 {
+        return None;
+    }
+    let default = RetryPolicy::istio_default();
+    let (retry_on, status_codes) = match r.retry_on.as_deref() {
+        Some(text) => RetryOn::parse_list(text).unwrap_or_else(|_| {
+            let known = text.split(',').filter_map(|t| RetryOn::parse_list(t).ok());
+            known.fold((Vec::new(), Vec::new()), |(mut on, mut codes), (o, c)| {
+                on.extend(o);
+                codes.extend(c);
+                (on, codes)
+            })
+        }),
+        None => (default.retry_on, default.status_codes),
+    };
+    Some(RetryPolicy {
+        attempts,
+        per_try_timeout: r.per_try_timeout.filter(|t| !t.0.is_zero()),
+        retry_on,
+        status_codes,
+        any_method: true,
+        backoff: r.backoff.filter(|b| !b.0.is_zero()).unwrap_or(Duration(crate::snapshot::DEFAULT_RETRY_BACKOFF)),
+        other_hosts: r.retry_ignore_previous_hosts.unwrap_or(true),
+    })
 }
 
 fn tls_settings(tp: &TrafficPolicy, port: u16) -> Option<&ClientTlsSettings> {

@@ -199,7 +199,137 @@ pub struct Route {
     #[serde(default, skip_serializing_if = "HeaderOps::is_empty")]
     pub response_headers: HeaderOps,
     pub timeout: Option<Duration>,
-    // Retries, fault injection, mirroring, CORS and rate limits attach here (later release).
+    /// None: the route never retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    // Fault injection, mirroring, CORS and rate limits attach here (later release).
+}
+
+/// When and how often a request is tried again (VirtualService `retries`, or Istio's default
+/// policy when the route sets none).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Retries after the first try.
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<Duration>,
+    pub retry_on: Vec<RetryOn>,
+    /// `retriable-status-codes`: the codes named in `retryOn`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub status_codes: Vec<u16>,
+    /// Whether non-idempotent methods (POST, PATCH, ...) are retried after the request reached
+    /// the upstream: only when the route's own `retries` says so, never by default.
+    pub any_method: bool,
+    /// The base interval of the jittered exponential backoff.
+    pub backoff: Duration,
+    /// A retry prefers an endpoint not tried yet.
+    pub other_hosts: bool,
+}
+
+/// A condition `retryOn` names (Envoy's names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryOn {
+    #[serde(rename = "5xx")]
+    FiveXx,
+    GatewayError,
+    Reset,
+    ConnectFailure,
+    #[serde(rename = "retriable-4xx")]
+    Retriable4xx,
+    RefusedStream,
+    RetriableStatusCodes,
+    RetriableHeaders,
+    Cancelled,
+    DeadlineExceeded,
+    Internal,
+    ResourceExhausted,
+    Unavailable,
+}
+
+impl RetryOn {
+    pub const ALL: &'static [(&'static str, RetryOn)] = &[
+        ("5xx", RetryOn::FiveXx),
+        ("gateway-error", RetryOn::GatewayError),
+        ("reset", RetryOn::Reset),
+        ("connect-failure", RetryOn::ConnectFailure),
+        ("retriable-4xx", RetryOn::Retriable4xx),
+        ("refused-stream", RetryOn::RefusedStream),
+        ("retriable-status-codes", RetryOn::RetriableStatusCodes),
+        ("retriable-headers", RetryOn::RetriableHeaders),
+        ("cancelled", RetryOn::Cancelled),
+        ("deadline-exceeded", RetryOn::DeadlineExceeded),
+        ("internal", RetryOn::Internal),
+        ("resource-exhausted", RetryOn::ResourceExhausted),
+        ("unavailable", RetryOn::Unavailable),
+    ];
+
+    /// Parses a `retryOn` value: conditions and HTTP status codes, comma-separated.
+    pub fn parse_list(text: &str) -> Result<(Vec<RetryOn>, Vec<u16>), String> {
+        let (mut on, mut codes) = (Vec::new(), Vec::new());
+        for token in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            if let Some((_, c)) = RetryOn::ALL.iter().find(|(n, _)| *n == token) {
+                if !on.contains(c) {
+                    on.push(*c);
+                }
+            } else if let Some(code) = token.parse::<u16>().ok().filter(|c| (100..=599).contains(c)) {
+                codes.push(code);
+            } else if matches!(token, "envoy-ratelimited" | "http3-post-connect-failure") {
+                // Envoy conditions with no meaning here (no rate-limit service, no HTTP/3).
+            } else {
+                let known: Vec<&str> = RetryOn::ALL.iter().map(|(n, _)| *n).collect();
+                return Err(format!(
+                    "unknown retryOn condition {token:?} (known: {}, or an HTTP status code)",
+                    known.join(", ")
+                ));
+            }
+        }
+        if !codes.is_empty() && !on.contains(&RetryOn::RetriableStatusCodes) {
+            on.push(RetryOn::RetriableStatusCodes);
+        }
+        Ok((on, codes))
+    }
+}
+
+/// Istio's base backoff interval (Envoy's default).
+pub const DEFAULT_RETRY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(25);
+
+impl RetryPolicy {
+    /// Istio's policy for a route that sets no `retries`: 2 retries on connection failures,
+    /// refused streams, gRPC `unavailable`/`cancelled` and 503 — for idempotent methods only,
+    /// where Istio retries any method.
+    pub fn istio_default() -> RetryPolicy {
+        RetryPolicy {
+            attempts: 2,
+            per_try_timeout: None,
+            retry_on: vec![
+                RetryOn::ConnectFailure,
+                RetryOn::RefusedStream,
+                RetryOn::Unavailable,
+                RetryOn::Cancelled,
+                RetryOn::RetriableStatusCodes,
+            ],
+            status_codes: vec![503],
+            any_method: false,
+            backoff: Duration(DEFAULT_RETRY_BACKOFF),
+            other_hosts: true,
+        }
+    }
+}
+
+/// Retries in flight to a cluster are limited to `percent` of its requests in flight, but at
+/// least `min_concurrency` (Envoy's `retry_budget`; Istio's DestinationRule `retryBudget`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RetryBudget {
+    pub percent: f64,
+    pub min_concurrency: u32,
+}
+
+impl Default for RetryBudget {
+    /// Envoy's defaults: 20% and 3.
+    fn default() -> RetryBudget {
+        RetryBudget { percent: 20.0, min_concurrency: 3 }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -322,6 +452,8 @@ pub struct Cluster {
     pub endpoints: Vec<Endpoint>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTls>,
+    #[serde(default)]
+    pub retry_budget: RetryBudget,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

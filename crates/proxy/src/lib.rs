@@ -1,9 +1,9 @@
 //! The Trellis data plane.
 //!
 //! A [`Proxy`] serves one routing snapshot at a time through its listeners:
-//! `listener` (accept, HTTP/1.1 + HTTP/2) → `handler` (route, act) → `upstream` (pools) and back,
-//! with direction-specific steps in `gateway`, `inbound` and `outbound`, balancing in `balance`,
-//! and the instantiated snapshot in `runtime`. Config arrives as a plain-data snapshot through
+//! `listener` (accept, HTTP/1.1 + HTTP/2) → `pipeline` (admit, select a route, respond or
+//! forward with retries) → `upstream` (pools) and back, with direction-specific steps in
+//! `pipeline::direction`, balancing in `balance`, and the instantiated snapshot in `runtime`. Config arrives as a plain-data snapshot through
 //! [`Proxy::apply`], from a file watcher (`source`) or, later, the control plane.
 //! See docs/ARCHITECTURE.md for the picture.
 #![forbid(unsafe_code)]
@@ -11,13 +11,10 @@
 pub mod admin;
 pub mod balance;
 pub mod control_client;
-mod gateway;
-pub mod handler;
 pub mod http;
 pub mod identity;
-mod inbound;
 pub mod listener;
-mod outbound;
+pub mod pipeline;
 pub mod runtime;
 pub mod security;
 pub mod source;

@@ -190,6 +190,17 @@ pub struct ProxyMetrics {
     pub authz_decisions: Family<AuthzLabels, Counter>,
     /// Downstream connections closed because a request head did not arrive in time.
     pub header_timeouts: Counter,
+    /// Retries sent, and retries the budget refused, by cluster.
+    pub retries: Family<RetryLabels, Counter>,
+}
+
+/// A retry towards `cluster_name`: `outcome` is `sent` or `budget_exhausted` (not sent: the
+/// cluster's retry budget was spent), `reason` the condition that asked for it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub cluster_name: Arc<str>,
+    pub outcome: &'static str,
+    pub reason: &'static str,
 }
 
 /// An authorization decision: `allow`, `deny` or `audit`, and the policy (`ns/name`) that made it.
@@ -259,6 +270,12 @@ impl ProxyMetrics {
             "Downstream connections closed because a request head did not arrive within the header read timeout",
             header_timeouts.clone(),
         );
+        let retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "trellis_proxy_upstream_retries",
+            "Upstream retries by cluster, outcome (sent, budget_exhausted) and the condition that asked for them",
+            retries.clone(),
+        );
         registry.register(
             "trellis_proxy_config_applied_timestamp_seconds",
             "When the snapshot in force was applied (Unix time)",
@@ -296,6 +313,7 @@ impl ProxyMetrics {
             access_log_dropped,
             authz_decisions,
             header_timeouts,
+            retries,
         }
     }
 

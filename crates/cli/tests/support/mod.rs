@@ -361,6 +361,8 @@ pub async fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
 ///
 /// - `/slow?ms=N`: answers after N ms (any path with `sleep_ms=N` sleeps first, too);
 /// - `/status/N`: answers status N;
+/// - `/flaky?every=N&status=S`: every N-th request to this backend answers S (503), the
+///   others 200 with the request body's length (`received`);
 /// - `/bytes?n=N`: streams N bytes;
 /// - `/upload`: reads the body as it streams and reports its length;
 /// - `/trailers`: a body followed by trailers;
@@ -404,10 +406,10 @@ impl Backend {
                     let svc = hyper::service::service_fn(move |req| {
                         let (n, r, f, pk) = (n.clone(), r.clone(), f.clone(), pk.clone());
                         async move {
-                            r.fetch_add(1, Ordering::SeqCst);
+                            let nth = r.fetch_add(1, Ordering::SeqCst) + 1;
                             let now = f.fetch_add(1, Ordering::SeqCst) + 1;
                             pk.fetch_max(now, Ordering::SeqCst);
-                            let resp = backend_handle(&n, req).await;
+                            let resp = backend_handle(&n, req, nth).await;
                             f.fetch_sub(1, Ordering::SeqCst);
                             Ok::<_, Infallible>(resp)
                         }
@@ -430,8 +432,20 @@ fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
     req.uri().query()?.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v))
 }
 
-async fn backend_handle(name: &str, req: Request<Incoming>) -> Response<TestBody> {
+async fn backend_handle(name: &str, req: Request<Incoming>, nth: usize) -> Response<TestBody> {
     let path = req.uri().path().to_string();
+    if path == "/flaky" {
+        // Every `every`-th request this backend receives fails with `status` (default 503);
+        // the others read the body and report its length.
+        let every: usize = query_param(&req, "every").and_then(|v| v.parse().ok()).unwrap_or(3);
+        let status: u16 = query_param(&req, "status").and_then(|v| v.parse().ok()).unwrap_or(503);
+        let received = req.into_body().collect().await.map(|c| c.to_bytes().len()).unwrap_or(0);
+        let mut r = Response::new(full(format!("{{\"server\":\"{name}\",\"nth\":{nth},\"received\":{received}}}")));
+        if nth.is_multiple_of(every) {
+            *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        }
+        return r;
+    }
     if let Some(ms) = query_param(&req, "sleep_ms").and_then(|v| v.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await; // the backend's simulated work (?sleep_ms)
     }

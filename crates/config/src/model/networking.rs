@@ -36,8 +36,8 @@ pub struct HttpRoute {
     pub rewrite: Option<HttpRewrite>,
     pub timeout: Option<Duration>,
     pub headers: Option<Headers>,
-    // Resilience and traffic-shaping policies: parsed, enforced by a later release.
-    pub retries: Option<Json>,
+    pub retries: Option<HttpRetry>,
+    // Traffic-shaping policies: parsed, enforced by a later release.
     pub fault: Option<Json>,
     pub mirror: Option<Json>,
     pub mirrors: Option<Json>,
@@ -162,6 +162,38 @@ pub struct DestinationRule {
     pub workload_selector: Option<WorkloadSelector>,
 }
 
+/// `HTTPRoute.retries`.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct HttpRetry {
+    /// Retries allowed (not counting the first try); 0 disables retries.
+    pub attempts: Option<i64>,
+    pub per_try_timeout: Option<Duration>,
+    /// Comma-separated conditions (Envoy's `x-envoy-retry-on` and `x-envoy-retry-grpc-on`
+    /// names) and status codes.
+    pub retry_on: Option<String>,
+    pub retry_remote_localities: Option<bool>,
+    /// Whether a retry avoids the hosts already tried (Istio's default: yes).
+    pub retry_ignore_previous_hosts: Option<bool>,
+    /// The base interval of the jittered exponential backoff between tries (default 25ms).
+    pub backoff: Option<Duration>,
+}
+
+/// `TrafficPolicy.retryBudget`: retries in flight are limited to `percent` of the requests in
+/// flight to the service, but at least `minRetryConcurrency`.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct RetryBudget {
+    pub percent: Option<Percent>,
+    pub min_retry_concurrency: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct Percent {
+    pub value: f64,
+}
+
 #[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct TrafficPolicy {
@@ -173,7 +205,7 @@ pub struct TrafficPolicy {
     pub tls: Option<ClientTlsSettings>,
     pub tunnel: Option<Json>,
     pub proxy_protocol: Option<Json>,
-    pub retry_budget: Option<Json>,
+    pub retry_budget: Option<RetryBudget>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]

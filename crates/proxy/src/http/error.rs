@@ -71,6 +71,8 @@ pub struct ProxyError {
     pub side: Side,
     /// Safe to retry: the request never reached an upstream application.
     pub retryable: bool,
+    /// The upstream refused the HTTP/2 stream (`REFUSED_STREAM`): it never processed it.
+    pub refused: bool,
     pub message: String,
 }
 
@@ -84,6 +86,7 @@ impl ProxyError {
             status: StatusCode::NOT_FOUND,
             side: Side::Proxy,
             retryable: false,
+            refused: false,
             message: format!("no route for host {host:?} and path {path:?}"),
         }
     }
@@ -94,6 +97,7 @@ impl ProxyError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             side: Side::Upstream,
             retryable: true,
+            refused: false,
             message: format!("no healthy upstream in cluster {cluster}"),
         }
     }
@@ -104,6 +108,7 @@ impl ProxyError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             side: Side::Upstream,
             retryable: true,
+            refused: false,
             message: format!("upstream connect error to {endpoint}: {reason}"),
         }
     }
@@ -114,6 +119,7 @@ impl ProxyError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             side: Side::Upstream,
             retryable: false,
+            refused: false,
             message: format!("upstream {endpoint} reset before response headers: {reason}"),
         }
     }
@@ -124,6 +130,7 @@ impl ProxyError {
             status: StatusCode::GATEWAY_TIMEOUT,
             side: Side::Upstream,
             retryable: true,
+            refused: false,
             message: format!(
                 "upstream request timeout after {}",
                 trellis_config::model::duration::format_duration(after)
@@ -138,6 +145,7 @@ impl ProxyError {
             status: StatusCode::FORBIDDEN,
             side: Side::Downstream,
             retryable: false,
+            refused: false,
             message: "RBAC: access denied".into(),
         }
     }
@@ -149,6 +157,7 @@ impl ProxyError {
             status: StatusCode::UNAUTHORIZED,
             side: Side::Downstream,
             retryable: false,
+            refused: false,
             message,
         }
     }
@@ -159,6 +168,7 @@ impl ProxyError {
             status: StatusCode::BAD_REQUEST,
             side: Side::Downstream,
             retryable: false,
+            refused: false,
             message: message.into(),
         }
     }
@@ -169,8 +179,14 @@ impl ProxyError {
             status: StatusCode::BAD_REQUEST,
             side: Side::Downstream,
             retryable: false,
+            refused: false,
             message: format!("downstream request body failed: {reason}"),
         }
+    }
+
+    /// The upstream took longer than the route's timeout, or the client's `grpc-timeout`.
+    pub fn is_timeout(&self) -> bool {
+        self.flag == Flag::UpstreamTimeout
     }
 
     /// The response for this error: status, a one-line text body ending in the flag, and the

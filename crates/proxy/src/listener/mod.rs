@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 
 use trellis_config::snapshot::{Direction, Listener as ListenerSpec, MtlsMode, Snapshot};
 
-use crate::handler::{self, ConnInfo};
+use crate::pipeline::{self, ConnInfo};
 use crate::runtime::Captured;
 use crate::state::Shared;
 use crate::upstream::Io;
@@ -280,7 +280,7 @@ async fn serve_http(io: Io, conn: Arc<ConnInfo>, shared: Arc<Shared>) {
     let svc_conn = conn.clone();
     let svc = hyper::service::service_fn(move |req| {
         let (s, c) = (svc_shared.clone(), svc_conn.clone());
-        async move { Ok::<_, Infallible>(handler::handle(s, c, req).await) }
+        async move { Ok::<_, Infallible>(pipeline::handle(s, c, req).await) }
     });
     let served = shared.server.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(served);

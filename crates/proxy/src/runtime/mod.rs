@@ -61,6 +61,8 @@ pub struct Cluster {
     pub authority: String,
     /// Spoken to with mesh mutual TLS.
     pub mtls: bool,
+    /// The retry budget: retries in flight against requests in flight.
+    pub budget: Arc<crate::pipeline::retry::Budget>,
 }
 
 /// The TLS client configurations for a cluster, and a key naming that variant for the pools.
@@ -219,6 +221,7 @@ impl Runtime {
                     mesh_peers,
                     authority,
                     mtls,
+                    budget: crate::pipeline::retry::Budget::new(c.retry_budget),
                 }),
             );
         }

@@ -45,6 +45,7 @@ pub struct Route {
     pub request_headers: HeaderRewrite,
     pub response_headers: HeaderRewrite,
     pub timeout: Option<std::time::Duration>,
+    pub retry: Option<spec::RetryPolicy>,
 }
 
 pub enum Action {
@@ -223,6 +224,7 @@ impl Route {
             request_headers: HeaderRewrite::build(&r.request_headers)?,
             response_headers: HeaderRewrite::build(&r.response_headers)?,
             timeout: r.timeout.map(|t| t.0),
+            retry: r.retry.clone(),
         })
     }
 }

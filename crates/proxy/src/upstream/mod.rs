@@ -153,14 +153,15 @@ impl Endpoint {
     }
 
     /// Sends `req` and returns the response head (the body streams on); an HTTP/1.1 connection
-    /// goes to `in_flight`, which pools it again when the response completes.
+    /// goes to `in_flight`, which pools it again when the response completes. On an error
+    /// before any of the request was written, the request comes back with it.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<Body>,
         wire: Wire,
         connect_timeout: Duration,
         in_flight: &mut InFlight,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Incoming>, SendError> {
         match wire {
             Wire::Http1 => {
                 let (resp, sender) = self.send_h1(req, connect_timeout).await?;
@@ -200,19 +201,22 @@ impl Endpoint {
         self: &Arc<Self>,
         mut req: Request<Body>,
         timeout: Duration,
-    ) -> Result<(Response<Incoming>, http1::SendRequest<Body>), ProxyError> {
+    ) -> Result<(Response<Incoming>, http1::SendRequest<Body>), SendError> {
         // A pooled connection may have been closed by the upstream in the meantime; a request
         // that was never written to it is retried once on a fresh connection.
         loop {
             let (mut sender, fresh) = match self.pop_idle_h1() {
                 Some(s) => (s, false),
-                None => (self.connect_h1(timeout).await?, true),
+                None => match self.connect_h1(timeout).await {
+                    Ok(s) => (s, true),
+                    Err(error) => return Err(SendError { error, request: Some(req) }),
+                },
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok((resp, sender)),
                 Err(mut e) => match e.take_message() {
                     Some(r) if !fresh => req = r,
-                    _ => return Err(classify(&self.address, e.into_error())),
+                    request => return Err(SendError { request, error: classify(&self.address, e.into_error()) }),
                 },
             }
         }
@@ -268,13 +272,16 @@ impl Endpoint {
         Ok(sender)
     }
 
-    async fn send_h2(&self, mut req: Request<Body>, timeout: Duration) -> Result<Response<Incoming>, ProxyError> {
+    async fn send_h2(&self, mut req: Request<Body>, timeout: Duration) -> Result<Response<Incoming>, SendError> {
         let mut retried = false;
         loop {
-            let mut sender = self.h2_sender(timeout).await?;
+            let mut sender = match self.h2_sender(timeout).await {
+                Ok(s) => s,
+                Err(error) => return Err(SendError { error, request: Some(req) }),
+            };
             if let Err(e) = sender.ready().await {
                 if retried {
-                    return Err(classify(&self.address, e));
+                    return Err(SendError { error: classify(&self.address, e), request: Some(req) });
                 }
                 retried = true;
                 self.h2.store(None);
@@ -288,11 +295,18 @@ impl Endpoint {
                         self.h2.store(None);
                         req = r;
                     }
-                    _ => return Err(classify(&self.address, e.into_error())),
+                    request => return Err(SendError { request, error: classify(&self.address, e.into_error()) }),
                 },
             }
         }
     }
+}
+
+/// A failed send; `request` is the request when none of it was written (safe to send again,
+/// whatever its method).
+pub struct SendError {
+    pub error: ProxyError,
+    pub request: Option<Request<Body>>,
 }
 
 /// Maps a hyper client error to the flag Envoy would log.
@@ -301,11 +315,14 @@ fn classify(address: &str, e: hyper::Error) -> ProxyError {
         // The request body (the downstream) failed, not the upstream.
         return ProxyError::downstream_gone(e);
     }
+    let refused = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .is_some_and(|h| h.reason() == Some(h2::Reason::REFUSED_STREAM));
     let reason = match std::error::Error::source(&e) {
         Some(src) => format!("{e}: {src}"),
         None => e.to_string(),
     };
-    ProxyError::reset(address, reason)
+    ProxyError { refused, ..ProxyError::reset(address, reason) }
 }
 
 /// The registry that lets endpoints (and their pools) outlive snapshots.

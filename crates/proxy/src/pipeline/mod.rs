@@ -1,0 +1,114 @@
+//! The request path: one pipeline of phases every listener shares.
+//!
+//! ```text
+//! handle ─ direction::restore_version, direction::record   (telemetry record, reporter, peer)
+//!   │
+//!   ├─ authority check (400 DPE); CONNECT refused (400)
+//!   ├─ admit      RequestAuthentication (401), AuthorizationPolicy (403)   [inbound, gateway]
+//!   ├─ select     route table → virtual host → first matching route (404 NR)
+//!   ├─ respond    directResponse, redirect
+//!   └─ forward    upstream request (rewrites, headers, wire protocol); tries: balance, send
+//!                 under per-try timeout, retry per policy and budget (retry, replay); the
+//!                 response back with its header operations — all under the route timeout
+//! ```
+//!
+//! Each phase is a plain function over the request, dispatched statically (no boxed services
+//! per request); what a phase needs from config — matchers, keys, CIDRs, retry policies,
+//! budgets — was compiled once per snapshot in `runtime`. docs/ARCHITECTURE.md says why
+//! phases rather than tower layers. Errors become responses in one place (`http::error`);
+//! nothing here buffers a body but the bounded copy a retry may replay.
+
+mod admit;
+mod direction;
+mod forward;
+mod replay;
+mod respond;
+pub mod retry;
+mod select;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header;
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use trellis_config::snapshot::Direction;
+
+use crate::http::{boxed, headers, Body, ProxyError};
+use crate::runtime::route::Action;
+use crate::runtime::Runtime;
+use crate::state::Shared;
+use crate::telemetry::{Recorded, RequestRecord};
+
+/// The connection a request arrived on.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub listener: Arc<str>,
+    pub direction: Direction,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// The peer's SPIFFE id, when the connection is mesh mTLS.
+    pub peer_identity: Option<Arc<str>>,
+    pub mtls: bool,
+    /// Where the client meant to connect, when iptables redirected it to this proxy.
+    pub original_dst: Option<SocketAddr>,
+}
+
+/// Serves one request; never fails (errors become responses). Every request is recorded once
+/// (metrics, span, access log), when its response body ends or is dropped.
+pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut req: Request<Incoming>) -> Response<Body> {
+    let start = Instant::now();
+    let rt = shared.runtime();
+    let wire_version = req.version();
+    direction::restore_version(&conn, &mut req);
+    let mut record = direction::record(&shared, &rt, &conn, &mut req, start);
+    let (mut resp, flag) = match proxy(&shared, &rt, &conn, req, &mut record).await {
+        Ok(r) => (r, "-"),
+        Err(e) => {
+            tracing::debug!(listener = %conn.listener, flag = %e.flag, "{e}");
+            let flag = e.flag.as_str();
+            (e.into_response(), flag)
+        }
+    };
+    *resp.version_mut() = wire_version;
+    record.status = resp.status().as_u16();
+    record.flags = flag;
+    let (parts, body) = resp.into_parts();
+    let body = Recorded::new(body, record, &parts.headers);
+    Response::from_parts(parts, boxed(body))
+}
+
+async fn proxy(
+    shared: &Shared,
+    rt: &Runtime,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    record: &mut RequestRecord,
+) -> Result<Response<Body>, ProxyError> {
+    if req.method() == http::Method::CONNECT {
+        return Err(ProxyError::bad_request("CONNECT tunnels are not supported yet"));
+    }
+    let authority = headers::request_authority(req.uri(), req.version(), req.headers())?;
+    let (mut parts, body) = req.into_parts();
+    headers::host_from_target(&mut parts);
+    if direction::admits(conn.direction) {
+        admit::run(shared, rt, conn, &mut parts, authority.as_ref(), record).await?;
+    }
+    let sel = select::route(rt, conn, &mut parts, authority.as_ref())?;
+    record.route = Some(sel.route.name.clone());
+    match &sel.route.action {
+        Action::Direct { status, body } => Ok(respond::direct(*status, body, sel.route)),
+        Action::Redirect(rd) => Ok(respond::redirect_to(rd, &parts.uri, &sel)),
+        Action::Forward(f) => forward::run(shared, rt, conn, &sel, f, parts, body, record).await,
+    }
+}
+
+fn header_str(h: &http::HeaderMap, name: impl http::header::AsHeaderName) -> Option<String> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+}
+
+fn is_grpc(h: &http::HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/grpc"))
+}

@@ -1,0 +1,244 @@
+//! Retries: whether a try's outcome asks for another (Envoy's `retryOn` conditions), whether
+//! the request may be sent again (method, body), the cluster's retry budget, and the jittered
+//! backoff between tries. The attempt loop itself is in `forward`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, Method, StatusCode};
+use trellis_config::snapshot::{RetryBudget, RetryOn, RetryPolicy};
+
+use crate::http::{Flag, ProxyError};
+
+/// What one try came to.
+pub enum Outcome<'a> {
+    Response {
+        status: StatusCode,
+        headers: &'a HeaderMap,
+    },
+    Error(&'a ProxyError),
+    /// The try ran out of its `perTryTimeout`.
+    PerTryTimeout,
+}
+
+/// The `retryOn` condition that asks for another try after `outcome`, if any.
+pub fn reason(policy: &RetryPolicy, request: &HeaderMap, outcome: &Outcome<'_>) -> Option<&'static str> {
+    let on = |c: RetryOn| policy.retry_on.contains(&c);
+    let five_or_gateway = on(RetryOn::FiveXx) || on(RetryOn::GatewayError);
+    match outcome {
+        Outcome::PerTryTimeout => five_or_gateway.then_some("per-try-timeout"),
+        Outcome::Error(e) => match e.flag {
+            Flag::UpstreamConnectFailure if on(RetryOn::ConnectFailure) || five_or_gateway => Some("connect-failure"),
+            Flag::UpstreamReset if e.refused && (on(RetryOn::RefusedStream) || five_or_gateway) => {
+                Some("refused-stream")
+            }
+            Flag::UpstreamReset if on(RetryOn::Reset) || five_or_gateway => Some("reset"),
+            _ => None,
+        },
+        Outcome::Response { status, headers } => {
+            let code = status.as_u16();
+            if on(RetryOn::FiveXx) && status.is_server_error() {
+                return Some("5xx");
+            }
+            if on(RetryOn::GatewayError) && matches!(code, 502..=504) {
+                return Some("gateway-error");
+            }
+            if on(RetryOn::Retriable4xx) && code == 409 {
+                return Some("retriable-4xx");
+            }
+            if on(RetryOn::RetriableStatusCodes) && (policy.status_codes.contains(&code) || listed(request, code)) {
+                return Some("retriable-status-codes");
+            }
+            if on(RetryOn::RetriableHeaders) && named_header_present(request, headers) {
+                return Some("retriable-headers");
+            }
+            grpc_reason(policy, headers)
+        }
+    }
+}
+
+/// `x-envoy-retriable-status-codes` on the request adds codes.
+fn listed(request: &HeaderMap, code: u16) -> bool {
+    request
+        .get("x-envoy-retriable-status-codes")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|c| c.trim().parse::<u16>().ok() == Some(code)))
+}
+
+/// `retriable-headers`: the response carries a header the request's
+/// `x-envoy-retriable-header-names` names.
+fn named_header_present(request: &HeaderMap, response: &HeaderMap) -> bool {
+    request
+        .get("x-envoy-retriable-header-names")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|n| response.contains_key(n.trim())))
+}
+
+/// gRPC conditions: the status of a trailers-only response (in its headers).
+fn grpc_reason(policy: &RetryPolicy, headers: &HeaderMap) -> Option<&'static str> {
+    let status = headers.get("grpc-status")?.to_str().ok()?.parse::<u32>().ok()?;
+    let (cond, name) = match status {
+        1 => (RetryOn::Cancelled, "cancelled"),
+        4 => (RetryOn::DeadlineExceeded, "deadline-exceeded"),
+        8 => (RetryOn::ResourceExhausted, "resource-exhausted"),
+        13 => (RetryOn::Internal, "internal"),
+        14 => (RetryOn::Unavailable, "unavailable"),
+        _ => return None,
+    };
+    policy.retry_on.contains(&cond).then_some(name)
+}
+
+/// Methods RFC 9110 §9.2.2 calls idempotent: sending them twice means what sending once does.
+pub fn idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+}
+
+/// The full-jitter backoff before retry `n` (1-based): uniform in `[0, base·2^(n-1))`, the
+/// ceiling capped at 10× base (Envoy's).
+pub fn backoff(base: Duration, n: u32) -> Duration {
+    let ceiling = base.saturating_mul(1 << (n.saturating_sub(1)).min(16)).min(base.saturating_mul(10));
+    let nanos = ceiling.as_nanos().min(u64::MAX as u128) as u64;
+    if nanos == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_nanos(fastrand::u64(0..nanos))
+}
+
+/// A cluster's retry budget in force: retries in flight may not exceed `percent` of the
+/// requests in flight (first tries and retries), but may always reach `min_concurrency`.
+pub struct Budget {
+    config: RetryBudget,
+    requests: AtomicUsize,
+    retries: AtomicUsize,
+}
+
+/// Counts one request (or one retry) in flight until dropped.
+pub struct InFlight {
+    budget: Arc<Budget>,
+    retry: bool,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.budget.requests.fetch_sub(1, Ordering::Relaxed);
+        if self.retry {
+            self.budget.retries.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Budget {
+    pub fn new(config: RetryBudget) -> Arc<Budget> {
+        Arc::new(Budget { config, requests: AtomicUsize::new(0), retries: AtomicUsize::new(0) })
+    }
+
+    /// A first try starts.
+    pub fn request(self: &Arc<Self>) -> InFlight {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        InFlight { budget: self.clone(), retry: false }
+    }
+
+    /// A retry may start if the budget has room (then it counts until dropped).
+    pub fn retry(self: &Arc<Self>) -> Option<InFlight> {
+        let requests = self.requests.load(Ordering::Relaxed) + 1;
+        let allowed = ((requests as f64) * self.config.percent / 100.0) as usize;
+        let allowed = allowed.max(self.config.min_concurrency as usize);
+        self.retries.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| (r < allowed).then_some(r + 1)).ok()?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        Some(InFlight { budget: self.clone(), retry: true })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn policy(on: &str) -> RetryPolicy {
+        let (retry_on, status_codes) = RetryOn::parse_list(on).expect("retryOn");
+        RetryPolicy { retry_on, status_codes, ..RetryPolicy::istio_default() }
+    }
+
+    fn response(p: &RetryPolicy, code: u16, headers: &[(&'static str, &'static str)]) -> Option<&'static str> {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(*k, HeaderValue::from_static(v));
+        }
+        let status = StatusCode::from_u16(code).expect("status");
+        reason(p, &HeaderMap::new(), &Outcome::Response { status, headers: &h })
+    }
+
+    #[test]
+    fn status_conditions() {
+        assert_eq!(response(&policy("5xx"), 500, &[]), Some("5xx"));
+        assert_eq!(response(&policy("5xx"), 404, &[]), None);
+        assert_eq!(response(&policy("gateway-error"), 500, &[]), None);
+        assert_eq!(response(&policy("gateway-error"), 503, &[]), Some("gateway-error"));
+        assert_eq!(response(&policy("retriable-4xx"), 409, &[]), Some("retriable-4xx"));
+        assert_eq!(response(&policy("429,503"), 429, &[]), Some("retriable-status-codes"));
+        assert_eq!(response(&policy("connect-failure"), 503, &[]), None);
+        assert_eq!(response(&policy("unavailable"), 200, &[("grpc-status", "14")]), Some("unavailable"));
+        assert_eq!(response(&policy("unavailable"), 200, &[("grpc-status", "13")]), None);
+        assert_eq!(response(&policy("internal"), 200, &[("grpc-status", "13")]), Some("internal"));
+        let mut req = HeaderMap::new();
+        req.insert("x-envoy-retriable-header-names", HeaderValue::from_static("x-retry-me"));
+        let mut resp = HeaderMap::new();
+        resp.insert("x-retry-me", HeaderValue::from_static("1"));
+        let p = policy("retriable-headers");
+        assert_eq!(
+            reason(&p, &req, &Outcome::Response { status: StatusCode::OK, headers: &resp }),
+            Some("retriable-headers")
+        );
+    }
+
+    #[test]
+    fn error_conditions() {
+        let refused = ProxyError { refused: true, ..ProxyError::reset("e", "refused") };
+        let reset = ProxyError::reset("e", "closed");
+        let connect = ProxyError::connect_failure("e", "refused");
+        let p = policy("connect-failure,refused-stream");
+        assert_eq!(reason(&p, &HeaderMap::new(), &Outcome::Error(&connect)), Some("connect-failure"));
+        assert_eq!(reason(&p, &HeaderMap::new(), &Outcome::Error(&refused)), Some("refused-stream"));
+        assert_eq!(reason(&p, &HeaderMap::new(), &Outcome::Error(&reset)), None, "reset is not asked for");
+        assert_eq!(reason(&p, &HeaderMap::new(), &Outcome::PerTryTimeout), None);
+        let p = policy("5xx");
+        assert_eq!(reason(&p, &HeaderMap::new(), &Outcome::Error(&reset)), Some("reset"));
+        assert_eq!(reason(&p, &HeaderMap::new(), &Outcome::PerTryTimeout), Some("per-try-timeout"));
+        let uh = ProxyError::no_healthy_upstream("c");
+        assert_eq!(reason(&p, &HeaderMap::new(), &Outcome::Error(&uh)), None);
+    }
+
+    #[test]
+    fn methods() {
+        assert!(idempotent(&Method::GET) && idempotent(&Method::PUT) && idempotent(&Method::DELETE));
+        assert!(!idempotent(&Method::POST) && !idempotent(&Method::PATCH));
+    }
+
+    #[test]
+    fn backoff_is_jittered_under_a_growing_ceiling() {
+        let base = Duration::from_millis(25);
+        for n in 1..6 {
+            let ceiling = base * (1 << (n - 1)).min(10);
+            for _ in 0..100 {
+                assert!(backoff(base, n) < ceiling.max(Duration::from_nanos(1)));
+            }
+        }
+        assert!(backoff(base, 30) < base * 10, "capped at 10x base");
+    }
+
+    #[test]
+    fn the_budget_allows_a_share_of_requests_in_flight_with_a_floor() {
+        let b = Budget::new(RetryBudget { percent: 20.0, min_concurrency: 3 });
+        let firsts: Vec<InFlight> = (0..50).map(|_| b.request()).collect();
+        let retries: Vec<InFlight> = std::iter::from_fn(|| b.retry()).take(100).collect();
+        // 20% of (50 + retries in flight): 12 at most.
+        assert!((10..=13).contains(&retries.len()), "{}", retries.len());
+        drop(retries);
+        drop(firsts);
+        let floor: Vec<InFlight> = std::iter::from_fn(|| b.retry()).take(100).collect();
+        assert_eq!(floor.len(), 3, "min concurrency with nothing else in flight");
+        drop(floor);
+        assert_eq!((b.requests.load(Ordering::Relaxed), b.retries.load(Ordering::Relaxed)), (0, 0));
+    }
+}
