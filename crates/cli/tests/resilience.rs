@@ -141,3 +141,141 @@ async fn retries_stay_within_the_budget_when_every_request_fails() {
     assert!(share <= 25.0, "retries are {share:.1}% of upstream requests, over the 20% budget (+5 points)");
     assert!(upstream > 1000 && refused > 0.0, "the budget allowed some retries and refused others");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_faults_hit_their_share_and_delays_show_in_the_access_log() {
+    let b = Backend::start("app").await;
+    let dir = ConfigDir::new();
+    let log = dir.path().join("access.log");
+    let mut y = gateway("gw", GW);
+    y.push_str(&service("app.internal", "HTTP", &[(b.addr, &[])]));
+    y.push_str(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - match: [{uri: {prefix: /abort}}]\n    fault: {abort: {httpStatus: 418, percentage: {value: 30}}}\n    route: [{destination: {host: app.internal}}]\n  - match: [{uri: {prefix: /delay}}]\n    fault: {delay: {fixedDelay: 50ms, percentage: {value: 10}}}\n    route: [{destination: {host: app.internal}}]\n",
+    );
+    let cfg = dir.write("mesh.yaml", &y);
+    let proxy = ProxyProc::start(&[
+        "--role",
+        "gateway",
+        "-c",
+        cfg.to_str().expect("path"),
+        "--access-log",
+        log.to_str().expect("path"),
+    ])
+    .await;
+    let port = proxy.port(GW).await;
+    let got = statuses(&format!("http://127.0.0.1:{port}/abort"), 3000, 8).await;
+    let aborted = got.iter().filter(|s| **s == 418).count();
+    let share = aborted as f64 / 30.0;
+    println!("{aborted}/3000 aborted ({share:.1}%); the upstream saw {}", b.count());
+    assert!((27.0..=33.0).contains(&share), "aborted {share:.1}%, configured 30%");
+    assert_eq!(got.len() - aborted, b.count(), "aborted requests never reach the upstream");
+
+    let got = statuses(&format!("http://127.0.0.1:{port}/delay"), 1000, 20).await;
+    assert!(got.iter().all(|s| *s == 200));
+    let lines = wait_lines(&log, 4000).await;
+    let delay_lines: Vec<&serde_json::Value> = lines.iter().filter(|l| l["path"] == "/delay").collect();
+    let delayed: Vec<&&serde_json::Value> = delay_lines.iter().filter(|l| l["response_flags"] == "DI").collect();
+    let share = delayed.len() as f64 / 10.0;
+    println!("{} of 1000 delayed ({share:.1}%)", delayed.len());
+    assert!((7.0..=13.0).contains(&share), "delayed {share:.1}%, configured 10%");
+    assert!(
+        delayed.iter().all(|l| l["duration"].as_f64().unwrap_or(0.0) >= 50.0),
+        "every delayed request's logged duration includes the 50ms delay"
+    );
+    let aborted_lines = lines.iter().filter(|l| l["response_flags"] == "FI" && l["response_code"] == 418).count();
+    assert_eq!(aborted_lines, aborted, "each abort is logged with FI");
+    let m = metrics(proxy.admin).await;
+    assert_eq!(metric_sum(&m, "trellis_proxy_faults_injected_total", &[("kind", "abort")]) as usize, aborted);
+    assert_eq!(metric_sum(&m, "trellis_proxy_faults_injected_total", &[("kind", "delay")]) as usize, delayed.len());
+}
+
+/// The access log's lines, once it has `n` of them.
+async fn wait_lines(log: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(std::time::Instant::now() < deadline, "{} access log lines, waiting for {n}", lines.len());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await; // poll interval of a wait on the access log file
+    }
+}
+
+/// Three endpoints behind a round-robin gateway with outlier detection as `outlier` says, and
+/// no retries (each failure reaches the client, so the test sees what the balancer did).
+async fn outlier_gateway(backends: &[&Backend], outlier: &str) -> (ConfigDir, ProxyProc, u16) {
+    gateway_with(
+        backends,
+        "    retries: {attempts: 0}\n",
+        &format!("    loadBalancer: {{simple: ROUND_ROBIN}}\n    outlierDetection: {outlier}\n"),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_endpoint_is_ejected_gets_no_traffic_and_comes_back() {
+    let (a, b, bad) = (Backend::start("a").await, Backend::start("b").await, Backend::start("bad").await);
+    bad.fail(500);
+    let (_d, proxy, port) = outlier_gateway(
+        &[&a, &b, &bad],
+        "{consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 3s, maxEjectionPercent: 100}",
+    )
+    .await;
+    let url = format!("http://127.0.0.1:{port}/");
+    // One at a time, so the endpoint's third failure ejects it before another request is sent.
+    let client = h1_client();
+    let mut statuses = Vec::new();
+    let mut ejected_at = None;
+    for _ in 0..150 {
+        let sent = std::time::Instant::now();
+        let req = http::Request::get(url.as_str()).body(empty()).expect("req");
+        let status = send(&client, req).await.status.as_u16();
+        statuses.push(status);
+        if status == 500 && statuses.iter().filter(|s| **s == 500).count() == 3 {
+            ejected_at = Some(sent); // the ejection happened after the third failing request was sent
+        }
+    }
+    let ejected_at = ejected_at.expect("three failures");
+    // (150 requests take well under the 3s ejection.)
+    assert_eq!(bad.count(), 3, "ejected after its third consecutive 5xx, then no traffic");
+    assert_eq!(statuses.iter().filter(|s| **s == 500).count(), 3);
+    assert_eq!(a.count() + b.count(), 147);
+    let m = metrics(proxy.admin).await;
+    assert_eq!(metric_sum(&m, "trellis_proxy_outlier_ejections_total", &[("reason", "consecutive_5xx")]), 1.0);
+
+    // Healthy again; it gets traffic once its ejection time (3s) is up, not before.
+    bad.fail(0);
+    let deadline = ejected_at + std::time::Duration::from_secs(20);
+    while bad.count() == 3 {
+        assert!(std::time::Instant::now() < deadline, "the endpoint never came back");
+        let r = send(&client, http::Request::get(url.as_str()).body(empty()).expect("req")).await;
+        assert_eq!(r.status, 200);
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await; // request pacing while waiting for the return
+    }
+    let back = ejected_at.elapsed();
+    assert!(back >= std::time::Duration::from_secs(3), "back only after baseEjectionTime, not {back:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_ejection_percent_keeps_endpoints_in_service() {
+    let (a, bad1, bad2) = (Backend::start("a").await, Backend::start("bad1").await, Backend::start("bad2").await);
+    bad1.fail(503);
+    bad2.fail(503);
+    // 34% of 3 endpoints: one may be ejected, the other failing one stays.
+    let (_d, proxy, port) = outlier_gateway(
+        &[&a, &bad1, &bad2],
+        "{consecutive5xxErrors: 2, baseEjectionTime: 60s, maxEjectionPercent: 34}",
+    )
+    .await;
+    let client = h1_client();
+    for _ in 0..90 {
+        send(&client, http::Request::get(format!("http://127.0.0.1:{port}/")).body(empty()).expect("req")).await;
+    }
+    let (c1, c2) = (bad1.count(), bad2.count());
+    println!("failing endpoints saw {c1} and {c2} of 90 requests");
+    assert!(c1.min(c2) == 2 && c1.max(c2) >= 30, "one ejected after 2 failures, the other kept: {c1}, {c2}");
+    let m = metrics(proxy.admin).await;
+    assert_eq!(metric_sum(&m, "trellis_proxy_outlier_ejections_total", &[]), 1.0);
+}

@@ -553,6 +553,37 @@ impl<'a> Cx<'a> {
         if let Some(lb) = &tp.load_balancer {
             self.load_balancer(r, at(&["loadBalancer".into()]), lb);
         }
+        let outliers = std::iter::once((at(&["outlierDetection".into()]), tp.outlier_detection.as_ref())).chain(
+            tp.port_level_settings.iter().enumerate().map(|(i, p)| {
+                (at(&["portLevelSettings".into(), i.into(), "outlierDetection".into()]), p.outlier_detection.as_ref())
+            }),
+        );
+        for (path, o) in outliers.collect::<Vec<_>>() {
+            let Some(o) = o else { continue };
+            let field = |f: &str| [path.clone(), vec![Seg::from(f)]].concat();
+            for (name, v) in
+                [("maxEjectionPercent", o.max_ejection_percent), ("minHealthPercent", o.min_health_percent)]
+            {
+                if v.is_some_and(|v| !(0..=100).contains(&v)) {
+                    self.push(Code::Schema, r, field(name), format!("{name} is a percentage (0-100)"));
+                }
+            }
+            for (name, v) in [
+                ("consecutiveErrors", o.consecutive_errors),
+                ("consecutive5xxErrors", o.consecutive_5xx_errors),
+                ("consecutiveGatewayErrors", o.consecutive_gateway_errors),
+                ("consecutiveLocalOriginFailures", o.consecutive_local_origin_failures),
+            ] {
+                if v.is_some_and(|v| v < 0) {
+                    self.push(Code::Schema, r, field(name), format!("{name} must be 0 or more"));
+                }
+            }
+            for (name, v) in [("interval", o.interval), ("baseEjectionTime", o.base_ejection_time)] {
+                if v.is_some_and(|d| !d.0.is_zero() && d.0 < std::time::Duration::from_millis(1)) {
+                    self.push(Code::Schema, r, field(name), format!("{name} must be at least 1ms"));
+                }
+            }
+        }
         if let Some(b) = &tp.retry_budget {
             if b.percent.as_ref().is_some_and(|p| !(0.0..=100.0).contains(&p.value)) {
                 self.push(
@@ -570,7 +601,6 @@ impl<'a> Cx<'a> {
         }
         for (field, present) in [
             ("connectionPool", tp.connection_pool.is_some()),
-            ("outlierDetection", tp.outlier_detection.is_some()),
             ("tls", tp.tls.is_some()),
             ("tunnel", tp.tunnel.is_some()),
             ("proxyProtocol", tp.proxy_protocol.is_some()),
@@ -888,6 +918,9 @@ impl<'a> Cx<'a> {
                 );
             }
         }
+        if let Some(f) = &route.fault {
+            self.fault(r, &at(&["fault".into()]), f);
+        }
         if let Some(rt) = &route.retries {
             if rt.attempts.is_some_and(|a| a < 0) {
                 self.push(
@@ -922,7 +955,6 @@ impl<'a> Cx<'a> {
             }
         }
         for (field, present) in [
-            ("fault", route.fault.is_some()),
             ("mirror", route.mirror.is_some()),
             ("mirrors", route.mirrors.is_some()),
             ("corsPolicy", route.cors_policy.is_some()),
@@ -930,6 +962,70 @@ impl<'a> Cx<'a> {
         ] {
             if present {
                 self.push(Code::NotEnforced, r, at(&[field.into()]), format!("{field} is parsed but not enforced yet"));
+            }
+        }
+    }
+
+    /// `fault`: a delay needs `fixedDelay`; an abort exactly one of `httpStatus` (200-599),
+    /// `grpcStatus` (a code name or number); percentages are 0-100.
+    fn fault(&mut self, r: &Resource, base: &[Seg], f: &crate::model::networking::HttpFaultInjection) {
+        let at = |tail: &[&str]| [base, &tail.iter().map(|t| Seg::from(*t)).collect::<Vec<_>>()].concat();
+        let percent_ok =
+            |p: &Option<crate::model::networking::Percent>| p.as_ref().is_none_or(|p| (0.0..=100.0).contains(&p.value));
+        if f.delay.is_none() && f.abort.is_none() {
+            self.push(Code::Schema, r, base.to_vec(), "fault needs a delay or an abort".into());
+        }
+        if let Some(d) = &f.delay {
+            if d.exponential_delay.is_some() {
+                self.push(
+                    Code::Schema,
+                    r,
+                    at(&["delay", "exponentialDelay"]),
+                    "exponentialDelay is not supported (as in Istio): use fixedDelay".into(),
+                );
+            } else if d.fixed_delay.is_none_or(|t| t.0 < std::time::Duration::from_millis(1)) {
+                self.push(Code::Schema, r, at(&["delay"]), "a delay needs fixedDelay of at least 1ms".into());
+            }
+            if !percent_ok(&d.percentage) || d.percent.is_some_and(|p| !(0..=100).contains(&p)) {
+                self.push(Code::Schema, r, at(&["delay", "percentage"]), "a percentage between 0 and 100".into());
+            }
+        }
+        if let Some(a) = &f.abort {
+            let set = [a.http_status.is_some(), a.grpc_status.is_some(), a.http2_error.is_some()]
+                .iter()
+                .filter(|x| **x)
+                .count();
+            if set != 1 {
+                self.push(
+                    Code::Schema,
+                    r,
+                    at(&["abort"]),
+                    "an abort needs exactly one of httpStatus, grpcStatus, http2Error".into(),
+                );
+            } else if a.http2_error.is_some() {
+                self.push(
+                    Code::NotEnforced,
+                    r,
+                    at(&["abort", "http2Error"]),
+                    "abort.http2Error is parsed but not enforced yet: no request is aborted".into(),
+                );
+            } else if let Some(code) = a.http_status.filter(|c| !(200..=599).contains(c)) {
+                self.push(
+                    Code::Schema,
+                    r,
+                    at(&["abort", "httpStatus"]),
+                    format!("httpStatus {code} is not an HTTP status (200-599)"),
+                );
+            } else if let Some(g) = a.grpc_status.as_deref().filter(|g| crate::snapshot::grpc_code(g).is_none()) {
+                self.push(
+                    Code::Schema,
+                    r,
+                    at(&["abort", "grpcStatus"]),
+                    format!("grpcStatus {g:?} is not a gRPC status (UNAVAILABLE, 14, ...)"),
+                );
+            }
+            if !percent_ok(&a.percentage) {
+                self.push(Code::Schema, r, at(&["abort", "percentage"]), "a percentage between 0 and 100".into());
             }
         }
     }

@@ -349,6 +349,7 @@ impl<'a> Compiler<'a> {
                     }],
                     tls: None,
                     retry_budget: RetryBudget::default(),
+                    outlier: None,
                 },
             );
             let table = format!("inbound|{port}");
@@ -376,6 +377,7 @@ impl<'a> Compiler<'a> {
                             timeout: None,
                             // The app next door: no retries (Istio retries on the client side only).
                             retry: None,
+                            fault: None,
                         }],
                     }],
                 },
@@ -528,6 +530,7 @@ impl<'a> Compiler<'a> {
                 response_headers,
                 timeout: hr.timeout.filter(|t| !t.0.is_zero()),
                 retry: retry_policy(hr.retries.as_ref()),
+                fault: hr.fault.as_ref().and_then(fault),
             });
         }
         out
@@ -718,6 +721,14 @@ impl<'a> Compiler<'a> {
             }
         })
         .unwrap_or_default();
+        let outlier = [
+            subset_def.as_ref().and_then(|s| s.traffic_policy.as_ref()),
+            dr.as_ref().and_then(|d| d.traffic_policy.as_ref()),
+        ]
+        .into_iter()
+        .flatten()
+        .find_map(|tp| outlier_settings(tp, port))
+        .map(outlier_policy);
         let mesh_tls = || UpstreamTls::IstioMutual {
             identities: {
                 let mut ids: Vec<String> = endpoints.iter().filter_map(|e| e.identity.clone()).collect();
@@ -758,6 +769,7 @@ impl<'a> Compiler<'a> {
                 endpoints,
                 tls,
                 retry_budget,
+                outlier,
             },
         );
         name
@@ -829,7 +841,30 @@ fn default_route(cluster: String) -> Route {
         response_headers: HeaderOps::default(),
         timeout: None,
         retry: Some(RetryPolicy::istio_default()),
+        fault: None,
     }
+}
+
+/// A route's faults (what analyze rejected is left out: a delay without `fixedDelay`, an abort
+/// without a status this proxy can answer).
+fn fault(f: &crate::model::networking::HttpFaultInjection) -> Option<Fault> {
+    // Without a percentage, every request (Istio).
+    let share = |p: Option<&crate::model::networking::Percent>, legacy: Option<i64>| {
+        p.map(|p| p.value).or(legacy.map(|l| l as f64)).unwrap_or(100.0).clamp(0.0, 100.0)
+    };
+    let delay = f.delay.as_ref().and_then(|d| {
+        let delay = d.fixed_delay?;
+        Some(FaultDelay { delay, percent: share(d.percentage.as_ref(), d.percent) })
+    });
+    let abort = f.abort.as_ref().and_then(|a| {
+        let status = match (a.http_status, a.grpc_status.as_deref()) {
+            (Some(code), _) => AbortStatus::Http(u16::try_from(code).ok().filter(|c| (200..=599).contains(c))?),
+            (None, Some(g)) => AbortStatus::Grpc(grpc_code(g)?),
+            _ => return None,
+        };
+        Some(FaultAbort { status, percent: share(a.percentage.as_ref(), None) })
+    });
+    (delay.is_some() || abort.is_some()).then_some(Fault { delay, abort })
 }
 
 /// A route's retry policy: its own `retries`, else Istio's default; none when `attempts` is 0.
@@ -861,6 +896,35 @@ fn retry_policy(r: Option<&crate::model::networking::HttpRetry>) -> Option<Retry
         backoff: r.backoff.filter(|b| !b.0.is_zero()).unwrap_or(Duration(crate::snapshot::DEFAULT_RETRY_BACKOFF)),
         other_hosts: r.retry_ignore_previous_hosts.unwrap_or(true),
     })
+}
+
+fn outlier_settings(tp: &TrafficPolicy, port: u16) -> Option<&crate::model::networking::OutlierDetection> {
+    tp.port_level_settings
+        .iter()
+        .find(|p| p.port.as_ref().is_some_and(|s| s.number == u32::from(port)))
+        .and_then(|p| p.outlier_detection.as_ref())
+        .or(tp.outlier_detection.as_ref())
+}
+
+/// Istio's outlier detection defaults: 5 consecutive 5xx, 10s interval, 30s base ejection,
+/// at most 10% ejected (at least one host), no minimum healthy share.
+fn outlier_policy(o: &crate::model::networking::OutlierDetection) -> OutlierPolicy {
+    let n = |v: Option<i64>, d: u32| v.map(|v| v.clamp(0, i64::from(u32::MAX)) as u32).unwrap_or(d);
+    // The deprecated `consecutiveErrors` meant gateway errors.
+    let legacy_gateway = o.consecutive_errors.filter(|_| o.consecutive_gateway_errors.is_none());
+    OutlierPolicy {
+        consecutive_5xx: n(o.consecutive_5xx_errors, if legacy_gateway.is_some() { 0 } else { 5 }),
+        consecutive_gateway: n(o.consecutive_gateway_errors.or(legacy_gateway), 0),
+        consecutive_local_origin: n(o.consecutive_local_origin_failures, 5),
+        split_local_origin: o.split_external_local_origin_errors.unwrap_or(false),
+        interval: o.interval.filter(|d| !d.0.is_zero()).unwrap_or(Duration(std::time::Duration::from_secs(10))),
+        base_ejection: o
+            .base_ejection_time
+            .filter(|d| !d.0.is_zero())
+            .unwrap_or(Duration(std::time::Duration::from_secs(30))),
+        max_ejection_percent: n(o.max_ejection_percent, 10).min(100),
+        min_health_percent: n(o.min_health_percent, 0).min(100),
+    }
 }
 
 fn tls_settings(tp: &TrafficPolicy, port: u16) -> Option<&ClientTlsSettings> {

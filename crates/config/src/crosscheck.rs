@@ -472,8 +472,8 @@ fn virtual_service(
             }
         }
         mirrors(r, i, rule, resources, registry, push);
-        if let Some(delay) = rule.fault.as_ref().and_then(|f| f.get("delay")) {
-            if delay.get("percent").is_some() {
+        if let Some(delay) = rule.fault.as_ref().and_then(|f| f.delay.as_ref()) {
+            if delay.percent.is_some() {
                 push(
                     Code::Deprecated,
                     r,

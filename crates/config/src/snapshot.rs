@@ -202,7 +202,69 @@ pub struct Route {
     /// None: the route never retries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
-    // Fault injection, mirroring, CORS and rate limits attach here (later release).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+    // Mirroring, CORS and rate limits attach here (later release).
+}
+
+/// Faults injected into a share of a route's requests (VirtualService `fault`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Fault {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FaultDelay {
+    pub delay: Duration,
+    /// Of requests, 0-100.
+    pub percent: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FaultAbort {
+    pub status: AbortStatus,
+    pub percent: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AbortStatus {
+    Http(u16),
+    /// A gRPC status code, answered as a trailers-only gRPC response.
+    Grpc(u32),
+}
+
+/// gRPC status codes by name, as `grpcStatus` writes them.
+pub const GRPC_CODES: &[(&str, u32)] = &[
+    ("OK", 0),
+    ("CANCELLED", 1),
+    ("UNKNOWN", 2),
+    ("INVALID_ARGUMENT", 3),
+    ("DEADLINE_EXCEEDED", 4),
+    ("NOT_FOUND", 5),
+    ("ALREADY_EXISTS", 6),
+    ("PERMISSION_DENIED", 7),
+    ("RESOURCE_EXHAUSTED", 8),
+    ("FAILED_PRECONDITION", 9),
+    ("ABORTED", 10),
+    ("OUT_OF_RANGE", 11),
+    ("UNIMPLEMENTED", 12),
+    ("INTERNAL", 13),
+    ("UNAVAILABLE", 14),
+    ("DATA_LOSS", 15),
+    ("UNAUTHENTICATED", 16),
+];
+
+/// A `grpcStatus` value: a code name (`UNAVAILABLE`) or number.
+pub fn grpc_code(text: &str) -> Option<u32> {
+    GRPC_CODES
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(text))
+        .map(|(_, c)| *c)
+        .or_else(|| text.parse().ok().filter(|c| *c <= 16))
 }
 
 /// When and how often a request is tried again (VirtualService `retries`, or Istio's default
@@ -454,6 +516,23 @@ pub struct Cluster {
     pub tls: Option<UpstreamTls>,
     #[serde(default)]
     pub retry_budget: RetryBudget,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier: Option<OutlierPolicy>,
+}
+
+/// Outlier detection with Istio's defaults filled in (0 turns a counter off).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OutlierPolicy {
+    pub consecutive_5xx: u32,
+    pub consecutive_gateway: u32,
+    /// Counted apart only when `split_local_origin` (else connection failures, resets and
+    /// timeouts count as 5xx and gateway errors, as Envoy does).
+    pub consecutive_local_origin: u32,
+    pub split_local_origin: bool,
+    pub interval: Duration,
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
+    pub min_health_percent: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

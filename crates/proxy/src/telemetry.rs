@@ -138,6 +138,8 @@ pub struct RequestRecord {
     pub cluster: Option<Arc<str>>,
     pub upstream: Option<Arc<Endpoint>>,
     pub route: Option<Arc<str>>,
+    /// Tries sent upstream (1 + retries; 0 when none was).
+    pub attempts: u32,
     /// The AuthorizationPolicy that allowed or denied the request, and the AUDIT one that matched.
     pub authz_policy: Option<Arc<str>>,
     pub authz_audit: Option<Arc<str>>,
@@ -174,6 +176,7 @@ impl RequestRecord {
             status: 0,
             grpc_status: None,
             flags: "-",
+            attempts: 0,
             security,
             source_principal: trellis_telemetry::identity::unknown_principal(),
             destination_principal: trellis_telemetry::identity::unknown_principal(),
@@ -302,6 +305,7 @@ impl RequestRecord {
             "bytes_sent": self.response_bytes,
             "upstream_host": self.upstream.as_ref().map(|u| u.address.clone()),
             "upstream_cluster": self.cluster.as_deref(),
+            "upstream_request_attempt_count": self.attempts,
             "route_name": self.route.as_deref(),
             "authz_policy": self.authz_policy.as_deref(),
             "authz_audit_policy": self.authz_audit.as_deref(),

@@ -192,6 +192,22 @@ pub struct ProxyMetrics {
     pub header_timeouts: Counter,
     /// Retries sent, and retries the budget refused, by cluster.
     pub retries: Family<RetryLabels, Counter>,
+    /// Faults injected (`delay`, `abort`), by route.
+    pub faults: Family<FaultLabels, Counter>,
+    /// Endpoints ejected by outlier detection, by cluster and reason.
+    pub ejections: Family<EjectionLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EjectionLabels {
+    pub cluster_name: Arc<str>,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FaultLabels {
+    pub route: Arc<str>,
+    pub kind: &'static str,
 }
 
 /// A retry towards `cluster_name`: `outcome` is `sent` or `budget_exhausted` (not sent: the
@@ -276,6 +292,18 @@ impl ProxyMetrics {
             "Upstream retries by cluster, outcome (sent, budget_exhausted) and the condition that asked for them",
             retries.clone(),
         );
+        let faults = Family::<FaultLabels, Counter>::default();
+        registry.register(
+            "trellis_proxy_faults_injected",
+            "Faults injected by VirtualService fault rules, by route and kind (delay, abort)",
+            faults.clone(),
+        );
+        let ejections = Family::<EjectionLabels, Counter>::default();
+        registry.register(
+            "trellis_proxy_outlier_ejections",
+            "Endpoints ejected by outlier detection, by cluster and reason (consecutive_5xx, consecutive_gateway_errors, consecutive_local_origin_failures)",
+            ejections.clone(),
+        );
         registry.register(
             "trellis_proxy_config_applied_timestamp_seconds",
             "When the snapshot in force was applied (Unix time)",
@@ -314,6 +342,8 @@ impl ProxyMetrics {
             authz_decisions,
             header_timeouts,
             retries,
+            faults,
+            ejections,
         }
     }
 

@@ -376,6 +376,8 @@ pub struct Backend {
     pub peak: Arc<AtomicUsize>,
     /// Connections accepted.
     pub connections: Arc<AtomicUsize>,
+    /// Non-zero: every request is answered with this status (a backend failing on command).
+    pub fail_with: Arc<std::sync::atomic::AtomicU16>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -393,23 +395,38 @@ impl Backend {
         let in_flight = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
-        let (n, r, f, pk, conns) =
-            (Arc::new(name.to_string()), requests.clone(), in_flight.clone(), peak.clone(), connections.clone());
+        let fail_with = Arc::new(std::sync::atomic::AtomicU16::new(0));
+        let (n, r, f, pk, conns, fw) = (
+            Arc::new(name.to_string()),
+            requests.clone(),
+            in_flight.clone(),
+            peak.clone(),
+            connections.clone(),
+            fail_with.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 conns.fetch_add(1, Ordering::SeqCst);
-                let (n, r, f, pk) = (n.clone(), r.clone(), f.clone(), pk.clone());
+                let (n, r, f, pk, fw) = (n.clone(), r.clone(), f.clone(), pk.clone(), fw.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
-                        let (n, r, f, pk) = (n.clone(), r.clone(), f.clone(), pk.clone());
+                        let (n, r, f, pk, fw) = (n.clone(), r.clone(), f.clone(), pk.clone(), fw.clone());
                         async move {
                             let nth = r.fetch_add(1, Ordering::SeqCst) + 1;
                             let now = f.fetch_add(1, Ordering::SeqCst) + 1;
                             pk.fetch_max(now, Ordering::SeqCst);
-                            let resp = backend_handle(&n, req, nth).await;
+                            let resp = match fw.load(Ordering::SeqCst) {
+                                0 => backend_handle(&n, req, nth).await,
+                                code => {
+                                    let mut r = Response::new(full(format!("{n} failing with {code}")));
+                                    *r.status_mut() =
+                                        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                                    r
+                                }
+                            };
                             f.fetch_sub(1, Ordering::SeqCst);
                             Ok::<_, Infallible>(resp)
                         }
@@ -420,11 +437,16 @@ impl Backend {
                 });
             }
         });
-        Backend { addr, name: name.to_string(), requests, in_flight, peak, connections, task }
+        Backend { addr, name: name.to_string(), requests, in_flight, peak, connections, fail_with, task }
     }
 
     pub fn count(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// From now on, answers every request with `status` (0: behaves again).
+    pub fn fail(&self, status: u16) {
+        self.fail_with.store(status, Ordering::SeqCst);
     }
 }
 

@@ -37,8 +37,8 @@ pub struct HttpRoute {
     pub timeout: Option<Duration>,
     pub headers: Option<Headers>,
     pub retries: Option<HttpRetry>,
+    pub fault: Option<HttpFaultInjection>,
     // Traffic-shaping policies: parsed, enforced by a later release.
-    pub fault: Option<Json>,
     pub mirror: Option<Json>,
     pub mirrors: Option<Json>,
     pub mirror_percentage: Option<Json>,
@@ -179,6 +179,49 @@ pub struct HttpRetry {
     pub backoff: Option<Duration>,
 }
 
+/// `TrafficPolicy.outlierDetection`: endpoints that keep failing are ejected for a while.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// Deprecated: consecutive 502/503/504 (Envoy's old meaning).
+    pub consecutive_errors: Option<i64>,
+    pub consecutive_5xx_errors: Option<i64>,
+    pub consecutive_gateway_errors: Option<i64>,
+    pub consecutive_local_origin_failures: Option<i64>,
+    pub split_external_local_origin_errors: Option<bool>,
+    pub interval: Option<Duration>,
+    pub base_ejection_time: Option<Duration>,
+    pub max_ejection_percent: Option<i64>,
+    pub min_health_percent: Option<i64>,
+}
+
+/// `HTTPRoute.fault`: delays and aborts injected into a share of requests.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct HttpFaultInjection {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct FaultDelay {
+    pub fixed_delay: Option<Duration>,
+    pub exponential_delay: Option<Json>,
+    pub percentage: Option<Percent>,
+    /// Deprecated (an integer percentage).
+    pub percent: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct FaultAbort {
+    pub http_status: Option<i64>,
+    pub grpc_status: Option<String>,
+    pub http2_error: Option<String>,
+    pub percentage: Option<Percent>,
+}
+
 /// `TrafficPolicy.retryBudget`: retries in flight are limited to `percent` of the requests in
 /// flight to the service, but at least `minRetryConcurrency`.
 #[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
@@ -201,7 +244,7 @@ pub struct TrafficPolicy {
     pub port_level_settings: Vec<PortTrafficPolicy>,
     // Enforced by later releases.
     pub connection_pool: Option<Json>,
-    pub outlier_detection: Option<Json>,
+    pub outlier_detection: Option<OutlierDetection>,
     pub tls: Option<ClientTlsSettings>,
     pub tunnel: Option<Json>,
     pub proxy_protocol: Option<Json>,
@@ -214,7 +257,7 @@ pub struct PortTrafficPolicy {
     pub port: Option<PortSelector>,
     pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<Json>,
-    pub outlier_detection: Option<Json>,
+    pub outlier_detection: Option<OutlierDetection>,
     pub tls: Option<ClientTlsSettings>,
 }
 

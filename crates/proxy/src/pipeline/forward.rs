@@ -11,14 +11,14 @@ use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
 use trellis_config::snapshot::{RetryPolicy, UpstreamProtocol};
-use trellis_telemetry::metrics::RetryLabels;
+use trellis_telemetry::metrics::{EjectionLabels, RetryLabels};
 
 use super::replay::ReplayBody;
 use super::retry::{self, Outcome};
 use super::select::Selected;
 use super::{direction, is_grpc, ConnInfo};
-use crate::balance::PickCtx;
-use crate::http::{boxed, headers, Body, ProxyError};
+use crate::balance::{outlier, PickCtx};
+use crate::http::{boxed, headers, Body, Flag, ProxyError};
 use crate::runtime::route::Forward;
 use crate::runtime::{Cluster, Runtime};
 use crate::state::Shared;
@@ -144,6 +144,7 @@ pub(super) async fn run(
                 req.headers_mut().remove(trellis_telemetry::peer::PEER_HEADER);
             }
         }
+        record.attempts = retries + 1;
         let mut in_flight = endpoint.start_request();
         let send = endpoint.send(req, wire, cluster.connect_timeout, &mut in_flight);
         let per_try = policy.and_then(|p| p.per_try_timeout.map(|t| t.0));
@@ -155,12 +156,21 @@ pub(super) async fn run(
             Some(t) => match tokio::time::timeout(t, send).await {
                 Ok(r) => Tried::Done(r),
                 Err(_) if deadline.is_some_and(|(at, _)| Instant::now() >= at) => {
+                    observe(shared, cluster, pick.0, outlier::Result::LocalFailure);
                     return Err(ProxyError::timeout(deadline.map(|(_, t)| t).unwrap_or(t)));
                 }
                 Err(_) => Tried::PerTryTimeout,
             },
             None => Tried::Done(send.await),
         };
+        match &result {
+            Tried::Done(Ok(resp)) => observe(shared, cluster, pick.0, outlier::Result::Status(resp.status().as_u16())),
+            Tried::Done(Err(e)) if matches!(e.error.flag, Flag::UpstreamConnectFailure | Flag::UpstreamReset) => {
+                observe(shared, cluster, pick.0, outlier::Result::LocalFailure)
+            }
+            Tried::PerTryTimeout => observe(shared, cluster, pick.0, outlier::Result::LocalFailure),
+            Tried::Done(Err(_)) => {}
+        }
         // Does this outcome ask for another try, and may the request go again?
         let asked = policy.zip(template.as_ref()).and_then(|(p, tpl)| {
             let outcome = match &result {
@@ -244,7 +254,8 @@ impl Template {
     }
 }
 
-/// The endpoint for this try; a retry prefers one not tried yet when the policy says so.
+/// The endpoint for this try, among those outlier detection has not ejected; a retry prefers
+/// one not tried yet when the policy says so.
 fn pick(
     cluster: &Cluster,
     req: &Request<Body>,
@@ -253,20 +264,25 @@ fn pick(
     policy: Option<&RetryPolicy>,
 ) -> Result<(usize, Option<crate::balance::NewCookie>), ProxyError> {
     let ctx = PickCtx { headers: req.headers(), query: req.uri().query(), source_ip: conn.peer.ip() };
-    let avoid = policy.is_some_and(|p| p.other_hosts) && tried.len() < cluster.endpoints.len();
-    let mut choice = None;
-    for _ in 0..if avoid { 3 } else { 1 } {
-        let c = cluster
-            .balancer
-            .pick(&cluster.endpoints, &ctx)
-            .ok_or_else(|| ProxyError::no_healthy_upstream(&cluster.name))?;
-        let fresh = !tried.contains(&c.0);
-        choice = Some(c);
-        if fresh {
-            break;
-        }
+    let healthy = |i: usize| cluster.outlier.as_ref().is_none_or(|o| o.usable(i));
+    let avoid = policy.is_some_and(|p| p.other_hosts) && !tried.is_empty();
+    let fresh = if avoid {
+        cluster.balancer.pick(&cluster.endpoints, &ctx, &|i| healthy(i) && !tried.contains(&i))
+    } else {
+        None
+    };
+    fresh
+        .or_else(|| cluster.balancer.pick(&cluster.endpoints, &ctx, &healthy))
+        .ok_or_else(|| ProxyError::no_healthy_upstream(&cluster.name))
+}
+
+/// Counts a try's outcome for outlier detection (and the ejection it causes).
+fn observe(shared: &Shared, cluster: &Cluster, i: usize, result: outlier::Result) {
+    let Some(o) = &cluster.outlier else { return };
+    if let Some(reason) = o.record(i, result) {
+        tracing::info!(cluster = %cluster.name, endpoint = %cluster.endpoints[i].0.address, reason, "endpoint ejected");
+        shared.metrics.ejections.get_or_create(&EjectionLabels { cluster_name: cluster.name.clone(), reason }).inc();
     }
-    choice.ok_or_else(|| ProxyError::no_healthy_upstream(&cluster.name))
 }
 
 /// The wire protocol to the cluster, and the HTTP/1 version to restore when an HTTP/1 request

@@ -6,6 +6,7 @@
 //!   ├─ authority check (400 DPE); CONNECT refused (400)
 //!   ├─ admit      RequestAuthentication (401), AuthorizationPolicy (403)   [inbound, gateway]
 //!   ├─ select     route table → virtual host → first matching route (404 NR)
+//!   ├─ fault      delay (DI), abort (FI) a share of requests
 //!   ├─ respond    directResponse, redirect
 //!   └─ forward    upstream request (rewrites, headers, wire protocol); tries: balance, send
 //!                 under per-try timeout, retry per policy and budget (retry, replay); the
@@ -20,6 +21,7 @@
 
 mod admit;
 mod direction;
+mod fault;
 mod forward;
 mod replay;
 mod respond;
@@ -65,7 +67,8 @@ pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut req: Request<I
     direction::restore_version(&conn, &mut req);
     let mut record = direction::record(&shared, &rt, &conn, &mut req, start);
     let (mut resp, flag) = match proxy(&shared, &rt, &conn, req, &mut record).await {
-        Ok(r) => (r, "-"),
+        // Phases may have flagged a response they let through (DI: a delay was injected).
+        Ok(r) => (r, record.flags),
         Err(e) => {
             tracing::debug!(listener = %conn.listener, flag = %e.flag, "{e}");
             let flag = e.flag.as_str();
@@ -98,6 +101,11 @@ async fn proxy(
     }
     let sel = select::route(rt, conn, &mut parts, authority.as_ref())?;
     record.route = Some(sel.route.name.clone());
+    if let Some(f) = &sel.route.fault {
+        if let Some(aborted) = fault::inject(f, is_grpc(&parts.headers), shared, record).await {
+            return Ok(aborted);
+        }
+    }
     match &sel.route.action {
         Action::Direct { status, body } => Ok(respond::direct(*status, body, sel.route)),
         Action::Redirect(rd) => Ok(respond::redirect_to(rd, &parts.uri, &sel)),

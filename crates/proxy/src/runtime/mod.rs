@@ -63,6 +63,8 @@ pub struct Cluster {
     pub mtls: bool,
     /// The retry budget: retries in flight against requests in flight.
     pub budget: Arc<crate::pipeline::retry::Budget>,
+    /// Outlier detection over `endpoints` (same order), when the DestinationRule asks for it.
+    pub outlier: Option<crate::balance::outlier::Outlier>,
 }
 
 /// The TLS client configurations for a cluster, and a key naming that variant for the pools.
@@ -222,6 +224,7 @@ impl Runtime {
                     authority,
                     mtls,
                     budget: crate::pipeline::retry::Budget::new(c.retry_budget),
+                    outlier: c.outlier.clone().map(|p| crate::balance::outlier::Outlier::new(p, c.endpoints.len())),
                 }),
             );
         }

@@ -46,6 +46,7 @@ pub struct Route {
     pub response_headers: HeaderRewrite,
     pub timeout: Option<std::time::Duration>,
     pub retry: Option<spec::RetryPolicy>,
+    pub fault: Option<spec::Fault>,
 }
 
 pub enum Action {
@@ -225,6 +226,7 @@ impl Route {
             response_headers: HeaderRewrite::build(&r.response_headers)?,
             timeout: r.timeout.map(|t| t.0),
             retry: r.retry.clone(),
+            fault: r.fault.clone(),
         })
     }
 }

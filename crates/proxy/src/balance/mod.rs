@@ -2,7 +2,10 @@
 //! configures it: round robin, least request (power of two choices), random, and consistent
 //! hashing on a header, a cookie, the source IP or a query parameter (a ring, like Envoy's
 //! ring hash). Every policy is built once per snapshot; picking never locks or allocates
-//! (except when a hash cookie must be minted).
+//! (except when a hash cookie must be minted). Endpoints outlier detection ejected
+//! (`outlier`) are skipped by every policy.
+
+pub mod outlier;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,8 +62,14 @@ impl Balancer {
         }
     }
 
-    /// Picks an endpoint index; `None` when there are no endpoints.
-    pub fn pick(&self, endpoints: &[(Arc<Endpoint>, u32)], cx: &PickCtx<'_>) -> Option<(usize, Option<NewCookie>)> {
+    /// Picks an endpoint index among those `usable` says may serve (not ejected, not tried
+    /// already); `None` when none may.
+    pub fn pick(
+        &self,
+        endpoints: &[(Arc<Endpoint>, u32)],
+        cx: &PickCtx<'_>,
+        usable: &dyn Fn(usize) -> bool,
+    ) -> Option<(usize, Option<NewCookie>)> {
         let n = endpoints.len();
         if n == 0 {
             return None;
@@ -71,48 +80,69 @@ impl Balancer {
                 Balancer::Ring { policy, .. } => hash_key(policy, cx).1,
                 _ => None,
             };
-            return Some((0, cookie));
+            return usable(0).then_some((0, cookie));
         }
+        let first_usable = |from: usize| (0..n).map(|k| (from + k) % n).find(|i| usable(*i));
         let idx = match self {
             Balancer::RoundRobin { next, schedule } => {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                match schedule {
-                    Some(s) => s[i % s.len()] as usize,
-                    None => i % n,
-                }
+                let len = schedule.as_ref().map_or(n, Vec::len);
+                (0..len).find_map(|_| {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let idx = match schedule {
+                        Some(s) => s[i % s.len()] as usize,
+                        None => i % n,
+                    };
+                    usable(idx).then_some(idx)
+                })?
             }
             Balancer::LeastRequest => {
-                let a = fastrand::usize(..n);
-                let mut b = fastrand::usize(..n - 1);
-                if b >= a {
-                    b += 1;
-                }
                 let load = |i: usize| endpoints[i].0.in_flight() as u64 * 1000 / u64::from(endpoints[i].1.max(1));
-                if load(b) < load(a) {
-                    b
-                } else {
-                    a
+                let two = (0..4).find_map(|_| {
+                    let a = fastrand::usize(..n);
+                    let mut b = fastrand::usize(..n - 1);
+                    if b >= a {
+                        b += 1;
+                    }
+                    match (usable(a), usable(b)) {
+                        (true, true) => Some(if load(b) < load(a) { b } else { a }),
+                        (true, false) => Some(a),
+                        (false, true) => Some(b),
+                        (false, false) => None,
+                    }
+                });
+                match two {
+                    Some(i) => i,
+                    None => (0..n).filter(|i| usable(*i)).min_by_key(|i| load(*i))?,
                 }
             }
-            Balancer::Random { cumulative } => match cumulative {
-                None => fastrand::usize(..n),
-                Some(c) => {
-                    let total = c.last().copied().unwrap_or(1);
-                    let x = fastrand::u64(..total);
-                    c.partition_point(|&acc| acc <= x)
+            Balancer::Random { cumulative } => {
+                let draw = || match cumulative {
+                    None => fastrand::usize(..n),
+                    Some(c) => {
+                        let total = c.last().copied().unwrap_or(1);
+                        let x = fastrand::u64(..total);
+                        c.partition_point(|&acc| acc <= x)
+                    }
+                };
+                match (0..4).map(|_| draw()).find(|i| usable(*i)) {
+                    Some(i) => i,
+                    None => first_usable(fastrand::usize(..n))?,
                 }
-            },
+            }
             Balancer::Ring { ring, policy } => {
                 let (key, cookie) = hash_key(policy, cx);
                 let idx = match key {
-                    Some(h) => {
+                    // The first usable endpoint at or after the key's place on the ring.
+                    Some(h) if !ring.is_empty() => {
                         let pos = ring.partition_point(|(p, _)| *p < h);
-                        ring.get(pos).or_else(|| ring.first()).map(|(_, i)| *i as usize).unwrap_or(0)
+                        (0..ring.len())
+                            .map(|k| (ring[(pos + k) % ring.len()].1 as usize).min(n - 1))
+                            .find(|i| usable(*i))?
                     }
                     // No key (header absent): Envoy picks at random.
-                    None => fastrand::usize(..n),
+                    _ => first_usable(fastrand::usize(..n))?,
                 };
-                return Some((idx.min(n - 1), cookie));
+                return Some((idx, cookie));
             }
         };
         Some((idx, None))
@@ -222,7 +252,7 @@ mod tests {
         let e = eps(3);
         let b = Balancer::new(&LbPolicy::RoundRobin, &e);
         let h = HeaderMap::new();
-        let picks: Vec<usize> = (0..6).map(|_| b.pick(&e, &cx(&h)).map(|p| p.0).unwrap_or(99)).collect();
+        let picks: Vec<usize> = (0..6).map(|_| b.pick(&e, &cx(&h), &|_| true).map(|p| p.0).unwrap_or(99)).collect();
         let mut counts = [0; 3];
         for p in picks {
             counts[p] += 1;
@@ -246,9 +276,9 @@ mod tests {
         for user in 0..200 {
             let mut h = HeaderMap::new();
             h.insert("x-user", format!("user-{user}").parse().expect("header"));
-            let first = b.pick(&e, &cx(&h)).map(|p| p.0);
+            let first = b.pick(&e, &cx(&h), &|_| true).map(|p| p.0);
             for _ in 0..3 {
-                assert_eq!(b.pick(&e, &cx(&h)).map(|p| p.0), first);
+                assert_eq!(b.pick(&e, &cx(&h), &|_| true).map(|p| p.0), first);
             }
             seen.insert(first);
         }
@@ -265,7 +295,7 @@ mod tests {
         };
         let b = Balancer::new(&LbPolicy::RingHash { hash: policy, min_ring_size: 64 }, &e);
         let h = HeaderMap::new();
-        let (_, cookie) = b.pick(&e, &cx(&h)).expect("pick");
+        let (_, cookie) = b.pick(&e, &cx(&h), &|_| true).expect("pick");
         let cookie = cookie.expect("cookie minted").0;
         assert!(cookie.starts_with("sticky=\""), "{cookie}");
         assert!(cookie.contains("Max-Age=60"));
@@ -278,7 +308,27 @@ mod tests {
         let _busy: Vec<_> = (0..5).map(|_| e[0].0.start_request()).collect();
         let h = HeaderMap::new();
         for _ in 0..20 {
-            assert_eq!(b.pick(&e, &cx(&h)).map(|p| p.0), Some(1));
+            assert_eq!(b.pick(&e, &cx(&h), &|_| true).map(|p| p.0), Some(1));
+        }
+    }
+
+    #[test]
+    fn every_policy_skips_endpoints_that_may_not_serve() {
+        let e = eps(3);
+        let mut h = HeaderMap::new();
+        h.insert("x-user", http::HeaderValue::from_static("alice"));
+        let hash = HashPolicy::Header("x-user".into());
+        for policy in [
+            LbPolicy::RoundRobin,
+            LbPolicy::LeastRequest,
+            LbPolicy::Random,
+            LbPolicy::RingHash { hash, min_ring_size: 64 },
+        ] {
+            let b = Balancer::new(&policy, &e);
+            for _ in 0..50 {
+                assert_eq!(b.pick(&e, &cx(&h), &|i| i == 1).map(|p| p.0), Some(1), "{policy:?}");
+            }
+            assert!(b.pick(&e, &cx(&h), &|_| false).is_none(), "{policy:?}: none may serve");
         }
     }
 }
