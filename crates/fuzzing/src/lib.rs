@@ -171,7 +171,7 @@ pub fn request_head(data: &[u8]) {
             assert!(!parts.headers.contains_key(k.as_str()), "{k} survived its removal");
         }
     }
-    headers::set_forwarded(&mut parts.headers, std::net::IpAddr::from([127, 0, 0, 1]), "http");
+    headers::set_forwarded(&mut parts.headers, &headers::address_value(std::net::IpAddr::from([127, 0, 0, 1])), "http");
     headers::ensure_request_id(&mut parts.headers);
     assert!(parts.headers.contains_key(headers::X_REQUEST_ID));
 }

@@ -17,6 +17,22 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// Removes hop-by-hop headers, including those the `Connection` header names. `TE: trailers`
 /// survives (gRPC needs it end to end).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names (cheap comparisons) spares hashing
+    // each hop-by-hop name into the map.
+    let hop = |k: &HeaderName| {
+        *k == header::CONNECTION
+            || *k == header::TRANSFER_ENCODING
+            || *k == header::TE
+            || *k == header::UPGRADE
+            || *k == header::TRAILER
+            || *k == header::PROXY_AUTHORIZATION
+            || *k == header::PROXY_AUTHENTICATE
+            || *k == KEEP_ALIVE
+            || *k == PROXY_CONNECTION
+    };
+    if !headers.keys().any(hop) {
+        return;
+    }
     // Every Connection field line counts (it is a list, and may be split over several lines).
     let mut listed: Vec<HeaderName> = Vec::new();
     for conn in headers.get_all(header::CONNECTION) {
@@ -73,15 +89,25 @@ pub fn ensure_request_id(headers: &mut HeaderMap) {
 
 /// Gateways append the client address to `x-forwarded-for` and set `x-forwarded-proto`, as
 /// an edge Envoy does.
-pub fn set_forwarded(headers: &mut HeaderMap, client: std::net::IpAddr, proto: &'static str) {
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {client}"),
-        _ => client.to_string(),
+/// `client` is the client's address as a header value ([`address_value`]), made once per
+/// connection.
+pub fn set_forwarded(headers: &mut HeaderMap, client: &HeaderValue, proto: &'static str) {
+    let value = match headers.get(&X_FORWARDED_FOR).map(|v| v.as_bytes()) {
+        Some(prev) if !prev.is_empty() => {
+            let joined = [prev, b", ", client.as_bytes()].concat();
+            HeaderValue::from_bytes(&joined).ok()
+        }
+        _ => Some(client.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    if let Some(v) = value {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+}
+
+/// An address as a header value.
+pub fn address_value(ip: std::net::IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// The request's authority: the absolute-form target's, else `Host` (HTTP/1), else

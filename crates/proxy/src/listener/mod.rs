@@ -168,6 +168,7 @@ async fn accept_loop(
                         peer_identity: None,
                         mtls: false,
                         original_dst,
+                        forwarded_for: Default::default(),
                     };
                     tokio::spawn(serve(stream, conn, shared.clone()));
                 }

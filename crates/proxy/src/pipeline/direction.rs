@@ -52,7 +52,8 @@ pub(super) fn client_side(direction: Direction) -> bool {
 /// Headers this side adds to every forwarded request.
 pub(super) fn on_request(conn: &ConnInfo, h: &mut HeaderMap) {
     if conn.direction == Direction::Gateway {
-        headers::set_forwarded(h, conn.peer.ip(), "http");
+        let client = conn.forwarded_for.get_or_init(|| headers::address_value(conn.peer.ip()));
+        headers::set_forwarded(h, client, "http");
     }
 }
 

@@ -98,10 +98,6 @@ pub(super) async fn run(
                 .map_err(|e| ProxyError::bad_request(format!("invalid authority: {e}")))?
         }
     };
-    if let Some(v) = orig_proto {
-        parts.headers.insert(headers::ORIG_PROTO, HeaderValue::from_static(v));
-    }
-    record.trace.inject(&mut parts.headers, shared.telemetry.formats);
     if let Some(d) = record.details.as_mut() {
         d.request_id = super::header_str(&parts.headers, headers::X_REQUEST_ID);
     }
@@ -111,14 +107,28 @@ pub(super) async fn run(
     // written (connection refused, stream refused) may always go again.
     let body = boxed(Counted::new(body, record.request_bytes.clone(), record.request_messages.clone()));
     let policy = route.retry.as_ref();
+    let hints = policy.map(|p| retry::Hints::of(p, &parts.headers, grpc));
     let resend = policy.is_some_and(|p| p.any_method || retry::idempotent(&parts.method));
-    let (replay, body) = if resend {
+    // What a retry rebuilds the request from: taken before the per-try headers (trace context,
+    // the HTTP/1 version over the mesh), which are generated values that would each cost an
+    // allocation to copy; a retry adds them again.
+    let template = resend.then(|| Template::of(&parts));
+    let per_try_headers = |h: &mut HeaderMap, trace: &crate::telemetry::TraceState| {
+        if let Some(v) = orig_proto {
+            h.insert(headers::ORIG_PROTO, HeaderValue::from_static(v));
+        }
+        trace.inject(h, shared.telemetry.formats);
+    };
+    per_try_headers(&mut parts.headers, &record.trace);
+    // A request without a body (most GETs) is replayed as an empty body, with no copy kept.
+    let (replay, body) = if resend && !http_body::Body::is_end_stream(&body) {
         let r = ReplayBody::new(body);
-        (r.replay(), boxed(r))
+        (Some(Replay::Body(r.replay())), boxed(r))
+    } else if resend {
+        (Some(Replay::Empty), body)
     } else {
         (None, body)
     };
-    let template = policy.map(|_| Template::of(&parts));
     let _counted = cluster.budget.request();
     let mut _retry_slot = None;
     let mut tried: Vec<usize> = Vec::new();
@@ -140,7 +150,8 @@ pub(super) async fn run(
         if let Some(peer) = &cluster.peer_header {
             if cluster.mesh_peers.get(pick.0).copied().unwrap_or(false) {
                 req.headers_mut().insert(trellis_telemetry::peer::PEER_HEADER, peer.clone());
-            } else {
+            } else if retries > 0 {
+                // A request that came back unsent may carry it from a try to a mesh peer.
                 req.headers_mut().remove(trellis_telemetry::peer::PEER_HEADER);
             }
         }
@@ -172,20 +183,27 @@ pub(super) async fn run(
             Tried::Done(Err(_)) => {}
         }
         // Does this outcome ask for another try, and may the request go again?
-        let asked = policy.zip(template.as_ref()).and_then(|(p, tpl)| {
+        let asked = policy.zip(hints.as_ref()).and_then(|(p, hints)| {
             let outcome = match &result {
                 Tried::Done(Ok(resp)) => Outcome::Response { status: resp.status(), headers: resp.headers() },
                 Tried::Done(Err(e)) => Outcome::Error(&e.error),
                 Tried::PerTryTimeout => Outcome::PerTryTimeout,
             };
-            (retries < p.attempts).then(|| retry::reason(p, &tpl.headers, &outcome)).flatten().map(|r| (p, tpl, r))
+            (retries < p.attempts).then(|| retry::reason(p, hints, &outcome)).flatten().map(|r| (p, r))
         });
-        let next = asked.and_then(|(p, tpl, reason)| {
+        let next = asked.and_then(|(p, reason)| {
             let returned = matches!(&result, Tried::Done(Err(SendError { request: Some(_), .. })));
-            let body = if returned { None } else { Some(replay.as_ref()?.replay()?) };
-            Some((p, tpl, reason, body))
+            let body = if returned {
+                None
+            } else {
+                match replay.as_ref()? {
+                    Replay::Empty => Some(crate::http::empty()),
+                    Replay::Body(r) => Some(boxed(r.as_ref()?.replay()?)),
+                }
+            };
+            Some((p, reason, body))
         });
-        let Some((p, tpl, reason, body)) = next else {
+        let Some((p, reason, body)) = next else {
             return match result {
                 Tried::Done(Ok(resp)) => Ok(respond(resp, route, dest, pick.1, in_flight)),
                 Tried::Done(Err(e)) => Err(e.error),
@@ -212,13 +230,25 @@ pub(super) async fn run(
         _retry_slot = Some(slot);
         retries += 1;
         tried.push(pick.0);
-        req = match (result, body) {
-            (Tried::Done(Err(SendError { request: Some(r), .. })), _) => r,
-            (_, Some(b)) => tpl.request(boxed(b)),
+        req = match (result, body, template.as_ref()) {
+            (Tried::Done(Err(SendError { request: Some(r), .. })), _, _) => r,
+            (_, Some(b), Some(tpl)) => {
+                let mut r = tpl.request(b);
+                per_try_headers(r.headers_mut(), &record.trace);
+                r
+            }
             _ => unreachable!("a retry has a request to send"),
         };
         drop(in_flight);
     }
+}
+
+/// How a retry gets the request body again.
+enum Replay {
+    /// The request had no body.
+    Empty,
+    /// The copy kept while the body streamed (`None`: it could not be kept).
+    Body(Option<ReplayBody>),
 }
 
 enum Tried {

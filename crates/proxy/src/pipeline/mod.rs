@@ -56,6 +56,8 @@ pub struct ConnInfo {
     pub mtls: bool,
     /// Where the client meant to connect, when iptables redirected it to this proxy.
     pub original_dst: Option<SocketAddr>,
+    /// The peer's address as an `x-forwarded-for` value, made once per connection (gateways).
+    pub forwarded_for: std::sync::OnceLock<http::HeaderValue>,
 }
 
 /// Serves one request; never fails (errors become responses). Every request is recorded once

@@ -22,8 +22,42 @@ pub enum Outcome<'a> {
     PerTryTimeout,
 }
 
+/// What the request itself says about retries (Envoy's `x-envoy-retriable-status-codes` and
+/// `x-envoy-retriable-header-names`), read only when the policy has the condition.
+#[derive(Default)]
+pub struct Hints {
+    status_codes: Vec<u16>,
+    header_names: Vec<http::HeaderName>,
+    /// A gRPC request: its responses' `grpc-status` is read for the gRPC conditions.
+    grpc: bool,
+}
+
+const RETRIABLE_STATUS_CODES: http::HeaderName = http::HeaderName::from_static("x-envoy-retriable-status-codes");
+const RETRIABLE_HEADER_NAMES: http::HeaderName = http::HeaderName::from_static("x-envoy-retriable-header-names");
+
+impl Hints {
+    pub fn of(policy: &RetryPolicy, request: &HeaderMap, grpc: bool) -> Hints {
+        let list = |name: &http::HeaderName| {
+            request.get(name).and_then(|v| v.to_str().ok()).map(|v| v.split(',').map(str::trim).collect::<Vec<_>>())
+        };
+        let mut h = Hints { grpc, ..Hints::default() };
+        if policy.retry_on.contains(&RetryOn::RetriableStatusCodes) {
+            h.status_codes =
+                list(&RETRIABLE_STATUS_CODES).unwrap_or_default().iter().filter_map(|c| c.parse().ok()).collect();
+        }
+        if policy.retry_on.contains(&RetryOn::RetriableHeaders) {
+            h.header_names = list(&RETRIABLE_HEADER_NAMES)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|n| http::HeaderName::from_bytes(n.as_bytes()).ok())
+                .collect();
+        }
+        h
+    }
+}
+
 /// The `retryOn` condition that asks for another try after `outcome`, if any.
-pub fn reason(policy: &RetryPolicy, request: &HeaderMap, outcome: &Outcome<'_>) -> Option<&'static str> {
+pub fn reason(policy: &RetryPolicy, hints: &Hints, outcome: &Outcome<'_>) -> Option<&'static str> {
     let on = |c: RetryOn| policy.retry_on.contains(&c);
     let five_or_gateway = on(RetryOn::FiveXx) || on(RetryOn::GatewayError);
     match outcome {
@@ -47,37 +81,27 @@ pub fn reason(policy: &RetryPolicy, request: &HeaderMap, outcome: &Outcome<'_>) 
             if on(RetryOn::Retriable4xx) && code == 409 {
                 return Some("retriable-4xx");
             }
-            if on(RetryOn::RetriableStatusCodes) && (policy.status_codes.contains(&code) || listed(request, code)) {
+            if on(RetryOn::RetriableStatusCodes)
+                && (policy.status_codes.contains(&code) || hints.status_codes.contains(&code))
+            {
                 return Some("retriable-status-codes");
             }
-            if on(RetryOn::RetriableHeaders) && named_header_present(request, headers) {
+            if on(RetryOn::RetriableHeaders) && hints.header_names.iter().any(|n| headers.contains_key(n)) {
                 return Some("retriable-headers");
             }
-            grpc_reason(policy, headers)
+            if hints.grpc {
+                grpc_reason(policy, headers)
+            } else {
+                None
+            }
         }
     }
 }
 
-/// `x-envoy-retriable-status-codes` on the request adds codes.
-fn listed(request: &HeaderMap, code: u16) -> bool {
-    request
-        .get("x-envoy-retriable-status-codes")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|c| c.trim().parse::<u16>().ok() == Some(code)))
-}
-
-/// `retriable-headers`: the response carries a header the request's
-/// `x-envoy-retriable-header-names` names.
-fn named_header_present(request: &HeaderMap, response: &HeaderMap) -> bool {
-    request
-        .get("x-envoy-retriable-header-names")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|n| response.contains_key(n.trim())))
-}
-
 /// gRPC conditions: the status of a trailers-only response (in its headers).
 fn grpc_reason(policy: &RetryPolicy, headers: &HeaderMap) -> Option<&'static str> {
-    let status = headers.get("grpc-status")?.to_str().ok()?.parse::<u32>().ok()?;
+    const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    let status = headers.get(GRPC_STATUS)?.to_str().ok()?.parse::<u32>().ok()?;
     let (cond, name) = match status {
         1 => (RetryOn::Cancelled, "cancelled"),
         4 => (RetryOn::DeadlineExceeded, "deadline-exceeded"),
@@ -166,7 +190,8 @@ mod tests {
             h.insert(*k, HeaderValue::from_static(v));
         }
         let status = StatusCode::from_u16(code).expect("status");
-        reason(p, &HeaderMap::new(), &Outcome::Response { status, headers: &h })
+        let hints = Hints { grpc: h.contains_key("grpc-status"), ..Hints::default() };
+        reason(p, &hints, &Outcome::Response { status, headers: &h })
     }
 
     #[test]
@@ -185,10 +210,18 @@ mod tests {
         req.insert("x-envoy-retriable-header-names", HeaderValue::from_static("x-retry-me"));
         let mut resp = HeaderMap::new();
         resp.insert("x-retry-me", HeaderValue::from_static("1"));
-        let p = policy("retriable-headers");
+        let p = policy("retriable-headers,retriable-status-codes");
+        let hints = Hints::of(&p, &req, false);
         assert_eq!(
-            reason(&p, &req, &Outcome::Response { status: StatusCode::OK, headers: &resp }),
+            reason(&p, &hints, &Outcome::Response { status: StatusCode::OK, headers: &resp }),
             Some("retriable-headers")
+        );
+        req.insert("x-envoy-retriable-status-codes", HeaderValue::from_static("418, 429"));
+        let hints = Hints::of(&p, &req, false);
+        let teapot = StatusCode::from_u16(418).expect("418");
+        assert_eq!(
+            reason(&p, &hints, &Outcome::Response { status: teapot, headers: &HeaderMap::new() }),
+            Some("retriable-status-codes")
         );
     }
 
@@ -198,15 +231,15 @@ mod tests {
         let reset = ProxyError::reset("e", "closed");
         let connect = ProxyError::connect_failure("e", "refused");
         let p = policy("connect-failure,refused-stream");
-        assert_eq!(reason(&p, &HeaderMap::new(), &Outcome::Error(&connect)), Some("connect-failure"));
-        assert_eq!(reason(&p, &HeaderMap::new(), &Outcome::Error(&refused)), Some("refused-stream"));
-        assert_eq!(reason(&p, &HeaderMap::new(), &Outcome::Error(&reset)), None, "reset is not asked for");
-        assert_eq!(reason(&p, &HeaderMap::new(), &Outcome::PerTryTimeout), None);
+        assert_eq!(reason(&p, &Hints::default(), &Outcome::Error(&connect)), Some("connect-failure"));
+        assert_eq!(reason(&p, &Hints::default(), &Outcome::Error(&refused)), Some("refused-stream"));
+        assert_eq!(reason(&p, &Hints::default(), &Outcome::Error(&reset)), None, "reset is not asked for");
+        assert_eq!(reason(&p, &Hints::default(), &Outcome::PerTryTimeout), None);
         let p = policy("5xx");
-        assert_eq!(reason(&p, &HeaderMap::new(), &Outcome::Error(&reset)), Some("reset"));
-        assert_eq!(reason(&p, &HeaderMap::new(), &Outcome::PerTryTimeout), Some("per-try-timeout"));
+        assert_eq!(reason(&p, &Hints::default(), &Outcome::Error(&reset)), Some("reset"));
+        assert_eq!(reason(&p, &Hints::default(), &Outcome::PerTryTimeout), Some("per-try-timeout"));
         let uh = ProxyError::no_healthy_upstream("c");
-        assert_eq!(reason(&p, &HeaderMap::new(), &Outcome::Error(&uh)), None);
+        assert_eq!(reason(&p, &Hints::default(), &Outcome::Error(&uh)), None);
     }
 
     #[test]
