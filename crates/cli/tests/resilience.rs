@@ -279,3 +279,61 @@ async fn max_ejection_percent_keeps_endpoints_in_service() {
     let m = metrics(proxy.admin).await;
     assert_eq!(metric_sum(&m, "trellis_proxy_outlier_ejections_total", &[]), 1.0);
 }
+
+/// `n` concurrent GETs of `url`, each on its own connection: (status, flag) of each.
+async fn burst(url: &str, n: usize) -> Vec<(u16, Option<String>)> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let url = url.to_string();
+            tokio::spawn(async move {
+                let r = get(&url, &[]).await;
+                (r.status.as_u16(), r.flag().map(str::to_string))
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("request task"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_pool_limits_overflow_with_503_uo_and_the_upstream_never_sees_more() {
+    let b = Backend::start("slow").await;
+    let (_d, proxy, port) = gateway_with(
+        &[&b],
+        "    retries: {attempts: 0}\n",
+        "    connectionPool:\n      tcp: {maxConnections: 2}\n      http: {http1MaxPendingRequests: 2}\n",
+    )
+    .await;
+    // 8 at once, each holding its connection 400 ms: 2 are served, 2 wait for a connection,
+    // 4 overflow at once.
+    let got = burst(&format!("http://127.0.0.1:{port}/slow?ms=400"), 8).await;
+    let ok = got.iter().filter(|(s, _)| *s == 200).count();
+    let overflow = got.iter().filter(|(s, f)| *s == 503 && f.as_deref() == Some("UO")).count();
+    println!(
+        "{got:?}; upstream peak {} with {} connections",
+        b.peak.load(std::sync::atomic::Ordering::SeqCst),
+        b.connections.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    assert_eq!((ok, overflow), (4, 4), "{got:?}");
+    assert!(b.peak.load(std::sync::atomic::Ordering::SeqCst) <= 2, "never more than 2 requests at the upstream");
+    assert!(b.connections.load(std::sync::atomic::Ordering::SeqCst) <= 2, "never more than 2 connections");
+    let m = metrics(proxy.admin).await;
+    assert_eq!(metric_sum(&m, "trellis_proxy_upstream_overflows_total", &[("limit", "pending_requests")]), 4.0);
+
+    // http2MaxRequests bounds the requests in flight to the service, over any connections.
+    let b2 = Backend::start("slow2").await;
+    let (_d2, _p2, port2) = gateway_with(
+        &[&b2],
+        "    retries: {attempts: 0}\n",
+        "    connectionPool:\n      http: {http2MaxRequests: 3}\n",
+    )
+    .await;
+    let got = burst(&format!("http://127.0.0.1:{port2}/slow?ms=400"), 6).await;
+    let ok = got.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!(ok, 3, "{got:?}");
+    assert!(got.iter().all(|(s, f)| *s == 200 || (*s == 503 && f.as_deref() == Some("UO"))), "{got:?}");
+    assert!(b2.peak.load(std::sync::atomic::Ordering::SeqCst) <= 3);
+}

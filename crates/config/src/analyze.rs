@@ -584,6 +584,24 @@ impl<'a> Cx<'a> {
                 }
             }
         }
+        if let Some(cp) = &tp.connection_pool {
+            let unsupported = [
+                ("tcp", "maxConnectionDuration", cp.tcp.as_ref().and_then(|t| t.max_connection_duration).is_some()),
+                ("http", "h2UpgradePolicy", cp.http.as_ref().and_then(|h| h.h2_upgrade_policy.as_ref()).is_some()),
+                ("http", "maxConcurrentStreams", cp.http.as_ref().and_then(|h| h.max_concurrent_streams).is_some()),
+                ("http", "useClientProtocol", cp.http.as_ref().and_then(|h| h.use_client_protocol).is_some()),
+            ];
+            for (part, field, present) in unsupported {
+                if present {
+                    self.push(
+                        Code::NotEnforced,
+                        r,
+                        at(&["connectionPool".into(), part.into(), field.into()]),
+                        format!("connectionPool.{part}.{field} is parsed but not enforced yet"),
+                    );
+                }
+            }
+        }
         if let Some(b) = &tp.retry_budget {
             if b.percent.as_ref().is_some_and(|p| !(0.0..=100.0).contains(&p.value)) {
                 self.push(
@@ -599,12 +617,9 @@ impl<'a> Cx<'a> {
                 self.load_balancer(r, at(&["portLevelSettings".into(), i.into(), "loadBalancer".into()]), lb);
             }
         }
-        for (field, present) in [
-            ("connectionPool", tp.connection_pool.is_some()),
-            ("tls", tp.tls.is_some()),
-            ("tunnel", tp.tunnel.is_some()),
-            ("proxyProtocol", tp.proxy_protocol.is_some()),
-        ] {
+        for (field, present) in
+            [("tls", tp.tls.is_some()), ("tunnel", tp.tunnel.is_some()), ("proxyProtocol", tp.proxy_protocol.is_some())]
+        {
             if present {
                 self.push(
                     Code::NotEnforced,

@@ -350,6 +350,7 @@ impl<'a> Compiler<'a> {
                     tls: None,
                     retry_budget: RetryBudget::default(),
                     outlier: None,
+                    pool: PoolPolicy::default(),
                 },
             );
             let table = format!("inbound|{port}");
@@ -729,6 +730,18 @@ impl<'a> Compiler<'a> {
         .flatten()
         .find_map(|tp| outlier_settings(tp, port))
         .map(outlier_policy);
+        let pool_setting = [
+            subset_def.as_ref().and_then(|s| s.traffic_policy.as_ref()),
+            dr.as_ref().and_then(|d| d.traffic_policy.as_ref()),
+        ]
+        .into_iter()
+        .flatten()
+        .find_map(|tp| pool_settings(tp, port));
+        let pool = pool_setting.map(pool_policy).unwrap_or_default();
+        let connect_timeout = pool_setting
+            .and_then(|p| p.tcp.as_ref()?.connect_timeout)
+            .filter(|t| !t.0.is_zero())
+            .unwrap_or(Duration(DEFAULT_CONNECT_TIMEOUT));
         let mesh_tls = || UpstreamTls::IstioMutual {
             identities: {
                 let mut ids: Vec<String> = endpoints.iter().filter_map(|e| e.identity.clone()).collect();
@@ -765,11 +778,12 @@ impl<'a> Compiler<'a> {
                 subset: subset.map(str::to_string),
                 protocol,
                 lb,
-                connect_timeout: Duration(DEFAULT_CONNECT_TIMEOUT),
+                connect_timeout,
                 endpoints,
                 tls,
                 retry_budget,
                 outlier,
+                pool,
             },
         );
         name
@@ -896,6 +910,38 @@ fn retry_policy(r: Option<&crate::model::networking::HttpRetry>) -> Option<Retry
         backoff: r.backoff.filter(|b| !b.0.is_zero()).unwrap_or(Duration(crate::snapshot::DEFAULT_RETRY_BACKOFF)),
         other_hosts: r.retry_ignore_previous_hosts.unwrap_or(true),
     })
+}
+
+fn pool_settings(tp: &TrafficPolicy, port: u16) -> Option<&crate::model::networking::ConnectionPool> {
+    tp.port_level_settings
+        .iter()
+        .find(|p| p.port.as_ref().is_some_and(|s| s.number == u32::from(port)))
+        .and_then(|p| p.connection_pool.as_ref())
+        .or(tp.connection_pool.as_ref())
+}
+
+/// Istio's limits are "unlimited" by default (2^32-1); 0 means the default.
+fn pool_policy(p: &crate::model::networking::ConnectionPool) -> PoolPolicy {
+    let limit = |v: Option<i64>| v.filter(|v| *v > 0 && *v < i64::from(u32::MAX)).map(|v| v as u32);
+    let (tcp, http) = (p.tcp.clone().unwrap_or_default(), p.http.clone().unwrap_or_default());
+    PoolPolicy {
+        max_connections: limit(tcp.max_connections),
+        max_pending: limit(http.http1_max_pending_requests),
+        max_requests: limit(http.http2_max_requests),
+        max_requests_per_connection: limit(http.max_requests_per_connection),
+        max_retries: limit(http.max_retries),
+        idle_timeout: http
+            .idle_timeout
+            .or(tcp.idle_timeout)
+            .filter(|t| !t.0.is_zero())
+            .unwrap_or(Duration(DEFAULT_UPSTREAM_IDLE_TIMEOUT)),
+        keepalive: tcp.tcp_keepalive.map(|k| Keepalive {
+            // Linux's defaults for what is not set.
+            time: k.time.unwrap_or(Duration(std::time::Duration::from_secs(7200))),
+            interval: k.interval.unwrap_or(Duration(std::time::Duration::from_secs(75))),
+            probes: k.probes.unwrap_or(9),
+        }),
+    }
 }
 
 fn outlier_settings(tp: &TrafficPolicy, port: u16) -> Option<&crate::model::networking::OutlierDetection> {

@@ -518,6 +518,59 @@ pub struct Cluster {
     pub retry_budget: RetryBudget,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier: Option<OutlierPolicy>,
+    #[serde(default)]
+    pub pool: PoolPolicy,
+}
+
+/// Connection-pool limits (DestinationRule `connectionPool`); `None`: unlimited.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PoolPolicy {
+    /// Connections to one endpoint (`tcp.maxConnections`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a connection to one endpoint (`http.http1MaxPendingRequests`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending: Option<u32>,
+    /// Requests in flight to the service (`http.http2MaxRequests`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
+    /// Retries in flight to the service (`http.maxRetries`), besides the retry budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+    /// An upstream connection idle this long is closed, before the upstream's own idle timeout
+    /// can close it under a request (`http.idleTimeout`).
+    pub idle_timeout: Duration,
+    /// TCP keepalive on upstream connections (`tcp.tcpKeepalive`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive: Option<Keepalive>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Keepalive {
+    pub time: Duration,
+    pub interval: Duration,
+    pub probes: u32,
+}
+
+/// Trellis's upstream idle timeout when the DestinationRule sets none: under the idle
+/// timeouts common servers close keep-alive connections after (Node.js 5s, nginx 75s), so a
+/// pooled connection is dropped by the proxy first. (Istio's default is 1h.)
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
+
+impl Default for PoolPolicy {
+    fn default() -> PoolPolicy {
+        PoolPolicy {
+            max_connections: None,
+            max_pending: None,
+            max_requests: None,
+            max_requests_per_connection: None,
+            max_retries: None,
+            idle_timeout: Duration(DEFAULT_UPSTREAM_IDLE_TIMEOUT),
+            keepalive: None,
+        }
+    }
 }
 
 /// Outlier detection with Istio's defaults filled in (0 turns a counter off).

@@ -106,6 +106,7 @@ impl Proxy {
         .await;
         match result {
             Ok((rt, staged)) => {
+                rt.activate();
                 self.shared.swap(rt);
                 self.listeners.commit(staged, &self.shared).await;
                 self.shared.update_status(|s| {

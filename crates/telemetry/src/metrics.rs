@@ -196,6 +196,15 @@ pub struct ProxyMetrics {
     pub faults: Family<FaultLabels, Counter>,
     /// Endpoints ejected by outlier detection, by cluster and reason.
     pub ejections: Family<EjectionLabels, Counter>,
+    /// Requests refused by a connection-pool limit, by cluster and limit.
+    pub overflows: Family<OverflowLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OverflowLabels {
+    pub cluster_name: Arc<str>,
+    /// `pending_requests`, `requests` or `retries`.
+    pub limit: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -304,6 +313,12 @@ impl ProxyMetrics {
             "Endpoints ejected by outlier detection, by cluster and reason (consecutive_5xx, consecutive_gateway_errors, consecutive_local_origin_failures)",
             ejections.clone(),
         );
+        let overflows = Family::<OverflowLabels, Counter>::default();
+        registry.register(
+            "trellis_proxy_upstream_overflows",
+            "Requests refused with 503 UO by a connection-pool limit (pending_requests, requests, retries)",
+            overflows.clone(),
+        );
         registry.register(
             "trellis_proxy_config_applied_timestamp_seconds",
             "When the snapshot in force was applied (Unix time)",
@@ -344,6 +359,7 @@ impl ProxyMetrics {
             retries,
             faults,
             ejections,
+            overflows,
         }
     }
 

@@ -179,6 +179,47 @@ pub struct HttpRetry {
     pub backoff: Option<Duration>,
 }
 
+/// `TrafficPolicy.connectionPool`: limits on connections and requests to a service.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ConnectionPool {
+    pub tcp: Option<TcpPool>,
+    pub http: Option<HttpPool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct TcpPool {
+    pub max_connections: Option<i64>,
+    pub connect_timeout: Option<Duration>,
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    pub max_connection_duration: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct TcpKeepalive {
+    pub probes: Option<u32>,
+    pub time: Option<Duration>,
+    pub interval: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct HttpPool {
+    #[serde(rename = "http1MaxPendingRequests")]
+    pub http1_max_pending_requests: Option<i64>,
+    #[serde(rename = "http2MaxRequests")]
+    pub http2_max_requests: Option<i64>,
+    pub max_requests_per_connection: Option<i64>,
+    pub max_retries: Option<i64>,
+    pub idle_timeout: Option<Duration>,
+    pub h2_upgrade_policy: Option<String>,
+    pub use_client_protocol: Option<bool>,
+    pub max_concurrent_streams: Option<i64>,
+}
+
 /// `TrafficPolicy.outlierDetection`: endpoints that keep failing are ejected for a while.
 #[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
 #[serde(default, rename_all = "camelCase")]
@@ -243,7 +284,7 @@ pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     pub port_level_settings: Vec<PortTrafficPolicy>,
     // Enforced by later releases.
-    pub connection_pool: Option<Json>,
+    pub connection_pool: Option<ConnectionPool>,
     pub outlier_detection: Option<OutlierDetection>,
     pub tls: Option<ClientTlsSettings>,
     pub tunnel: Option<Json>,
@@ -256,7 +297,7 @@ pub struct TrafficPolicy {
 pub struct PortTrafficPolicy {
     pub port: Option<PortSelector>,
     pub load_balancer: Option<LoadBalancerSettings>,
-    pub connection_pool: Option<Json>,
+    pub connection_pool: Option<ConnectionPool>,
     pub outlier_detection: Option<OutlierDetection>,
     pub tls: Option<ClientTlsSettings>,
 }

@@ -22,6 +22,8 @@ pub enum Flag {
     UpstreamReset,
     /// Upstream request timeout.
     UpstreamTimeout,
+    /// A connection-pool limit was reached (circuit breaking).
+    UpstreamOverflow,
     /// Downstream protocol error (a request the proxy cannot accept).
     DownstreamProtocolError,
     /// Downstream connection terminated (client went away).
@@ -40,6 +42,7 @@ impl Flag {
             Flag::UpstreamConnectFailure => "UF",
             Flag::UpstreamReset => "UR",
             Flag::UpstreamTimeout => "UT",
+            Flag::UpstreamOverflow => "UO",
             Flag::DownstreamProtocolError => "DPE",
             Flag::DownstreamTerminated => "DC",
             Flag::RbacDenied => "RBAC",
@@ -134,6 +137,20 @@ impl ProxyError {
             message: format!(
                 "upstream request timeout after {}",
                 trellis_config::model::duration::format_duration(after)
+            ),
+        }
+    }
+
+    /// A connection-pool limit of `cluster` refused the request (`limit` names it).
+    pub fn overflow(cluster: &str, limit: &str) -> Self {
+        ProxyError {
+            flag: Flag::UpstreamOverflow,
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            side: Side::Upstream,
+            retryable: false,
+            refused: false,
+            message: format!(
+                "upstream connect error or disconnect/reset before headers: overflow of {limit} to {cluster}"
             ),
         }
     }

@@ -17,40 +17,11 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// Removes hop-by-hop headers, including those the `Connection` header names. `TE: trailers`
 /// survives (gRPC needs it end to end).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names (cheap comparisons) spares hashing
-    // each hop-by-hop name into the map.
-    let hop = |k: &HeaderName| {
-        *k == header::CONNECTION
-            || *k == header::TRANSFER_ENCODING
-            || *k == header::TE
-            || *k == header::UPGRADE
-            || *k == header::TRAILER
-            || *k == header::PROXY_AUTHORIZATION
-            || *k == header::PROXY_AUTHENTICATE
-            || *k == KEEP_ALIVE
-            || *k == PROXY_CONNECTION
-    };
-    if !headers.keys().any(hop) {
-        return;
-    }
-    // Every Connection field line counts (it is a list, and may be split over several lines).
-    let mut listed: Vec<HeaderName> = Vec::new();
-    for conn in headers.get_all(header::CONNECTION) {
-        let Ok(list) = conn.to_str() else { continue };
-        for name in list.split(',') {
-            let name = name.trim();
-            if name.eq_ignore_ascii_case("te") {
-                continue;
-            }
-            if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
-                listed.push(n);
-            }
-        }
-    }
-    for n in listed {
-        headers.remove(n);
-    }
-    for h in [
+    // The hop-by-hop headers (RFC 9110 §7.6.1 and the ones proxies have always dropped); TE is
+    // last, handled apart. Most messages carry none, or only `Connection: keep-alive`: one pass
+    // over the names finds which are present (cheap comparisons), so absent ones are never
+    // hashed into the map.
+    const HOP: [HeaderName; 9] = [
         header::CONNECTION,
         KEEP_ALIVE,
         PROXY_CONNECTION,
@@ -59,16 +30,51 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         header::TRANSFER_ENCODING,
         header::UPGRADE,
         header::TRAILER,
-    ] {
-        headers.remove(h);
+        header::TE,
+    ];
+    let mut present = 0u16;
+    for k in headers.keys() {
+        if let Some(i) = HOP.iter().position(|h| h == k) {
+            present |= 1 << i;
+        }
     }
-    if let Some(te) = headers.get(header::TE) {
-        let trailers =
-            te.to_str().map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))).unwrap_or(false);
-        if trailers {
-            headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        } else {
-            headers.remove(header::TE);
+    if present == 0 {
+        return;
+    }
+    if present & 1 != 0 {
+        // Every Connection field line counts (it is a list, and may be split over several
+        // lines); the names it lists go too, but TE (gRPC needs `TE: trailers` end to end) and
+        // the ones removed anyway.
+        let mut listed: Vec<HeaderName> = Vec::new();
+        for conn in headers.get_all(header::CONNECTION) {
+            let Ok(list) = conn.to_str() else { continue };
+            for name in list.split(',').map(str::trim) {
+                if ["te", "close", "keep-alive", "upgrade", ""].iter().any(|t| name.eq_ignore_ascii_case(t)) {
+                    continue;
+                }
+                if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+                    listed.push(n);
+                }
+            }
+        }
+        for n in listed {
+            headers.remove(n);
+        }
+    }
+    for (i, h) in HOP.iter().enumerate().take(HOP.len() - 1) {
+        if present & (1 << i) != 0 {
+            headers.remove(h);
+        }
+    }
+    if present & (1 << (HOP.len() - 1)) != 0 {
+        if let Some(te) = headers.get(header::TE) {
+            let trailers =
+                te.to_str().map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))).unwrap_or(false);
+            if trailers {
+                headers.insert(header::TE, HeaderValue::from_static("trailers"));
+            } else {
+                headers.remove(header::TE);
+            }
         }
     }
 }

@@ -11,7 +11,7 @@ use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
 use trellis_config::snapshot::{RetryPolicy, UpstreamProtocol};
-use trellis_telemetry::metrics::{EjectionLabels, RetryLabels};
+use trellis_telemetry::metrics::{EjectionLabels, OverflowLabels, RetryLabels};
 
 use super::replay::ReplayBody;
 use super::retry::{self, Outcome};
@@ -129,6 +129,10 @@ pub(super) async fn run(
     } else {
         (None, body)
     };
+    // `http2MaxRequests`: requests in flight to the service.
+    if cluster.pool.max_requests.is_some_and(|m| cluster.budget.in_flight() >= m as usize) {
+        return Err(overflow(shared, cluster, "requests"));
+    }
     let _counted = cluster.budget.request();
     let mut _retry_slot = None;
     let mut tried: Vec<usize> = Vec::new();
@@ -174,6 +178,11 @@ pub(super) async fn run(
             },
             None => Tried::Done(send.await),
         };
+        if let Tried::Done(Err(e)) = &result {
+            if e.error.flag == Flag::UpstreamOverflow {
+                shared.metrics.overflows.get_or_create(&overflow_labels(cluster, "pending_requests")).inc();
+            }
+        }
         match &result {
             Tried::Done(Ok(resp)) => observe(shared, cluster, pick.0, outlier::Result::Status(resp.status().as_u16())),
             Tried::Done(Err(e)) if matches!(e.error.flag, Flag::UpstreamConnectFailure | Flag::UpstreamReset) => {
@@ -218,7 +227,7 @@ pub(super) async fn run(
             _ => tokio::time::sleep(pause).await,
         }
         let labels = |outcome| RetryLabels { cluster_name: cluster.name.clone(), outcome, reason };
-        let Some(slot) = cluster.budget.retry() else {
+        let Some(slot) = cluster.budget.retry(cluster.pool.max_retries) else {
             shared.metrics.retries.get_or_create(&labels("budget_exhausted")).inc();
             return match result {
                 Tried::Done(Ok(resp)) => Ok(respond(resp, route, dest, pick.1, in_flight)),
@@ -304,6 +313,16 @@ fn pick(
     fresh
         .or_else(|| cluster.balancer.pick(&cluster.endpoints, &ctx, &healthy))
         .ok_or_else(|| ProxyError::no_healthy_upstream(&cluster.name))
+}
+
+/// A connection-pool limit of the cluster refused the request: 503 `UO`, counted.
+fn overflow(shared: &Shared, cluster: &Cluster, limit: &'static str) -> ProxyError {
+    shared.metrics.overflows.get_or_create(&overflow_labels(cluster, limit)).inc();
+    ProxyError::overflow(&cluster.name, limit)
+}
+
+fn overflow_labels(cluster: &Cluster, limit: &'static str) -> OverflowLabels {
+    OverflowLabels { cluster_name: cluster.name.clone(), limit }
 }
 
 /// Counts a try's outcome for outlier detection (and the ejection it causes).

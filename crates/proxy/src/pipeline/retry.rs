@@ -163,11 +163,17 @@ impl Budget {
         InFlight { budget: self.clone(), retry: false }
     }
 
-    /// A retry may start if the budget has room (then it counts until dropped).
-    pub fn retry(self: &Arc<Self>) -> Option<InFlight> {
+    /// Requests in flight (first tries and retries).
+    pub fn in_flight(&self) -> usize {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// A retry may start if the budget has room, and fewer than `max` retries are in flight
+    /// (then it counts until dropped).
+    pub fn retry(self: &Arc<Self>, max: Option<u32>) -> Option<InFlight> {
         let requests = self.requests.load(Ordering::Relaxed) + 1;
         let allowed = ((requests as f64) * self.config.percent / 100.0) as usize;
-        let allowed = allowed.max(self.config.min_concurrency as usize);
+        let allowed = allowed.max(self.config.min_concurrency as usize).min(max.map_or(usize::MAX, |m| m as usize));
         self.retries.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| (r < allowed).then_some(r + 1)).ok()?;
         self.requests.fetch_add(1, Ordering::Relaxed);
         Some(InFlight { budget: self.clone(), retry: true })
@@ -264,12 +270,12 @@ mod tests {
     fn the_budget_allows_a_share_of_requests_in_flight_with_a_floor() {
         let b = Budget::new(RetryBudget { percent: 20.0, min_concurrency: 3 });
         let firsts: Vec<InFlight> = (0..50).map(|_| b.request()).collect();
-        let retries: Vec<InFlight> = std::iter::from_fn(|| b.retry()).take(100).collect();
+        let retries: Vec<InFlight> = std::iter::from_fn(|| b.retry(None)).take(100).collect();
         // 20% of (50 + retries in flight): 12 at most.
         assert!((10..=13).contains(&retries.len()), "{}", retries.len());
         drop(retries);
         drop(firsts);
-        let floor: Vec<InFlight> = std::iter::from_fn(|| b.retry()).take(100).collect();
+        let floor: Vec<InFlight> = std::iter::from_fn(|| b.retry(None)).take(100).collect();
         assert_eq!(floor.len(), 3, "min concurrency with nothing else in flight");
         drop(floor);
         assert_eq!((b.requests.load(Ordering::Relaxed), b.retries.load(Ordering::Relaxed)), (0, 0));

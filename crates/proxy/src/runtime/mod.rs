@@ -65,6 +65,9 @@ pub struct Cluster {
     pub budget: Arc<crate::pipeline::retry::Budget>,
     /// Outlier detection over `endpoints` (same order), when the DestinationRule asks for it.
     pub outlier: Option<crate::balance::outlier::Outlier>,
+    /// Connection-pool limits: per endpoint (put in force by [`Runtime::activate`]) and for the
+    /// cluster (`max_requests`, `max_retries`, checked by the pipeline).
+    pub pool: spec::PoolPolicy,
 }
 
 /// The TLS client configurations for a cluster, and a key naming that variant for the pools.
@@ -129,6 +132,23 @@ fn tls_setup(
 }
 
 impl Runtime {
+    /// Puts what this runtime configures on shared endpoints in force: their connection-pool
+    /// limits. Called once it serves (a rejected snapshot changes nothing).
+    pub fn activate(&self) {
+        for c in self.clusters.values() {
+            let limits = crate::upstream::Limits {
+                max_connections: c.pool.max_connections,
+                max_pending: c.pool.max_pending,
+                max_requests_per_connection: c.pool.max_requests_per_connection,
+                idle_timeout: c.pool.idle_timeout.0,
+                keepalive: c.pool.keepalive,
+            };
+            for (ep, _) in &c.endpoints {
+                ep.set_limits(limits.clone());
+            }
+        }
+    }
+
     /// An empty runtime (before the first snapshot).
     pub fn empty() -> Runtime {
         Runtime {
@@ -225,6 +245,7 @@ impl Runtime {
                     mtls,
                     budget: crate::pipeline::retry::Budget::new(c.retry_budget),
                     outlier: c.outlier.clone().map(|p| crate::balance::outlier::Outlier::new(p, c.endpoints.len())),
+                    pool: c.pool.clone(),
                 }),
             );
         }

@@ -3,7 +3,11 @@
 //! An [`Endpoint`] outlives snapshots: the [`Pools`] registry hands the same `Arc<Endpoint>` to
 //! every snapshot that names the same address, so a config change keeps warm connections and
 //! in-flight counts. HTTP/1.1 connections are pooled one request at a time (idle queue,
-//! lock-free); HTTP/2 uses one multiplexed connection per endpoint.
+//! lock-free); HTTP/2 uses one multiplexed connection per endpoint. The DestinationRule's
+//! connection-pool limits apply per endpoint here: at most `maxConnections` HTTP/1.1
+//! connections, at most `http1MaxPendingRequests` requests waiting for one (more: 503 `UO`),
+//! `maxRequestsPerConnection`, and an idle timeout after which a pooled connection is dropped
+//! instead of reused.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use crossbeam_queue::SegQueue;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -53,10 +57,52 @@ pub struct Endpoint {
     target: Target,
     tls: Option<TlsSetup>,
     in_flight: AtomicUsize,
-    idle_h1: SegQueue<http1::SendRequest<Body>>,
+    idle_h1: SegQueue<Idle>,
     idle_count: AtomicUsize,
-    h2: ArcSwapOption<http2::SendRequest<Body>>,
+    h2: ArcSwapOption<H2>,
     h2_connecting: tokio::sync::Mutex<()>,
+    limits: ArcSwap<Limits>,
+    /// HTTP/1.1 connections open (pooled or in use).
+    open_h1: AtomicUsize,
+    /// Requests waiting for an HTTP/1.1 connection.
+    pending: AtomicUsize,
+    /// A connection was pooled again or closed: a waiting request may go on.
+    freed: tokio::sync::Notify,
+}
+
+/// A pooled HTTP/1.1 connection, with what its limits need.
+struct Idle {
+    sender: http1::SendRequest<Body>,
+    since: std::time::Instant,
+    served: u32,
+}
+
+/// The HTTP/2 connection and the streams it carried.
+struct H2 {
+    sender: http2::SendRequest<Body>,
+    streams: AtomicUsize,
+}
+
+/// The connection-pool limits in force for an endpoint (from the snapshot that last named it).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_connections: Option<u32>,
+    pub max_pending: Option<u32>,
+    pub max_requests_per_connection: Option<u32>,
+    pub idle_timeout: Duration,
+    pub keepalive: Option<trellis_config::snapshot::Keepalive>,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: None,
+            max_pending: None,
+            max_requests_per_connection: None,
+            idle_timeout: trellis_config::snapshot::DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            keepalive: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -76,14 +122,14 @@ pub enum Wire {
 /// the response arrives on, to pool it again once the response has been read through.
 pub struct InFlight {
     ep: Arc<Endpoint>,
-    reuse: Option<http1::SendRequest<Body>>,
+    reuse: Option<(http1::SendRequest<Body>, u32)>,
 }
 
 impl InFlight {
     /// The response was read to its end: its connection may serve the next request.
     pub fn complete(mut self) {
-        if let Some(s) = self.reuse.take() {
-            self.ep.recycle_h1(s);
+        if let Some((s, served)) = self.reuse.take() {
+            self.ep.recycle_h1(s, served);
         }
     }
 }
@@ -111,7 +157,17 @@ impl Endpoint {
             idle_count: AtomicUsize::new(0),
             h2: ArcSwapOption::empty(),
             h2_connecting: tokio::sync::Mutex::new(()),
+            limits: ArcSwap::from_pointee(Limits::default()),
+            open_h1: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            freed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Puts a snapshot's connection-pool limits in force (called while building it).
+    pub fn set_limits(&self, limits: Limits) {
+        self.limits.store(Arc::new(limits));
+        self.freed.notify_waiters();
     }
 
     /// Requests in flight (for least-request balancing).
@@ -133,6 +189,11 @@ impl Endpoint {
             }
             .map_err(|e| e.to_string())?;
             let _ = stream.set_nodelay(true);
+            if let Some(k) = self.limits.load().keepalive {
+                let ka =
+                    socket2::TcpKeepalive::new().with_time(k.time.0).with_interval(k.interval.0).with_retries(k.probes);
+                let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
+            }
             match &self.tls {
                 None => Ok::<Io, String>(Box::new(stream)),
                 Some(tls) => {
@@ -164,34 +225,89 @@ impl Endpoint {
     ) -> Result<Response<Incoming>, SendError> {
         match wire {
             Wire::Http1 => {
-                let (resp, sender) = self.send_h1(req, connect_timeout).await?;
-                in_flight.reuse = Some(sender);
+                let (resp, sender, served) = self.send_h1(req, connect_timeout).await?;
+                in_flight.reuse = Some((sender, served));
                 Ok(resp)
             }
             Wire::Http2 => self.send_h2(req, connect_timeout).await,
         }
     }
 
-    fn pop_idle_h1(&self) -> Option<http1::SendRequest<Body>> {
-        while let Some(s) = self.idle_h1.pop() {
+    /// A pooled connection that is still usable and has not been idle past the idle timeout.
+    fn pop_idle_h1(&self) -> Option<(http1::SendRequest<Body>, u32)> {
+        let idle_timeout = self.limits.load().idle_timeout;
+        while let Some(i) = self.idle_h1.pop() {
             self.idle_count.fetch_sub(1, Ordering::Relaxed);
-            if s.is_ready() {
-                return Some(s);
+            if i.sender.is_ready() && i.since.elapsed() < idle_timeout {
+                return Some((i.sender, i.served));
             }
+            // Dropped: the connection closes (the upstream may be closing it already).
         }
         None
     }
 
-    async fn connect_h1(&self, timeout: Duration) -> Result<http1::SendRequest<Body>, ProxyError> {
+    /// A connection slot under `maxConnections`, taken.
+    fn reserve_h1(&self) -> bool {
+        let max = self.limits.load().max_connections.map_or(usize::MAX, |m| m as usize);
+        self.open_h1.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |o| (o < max).then_some(o + 1)).is_ok()
+    }
+
+    /// An HTTP/1.1 connection for one request: pooled, new, or — at `maxConnections` — the next
+    /// one freed, waiting among at most `http1MaxPendingRequests` requests.
+    async fn h1_sender(
+        self: &Arc<Self>,
+        timeout: Duration,
+    ) -> Result<(http1::SendRequest<Body>, u32, bool), ProxyError> {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some((s, served)) = self.pop_idle_h1() {
+                return Ok((s, served, false));
+            }
+            if self.reserve_h1() {
+                return match self.connect_h1(timeout).await {
+                    Ok(s) => Ok((s, 0, true)),
+                    Err(e) => {
+                        self.release_h1();
+                        Err(e)
+                    }
+                };
+            }
+            let max_pending = self.limits.load().max_pending.map_or(usize::MAX, |m| m as usize);
+            if self
+                .pending
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| (p < max_pending).then_some(p + 1))
+                .is_err()
+            {
+                return Err(ProxyError::overflow(&self.address, "pending_requests"));
+            }
+            let _waiting = Waiting(&self.pending);
+            freed.await;
+        }
+    }
+
+    /// An HTTP/1.1 connection closed.
+    fn release_h1(&self) {
+        self.open_h1.fetch_sub(1, Ordering::Relaxed);
+        self.freed.notify_one();
+    }
+
+    /// A new HTTP/1.1 connection; its slot (taken by the caller) is released when it closes.
+    async fn connect_h1(self: &Arc<Self>, timeout: Duration) -> Result<http1::SendRequest<Body>, ProxyError> {
         let stream = self.connect(timeout, Wire::Http1).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ProxyError::connect_failure(&self.address, e))?;
         let addr = self.address.clone();
+        let ep = Arc::downgrade(self);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(upstream = %addr, error = %e, "upstream HTTP/1.1 connection ended");
+            }
+            if let Some(ep) = ep.upgrade() {
+                ep.release_h1();
             }
         });
         Ok(sender)
@@ -201,19 +317,16 @@ impl Endpoint {
         self: &Arc<Self>,
         mut req: Request<Body>,
         timeout: Duration,
-    ) -> Result<(Response<Incoming>, http1::SendRequest<Body>), SendError> {
+    ) -> Result<(Response<Incoming>, http1::SendRequest<Body>, u32), SendError> {
         // A pooled connection may have been closed by the upstream in the meantime; a request
         // that was never written to it is retried once on a fresh connection.
         loop {
-            let (mut sender, fresh) = match self.pop_idle_h1() {
-                Some(s) => (s, false),
-                None => match self.connect_h1(timeout).await {
-                    Ok(s) => (s, true),
-                    Err(error) => return Err(SendError { error, request: Some(req) }),
-                },
+            let (mut sender, served, fresh) = match self.h1_sender(timeout).await {
+                Ok(s) => s,
+                Err(error) => return Err(SendError { error, request: Some(req) }),
             };
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, sender)),
+                Ok(resp) => return Ok((resp, sender, served + 1)),
                 Err(mut e) => match e.take_message() {
                     Some(r) if !fresh => req = r,
                     request => return Err(SendError { request, error: classify(&self.address, e.into_error()) }),
@@ -223,34 +336,43 @@ impl Endpoint {
     }
 
     /// Returns the connection to the idle queue: at once if it is ready for the next request,
-    /// else once it is.
-    fn recycle_h1(self: &Arc<Self>, mut sender: http1::SendRequest<Body>) {
+    /// else once it is; not past `maxRequestsPerConnection`.
+    fn recycle_h1(self: &Arc<Self>, mut sender: http1::SendRequest<Body>, served: u32) {
+        if self.limits.load().max_requests_per_connection.is_some_and(|m| served >= m) {
+            return; // Dropped: the connection closes and frees its slot.
+        }
         if sender.is_ready() {
-            if self.idle_count.load(Ordering::Relaxed) < MAX_IDLE_PER_ENDPOINT {
-                self.idle_count.fetch_add(1, Ordering::Relaxed);
-                self.idle_h1.push(sender);
-            }
+            self.pool_h1(sender, served);
             return;
         }
         let ep = self.clone();
         tokio::spawn(async move {
-            if sender.ready().await.is_ok() && ep.idle_count.load(Ordering::Relaxed) < MAX_IDLE_PER_ENDPOINT {
-                ep.idle_count.fetch_add(1, Ordering::Relaxed);
-                ep.idle_h1.push(sender);
+            if sender.ready().await.is_ok() {
+                ep.pool_h1(sender, served);
             }
         });
     }
 
+    fn pool_h1(&self, sender: http1::SendRequest<Body>, served: u32) {
+        if self.idle_count.load(Ordering::Relaxed) < MAX_IDLE_PER_ENDPOINT {
+            self.idle_count.fetch_add(1, Ordering::Relaxed);
+            self.idle_h1.push(Idle { sender, since: std::time::Instant::now(), served });
+            self.freed.notify_one();
+        }
+    }
+
     async fn h2_sender(&self, timeout: Duration) -> Result<http2::SendRequest<Body>, ProxyError> {
-        if let Some(s) = self.h2.load_full() {
-            if !s.is_closed() {
-                return Ok((*s).clone());
+        let max_streams = self.limits.load().max_requests_per_connection.map_or(usize::MAX, |m| m as usize);
+        let usable = |h: &H2| !h.sender.is_closed() && h.streams.fetch_add(1, Ordering::Relaxed) < max_streams;
+        if let Some(h) = self.h2.load_full() {
+            if usable(&h) {
+                return Ok(h.sender.clone());
             }
         }
         let _guard = self.h2_connecting.lock().await;
-        if let Some(s) = self.h2.load_full() {
-            if !s.is_closed() {
-                return Ok((*s).clone());
+        if let Some(h) = self.h2.load_full() {
+            if usable(&h) {
+                return Ok(h.sender.clone());
             }
         }
         let stream = self.connect(timeout, Wire::Http2).await?;
@@ -268,7 +390,7 @@ impl Endpoint {
                 tracing::debug!(upstream = %addr, error = %e, "upstream HTTP/2 connection ended");
             }
         });
-        self.h2.store(Some(Arc::new(sender.clone())));
+        self.h2.store(Some(Arc::new(H2 { sender: sender.clone(), streams: AtomicUsize::new(1) })));
         Ok(sender)
     }
 
@@ -299,6 +421,15 @@ impl Endpoint {
                 },
             }
         }
+    }
+}
+
+/// Counts a request waiting for a connection while it waits.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
