@@ -337,3 +337,114 @@ async fn connection_pool_limits_overflow_with_503_uo_and_the_upstream_never_sees
     assert!(got.iter().all(|(s, f)| *s == 200 || (*s == 503 && f.as_deref() == Some("UO"))), "{got:?}");
     assert!(b2.peak.load(std::sync::atomic::Ordering::SeqCst) <= 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflights_are_answered_and_allowed_origins_decorated_per_policy() {
+    let b = Backend::start("app").await;
+    let dir = ConfigDir::new();
+    let mut y = gateway("gw", GW);
+    y.push_str(&service("app.internal", "HTTP", &[(b.addr, &[])]));
+    y.push_str(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - match: [{uri: {prefix: /strict}}]\n    corsPolicy: {allowOrigins: [{exact: https://shop.test}], allowMethods: [GET], unmatchedPreflights: IGNORE}\n    route: [{destination: {host: app.internal}}]\n  - corsPolicy:\n      allowOrigins: [{exact: https://shop.test}, {prefix: \"https://dev.\"}]\n      allowMethods: [GET, POST]\n      allowHeaders: [x-token]\n      exposeHeaders: [x-trace]\n      maxAge: 1h\n      allowCredentials: true\n    route: [{destination: {host: app.internal}}]\n",
+    );
+    let cfg = dir.write("mesh.yaml", &y);
+    let proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
+    let port = proxy.port(GW).await;
+    let client = h1_client();
+    let preflight = |path: &str, origin: &str| {
+        http::Request::builder()
+            .method("OPTIONS")
+            .uri(format!("http://127.0.0.1:{port}{path}"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "x-token")
+            .body(empty())
+            .expect("req")
+    };
+
+    let r = send(&client, preflight("/api", "https://dev.shop.test")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("access-control-allow-origin"), Some("https://dev.shop.test"));
+    assert_eq!(r.header("access-control-allow-methods"), Some("GET,POST"));
+    assert_eq!(r.header("access-control-allow-headers"), Some("x-token"));
+    assert_eq!(r.header("access-control-max-age"), Some("3600"));
+    assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+    assert_eq!(b.count(), 0, "an allowed preflight is answered by the proxy");
+
+    let r = send(&client, preflight("/api", "https://evil.test")).await;
+    assert_eq!((r.status.as_u16(), r.header("access-control-allow-origin")), (200, None));
+    assert_eq!(b.count(), 1, "a preflight from another origin goes on to the upstream (FORWARD)");
+    let r = send(&client, preflight("/strict", "https://evil.test")).await;
+    assert_eq!((r.status.as_u16(), r.header("access-control-allow-origin")), (200, None));
+    assert_eq!(b.count(), 1, "with IGNORE it is answered by the proxy, without CORS headers");
+
+    let r = get(&format!("http://127.0.0.1:{port}/api"), &[("origin", "https://shop.test")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("access-control-allow-origin"), Some("https://shop.test"));
+    assert_eq!(r.header("access-control-expose-headers"), Some("x-trace"));
+    assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+    let r = get(&format!("http://127.0.0.1:{port}/api"), &[("origin", "https://evil.test")]).await;
+    assert_eq!((r.status.as_u16(), r.header("access-control-allow-origin")), (200, None));
+    assert_eq!(b.count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_get_their_share_and_a_dead_mirror_changes_nothing_for_the_client() {
+    let (app, shadow) = (Backend::start("app").await, Backend::start("shadow").await);
+    // A mirror that accepts connections and never answers.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hole_addr = hole.local_addr().expect("addr");
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = hole.accept().await {
+            keep.lock().expect("lock").push(s);
+        }
+    });
+    let dir = ConfigDir::new();
+    let mut y = gateway("gw", GW);
+    y.push_str(&service("app.internal", "HTTP", &[(app.addr, &[])]));
+    y.push_str(&service("shadow.internal", "HTTP", &[(shadow.addr, &[])]));
+    y.push_str(&service("hole.internal", "HTTP", &[(hole_addr, &[])]));
+    y.push_str(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - match: [{uri: {prefix: /dead}}]\n    route: [{destination: {host: app.internal}}]\n    mirror: {host: hole.internal}\n  - route: [{destination: {host: app.internal}}]\n    mirror: {host: shadow.internal}\n    mirrorPercentage: {value: 50}\n",
+    );
+    let cfg = dir.write("mesh.yaml", &y);
+    let proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
+    let port = proxy.port(GW).await;
+
+    let got = statuses(&format!("http://127.0.0.1:{port}/live"), 1000, 4).await;
+    assert!(got.iter().all(|s| *s == 200));
+    // The copies are sent on their own: wait until the mirror has every one the proxy sent.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let sent = loop {
+        let m = metrics(proxy.admin).await;
+        let sent = metric_sum(&m, "trellis_proxy_mirrored_requests_total", &[("outcome", "sent")]) as usize;
+        if sent > 0 && shadow.count() == sent {
+            break sent;
+        }
+        assert!(std::time::Instant::now() < deadline, "the mirror saw {} of {sent} copies", shadow.count());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await; // poll interval of a wait on /metrics
+    };
+    let share = sent as f64 / 10.0;
+    println!("{sent} of 1000 mirrored ({share:.1}%)");
+    assert!((45.0..=55.0).contains(&share), "mirrored {share:.1}%, configured 50%");
+    assert_eq!(app.count(), 1000, "the primary got every request");
+
+    // Every request's copy goes to a mirror that never answers: the client sees nothing of it.
+    let outcome = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        statuses(&format!("http://127.0.0.1:{port}/dead"), 200, 4),
+    )
+    .await
+    .expect("requests with a dead mirror complete");
+    assert!(outcome.iter().all(|s| *s == 200));
+    let m = metrics(proxy.admin).await;
+    let answered = metric_sum(
+        &m,
+        "trellis_proxy_mirrored_requests_total",
+        &[("cluster_name", "outbound|80||hole.internal"), ("outcome", "answered")],
+    );
+    assert_eq!(answered, 0.0, "the dead mirror answered none of the copies the clients did not wait for");
+    assert!(!held.lock().expect("lock").is_empty(), "copies did reach the dead mirror");
+}

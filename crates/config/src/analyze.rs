@@ -936,6 +936,22 @@ impl<'a> Cx<'a> {
         if let Some(f) = &route.fault {
             self.fault(r, &at(&["fault".into()]), f);
         }
+        if let Some(c) = &route.cors_policy {
+            for (i, o) in c.allow_origins.iter().enumerate() {
+                self.string_match(r, at(&["corsPolicy".into(), "allowOrigins".into(), i.into()]), o, false);
+            }
+            if c.unmatched_preflights
+                .as_deref()
+                .is_some_and(|u| !u.eq_ignore_ascii_case("FORWARD") && !u.eq_ignore_ascii_case("IGNORE"))
+            {
+                self.push(
+                    Code::Schema,
+                    r,
+                    at(&["corsPolicy".into(), "unmatchedPreflights".into()]),
+                    "unmatchedPreflights is FORWARD or IGNORE".into(),
+                );
+            }
+        }
         if let Some(rt) = &route.retries {
             if rt.attempts.is_some_and(|a| a < 0) {
                 self.push(
@@ -969,12 +985,7 @@ impl<'a> Cx<'a> {
                 }
             }
         }
-        for (field, present) in [
-            ("mirror", route.mirror.is_some()),
-            ("mirrors", route.mirrors.is_some()),
-            ("corsPolicy", route.cors_policy.is_some()),
-            ("delegate", route.delegate.is_some()),
-        ] {
+        for (field, present) in [("delegate", route.delegate.is_some())] {
             if present {
                 self.push(Code::NotEnforced, r, at(&[field.into()]), format!("{field} is parsed but not enforced yet"));
             }

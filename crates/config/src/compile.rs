@@ -379,6 +379,8 @@ impl<'a> Compiler<'a> {
                             // The app next door: no retries (Istio retries on the client side only).
                             retry: None,
                             fault: None,
+                            cors: None,
+                            mirrors: Vec::new(),
                         }],
                     }],
                 },
@@ -532,6 +534,8 @@ impl<'a> Compiler<'a> {
                 timeout: hr.timeout.filter(|t| !t.0.is_zero()),
                 retry: retry_policy(hr.retries.as_ref()),
                 fault: hr.fault.as_ref().and_then(fault),
+                cors: hr.cors_policy.as_ref().map(cors),
+                mirrors: self.mirrors(hr, r.namespace(), port),
             });
         }
         out
@@ -610,6 +614,30 @@ impl<'a> Compiler<'a> {
 
     /// The cluster for a destination: its port is the one named, else the service's only port,
     /// else the port the request came for.
+    /// `mirror` (+ `mirrorPercentage`, or the deprecated `mirrorPercent`) and `mirrors`: the
+    /// clusters to copy requests to (hosts that do not resolve mirror nothing).
+    fn mirrors(&mut self, hr: &crate::model::networking::HttpRoute, ns: &str, port: u16) -> Vec<Mirror> {
+        let share = |p: Option<&crate::model::networking::Percent>, legacy: Option<i64>| {
+            p.map(|p| p.value).or(legacy.map(|l| l as f64)).unwrap_or(100.0).clamp(0.0, 100.0)
+        };
+        let mut out = Vec::new();
+        let mut add = |this: &mut Self, d: &crate::model::networking::Destination, percent: f64| {
+            if d.host.is_empty() || this.registry.resolve(&d.host, ns).is_none() {
+                return;
+            }
+            let dest_port = d.port.as_ref().map(|p| p.number as u16);
+            let cluster = this.cluster_for(&d.host, ns, dest_port, port, d.subset.as_deref());
+            out.push(Mirror { cluster, percent });
+        };
+        if let Some(m) = &hr.mirror {
+            add(self, m, share(hr.mirror_percentage.as_ref(), hr.mirror_percent));
+        }
+        for m in hr.mirrors.iter().flatten() {
+            add(self, &m.destination, share(m.percentage.as_ref(), None));
+        }
+        out
+    }
+
     fn cluster_for(
         &mut self,
         host: &str,
@@ -856,6 +884,26 @@ fn default_route(cluster: String) -> Route {
         timeout: None,
         retry: Some(RetryPolicy::istio_default()),
         fault: None,
+        cors: None,
+        mirrors: Vec::new(),
+    }
+}
+
+fn cors(c: &crate::model::networking::CorsPolicy) -> Cors {
+    let mut allow_origins: Vec<StringMatcher> = c.allow_origins.iter().filter_map(string_matcher).collect();
+    allow_origins.extend(c.allow_origin.iter().map(|o| StringMatcher::Exact(o.clone())));
+    Cors {
+        allow_origins,
+        allow_methods: c.allow_methods.clone(),
+        allow_headers: c.allow_headers.clone(),
+        expose_headers: c.expose_headers.clone(),
+        max_age: c.max_age,
+        allow_credentials: c.allow_credentials.unwrap_or(false),
+        forward_unmatched_preflights: !c
+            .unmatched_preflights
+            .as_deref()
+            .is_some_and(|u| u.eq_ignore_ascii_case("IGNORE")),
+        allow_private_network: c.allow_private_network.unwrap_or(false),
     }
 }
 

@@ -513,15 +513,18 @@ fn mirrors(
     registry: &Registry,
     push: &mut Push<'_>,
 ) {
-    let mut targets: Vec<(Vec<Seg>, &serde_json::Value)> = Vec::new();
+    let mut targets: Vec<(Vec<Seg>, &Destination)> = Vec::new();
     if let Some(m) = &rule.mirror {
         targets.push((path!["spec", "http", i, "mirror"], m));
     }
-    for (j, m) in rule.mirrors.as_ref().and_then(|m| m.as_array()).into_iter().flatten().enumerate() {
-        targets.push((path!["spec", "http", i, "mirrors", j, "destination"], &m["destination"]));
+    for (j, m) in rule.mirrors.iter().flatten().enumerate() {
+        targets.push((path!["spec", "http", i, "mirrors", j, "destination"], &m.destination));
     }
     for (at, d) in targets {
-        let Some(host) = d["host"].as_str().filter(|h| !h.is_empty()) else { continue };
+        let host = d.host.as_str();
+        if host.is_empty() {
+            continue;
+        }
         let Some(svc) = registry.resolve(host, r.namespace()) else {
             push(
                 Code::MirrorHostNotFound,
@@ -531,7 +534,7 @@ fn mirrors(
             );
             continue;
         };
-        if let Some(port) = d["port"]["number"].as_u64() {
+        if let Some(port) = d.port.as_ref().map(|p| p.number) {
             if !svc.ports.is_empty() && svc.port(port as u16).is_none() {
                 let ports = svc.ports.iter().map(|p| p.number.to_string()).collect::<Vec<_>>().join(", ");
                 push(
@@ -542,7 +545,7 @@ fn mirrors(
                 );
             }
         }
-        if let Some(subset) = d["subset"].as_str() {
+        if let Some(subset) = d.subset.as_deref() {
             let canonical = registry.canonical(host, r.namespace());
             let defined = resources.iter().any(|dr| match &dr.spec {
                 Spec::DestinationRule(rule) => {

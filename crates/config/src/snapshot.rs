@@ -204,7 +204,40 @@ pub struct Route {
     pub retry: Option<RetryPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
-    // Mirroring, CORS and rate limits attach here (later release).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<Cors>,
+    /// Clusters a share of the route's requests is copied to (fire and forget).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<Mirror>,
+    // Rate limits attach here (later release).
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mirror {
+    pub cluster: String,
+    /// Of requests, 0-100.
+    pub percent: f64,
+}
+
+/// Cross-origin resource sharing for a route (VirtualService `corsPolicy`), as Envoy's CORS
+/// filter applies it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Cors {
+    pub allow_origins: Vec<StringMatcher>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_headers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expose_headers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<Duration>,
+    pub allow_credentials: bool,
+    /// A preflight from an origin not allowed goes on to the upstream (`FORWARD`, the default);
+    /// else the proxy answers it without CORS headers.
+    pub forward_unmatched_preflights: bool,
+    #[serde(default)]
+    pub allow_private_network: bool,
 }
 
 /// Faults injected into a share of a route's requests (VirtualService `fault`).

@@ -198,6 +198,15 @@ pub struct ProxyMetrics {
     pub ejections: Family<EjectionLabels, Counter>,
     /// Requests refused by a connection-pool limit, by cluster and limit.
     pub overflows: Family<OverflowLabels, Counter>,
+    /// Mirrored copies, by mirror cluster and outcome.
+    pub mirrors: Family<MirrorLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    pub cluster_name: Arc<str>,
+    /// `sent`, then `answered`, `failed` or `timed_out`; or `no_endpoint`, `invalid`.
+    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -319,6 +328,12 @@ impl ProxyMetrics {
             "Requests refused with 503 UO by a connection-pool limit (pending_requests, requests, retries)",
             overflows.clone(),
         );
+        let mirrors = Family::<MirrorLabels, Counter>::default();
+        registry.register(
+            "trellis_proxy_mirrored_requests",
+            "Requests copied to mirror clusters, by cluster and outcome (sent, answered, failed, timed_out, no_endpoint, invalid)",
+            mirrors.clone(),
+        );
         registry.register(
             "trellis_proxy_config_applied_timestamp_seconds",
             "When the snapshot in force was applied (Unix time)",
@@ -360,6 +375,7 @@ impl ProxyMetrics {
             faults,
             ejections,
             overflows,
+            mirrors,
         }
     }
 

@@ -161,7 +161,8 @@ pub fn proxy_config(args: ProxyConfigArgs) -> ExitCode {
         }
         print_table(&rows);
         outln!();
-        let mut rows = vec![vec!["ROUTE TABLE".to_string(), "DOMAINS".into(), "MATCH".into(), "ACTION".into()]];
+        let mut rows =
+            vec![vec!["ROUTE TABLE".to_string(), "DOMAINS".into(), "MATCH".into(), "ACTION".into(), "POLICIES".into()]];
         for (name, t) in &snap.route_tables {
             for vh in &t.virtual_hosts {
                 for r in &vh.routes {
@@ -180,25 +181,99 @@ pub fn proxy_config(args: ProxyConfigArgs) -> ExitCode {
                         Action::Redirect(rd) => format!("redirect {}", rd.code),
                         Action::Direct { status, .. } => format!("direct {status}"),
                     };
-                    rows.push(vec![name.clone(), vh.domains.join(","), m, action]);
+                    rows.push(vec![name.clone(), vh.domains.join(","), m, action, route_policies(r)]);
                 }
             }
         }
         print_table(&rows);
         outln!();
-        let mut rows = vec![vec!["CLUSTER".to_string(), "ENDPOINT".into(), "WORKLOAD".into(), "LB".into()]];
+        let mut rows =
+            vec![vec!["CLUSTER".to_string(), "ENDPOINT".into(), "WORKLOAD".into(), "LB".into(), "POLICIES".into()]];
         for c in snap.clusters.values() {
             let lb = serde_json::to_string(&c.lb).unwrap_or_default().trim_matches('"').to_string();
+            let policies = cluster_policies(c);
             if c.endpoints.is_empty() {
-                rows.push(vec![c.name.clone(), "(none)".into(), String::new(), lb.clone()]);
+                rows.push(vec![c.name.clone(), "(none)".into(), String::new(), lb.clone(), policies.clone()]);
             }
             for e in &c.endpoints {
-                rows.push(vec![c.name.clone(), e.address.clone(), e.workload.clone().unwrap_or_default(), lb.clone()]);
+                rows.push(vec![
+                    c.name.clone(),
+                    e.address.clone(),
+                    e.workload.clone().unwrap_or_default(),
+                    lb.clone(),
+                    policies.clone(),
+                ]);
             }
         }
         print_table(&rows);
         Ok(())
     })
+}
+
+/// A route's timeout, retries and faults, in one cell.
+fn route_policies(r: &trellis_config::snapshot::Route) -> String {
+    use trellis_config::model::duration::format_duration as d;
+    let mut out = Vec::new();
+    if let Some(t) = r.timeout {
+        out.push(format!("timeout {}", d(t.0)));
+    }
+    match &r.retry {
+        None => out.push("no retries".into()),
+        Some(p) => {
+            let on: Vec<String> = p
+                .retry_on
+                .iter()
+                .map(|c| serde_json::to_string(c).unwrap_or_default().trim_matches('"').to_string())
+                .collect();
+            let codes: Vec<String> = p.status_codes.iter().map(u16::to_string).collect();
+            let per_try = p.per_try_timeout.map(|t| format!(", {} per try", d(t.0))).unwrap_or_default();
+            let methods = if p.any_method { "" } else { ", idempotent only" };
+            out.push(format!("retries {} on {}{per_try}{methods}", p.attempts, [on, codes].concat().join(",")));
+        }
+    }
+    if let Some(f) = &r.fault {
+        if let Some(dl) = &f.delay {
+            out.push(format!("delay {} {}%", d(dl.delay.0), dl.percent));
+        }
+        if let Some(a) = &f.abort {
+            let what = match a.status {
+                trellis_config::snapshot::AbortStatus::Http(c) => c.to_string(),
+                trellis_config::snapshot::AbortStatus::Grpc(c) => format!("grpc {c}"),
+            };
+            out.push(format!("abort {what} {}%", a.percent));
+        }
+    }
+    out.join("; ")
+}
+
+/// A cluster's outlier detection, connection-pool limits and retry budget, in one cell.
+fn cluster_policies(c: &trellis_config::snapshot::Cluster) -> String {
+    use trellis_config::model::duration::format_duration as d;
+    let mut out = Vec::new();
+    if let Some(o) = &c.outlier {
+        out.push(format!(
+            "outlier {}x5xx {}xgateway, eject {} max {}%",
+            o.consecutive_5xx,
+            o.consecutive_gateway,
+            d(o.base_ejection.0),
+            o.max_ejection_percent
+        ));
+    }
+    let p = &c.pool;
+    for (name, v) in [
+        ("connections", p.max_connections),
+        ("pending", p.max_pending),
+        ("requests", p.max_requests),
+        ("per-connection", p.max_requests_per_connection),
+        ("retries", p.max_retries),
+    ] {
+        if let Some(v) = v {
+            out.push(format!("max {name} {v}"));
+        }
+    }
+    out.push(format!("idle {}", d(p.idle_timeout.0)));
+    out.push(format!("retry budget {}%/{}", c.retry_budget.percent, c.retry_budget.min_concurrency));
+    out.join("; ")
 }
 
 #[derive(clap::Args, Debug)]

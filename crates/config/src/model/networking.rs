@@ -38,12 +38,37 @@ pub struct HttpRoute {
     pub headers: Option<Headers>,
     pub retries: Option<HttpRetry>,
     pub fault: Option<HttpFaultInjection>,
-    // Traffic-shaping policies: parsed, enforced by a later release.
-    pub mirror: Option<Json>,
-    pub mirrors: Option<Json>,
-    pub mirror_percentage: Option<Json>,
-    pub mirror_percent: Option<Json>,
-    pub cors_policy: Option<Json>,
+    pub mirror: Option<Destination>,
+    pub mirrors: Option<Vec<HttpMirrorPolicy>>,
+    pub mirror_percentage: Option<Percent>,
+    /// Deprecated (an integer percentage).
+    pub mirror_percent: Option<i64>,
+    pub cors_policy: Option<CorsPolicy>,
+}
+
+/// One of `HTTPRoute.mirrors`.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default)]
+pub struct HttpMirrorPolicy {
+    pub destination: Destination,
+    pub percentage: Option<Percent>,
+}
+
+/// `HTTPRoute.corsPolicy`.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct CorsPolicy {
+    pub allow_origins: Vec<StringMatch>,
+    /// Deprecated: exact origins.
+    pub allow_origin: Vec<String>,
+    pub allow_methods: Vec<String>,
+    pub allow_headers: Vec<String>,
+    pub expose_headers: Vec<String>,
+    pub max_age: Option<Duration>,
+    pub allow_credentials: Option<bool>,
+    /// `FORWARD` (default) or `IGNORE`: what happens to a preflight whose origin is not allowed.
+    pub unmatched_preflights: Option<String>,
+    pub allow_private_network: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]

@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use trellis_config::snapshot::{RetryPolicy, UpstreamProtocol};
 use trellis_telemetry::metrics::{EjectionLabels, OverflowLabels, RetryLabels};
 
+use super::mirror;
 use super::replay::ReplayBody;
 use super::retry::{self, Outcome};
 use super::select::Selected;
@@ -27,7 +28,7 @@ use crate::upstream::{body::Tracked, SendError, Wire};
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
-    shared: &Shared,
+    shared: &std::sync::Arc<Shared>,
     rt: &Runtime,
     conn: &ConnInfo,
     sel: &Selected<'_>,
@@ -120,15 +121,33 @@ pub(super) async fn run(
         trace.inject(h, shared.telemetry.formats);
     };
     per_try_headers(&mut parts.headers, &record.trace);
+    // Mirrors this request is copied to (each draws on its own), if it can be copied whole.
+    let ended = http_body::Body::is_end_stream(&body);
+    let mirrors: Vec<&crate::runtime::route::Mirror> = if route.mirrors.is_empty() {
+        Vec::new()
+    } else {
+        route.mirrors.iter().filter(|m| mirror::hit(m)).filter(|_| mirror::copyable(&parts.headers, ended)).collect()
+    };
     // A request without a body (most GETs) is replayed as an empty body, with no copy kept.
-    let (replay, body) = if resend && !http_body::Body::is_end_stream(&body) {
+    let (replay, body) = if (resend || !mirrors.is_empty()) && !ended {
         let r = ReplayBody::new(body);
         (Some(Replay::Body(r.replay())), boxed(r))
-    } else if resend {
+    } else if resend || !mirrors.is_empty() {
         (Some(Replay::Empty), body)
     } else {
         (None, body)
     };
+    for m in mirrors {
+        let copy = match &replay {
+            Some(Replay::Body(Some(r))) => r.replay().map(boxed),
+            _ => Some(crate::http::empty()),
+        };
+        if let Some(copy) = copy {
+            let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            mirror::send(shared, m, &parts.method, pq, &up_authority, &parts.headers, copy, conn.peer.ip());
+        }
+    }
+    let replay = if resend { replay } else { None };
     // `http2MaxRequests`: requests in flight to the service.
     if cluster.pool.max_requests.is_some_and(|m| cluster.budget.in_flight() >= m as usize) {
         return Err(overflow(shared, cluster, "requests"));

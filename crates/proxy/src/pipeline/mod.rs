@@ -7,8 +7,9 @@
 //!   ├─ admit      RequestAuthentication (401), AuthorizationPolicy (403)   [inbound, gateway]
 //!   ├─ select     route table → virtual host → first matching route (404 NR)
 //!   ├─ fault      delay (DI), abort (FI) a share of requests
+//!   ├─ cors       preflights answered; allowed origins' responses decorated
 //!   ├─ respond    directResponse, redirect
-//!   └─ forward    upstream request (rewrites, headers, wire protocol); tries: balance, send
+//!   └─ forward    mirrors (copies, fire and forget; mirror); upstream request (rewrites, headers, wire protocol); tries: balance, send
 //!                 under per-try timeout, retry per policy and budget (retry, replay); the
 //!                 response back with its header operations — all under the route timeout
 //! ```
@@ -20,9 +21,11 @@
 //! nothing here buffers a body but the bounded copy a retry may replay.
 
 mod admit;
+mod cors;
 mod direction;
 mod fault;
 mod forward;
+mod mirror;
 mod replay;
 mod respond;
 pub mod retry;
@@ -86,7 +89,7 @@ pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut req: Request<I
 }
 
 async fn proxy(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     rt: &Runtime,
     conn: &ConnInfo,
     req: Request<Incoming>,
@@ -108,11 +111,23 @@ async fn proxy(
             return Ok(aborted);
         }
     }
-    match &sel.route.action {
-        Action::Direct { status, body } => Ok(respond::direct(*status, body, sel.route)),
-        Action::Redirect(rd) => Ok(respond::redirect_to(rd, &parts.uri, &sel)),
-        Action::Forward(f) => forward::run(shared, rt, conn, &sel, f, parts, body, record).await,
+    let mut decorate = None;
+    if let Some(c) = &sel.route.cors {
+        match cors::decide(c, &parts.method, &parts.headers) {
+            cors::Decision::Respond(r) => return Ok(r),
+            cors::Decision::Decorate(origin) => decorate = Some((c, origin)),
+            cors::Decision::Pass => {}
+        }
     }
+    let mut resp = match &sel.route.action {
+        Action::Direct { status, body } => respond::direct(*status, body, sel.route),
+        Action::Redirect(rd) => respond::redirect_to(rd, &parts.uri, &sel),
+        Action::Forward(f) => forward::run(shared, rt, conn, &sel, f, parts, body, record).await?,
+    };
+    if let Some((c, origin)) = decorate {
+        cors::decorate(c, origin, resp.headers_mut());
+    }
+    Ok(resp)
 }
 
 fn header_str(h: &http::HeaderMap, name: impl http::header::AsHeaderName) -> Option<String> {

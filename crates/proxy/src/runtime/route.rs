@@ -47,6 +47,55 @@ pub struct Route {
     pub timeout: Option<std::time::Duration>,
     pub retry: Option<spec::RetryPolicy>,
     pub fault: Option<spec::Fault>,
+    pub cors: Option<Cors>,
+    pub mirrors: Vec<Mirror>,
+}
+
+/// A cluster a share of the route's requests is copied to.
+pub struct Mirror {
+    pub cluster: Arc<Cluster>,
+    pub percent: f64,
+}
+
+/// A route's CORS policy with its origin matchers compiled and its header values made.
+pub struct Cors {
+    origins: Vec<Str>,
+    pub methods: Option<HeaderValue>,
+    pub headers: Option<HeaderValue>,
+    pub expose: Option<HeaderValue>,
+    pub max_age: Option<HeaderValue>,
+    pub credentials: bool,
+    pub forward_unmatched_preflights: bool,
+    pub private_network: bool,
+}
+
+impl Cors {
+    fn build(c: &spec::Cors) -> Result<Cors, String> {
+        let list = |v: &[String]| {
+            (!v.is_empty())
+                .then(|| HeaderValue::from_str(&v.join(",")).map_err(|e| format!("corsPolicy: {e}")))
+                .transpose()
+        };
+        Ok(Cors {
+            origins: c.allow_origins.iter().map(Str::build).collect::<Result<_, _>>()?,
+            methods: list(&c.allow_methods)?,
+            headers: list(&c.allow_headers)?,
+            expose: list(&c.expose_headers)?,
+            max_age: c.max_age.map(|d| HeaderValue::from(d.0.as_secs())),
+            credentials: c.allow_credentials,
+            forward_unmatched_preflights: c.forward_unmatched_preflights,
+            private_network: c.allow_private_network,
+        })
+    }
+
+    /// Whether `origin` is one the policy allows.
+    pub fn allows(&self, origin: &str) -> bool {
+        self.origins.iter().any(|o| match o {
+            // `*` allows every origin (Envoy's exact "*").
+            Str::Exact(e) if e == "*" => true,
+            o => o.matches(origin),
+        })
+    }
 }
 
 pub enum Action {
@@ -227,6 +276,16 @@ impl Route {
             timeout: r.timeout.map(|t| t.0),
             retry: r.retry.clone(),
             fault: r.fault.clone(),
+            cors: r.cors.as_ref().map(Cors::build).transpose()?,
+            mirrors: r
+                .mirrors
+                .iter()
+                .map(|m| {
+                    let cluster =
+                        clusters.get(&m.cluster).cloned().ok_or_else(|| format!("unknown cluster {}", m.cluster))?;
+                    Ok(Mirror { cluster, percent: m.percent })
+                })
+                .collect::<Result<Vec<_>, String>>()?,
         })
     }
 }
