@@ -49,10 +49,11 @@ log "test cluster binaries"
 TRELLIS_TESTCLUSTER_BIN="$(scripts/testcluster.sh)"
 export TRELLIS_TESTCLUSTER_BIN
 
-# Python peers: grpcio (gRPC interop) and the OpenTelemetry SDK (tracing interop).
-if ! python3 -c 'import grpc, opentelemetry.sdk, opentelemetry.propagators.b3, opentelemetry.exporter.otlp.proto.http' 2>/dev/null; then
+# Python peers: grpcio (gRPC interop), the OpenTelemetry SDK (tracing interop) and websockets
+# (WebSocket through the proxies).
+if ! python3 -c 'import grpc, websockets, opentelemetry.sdk, opentelemetry.propagators.b3, opentelemetry.exporter.otlp.proto.http' 2>/dev/null; then
   log "installing Python test peers"
-  python3 -m pip install --quiet --disable-pip-version-check grpcio opentelemetry-sdk \
+  python3 -m pip install --quiet --disable-pip-version-check grpcio websockets opentelemetry-sdk \
     opentelemetry-exporter-otlp-proto-http opentelemetry-propagator-b3
 fi
 

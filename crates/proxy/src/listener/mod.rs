@@ -283,7 +283,7 @@ async fn serve_http(io: Io, conn: Arc<ConnInfo>, shared: Arc<Shared>) {
         let (s, c) = (svc_shared.clone(), svc_conn.clone());
         async move { Ok::<_, Infallible>(pipeline::handle(s, c, req).await) }
     });
-    let served = shared.server.serve_connection(TokioIo::new(io), svc);
+    let served = shared.server.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(served);
     let result = tokio::select! {
         r = served.as_mut() => r,

@@ -17,6 +17,7 @@ use super::mirror;
 use super::replay::ReplayBody;
 use super::retry::{self, Outcome};
 use super::select::Selected;
+use super::tunnel;
 use super::{direction, is_grpc, ConnInfo};
 use crate::balance::{outlier, PickCtx};
 use crate::http::{boxed, headers, Body, Flag, ProxyError};
@@ -46,10 +47,19 @@ pub(super) async fn run(
     }
     let grpc = is_grpc(&parts.headers);
     let deadline = deadline(route.timeout, &parts.headers, grpc);
+    // An HTTP/1.1 Upgrade (WebSocket): the Upgrade header survives stripping, the request goes
+    // over HTTP/1.1, and a 101 turns both connections into a tunnel.
+    let upgrade = tunnel::request(&mut parts);
 
     // The upstream request, but for what depends on the endpoint.
-    let (wire, orig_proto) = wire(cluster, &parts, grpc);
+    let (wire, orig_proto) = match upgrade {
+        Some(_) => (Wire::Http1, None),
+        None => wire(cluster, &parts, grpc),
+    };
     headers::strip_hop_by_hop(&mut parts.headers);
+    if let Some(u) = &upgrade {
+        u.restore(&mut parts.headers);
+    }
     headers::ensure_request_id(&mut parts.headers);
     direction::on_request(conn, &mut parts.headers);
     let mut path_and_query = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
@@ -109,7 +119,7 @@ pub(super) async fn run(
     let body = boxed(Counted::new(body, record.request_bytes.clone(), record.request_messages.clone()));
     let policy = route.retry.as_ref();
     let hints = policy.map(|p| retry::Hints::of(p, &parts.headers, grpc));
-    let resend = policy.is_some_and(|p| p.any_method || retry::idempotent(&parts.method));
+    let resend = upgrade.is_none() && policy.is_some_and(|p| p.any_method || retry::idempotent(&parts.method));
     // What a retry rebuilds the request from: taken before the per-try headers (trace context,
     // the HTTP/1 version over the mesh), which are generated values that would each cost an
     // allocation to copy; a retry adds them again.
@@ -123,7 +133,7 @@ pub(super) async fn run(
     per_try_headers(&mut parts.headers, &record.trace);
     // Mirrors this request is copied to (each draws on its own), if it can be copied whole.
     let ended = http_body::Body::is_end_stream(&body);
-    let mirrors: Vec<&crate::runtime::route::Mirror> = if route.mirrors.is_empty() {
+    let mirrors: Vec<&crate::runtime::route::Mirror> = if route.mirrors.is_empty() || upgrade.is_some() {
         Vec::new()
     } else {
         route.mirrors.iter().filter(|m| mirror::hit(m)).filter(|_| mirror::copyable(&parts.headers, ended)).collect()
@@ -233,6 +243,10 @@ pub(super) async fn run(
         });
         let Some((p, reason, body)) = next else {
             return match result {
+                Tried::Done(Ok(resp)) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => match upgrade {
+                    Some(u) => Ok(u.open(resp, in_flight)),
+                    None => Err(ProxyError::reset(&cluster.name, "101 to a request that asked for no upgrade")),
+                },
                 Tried::Done(Ok(resp)) => Ok(respond(resp, route, dest, pick.1, in_flight)),
                 Tried::Done(Err(e)) => Err(e.error),
                 Tried::PerTryTimeout => Err(ProxyError::timeout(per_try.unwrap_or_default())),

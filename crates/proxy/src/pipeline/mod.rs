@@ -9,7 +9,7 @@
 //!   ├─ fault      delay (DI), abort (FI) a share of requests
 //!   ├─ cors       preflights answered; allowed origins' responses decorated
 //!   ├─ respond    directResponse, redirect
-//!   └─ forward    mirrors (copies, fire and forget; mirror); upstream request (rewrites, headers, wire protocol); tries: balance, send
+//!   └─ forward    mirrors (copies, fire and forget; mirror); Upgrade kept (tunnel); upstream request (rewrites, headers, wire protocol); tries: balance, send
 //!                 under per-try timeout, retry per policy and budget (retry, replay); the
 //!                 response back with its header operations — all under the route timeout
 //! ```
@@ -30,6 +30,7 @@ mod replay;
 mod respond;
 pub mod retry;
 mod select;
+mod tunnel;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

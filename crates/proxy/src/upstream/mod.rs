@@ -126,6 +126,11 @@ pub struct InFlight {
 }
 
 impl InFlight {
+    /// The connection was upgraded (101): it leaves the pool for good.
+    pub fn upgraded(mut self) {
+        self.reuse = None;
+    }
+
     /// The response was read to its end: its connection may serve the next request.
     pub fn complete(mut self) {
         if let Some((s, served)) = self.reuse.take() {
@@ -303,7 +308,8 @@ impl Endpoint {
         let addr = self.address.clone();
         let ep = Arc::downgrade(self);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // With upgrades: a 101 hands the connection to the tunnel (WebSocket).
+            if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(upstream = %addr, error = %e, "upstream HTTP/1.1 connection ended");
             }
             if let Some(ep) = ep.upgrade() {

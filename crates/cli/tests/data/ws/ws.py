@@ -1,0 +1,40 @@
+"""A WebSocket echo server and client (the `websockets` package), for the proxy's Upgrade path.
+
+    ws.py serve              listens on $PORT (or a free port), prints "port N", then echoes
+                             every message on every connection
+    ws.py client URL N       sends N messages over one connection, checks each echo, prints "echoed N"
+"""
+import asyncio
+import os
+import sys
+
+import websockets
+
+
+async def serve():
+    async def echo(ws):
+        async for message in ws:
+            await ws.send(message)
+
+    async with websockets.serve(echo, "127.0.0.1", int(os.environ.get("PORT", "0"))) as server:
+        port = server.sockets[0].getsockname()[1]
+        print(f"port {port}", flush=True)
+        await asyncio.Future()
+
+
+async def client(url, n):
+    async with websockets.connect(url, open_timeout=10, close_timeout=5) as ws:
+        for i in range(n):
+            message = f"message {i} " + "x" * (i % 200)
+            await ws.send(message)
+            echoed = await asyncio.wait_for(ws.recv(), 10)
+            if echoed != message:
+                raise SystemExit(f"message {i}: sent {message!r}, got {echoed!r}")
+    print(f"echoed {n}", flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "serve":
+        asyncio.run(serve())
+    else:
+        asyncio.run(client(sys.argv[2], int(sys.argv[3])))

@@ -1,0 +1,162 @@
+//! WebSocket (HTTP/1.1 Upgrade) through gateways and sidecars, with a real client and server
+//! (Python's `websockets`): the 101 turns both connections into one tunnel.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use support::mesh::Up;
+use support::*;
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/ws/ws.py")
+}
+
+/// Sends `n` messages over one WebSocket at `url`, checking each echo.
+fn echo_through(url: &str, n: usize) {
+    let out = Command::new("python3")
+        .arg(script())
+        .args(["client", url, &n.to_string()])
+        .output()
+        .expect("python3 (install the websockets package)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(&format!("echoed {n}")),
+        "{url}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The echo server, on a port of its choosing (killed on drop).
+struct Server {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn server() -> Server {
+    let mut child = Command::new("python3")
+        .arg(script())
+        .arg("serve")
+        .env_remove("PORT")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().expect("stdout")), &mut line)
+        .expect("read port");
+    let port = line.trim().strip_prefix("port ").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{line:?}"));
+    Server { child, port }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_echoes_1000_messages_through_a_gateway() {
+    let s = server();
+    let dir = ConfigDir::new();
+    let mut y = gateway("gw", GW);
+    y.push_str(&service("ws.internal", "HTTP", &[(format!("127.0.0.1:{}", s.port).parse().expect("addr"), &[])]));
+    y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: ws.internal}}]\n");
+    let cfg = dir.write("mesh.yaml", &y);
+    let proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
+    let port = proxy.port(GW).await;
+    let url = format!("ws://127.0.0.1:{port}/echo");
+    tokio::task::spawn_blocking(move || echo_through(&url, 1000)).await.expect("client");
+    // The proxy still serves plain requests on the same listener afterwards.
+    let r = get(&format!("http://127.0.0.1:{port}/"), &[]).await;
+    assert!(r.status.as_u16() < 500, "{}", r.status);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_crosses_the_mesh_over_mtls_from_a_gateway_and_from_a_sidecar() {
+    let gw_port = free_port();
+    let dir = ConfigDir::new();
+    let ws = script();
+    dir.write(
+        "mesh.yaml",
+        &format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: echo}}
+spec:
+  selector: {{app: echo}}
+  ports: [{{name: http, port: 80}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {{name: echo, labels: {{app: echo}}}}
+spec:
+  command: [python3, {ws}, serve]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: caller}}
+spec:
+  selector: {{app: caller}}
+  ports: [{{name: http, port: 80}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {{name: caller, labels: {{app: caller}}}}
+spec:
+  command: [trellis-demo, colorteller]
+  env: {{COLOR: blue}}
+  upstreams: [echo]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers: [{{port: {{number: {gw_port}, name: http, protocol: HTTP}}, hosts: ["*"]}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: echo}}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+  - route: [{{destination: {{host: echo}}}}]
+"#,
+            ws = ws.display()
+        ),
+    );
+    let ca = tempfile::tempdir().expect("ca dir");
+    let up = Up::start_with(dir.path(), gw_port, &["--ca-dir", ca.path().to_str().expect("path")]).await;
+
+    // client → gateway → (mTLS) → echo's sidecar → echo
+    let url = up.url("/echo").replace("http://", "ws://");
+    tokio::task::spawn_blocking(move || echo_through(&url, 1000)).await.expect("client");
+
+    // the caller app's place: its sidecar's port for `echo` → (mTLS) → echo's sidecar → echo
+    let out = Command::new(trellis_bin())
+        .args(["proxy-config", "caller", "-o", "json", "--control-plane", &up.cp.to_string()])
+        .output()
+        .expect("proxy-config");
+    let snap: serde_json::Value = serde_json::from_slice(&out.stdout).expect("proxy-config json");
+    let upstream = snap["listeners"]
+        .as_array()
+        .expect("listeners")
+        .iter()
+        .find(|l| l["name"].as_str().is_some_and(|n| n.starts_with("upstream")))
+        .and_then(|l| l["address"].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("no upstream listener: {snap}"));
+    let clusters = snap["clusters"].as_object().cloned().unwrap_or_default();
+    assert!(
+        clusters
+            .values()
+            .any(|c| c["service"] == "echo.default.svc.cluster.local" && c["tls"].to_string().contains("istio_mutual")),
+        "the caller reaches echo over mesh mTLS: {clusters:?}"
+    );
+    let url = format!("ws://{upstream}/echo");
+    tokio::task::spawn_blocking(move || echo_through(&url, 1000)).await.expect("client");
+    drop(up);
+}
