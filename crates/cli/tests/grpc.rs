@@ -150,3 +150,46 @@ async fn python_grpcio_client_interoperates() {
     assert_eq!(j["error"]["code"], "NOT_FOUND");
     assert_eq!(j["error"]["details"], "failed on request: fail please");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unavailable_is_retried_on_another_endpoint_for_a_grpcio_client() {
+    let good = echo_server("echo-good").await;
+    let bad = Backend::start("unavailable").await;
+    bad.fail(1014); // every call: UNAVAILABLE
+    let calls = |port: u16| {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/grpc/echo_client.py");
+        let out = std::process::Command::new("python3")
+            .arg(script)
+            .args([format!("127.0.0.1:{port}"), "unary".into(), "100".into()])
+            .output()
+            .expect("python3");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        j["codes"].clone()
+    };
+    for (retries, expect_all_ok) in [("{attempts: 2, retryOn: unavailable}", true), ("{attempts: 0}", false)] {
+        let dir = ConfigDir::new();
+        let mut y = gateway("gw", GW);
+        y.push_str(&service("echo.internal", "GRPC", &[(good, &[]), (bad.addr, &[])]));
+        y.push_str(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: echo}}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{{destination: {{host: echo.internal}}}}]\n    retries: {retries}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: echo}}\nspec:\n  host: echo.internal\n  trafficPolicy: {{loadBalancer: {{simple: ROUND_ROBIN}}}}\n"
+        ));
+        let cfg = dir.write("mesh.yaml", &y);
+        let proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
+        let port = proxy.port(GW).await;
+        let before = bad.count();
+        let codes = tokio::task::spawn_blocking(move || calls(port)).await.expect("client");
+        let hit_bad = bad.count() - before;
+        println!("retries {retries}: {codes}; the failing endpoint got {hit_bad} calls");
+        assert!(hit_bad >= 30, "round robin sent calls to the failing endpoint: {hit_bad}");
+        if expect_all_ok {
+            assert_eq!(codes, serde_json::json!({"OK": 100}), "every UNAVAILABLE was retried on the other endpoint");
+        } else {
+            assert_eq!(
+                codes["UNAVAILABLE"].as_u64(),
+                Some(hit_bad as u64),
+                "without retries the client sees them: {codes}"
+            );
+        }
+    }
+}

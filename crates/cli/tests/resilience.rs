@@ -448,3 +448,84 @@ async fn mirrors_get_their_share_and_a_dead_mirror_changes_nothing_for_the_clien
     assert_eq!(answered, 0.0, "the dead mirror answered none of the copies the clients did not wait for");
     assert!(!held.lock().expect("lock").is_empty(), "copies did reach the dead mirror");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istios_local_rate_limit_envoyfilter_holds_the_configured_rate() {
+    let b = Backend::start("app").await;
+    let dir = ConfigDir::new();
+    let mut y = gateway("gw", GW);
+    y.push_str(&service("app.internal", "HTTP", &[(b.addr, &[])]));
+    y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: app.internal}}]\n---\n");
+    // Istio's documented shape, unchanged but for the context (the gateway) and the bucket:
+    // 5 tokens every 100 ms, 50 requests a second.
+    y.push_str(
+        r#"apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata: {name: filter-local-ratelimit-gw, namespace: istio-system}
+spec:
+  workloadSelector:
+    labels: {istio: ingressgateway}
+  configPatches:
+  - applyTo: HTTP_FILTER
+    match:
+      context: GATEWAY
+      listener:
+        filterChain:
+          filter: {name: envoy.filters.network.http_connection_manager}
+    patch:
+      operation: INSERT_BEFORE
+      value:
+        name: envoy.filters.http.local_ratelimit
+        typed_config:
+          "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+          type_url: type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+          value:
+            stat_prefix: http_local_rate_limiter
+            token_bucket: {max_tokens: 5, tokens_per_fill: 5, fill_interval: 0.1s}
+            filter_enabled:
+              runtime_key: local_rate_limit_enabled
+              default_value: {numerator: 100, denominator: HUNDRED}
+            filter_enforced:
+              runtime_key: local_rate_limit_enforced
+              default_value: {numerator: 100, denominator: HUNDRED}
+            response_headers_to_add:
+            - append: false
+              header: {key: x-local-rate-limit, value: "true"}
+"#,
+    );
+    let cfg = dir.write("mesh.yaml", &y);
+    let proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
+    let port = proxy.port(GW).await;
+    // 100 requests a second for 10 s: twice the limit.
+    let samples = support::load::Load::open_loop(&format!("http://127.0.0.1:{port}/"), 100, 1000).finish().await;
+    let first = samples.iter().map(|s| s.sent).min().expect("samples");
+    let last = samples.iter().map(|s| s.sent).max().expect("samples");
+    let window = (last - first).as_secs_f64();
+    let accepted = samples.iter().filter(|s| s.status == 200).count() as f64;
+    let refused = samples.iter().filter(|s| s.status == 429).count() as f64;
+    assert_eq!((accepted + refused) as usize, samples.len(), "every request got 200 or 429");
+    // The bucket starts full (5), then 50 a second.
+    let expected = 5.0 + 50.0 * window;
+    println!(
+        "{accepted} accepted, {refused} refused over {window:.2}s: {:.1}/s (expected {:.1})",
+        accepted / window,
+        expected / window
+    );
+    assert!((accepted - expected).abs() <= expected * 0.05, "{accepted} accepted, expected {expected:.0} ±5%");
+    let r = get(&format!("http://127.0.0.1:{port}/"), &[]).await;
+    if r.status == 429 {
+        assert_eq!(r.header("x-local-rate-limit"), Some("true"));
+        assert_eq!(r.header("x-ratelimit-limit"), Some("5"));
+        assert_eq!(r.flag(), Some("RL"));
+    }
+    let m = metrics(proxy.admin).await;
+    assert_eq!(
+        metric_sum(&m, "trellis_proxy_rate_limited_requests_total", &[("outcome", "refused")]) as usize,
+        refused as usize + usize::from(r.status == 429)
+    );
+    assert_eq!(
+        b.count() as f64,
+        accepted + f64::from(u8::from(r.status == 200)),
+        "refused requests never reach the upstream"
+    );
+}

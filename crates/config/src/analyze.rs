@@ -212,6 +212,42 @@ pub fn analyze(resources: &[Resource], extra: &[Workload]) -> Vec<Finding> {
             Spec::PeerAuthentication(pa) => cx.peer_authentication(r, pa, resources),
             Spec::AuthorizationPolicy(ap) => cx.authorization_policy(r, ap, resources, extra),
             Spec::RequestAuthentication(ra) => cx.request_authentication(r, ra, resources, extra),
+            Spec::EnvoyFilter(ef) => {
+                use crate::envoy_filter::Patch;
+                for (i, p) in crate::envoy_filter::patches(&r.id(), ef) {
+                    let at = |tail: Vec<Seg>| [path!["spec", "configPatches", i], tail].concat();
+                    match p {
+                        Patch::RateLimit(rl) if rl.enabled_percent == 0.0 || rl.enforced_percent == 0.0 => cx.push(
+                            Code::NotEnforced,
+                            r,
+                            at(path!["patch", "value"]),
+                            "this local rate limit refuses nothing: filter_enabled or filter_enforced is absent or 0% (Envoy's default)".into(),
+                        ),
+                        Patch::RateLimit(_) => {}
+                        Patch::PerRoute => cx.push(
+                            Code::NotEnforced,
+                            r,
+                            at(path!["patch"]),
+                            "per-route local rate limits (HTTP_ROUTE typed_per_filter_config) are parsed but not enforced yet".into(),
+                        ),
+                        Patch::Unsupported(msg) => cx.push(Code::UnsupportedEnvoyFilter, r, at(Vec::new()), msg),
+                        Patch::Invalid(path, msg) => cx.push(Code::Schema, r, at(path), msg),
+                    }
+                }
+            }
+            Spec::RateLimit(rl) => {
+                if rl.requests == 0 {
+                    cx.push(
+                        Code::Schema,
+                        r,
+                        path!["spec", "requests"],
+                        "requests (per interval) must be at least 1".into(),
+                    );
+                }
+                if rl.interval.is_some_and(|i| i.0 < std::time::Duration::from_millis(50)) {
+                    cx.push(Code::Schema, r, path!["spec", "interval"], "interval must be at least 50ms".into());
+                }
+            }
             Spec::Gateway(_) | Spec::PodTemplate(_) | Spec::Metadata | Spec::EndpointSlice(_) => {}
         }
     }

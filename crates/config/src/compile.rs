@@ -150,7 +150,58 @@ fn build(resources: &[Resource], registry: &Registry, proxy: &ProxySpec, skip_sh
     snap.telemetry = telemetry_policy(resources, proxy);
     snap.authorization = authorization(resources, proxy);
     snap.jwt_rules = jwt_rules(resources, proxy);
+    snap.rate_limits = rate_limits(resources, proxy);
     snap
+}
+
+/// Local rate limits selecting this proxy: EnvoyFilter local_ratelimit patches (selected by
+/// `workloadSelector.labels`, in the proxy's namespace or the root namespace) and RateLimits
+/// (by `selector.matchLabels`); a RateLimit applies to a sidecar's inbound side and to a
+/// gateway's listeners.
+fn rate_limits(resources: &[Resource], proxy: &ProxySpec) -> Vec<RateLimitPolicy> {
+    let mut out = Vec::new();
+    for r in resources {
+        match &r.spec {
+            Spec::EnvoyFilter(ef) => {
+                let labels = ef.workload_selector.as_ref().map(|s| &s.labels).filter(|l| !l.is_empty());
+                let in_scope = r.namespace() == proxy.namespace || r.namespace() == ROOT_NAMESPACE;
+                if !in_scope || labels.is_some_and(|l| !selects(l, &proxy.labels)) {
+                    continue;
+                }
+                for (_, p) in crate::envoy_filter::patches(&r.id(), ef) {
+                    if let crate::envoy_filter::Patch::RateLimit(rl) = p {
+                        out.push(rl);
+                    }
+                }
+            }
+            Spec::RateLimit(rl) => {
+                let sel = rl
+                    .selector
+                    .as_ref()
+                    .map(|s| crate::model::security::WorkloadSelector { match_labels: s.match_labels.clone() });
+                if rl.requests == 0 || scope_level(r, sel.as_ref(), proxy).is_none() {
+                    continue;
+                }
+                let interval =
+                    rl.interval.filter(|i| !i.0.is_zero()).unwrap_or(Duration(std::time::Duration::from_secs(1)));
+                out.push(RateLimitPolicy {
+                    name: r.id(),
+                    direction: Some(match proxy.role {
+                        Role::Gateway => Direction::Gateway,
+                        Role::Sidecar => Direction::Inbound,
+                    }),
+                    max_tokens: rl.burst.unwrap_or(rl.requests).max(1),
+                    tokens_per_fill: rl.requests,
+                    fill_interval: interval,
+                    enabled_percent: 100.0,
+                    enforced_percent: 100.0,
+                    response_headers: Vec::new(),
+                });
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 /// A content hash of a snapshot (its version string): the hash of its resources' hashes, the

@@ -13,7 +13,9 @@ use serde_json::value::RawValue;
 
 use crate::hash::fnv1a64;
 use crate::model::security::JwtRule;
-use crate::snapshot::{AuthzPolicy, Cluster, Listener, NodeInfo, RouteTable, Snapshot, TelemetryPolicy, VirtualHost};
+use crate::snapshot::{
+    AuthzPolicy, Cluster, Listener, NodeInfo, RateLimitPolicy, RouteTable, Snapshot, TelemetryPolicy, VirtualHost,
+};
 
 pub type Result<T> = std::result::Result<T, serde_json::Error>;
 
@@ -185,6 +187,7 @@ struct Head {
     telemetry: Box<RawValue>,
     authorization: Box<RawValue>,
     jwt_rules: Box<RawValue>,
+    rate_limits: Box<RawValue>,
 }
 
 fn raw<T: Serialize + ?Sized>(v: &T) -> Result<Box<RawValue>> {
@@ -210,6 +213,7 @@ impl Encoded {
             telemetry: raw(&snap.telemetry)?,
             authorization: raw(&snap.authorization)?,
             jwt_rules: raw(&snap.jwt_rules)?,
+            rate_limits: raw(&snap.rate_limits)?,
         };
         let mut e = Encoded {
             version: String::new(),
@@ -264,6 +268,7 @@ impl Encoded {
             &self.head.telemetry,
             &self.head.authorization,
             &self.head.jwt_rules,
+            &self.head.rate_limits,
         ] {
             buf.extend_from_slice(&fnv1a64(r.get().as_bytes()).to_le_bytes());
         }
@@ -287,6 +292,7 @@ impl Encoded {
             telemetry: &'a RawValue,
             authorization: &'a RawValue,
             jwt_rules: &'a RawValue,
+            rate_limits: &'a RawValue,
         }
         serde_json::to_vec(&Out {
             version: &self.version,
@@ -301,6 +307,7 @@ impl Encoded {
             telemetry: &self.head.telemetry,
             authorization: &self.head.authorization,
             jwt_rules: &self.head.jwt_rules,
+            rate_limits: &self.head.rate_limits,
         })
     }
 
@@ -319,6 +326,7 @@ impl Encoded {
             telemetry: &'a RawValue,
             authorization: &'a RawValue,
             jwt_rules: &'a RawValue,
+            rate_limits: &'a RawValue,
             route_tables: BTreeMap<&'a str, TableOut<'a>>,
             removed_route_tables: Vec<&'a str>,
             clusters: BTreeMap<&'a str, &'a RawValue>,
@@ -407,6 +415,7 @@ impl Encoded {
             telemetry: &self.head.telemetry,
             authorization: &self.head.authorization,
             jwt_rules: &self.head.jwt_rules,
+            rate_limits: &self.head.rate_limits,
             route_tables,
             removed_route_tables,
             clusters,
@@ -426,6 +435,8 @@ pub struct Delta {
     pub authorization: Vec<AuthzPolicy>,
     #[serde(default)]
     pub jwt_rules: Vec<JwtRule>,
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimitPolicy>,
     /// Changed or new route tables.
     #[serde(default)]
     pub route_tables: BTreeMap<String, TableDelta>,
@@ -461,6 +472,7 @@ impl Delta {
             telemetry: self.telemetry,
             authorization: self.authorization,
             jwt_rules: self.jwt_rules,
+            rate_limits: self.rate_limits,
         };
         for name in &self.removed_route_tables {
             snap.route_tables.remove(name);

@@ -100,6 +100,7 @@ codes! {
     SchemaWarning = "TRL0008", Warning, "schema-warning";
     NegativeConditionStatus = "TRL0009", Warning, "negative-condition-status";
     MirrorHostNotFound = "TRL0127", Warning, "mirror-host-not-found";
+    UnsupportedEnvoyFilter = "TRL0128", Warning, "unsupported-envoyfilter";
     NamespaceNotFound = "TRL0206", Warning, "namespace-not-found";
     UnknownAnnotation = "TRL0501", Warning, "unknown-annotation";
     MisplacedAnnotation = "TRL0502", Warning, "misplaced-annotation";

@@ -16,6 +16,7 @@ pub mod compile;
 mod conditions;
 mod crosscheck;
 pub mod encode;
+pub mod envoy_filter;
 pub mod filter;
 pub mod finding;
 pub mod gateway_api;

@@ -204,6 +204,8 @@ fn decode_resource(file: Arc<PathBuf>, doc: Arc<Node>, findings: &mut Vec<Findin
         Kind::WorkloadEntry => decode_as::<networking::WorkloadEntry>(&doc, &mut unknown, Spec::WorkloadEntry),
         Kind::Service => decode_as::<kube::Service>(&doc, &mut unknown, Spec::Service),
         Kind::Workload => decode_as::<crate::model::trellis::Workload>(&doc, &mut unknown, Spec::Workload),
+        Kind::RateLimit => decode_as::<crate::model::trellis::RateLimit>(&doc, &mut unknown, Spec::RateLimit),
+        Kind::EnvoyFilter => decode_as::<networking::EnvoyFilter>(&doc, &mut unknown, Spec::EnvoyFilter),
         Kind::Telemetry => decode_as::<crate::model::telemetry::Telemetry>(&doc, &mut unknown, Spec::Telemetry),
         Kind::PeerAuthentication => {
             decode_as::<security::PeerAuthentication>(&doc, &mut unknown, Spec::PeerAuthentication)
@@ -301,6 +303,8 @@ fn empty_spec(kind: Kind) -> Spec {
         Kind::WorkloadEntry => Spec::WorkloadEntry(Default::default()),
         Kind::Service => Spec::Service(Default::default()),
         Kind::Workload => Spec::Workload(Default::default()),
+        Kind::RateLimit => Spec::RateLimit(Default::default()),
+        Kind::EnvoyFilter => Spec::EnvoyFilter(Default::default()),
         Kind::Telemetry => Spec::Telemetry(Default::default()),
         Kind::PeerAuthentication => Spec::PeerAuthentication(Default::default()),
         Kind::AuthorizationPolicy => Spec::AuthorizationPolicy(Default::default()),

@@ -31,6 +31,29 @@ pub struct Snapshot {
     /// RequestAuthentication JWT rules selecting this proxy's workload.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub jwt_rules: Vec<crate::model::security::JwtRule>,
+    /// Local rate limits on this proxy's listeners (EnvoyFilter local_ratelimit, RateLimit).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<RateLimitPolicy>,
+}
+
+/// A token bucket in front of one side of a proxy: `tokens_per_fill` tokens every
+/// `fill_interval`, at most `max_tokens`; a request takes one or gets 429.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RateLimitPolicy {
+    /// `Kind namespace/name` of the resource it came from.
+    pub name: String,
+    /// The listeners it applies to; `None`: all of this proxy's.
+    pub direction: Option<Direction>,
+    pub max_tokens: u32,
+    pub tokens_per_fill: u32,
+    pub fill_interval: Duration,
+    /// Share of requests the limit is applied to (`filter_enabled`), and of those, the share
+    /// actually refused when over it (`filter_enforced`); 100 and 100 by default.
+    pub enabled_percent: f64,
+    pub enforced_percent: f64,
+    /// Added to the responses of refused requests (`response_headers_to_add`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub response_headers: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -200,6 +200,16 @@ pub struct ProxyMetrics {
     pub overflows: Family<OverflowLabels, Counter>,
     /// Mirrored copies, by mirror cluster and outcome.
     pub mirrors: Family<MirrorLabels, Counter>,
+    /// Requests over a local rate limit, by policy and outcome.
+    pub rate_limited: Family<RateLimitLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    /// `Kind namespace/name` of the EnvoyFilter or RateLimit.
+    pub policy: Arc<str>,
+    /// `refused` (429), or `counted` (over the limit, not enforced).
+    pub outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -334,6 +344,12 @@ impl ProxyMetrics {
             "Requests copied to mirror clusters, by cluster and outcome (sent, answered, failed, timed_out, no_endpoint, invalid)",
             mirrors.clone(),
         );
+        let rate_limited = Family::<RateLimitLabels, Counter>::default();
+        registry.register(
+            "trellis_proxy_rate_limited_requests",
+            "Requests over a local rate limit, by policy and outcome (refused with 429, or counted)",
+            rate_limited.clone(),
+        );
         registry.register(
             "trellis_proxy_config_applied_timestamp_seconds",
             "When the snapshot in force was applied (Unix time)",
@@ -376,6 +392,7 @@ impl ProxyMetrics {
             ejections,
             overflows,
             mirrors,
+            rate_limited,
         }
     }
 

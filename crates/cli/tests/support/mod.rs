@@ -420,6 +420,16 @@ impl Backend {
                             pk.fetch_max(now, Ordering::SeqCst);
                             let resp = match fw.load(Ordering::SeqCst) {
                                 0 => backend_handle(&n, req, nth).await,
+                                // 1000 + N: a trailers-only gRPC status N (UNAVAILABLE is 1014).
+                                code @ 1000..=1016 => {
+                                    let mut r = Response::new(empty());
+                                    r.headers_mut()
+                                        .insert("content-type", http::HeaderValue::from_static("application/grpc"));
+                                    r.headers_mut().insert("grpc-status", http::HeaderValue::from(code - 1000));
+                                    r.headers_mut()
+                                        .insert("grpc-message", http::HeaderValue::from_static("failing on command"));
+                                    r
+                                }
                                 code => {
                                     let mut r = Response::new(full(format!("{n} failing with {code}")));
                                     *r.status_mut() =
@@ -444,7 +454,8 @@ impl Backend {
         self.requests.load(Ordering::SeqCst)
     }
 
-    /// From now on, answers every request with `status` (0: behaves again).
+    /// From now on, answers every request with `status` (0: behaves again; 1000 + N: the gRPC
+    /// status N, trailers-only).
     pub fn fail(&self, status: u16) {
         self.fail_with.store(status, Ordering::SeqCst);
     }

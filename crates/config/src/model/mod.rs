@@ -58,6 +58,10 @@ pub enum Kind {
     GrpcRoute,
     /// `discovery.k8s.io/v1`: endpoints of Services without a selector.
     EndpointSlice,
+    /// `networking.istio.io` EnvoyFilter: only the documented local rate limit is read.
+    EnvoyFilter,
+    /// `trellis.dev` RateLimit: a local rate limit for selected workloads.
+    RateLimit,
 }
 
 impl Kind {
@@ -75,6 +79,7 @@ impl Kind {
                     ("DestinationRule", Kind::DestinationRule),
                     ("ServiceEntry", Kind::ServiceEntry),
                     ("WorkloadEntry", Kind::WorkloadEntry),
+                    ("EnvoyFilter", Kind::EnvoyFilter),
                 ],
             ),
             (
@@ -114,7 +119,7 @@ impl Kind {
                 &["v1", "v1beta1"],
                 &[("Gateway", Kind::GatewayApiGateway), ("HTTPRoute", Kind::HttpRoute), ("GRPCRoute", Kind::GrpcRoute)],
             ),
-            ("trellis.dev", &["v1alpha1"], &[("Workload", Kind::Workload)]),
+            ("trellis.dev", &["v1alpha1"], &[("Workload", Kind::Workload), ("RateLimit", Kind::RateLimit)]),
         ];
         for (g, versions, kinds) in known {
             if *g != group {
@@ -153,6 +158,8 @@ impl Kind {
             Kind::RequestAuthentication => "RequestAuthentication",
             Kind::Telemetry => "Telemetry",
             Kind::Workload => "Workload",
+            Kind::EnvoyFilter => "EnvoyFilter",
+            Kind::RateLimit => "RateLimit",
             Kind::Pod => "Pod",
             Kind::Deployment => "Deployment",
             Kind::StatefulSet => "StatefulSet",
@@ -239,6 +246,8 @@ pub enum Spec {
     PeerAuthentication(security::PeerAuthentication),
     AuthorizationPolicy(security::AuthorizationPolicy),
     RequestAuthentication(security::RequestAuthentication),
+    EnvoyFilter(networking::EnvoyFilter),
+    RateLimit(trellis::RateLimit),
 }
 
 /// Where a resource was read from.

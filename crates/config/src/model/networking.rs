@@ -487,3 +487,15 @@ mod tests {
         assert_eq!(r("gw.edge.svc.cluster.local"), ("edge".into(), "gw".into()));
     }
 }
+
+/// `EnvoyFilter`: kept as written; Trellis reads the documented local rate limit
+/// (`envoy.filters.http.local_ratelimit` inserted as an HTTP filter) and reports any other patch
+/// as unsupported.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct EnvoyFilter {
+    pub workload_selector: Option<WorkloadSelector>,
+    pub target_refs: Option<Json>,
+    pub config_patches: Vec<Json>,
+    pub priority: Option<i64>,
+}

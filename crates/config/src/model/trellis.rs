@@ -43,3 +43,14 @@ pub struct Probe {
 pub struct HttpGet {
     pub path: String,
 }
+
+/// `RateLimit` (trellis.dev/v1alpha1): at most `requests` per `interval` (a token bucket holding
+/// `burst`) to the selected workloads' inbound side, or through the selected gateways.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct RateLimit {
+    pub selector: Option<crate::model::security::WorkloadSelector>,
+    pub requests: u32,
+    pub interval: Option<crate::model::Duration>,
+    pub burst: Option<u32>,
+}

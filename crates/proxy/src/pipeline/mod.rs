@@ -3,6 +3,7 @@
 //! ```text
 //! handle ─ direction::restore_version, direction::record   (telemetry record, reporter, peer)
 //!   │
+//!   ├─ ratelimit  local token buckets (429 RL)                             [per side]
 //!   ├─ authority check (400 DPE); CONNECT refused (400)
 //!   ├─ admit      RequestAuthentication (401), AuthorizationPolicy (403)   [inbound, gateway]
 //!   ├─ select     route table → virtual host → first matching route (404 NR)
@@ -26,6 +27,7 @@ mod direction;
 mod fault;
 mod forward;
 mod mirror;
+pub mod ratelimit;
 mod replay;
 mod respond;
 pub mod retry;
@@ -96,6 +98,17 @@ async fn proxy(
     req: Request<Incoming>,
     record: &mut RequestRecord,
 ) -> Result<Response<Body>, ProxyError> {
+    for l in rt.rate_limits.iter().filter(|l| l.applies(conn.direction)) {
+        match l.check() {
+            ratelimit::Verdict::Allow => {}
+            ratelimit::Verdict::Counted => count_limited(shared, l, "counted"),
+            ratelimit::Verdict::Limited(r) => {
+                count_limited(shared, l, "refused");
+                record.flags = "RL";
+                return Ok(r);
+            }
+        }
+    }
     if req.method() == http::Method::CONNECT {
         return Err(ProxyError::bad_request("CONNECT tunnels are not supported yet"));
     }
@@ -129,6 +142,11 @@ async fn proxy(
         cors::decorate(c, origin, resp.headers_mut());
     }
     Ok(resp)
+}
+
+fn count_limited(shared: &Shared, l: &ratelimit::Limiter, outcome: &'static str) {
+    let labels = trellis_telemetry::metrics::RateLimitLabels { policy: l.policy.name.clone().into(), outcome };
+    shared.metrics.rate_limited.get_or_create(&labels).inc();
 }
 
 fn header_str(h: &http::HeaderMap, name: impl http::header::AsHeaderName) -> Option<String> {

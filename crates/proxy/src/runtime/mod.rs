@@ -37,6 +37,8 @@ pub struct Runtime {
     outbound: HashMap<u16, Arc<RouteTable>>,
     listeners: HashMap<String, (ListenerRouting, Option<spec::MtlsMode>)>,
     pub clusters: HashMap<String, Arc<Cluster>>,
+    /// Local rate limits, each with its token bucket.
+    pub rate_limits: Vec<crate::pipeline::ratelimit::Limiter>,
 }
 
 /// A cluster: endpoints, how to balance over them, and how to talk to them.
@@ -167,6 +169,7 @@ impl Runtime {
             outbound: HashMap::new(),
             listeners: HashMap::new(),
             clusters: HashMap::new(),
+            rate_limits: Vec::new(),
         }
     }
 
@@ -273,7 +276,12 @@ impl Runtime {
             listeners.insert(l.name.clone(), (l.routing.clone(), l.mtls));
         }
         pools.collect();
-        Ok(Runtime { snapshot, me, telemetry, authz, jwt, tables, outbound, listeners, clusters })
+        let rate_limits = snapshot
+            .rate_limits
+            .iter()
+            .map(|p| crate::pipeline::ratelimit::Limiter::new(p.clone()))
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Runtime { snapshot, me, telemetry, authz, jwt, tables, outbound, listeners, clusters, rate_limits })
     }
 
     pub fn version(&self) -> &str {

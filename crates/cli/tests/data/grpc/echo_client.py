@@ -2,6 +2,7 @@
 
 The messages are encoded by hand (three scalar fields), so the only dependency is grpcio.
 Usage: echo_client.py HOST:PORT  -> prints one JSON object with the results.
+       echo_client.py HOST:PORT unary N  -> N unary calls; prints {"codes": {CODE: count}}.
 """
 import json
 import sys
@@ -67,8 +68,25 @@ def decode_reply(buf):
     return fields
 
 
+def unary_calls(target, n):
+    codes = {}
+    with grpc.insecure_channel(target) as channel:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        unary = channel.unary_unary("/trellis.demo.v1.Echo/Unary", request_serializer=lambda b: b, response_deserializer=decode_reply)
+        for i in range(n):
+            try:
+                unary(encode_request("call %d" % i), timeout=10)
+                code = "OK"
+            except grpc.RpcError as e:
+                code = e.code().name
+            codes[code] = codes.get(code, 0) + 1
+    print(json.dumps({"codes": codes}))
+
+
 def main():
     target = sys.argv[1]
+    if len(sys.argv) > 3 and sys.argv[2] == "unary":
+        return unary_calls(target, int(sys.argv[3]))
     results = {}
     with grpc.insecure_channel(target) as channel:
         grpc.channel_ready_future(channel).result(timeout=10)
