@@ -374,3 +374,93 @@ async fn ctrl_c_completes_in_flight_requests_and_leaves_no_process() {
         .collect();
     assert!(alive.is_empty(), "processes left behind: {alive:?}");
 }
+
+/// Chaos in the reference platform: one of Service E's two replicas is killed (and restarted by
+/// `trellis up`) every 5 s for 60 s under 100 requests a second; retries (on another endpoint)
+/// and outlier detection keep the platform answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_platform_keeps_answering_while_service_e_is_killed_every_5_seconds() {
+    let port = free_port();
+    let dir = example("reference-platform", port);
+    dir.write(
+        "chaos.yaml",
+        r#"apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata:
+  name: service-e-2
+  labels: {app: service-e, version: v1}
+spec:
+  command: [trellis-demo, reference]
+  env: {SERVICE_NAME: Service E, REPLICA: "2"}
+  upstreams: [service-g, service-h]
+  readinessProbe:
+    httpGet: {path: /api/health}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: service-e}
+spec:
+  hosts: [service-e]
+  http:
+  - route: [{destination: {host: service-e}}]
+    retries: {attempts: 3, retryOn: "5xx,connect-failure,reset"}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: service-e}
+spec:
+  host: service-e
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: 50}
+"#,
+    );
+    let up = Up::start(dir.path(), port).await;
+    let replica_one = || {
+        children_of(up.pid()).into_iter().find(|p| {
+            let env = environ(*p);
+            let cmd = std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            cmd.contains("trellis-demo")
+                && env.get("SERVICE_NAME").map(String::as_str) == Some("Service E")
+                && !env.contains_key("REPLICA")
+        })
+    };
+    // 100 requests a second for as long as the chaos runs (12 kills, 5 s apart, each after
+    // the restart of the one before; `trellis up` backs off restarting a crashing process).
+    let loader = Load::open_loop(&up.url("/api/greeting"), 100, 30_000);
+    let started = Instant::now();
+    loader.wait_received(100, Duration::from_secs(20)).await;
+    let (mut kills, mut last) = (0, None);
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_secs(5)).await; // the chaos schedule: a kill every 5 s
+                                                          // The replica `trellis up` restarted since the last kill (waited for, if not yet back).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let pid = loop {
+            match replica_one() {
+                Some(p) if Some(p) != last => break p,
+                _ => {
+                    assert!(Instant::now() < deadline, "Service E was not restarted:\n{}", up.output());
+                    tokio::time::sleep(Duration::from_millis(50)).await; // poll interval of a wait on the restart
+                }
+            }
+        };
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        (kills, last) = (kills + 1, Some(pid));
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await; // the chaos schedule: 5 s after the last kill
+    loader.stop();
+    let chaos = started.elapsed();
+    let samples = loader.finish().await;
+    let ok = samples.iter().filter(|s| s.status == 200).count();
+    let share = ok as f64 / samples.len() as f64 * 100.0;
+    let m = metrics(up.admins()["service-b"]).await;
+    let retries = metric_sum(&m, "trellis_proxy_upstream_retries_total", &[("outcome", "sent")]);
+    let ejections = metric_sum(&m, "trellis_proxy_outlier_ejections_total", &[]);
+    println!(
+        "{ok}/{} answered ({share:.2}%) over {chaos:?} while Service E was killed {kills} times; service-b's sidecar retried {retries} times and ejected {ejections} times",
+        samples.len()
+    );
+    assert!(chaos >= Duration::from_secs(60), "the chaos lasted {chaos:?}");
+    assert_eq!(kills, 12, "the chaos ran");
+    assert!(share >= 99.0, "{share:.2}% answered, under 99%");
+    assert!(retries > 0.0, "the retries did the work");
+}

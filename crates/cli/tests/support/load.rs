@@ -46,6 +46,8 @@ async fn answer<E: std::fmt::Display>(
 pub struct Load {
     samples: Arc<Mutex<Vec<Sample>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Set: the open loop sends no more requests.
+    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Load {
@@ -53,7 +55,8 @@ impl Load {
     /// HTTP/1.1 client (what a busy client population looks like).
     pub fn open_loop(url: &str, rate: u32, count: u32) -> Load {
         let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
-        let (url, s) = (url.to_string(), samples.clone());
+        let stop: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let (url, s, halt) = (url.to_string(), samples.clone(), stop.clone());
         let task = tokio::spawn(async move {
             let client = h1_client();
             let start = Instant::now();
@@ -62,6 +65,9 @@ impl Load {
             for i in 0..count {
                 // Rate pacing of an open-loop load generator.
                 tokio::time::sleep_until((start + interval * i).into()).await;
+                if halt.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
                 let (c, u, s) = (client.clone(), url.clone(), s.clone());
                 tasks.push(tokio::spawn(async move {
                     let sent = Instant::now();
@@ -75,7 +81,12 @@ impl Load {
                 let _ = t.await;
             }
         });
-        Load { samples, tasks: vec![task] }
+        Load { samples, tasks: vec![task], stop }
+    }
+
+    /// Stops an open loop before its count (the requests already sent complete).
+    pub fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// `conns` dedicated keep-alive HTTP/1.1 connections, each sending `per_conn` GETs of
@@ -122,7 +133,7 @@ impl Load {
                 })
             })
             .collect();
-        Load { samples, tasks }
+        Load { samples, tasks, stop: Arc::default() }
     }
 
     /// Answers received so far.
