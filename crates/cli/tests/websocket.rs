@@ -110,14 +110,7 @@ spec:
   env: {{COLOR: blue}}
   upstreams: [echo]
 ---
-apiVersion: networking.istio.io/v1
-kind: Gateway
-metadata: {{name: gw}}
-spec:
-  selector: {{istio: ingressgateway}}
-  servers: [{{port: {{number: {gw_port}, name: http, protocol: HTTP}}, hosts: ["*"]}}]
----
-apiVersion: networking.istio.io/v1
+{gateway}apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {{name: echo}}
 spec:
@@ -126,7 +119,8 @@ spec:
   http:
   - route: [{{destination: {{host: echo}}}}]
 "#,
-            ws = ws.display()
+            ws = ws.display(),
+            gateway = gateway("gw", gw_port),
         ),
     );
     let ca = tempfile::tempdir().expect("ca dir");
