@@ -474,3 +474,17 @@ async fn consistent_hash_on_header_and_cookie_is_sticky() {
         assert_eq!(get(&url, &[("cookie", &pair)]).await.server(), first.server());
     }
 }
+
+#[tokio::test]
+async fn peak_ewma_sends_less_to_a_slow_endpoint() {
+    let (_d, _p, port, b) = lb_fixture("      simple: PEAK_EWMA\n").await;
+    b[0].slow_down(40);
+    let url = format!("http://127.0.0.1:{port}/");
+    for _ in 0..300 {
+        assert_eq!(get(&url, &[]).await.status, 200);
+    }
+    let counts: Vec<usize> = b.iter().map(|b| b.count()).collect();
+    println!("requests per endpoint (the first slowed by 40 ms): {counts:?}");
+    assert!(counts[0] <= 15, "the slow endpoint got {} of 300", counts[0]);
+    assert!(counts[1] > 50 && counts[2] > 50, "the fast ones share the rest: {counts:?}");
+}

@@ -75,7 +75,7 @@ async fn a_websocket_echoes_1000_messages_through_a_gateway() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_websocket_crosses_the_mesh_over_mtls_from_a_gateway_and_from_a_sidecar() {
+async fn a_websocket_crosses_the_mesh_over_mtls_through_a_gateway_and_two_sidecars() {
     let gw_port = free_port();
     let dir = ConfigDir::new();
     let ws = script();
@@ -97,6 +97,20 @@ spec:
 ---
 apiVersion: v1
 kind: Service
+metadata: {{name: relay}}
+spec:
+  selector: {{app: relay}}
+  ports: [{{name: http, port: 80}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {{name: relay, labels: {{app: relay}}}}
+spec:
+  command: [python3, {ws}, relay]
+  upstreams: [echo]
+---
+apiVersion: v1
+kind: Service
 metadata: {{name: caller}}
 spec:
   selector: {{app: caller}}
@@ -112,11 +126,13 @@ spec:
 ---
 {gateway}apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata: {{name: echo}}
+metadata: {{name: edge}}
 spec:
   hosts: ["*"]
   gateways: [gw]
   http:
+  - match: [{{uri: {{prefix: /relay}}}}]
+    route: [{{destination: {{host: relay}}}}]
   - route: [{{destination: {{host: echo}}}}]
 "#,
             ws = ws.display(),
@@ -128,6 +144,11 @@ spec:
 
     // client → gateway → (mTLS) → echo's sidecar → echo
     let url = up.url("/echo").replace("http://", "ws://");
+    tokio::task::spawn_blocking(move || echo_through(&url, 1000)).await.expect("client");
+
+    // client → gateway → (mTLS) → relay's sidecar → relay → relay's sidecar → (mTLS) → echo's
+    // sidecar → echo: two sidecars in a row, as between any two apps of a mesh
+    let url = up.url("/relay").replace("http://", "ws://");
     tokio::task::spawn_blocking(move || echo_through(&url, 1000)).await.expect("client");
 
     // the caller app's place: its sidecar's port for `echo` → (mTLS) → echo's sidecar → echo

@@ -670,7 +670,7 @@ impl<'a> Cx<'a> {
     fn load_balancer(&mut self, r: &Resource, base: Vec<Seg>, lb: &crate::model::networking::LoadBalancerSettings) {
         let mut p = base.clone();
         if let Some(simple) = &lb.simple {
-            if !["UNSPECIFIED", "ROUND_ROBIN", "LEAST_REQUEST", "LEAST_CONN", "RANDOM", "PASSTHROUGH"]
+            if !["UNSPECIFIED", "ROUND_ROBIN", "LEAST_REQUEST", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "PEAK_EWMA"]
                 .contains(&simple.as_str())
             {
                 p.push("simple".into());
@@ -678,7 +678,7 @@ impl<'a> Cx<'a> {
                     Code::Schema,
                     r,
                     p,
-                    format!("unknown load balancer {simple:?}: use ROUND_ROBIN, LEAST_REQUEST, RANDOM or PASSTHROUGH"),
+                    format!("unknown load balancer {simple:?}: use ROUND_ROBIN, LEAST_REQUEST, RANDOM, PASSTHROUGH, or Trellis's PEAK_EWMA"),
                 );
                 return;
             }

@@ -1186,6 +1186,7 @@ fn lb_policy(lb: &LoadBalancerSettings) -> LbPolicy {
     }
     match lb.simple.as_deref() {
         Some("LEAST_REQUEST" | "LEAST_CONN") => LbPolicy::LeastRequest,
+        Some("PEAK_EWMA") => LbPolicy::PeakEwma,
         Some("RANDOM") => LbPolicy::Random,
         _ => LbPolicy::RoundRobin,
     }

@@ -659,6 +659,10 @@ pub enum LbPolicy {
     RoundRobin,
     /// Power of two choices over in-flight requests.
     LeastRequest,
+    /// Power of two choices over each endpoint's peak-EWMA latency × its load (Linkerd's and
+    /// Finagle's balancer): slow endpoints get less traffic before they fail. A Trellis value of
+    /// `simple` (`PEAK_EWMA`); Istio has none.
+    PeakEwma,
     Random,
     RingHash {
         hash: HashPolicy,

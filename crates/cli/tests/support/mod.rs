@@ -378,6 +378,8 @@ pub struct Backend {
     pub connections: Arc<AtomicUsize>,
     /// Non-zero: every request is answered with this status (a backend failing on command).
     pub fail_with: Arc<std::sync::atomic::AtomicU16>,
+    /// Milliseconds every request waits before it is handled (a backend slow on command).
+    pub delay_ms: Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -396,13 +398,15 @@ impl Backend {
         let peak = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
         let fail_with = Arc::new(std::sync::atomic::AtomicU16::new(0));
-        let (n, r, f, pk, conns, fw) = (
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (n, r, f, pk, conns, fw, dl) = (
             Arc::new(name.to_string()),
             requests.clone(),
             in_flight.clone(),
             peak.clone(),
             connections.clone(),
             fail_with.clone(),
+            delay_ms.clone(),
         );
         let task = tokio::spawn(async move {
             loop {
@@ -410,11 +414,17 @@ impl Backend {
                     continue;
                 };
                 conns.fetch_add(1, Ordering::SeqCst);
-                let (n, r, f, pk, fw) = (n.clone(), r.clone(), f.clone(), pk.clone(), fw.clone());
+                let (n, r, f, pk, fw, dl) = (n.clone(), r.clone(), f.clone(), pk.clone(), fw.clone(), dl.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
-                        let (n, r, f, pk, fw) = (n.clone(), r.clone(), f.clone(), pk.clone(), fw.clone());
+                        let (n, r, f, pk, fw, dl) =
+                            (n.clone(), r.clone(), f.clone(), pk.clone(), fw.clone(), dl.clone());
                         async move {
+                            let delay = dl.load(Ordering::SeqCst);
+                            if delay > 0 {
+                                tokio::time::sleep(Duration::from_millis(delay)).await;
+                                // the backend's simulated slowness (on command)
+                            }
                             let nth = r.fetch_add(1, Ordering::SeqCst) + 1;
                             let now = f.fetch_add(1, Ordering::SeqCst) + 1;
                             pk.fetch_max(now, Ordering::SeqCst);
@@ -447,11 +457,16 @@ impl Backend {
                 });
             }
         });
-        Backend { addr, name: name.to_string(), requests, in_flight, peak, connections, fail_with, task }
+        Backend { addr, name: name.to_string(), requests, in_flight, peak, connections, fail_with, delay_ms, task }
     }
 
     pub fn count(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// From now on, every request waits `ms` before it is handled (0: at once).
+    pub fn slow_down(&self, ms: u64) {
+        self.delay_ms.store(ms, Ordering::SeqCst);
     }
 
     /// From now on, answers every request with `status` (0: behaves again; 1000 + N: the gRPC

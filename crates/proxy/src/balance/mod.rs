@@ -31,6 +31,7 @@ pub struct NewCookie(pub String);
 pub enum Balancer {
     RoundRobin { next: AtomicUsize, schedule: Option<Vec<u32>> },
     LeastRequest,
+    PeakEwma,
     Random { cumulative: Option<Vec<u64>> },
     Ring { ring: Vec<(u64, u32)>, policy: HashPolicy },
 }
@@ -45,6 +46,7 @@ impl Balancer {
                 schedule: uneven.then(|| weighted_schedule(&weights)),
             },
             LbPolicy::LeastRequest => Balancer::LeastRequest,
+            LbPolicy::PeakEwma => Balancer::PeakEwma,
             LbPolicy::Random => Balancer::Random {
                 cumulative: uneven.then(|| {
                     weights
@@ -94,6 +96,26 @@ impl Balancer {
                     };
                     usable(idx).then_some(idx)
                 })?
+            }
+            Balancer::PeakEwma => {
+                let cost = |i: usize| endpoints[i].0.ewma_cost() / f64::from(endpoints[i].1.max(1));
+                let two = (0..4).find_map(|_| {
+                    let a = fastrand::usize(..n);
+                    let mut b = fastrand::usize(..n - 1);
+                    if b >= a {
+                        b += 1;
+                    }
+                    match (usable(a), usable(b)) {
+                        (true, true) => Some(if cost(b) < cost(a) { b } else { a }),
+                        (true, false) => Some(a),
+                        (false, true) => Some(b),
+                        (false, false) => None,
+                    }
+                });
+                match two {
+                    Some(i) => i,
+                    None => (0..n).filter(|i| usable(*i)).min_by(|x, y| cost(*x).total_cmp(&cost(*y)))?,
+                }
             }
             Balancer::LeastRequest => {
                 let load = |i: usize| endpoints[i].0.in_flight() as u64 * 1000 / u64::from(endpoints[i].1.max(1));
@@ -321,6 +343,7 @@ mod tests {
         for policy in [
             LbPolicy::RoundRobin,
             LbPolicy::LeastRequest,
+            LbPolicy::PeakEwma,
             LbPolicy::Random,
             LbPolicy::RingHash { hash, min_ring_size: 64 },
         ] {
@@ -330,5 +353,19 @@ mod tests {
             }
             assert!(b.pick(&e, &cx(&h), &|_| false).is_none(), "{policy:?}: none may serve");
         }
+    }
+
+    #[test]
+    fn peak_ewma_prefers_the_faster_endpoint() {
+        let e = eps(2);
+        e[0].0.observe_latency(std::time::Duration::from_millis(50));
+        e[1].0.observe_latency(std::time::Duration::from_millis(2));
+        let b = Balancer::new(&LbPolicy::PeakEwma, &e);
+        let h = HeaderMap::new();
+        let fast = (0..200).filter(|_| b.pick(&e, &cx(&h), &|_| true).map(|p| p.0) == Some(1)).count();
+        assert_eq!(fast, 200, "two choices of two: the cheaper always wins");
+        // A peak is taken at once; a lower sample only pulls the average down with time.
+        e[1].0.observe_latency(std::time::Duration::from_millis(500));
+        assert!(e[1].0.ewma_cost() > e[0].0.ewma_cost());
     }
 }

@@ -190,6 +190,7 @@ pub(super) async fn run(
         }
         record.attempts = retries + 1;
         let mut in_flight = endpoint.start_request();
+        let tried_at = Instant::now();
         let send = endpoint.send(req, wire, cluster.connect_timeout, &mut in_flight);
         let per_try = policy.and_then(|p| p.per_try_timeout.map(|t| t.0));
         let limit = match (per_try, deadline) {
@@ -211,6 +212,9 @@ pub(super) async fn run(
             if e.error.flag == Flag::UpstreamOverflow {
                 shared.metrics.overflows.get_or_create(&overflow_labels(cluster, "pending_requests")).inc();
             }
+        }
+        if matches!(cluster.balancer, crate::balance::Balancer::PeakEwma) {
+            endpoint.observe_latency(tried_at.elapsed());
         }
         match &result {
             Tried::Done(Ok(resp)) => observe(shared, cluster, pick.0, outlier::Result::Status(resp.status().as_u16())),

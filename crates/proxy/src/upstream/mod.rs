@@ -68,7 +68,22 @@ pub struct Endpoint {
     pending: AtomicUsize,
     /// A connection was pooled again or closed: a waiting request may go on.
     freed: tokio::sync::Notify,
+    /// Peak-EWMA of the time to response headers (for the peak-EWMA balancer).
+    latency: std::sync::Mutex<Ewma>,
 }
+
+/// An exponentially weighted moving average that jumps to a higher sample at once (the peak)
+/// and decays towards lower ones with time constant [`EWMA_DECAY`].
+#[derive(Clone, Copy, Debug)]
+struct Ewma {
+    nanos: f64,
+    at: std::time::Instant,
+}
+
+/// Linkerd's default decay.
+const EWMA_DECAY: Duration = Duration::from_secs(10);
+/// What an endpoint with no sample yet is assumed to take (a new endpoint gets some traffic).
+const EWMA_DEFAULT: Duration = Duration::from_millis(1);
 
 /// A pooled HTTP/1.1 connection, with what its limits need.
 struct Idle {
@@ -166,7 +181,36 @@ impl Endpoint {
             open_h1: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
             freed: tokio::sync::Notify::new(),
+            latency: std::sync::Mutex::new(Ewma {
+                nanos: EWMA_DEFAULT.as_nanos() as f64,
+                at: std::time::Instant::now(),
+            }),
         }
+    }
+
+    /// Counts one request's time to response headers into the peak EWMA.
+    pub fn observe_latency(&self, took: Duration) {
+        let now = std::time::Instant::now();
+        let sample = took.as_nanos() as f64;
+        let mut e = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        if sample > e.nanos {
+            e.nanos = sample;
+        } else {
+            let elapsed = now.saturating_duration_since(e.at).as_secs_f64();
+            let w = (-elapsed / EWMA_DECAY.as_secs_f64()).exp();
+            e.nanos = e.nanos * w + sample * (1.0 - w);
+        }
+        e.at = now;
+    }
+
+    /// The peak-EWMA cost of sending one more request here: latency × (requests in flight + 1).
+    /// Without new samples the estimate decays towards the default, so an endpoint that was slow
+    /// is tried again after a while.
+    pub fn ewma_cost(&self) -> f64 {
+        let e = *self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        let w = (-e.at.elapsed().as_secs_f64() / EWMA_DECAY.as_secs_f64()).exp();
+        let nanos = e.nanos * w + EWMA_DEFAULT.as_nanos() as f64 * (1.0 - w);
+        nanos * (self.in_flight() as f64 + 1.0)
     }
 
     /// Puts a snapshot's connection-pool limits in force (called while building it).

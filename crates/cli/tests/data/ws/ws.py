@@ -2,6 +2,8 @@
 
     ws.py serve              listens on $PORT (or a free port), prints "port N", then echoes
                              every message on every connection
+    ws.py relay              listens on $PORT; each connection is relayed, message by message, to
+                             ws://$ECHO_ADDR (the app's sidecar port for the echo service)
     ws.py client URL N       sends N messages over one connection, checks each echo, prints "echoed N"
 """
 import asyncio
@@ -22,6 +24,22 @@ async def serve():
         await asyncio.Future()
 
 
+async def relay():
+    upstream_url = "ws://" + os.environ["ECHO_ADDR"] + "/echo"
+
+    async def pipe(src, dst):
+        async for message in src:
+            await dst.send(message)
+
+    async def handle(ws):
+        async with websockets.connect(upstream_url, open_timeout=10) as up:
+            await asyncio.gather(pipe(ws, up), pipe(up, ws))
+
+    async with websockets.serve(handle, "127.0.0.1", int(os.environ["PORT"])) as server:
+        print(f"port {server.sockets[0].getsockname()[1]}", flush=True)
+        await asyncio.Future()
+
+
 async def client(url, n):
     async with websockets.connect(url, open_timeout=10, close_timeout=5) as ws:
         for i in range(n):
@@ -36,5 +54,7 @@ async def client(url, n):
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         asyncio.run(serve())
+    elif sys.argv[1] == "relay":
+        asyncio.run(relay())
     else:
         asyncio.run(client(sys.argv[2], int(sys.argv[3])))
