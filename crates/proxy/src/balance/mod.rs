@@ -98,44 +98,10 @@ impl Balancer {
                 })?
             }
             Balancer::PeakEwma => {
-                let cost = |i: usize| endpoints[i].0.ewma_cost() / f64::from(endpoints[i].1.max(1));
-                let two = (0..4).find_map(|_| {
-                    let a = fastrand::usize(..n);
-                    let mut b = fastrand::usize(..n - 1);
-                    if b >= a {
-                        b += 1;
-                    }
-                    match (usable(a), usable(b)) {
-                        (true, true) => Some(if cost(b) < cost(a) { b } else { a }),
-                        (true, false) => Some(a),
-                        (false, true) => Some(b),
-                        (false, false) => None,
-                    }
-                });
-                match two {
-                    Some(i) => i,
-                    None => (0..n).filter(|i| usable(*i)).min_by(|x, y| cost(*x).total_cmp(&cost(*y)))?,
-                }
+                two_choices(n, usable, |i| endpoints[i].0.ewma_cost() / f64::from(endpoints[i].1.max(1)))?
             }
             Balancer::LeastRequest => {
-                let load = |i: usize| endpoints[i].0.in_flight() as u64 * 1000 / u64::from(endpoints[i].1.max(1));
-                let two = (0..4).find_map(|_| {
-                    let a = fastrand::usize(..n);
-                    let mut b = fastrand::usize(..n - 1);
-                    if b >= a {
-                        b += 1;
-                    }
-                    match (usable(a), usable(b)) {
-                        (true, true) => Some(if load(b) < load(a) { b } else { a }),
-                        (true, false) => Some(a),
-                        (false, true) => Some(b),
-                        (false, false) => None,
-                    }
-                });
-                match two {
-                    Some(i) => i,
-                    None => (0..n).filter(|i| usable(*i)).min_by_key(|i| load(*i))?,
-                }
+                two_choices(n, usable, |i| endpoints[i].0.in_flight() as f64 / f64::from(endpoints[i].1.max(1)))?
             }
             Balancer::Random { cumulative } => {
                 let draw = || match cumulative {
@@ -169,6 +135,25 @@ impl Balancer {
         };
         Some((idx, None))
     }
+}
+
+/// Power of two choices: of two distinct endpoints drawn at random (a few draws, until one may
+/// serve), the one of lower `cost`; else the cheapest that may serve. `n` is at least 2.
+fn two_choices(n: usize, usable: &dyn Fn(usize) -> bool, cost: impl Fn(usize) -> f64) -> Option<usize> {
+    let drawn = (0..4).find_map(|_| {
+        let a = fastrand::usize(..n);
+        let mut b = fastrand::usize(..n - 1);
+        if b >= a {
+            b += 1;
+        }
+        match (usable(a), usable(b)) {
+            (true, true) => Some(if cost(b) < cost(a) { b } else { a }),
+            (true, false) => Some(a),
+            (false, true) => Some(b),
+            (false, false) => None,
+        }
+    });
+    drawn.or_else(|| (0..n).filter(|i| usable(*i)).min_by(|x, y| cost(*x).total_cmp(&cost(*y))))
 }
 
 /// The hash of the request's key, and a cookie to set when the key is a missing cookie that
