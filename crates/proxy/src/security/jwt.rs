@@ -39,8 +39,30 @@ pub enum Outcome {
 }
 
 enum Keys {
-    Inline(JwkSet),
+    Inline(Arc<KeySet>),
     Remote(Arc<RemoteJwks>),
+}
+
+/// A JWKS with every key made ready for verification once, when the set is read or fetched,
+/// not per request.
+pub struct KeySet {
+    keys: Vec<(Option<String>, DecodingKey)>,
+}
+
+impl KeySet {
+    fn prepare(set: &JwkSet) -> KeySet {
+        KeySet {
+            keys: set
+                .keys
+                .iter()
+                .filter_map(|j| Some((j.common.key_id.clone(), DecodingKey::from_jwk(j).ok()?)))
+                .collect(),
+        }
+    }
+
+    fn has_kid(&self, kid: &str) -> bool {
+        self.keys.iter().any(|(k, _)| k.as_deref() == Some(kid))
+    }
 }
 
 struct RuleRt {
@@ -83,7 +105,7 @@ impl JwksCache {
 
 pub struct RemoteJwks {
     uri: String,
-    keys: ArcSwapOption<JwkSet>,
+    keys: ArcSwapOption<KeySet>,
     fetched: tokio::sync::Mutex<Option<Instant>>,
 }
 
@@ -92,10 +114,9 @@ const MIN_REFETCH: Duration = Duration::from_millis(500);
 
 impl RemoteJwks {
     /// The key set; fetched when missing, stale, or (`want_kid`) lacking that key id.
-    async fn keys(&self, want_kid: Option<&str>) -> Result<Arc<JwkSet>, String> {
+    async fn keys(&self, want_kid: Option<&str>) -> Result<Arc<KeySet>, String> {
         let current = self.keys.load_full();
-        let has_kid =
-            |set: &JwkSet| want_kid.is_none_or(|k| set.keys.iter().any(|j| j.common.key_id.as_deref() == Some(k)));
+        let has_kid = |set: &KeySet| want_kid.is_none_or(|k| set.has_kid(k));
         let mut fetched = self.fetched.lock().await;
         let stale = fetched.is_none_or(|t| t.elapsed() > REFRESH);
         let current = self.keys.load_full().or(current);
@@ -107,7 +128,7 @@ impl RemoteJwks {
         }
         match fetch_jwks(&self.uri).await {
             Ok(set) => {
-                let set = Arc::new(set);
+                let set = Arc::new(KeySet::prepare(&set));
                 self.keys.store(Some(set.clone()));
                 *fetched = Some(Instant::now());
                 Ok(set)
@@ -157,9 +178,9 @@ impl JwtAuth {
         let mut out = Vec::new();
         for r in rules {
             let keys = match (&r.jwks, &r.jwks_uri) {
-                (Some(j), _) => {
-                    Keys::Inline(serde_json::from_str(j).map_err(|e| format!("jwks of {}: {e}", r.issuer))?)
-                }
+                (Some(j), _) => Keys::Inline(Arc::new(KeySet::prepare(
+                    &serde_json::from_str(j).map_err(|e| format!("jwks of {}: {e}", r.issuer))?,
+                ))),
                 (None, Some(u)) => Keys::Remote(cache.get(u)),
                 (None, None) => return Err(format!("JWT rule for {} has neither jwks nor jwksUri", r.issuer)),
             };
@@ -205,14 +226,14 @@ impl JwtAuth {
             Err(_) => return Outcome::Invalid("Jwt header is an invalid JSON".into()),
         };
         let set = match &rule.keys {
-            Keys::Inline(s) => Arc::new(s.clone()),
+            Keys::Inline(s) => s.clone(),
             Keys::Remote(r) => match r.keys(header.kid.as_deref()).await {
                 Ok(s) => s,
                 Err(e) => return Outcome::Invalid(format!("Jwks remote fetch is failed: {e}")),
             },
         };
-        let candidates: Vec<_> =
-            set.keys.iter().filter(|k| header.kid.is_none() || k.common.key_id == header.kid).collect();
+        let candidates: Vec<&DecodingKey> =
+            set.keys.iter().filter(|(kid, _)| header.kid.is_none() || *kid == header.kid).map(|(_, k)| k).collect();
         if candidates.is_empty() {
             return Outcome::Invalid("Jwks doesn't have key to match kid or alg from Jwt".into());
         }
@@ -227,9 +248,8 @@ impl JwtAuth {
             validation.set_audience(&rule.audiences);
         }
         let mut last = String::from("Jwt verification fails");
-        for jwk in candidates {
-            let Ok(key) = DecodingKey::from_jwk(jwk) else { continue };
-            match jsonwebtoken::decode::<serde_json::Value>(&token, &key, &validation) {
+        for key in candidates {
+            match jsonwebtoken::decode::<serde_json::Value>(&token, key, &validation) {
                 Ok(data) => {
                     let claims = data.claims;
                     let sub = claims.get("sub").and_then(|s| s.as_str()).unwrap_or("");
