@@ -378,7 +378,8 @@ async fn jwt_validation_and_jwks_rotation_at_its_uri() {
     y.push_str(&service("app.internal", "HTTP", &[(b.addr, &[])]));
     y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - route: [{destination: {host: app.internal}}]\n---\n");
     y.push_str(&format!(
-        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: istio-system}}\nspec:\n  selector:\n    matchLabels: {{istio: ingressgateway}}\n  jwtRules:\n  - issuer: https://issuer.test\n    audiences: [shop]\n    jwksUri: http://{jwks_addr}/jwks.json\n    outputPayloadToHeader: x-jwt-payload\n"
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: istio-system}}\nspec:\n  selector:\n    matchLabels: {{istio: ingressgateway}}\n  jwtRules:\n  - issuer: https://issuer.test\n    audiences: [shop]\n    jwksUri: http://{jwks_addr}/jwks.json\n    outputPayloadToHeader: x-jwt-payload\n  - issuer: https://cookie.test\n    jwks: '{}'\n    fromCookies: [id_token]\n",
+        serde_json::json!({"keys": [k2.jwk.clone()]})
     ));
     let cfg = dir.write("mesh.yaml", &y);
     let p = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
@@ -468,6 +469,17 @@ async fn jwt_validation_and_jwks_rotation_at_its_uri() {
     )
     .await;
     assert_eq!(r.status, 401, "old key after rotation: {}", r.body);
+
+    // A rule with `fromCookies` reads its token from that cookie (among others) and verifies it.
+    let cookie = |t: &str| format!("theme=dark; id_token={t}; lang=en");
+    let valid = k2.sign(claims("https://cookie.test", "any", now() + 600, now() - 10));
+    let r = get(&url, &[("cookie", &cookie(&valid))]).await;
+    assert_eq!(r.status, 200, "token in a cookie: {}", r.body);
+    let forged = k1.sign(claims("https://cookie.test", "any", now() + 600, now() - 10));
+    let r = get(&url, &[("cookie", &cookie(&forged))]).await;
+    assert_eq!(r.status, 401, "a cookie token signed by another key: {}", r.body);
+    let r = get(&url, &[("cookie", &format!("other={forged}"))]).await;
+    assert_eq!(r.status, 200, "a cookie of another name is not a token: {}", r.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

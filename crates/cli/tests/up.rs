@@ -251,6 +251,36 @@ async fn quiet_terminal_full_logs_per_process_and_apply_without_editing_files() 
     }
     assert!(saw_blue, "the original 2:1 split is back");
     assert_eq!(snapshot_files(dir.path()), files_before, "the config directory is untouched");
+
+    // A change the control plane accepts but proxies cannot build (a CA file that is not on
+    // their machine) is NACKed: `apply` names the proxies, what failed, and the file and line of
+    // the DestinationRule it came from; the last good config keeps serving.
+    let tls = dir.write(
+        "needs-ca.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: colorteller\nspec:\n  host: colorteller\n  trafficPolicy:\n    tls: {mode: SIMPLE, caCertificates: /nonexistent/trellis-ca.pem}\n  subsets:\n  - {name: blue, labels: {version: blue}}\n  - {name: green, labels: {version: green}}\n",
+    );
+    let (ok, out, err) = up.trellis(&["apply", "-f", tls.to_str().expect("utf-8")]);
+    assert!(!ok, "{out}{err}");
+    let gateway_nack = err
+        .lines()
+        .find(|l| l.contains("colorgateway"))
+        .unwrap_or_else(|| panic!("the gateway's NACK is named: {err}"));
+    assert!(gateway_nack.contains("cluster outbound|"), "{gateway_nack}");
+    assert!(gateway_nack.contains("cannot read /nonexistent/trellis-ca.pem"), "{gateway_nack}");
+    assert!(gateway_nack.contains("(from DestinationRule default/colorteller at "), "{gateway_nack}");
+    assert!(gateway_nack.contains("needs-ca.yaml:5)"), "the line of the rule's spec: {gateway_nack}");
+    let status = up.status();
+    let gw = status["proxies"]
+        .as_array()
+        .expect("proxies")
+        .iter()
+        .find(|p| p["proxy"].as_str().unwrap_or_default().contains("colorgateway"))
+        .expect("gateway in status");
+    assert!(
+        gw["nack_source"].as_str().unwrap_or_default().starts_with("DestinationRule default/colorteller at "),
+        "{gw}"
+    );
+    assert_eq!(get(&up.url("/color"), &[]).await.status, 200, "the last good config serves");
 }
 
 fn snapshot_files(dir: &Path) -> Vec<(String, String)> {

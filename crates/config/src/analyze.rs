@@ -505,14 +505,6 @@ impl<'a> Cx<'a> {
                     "set `jwks` or `jwksUri` (OpenID discovery is not supported)".into(),
                 ),
             }
-            if !rule.from_cookies.is_empty() {
-                self.push(
-                    Code::NotEnforced,
-                    r,
-                    path!["spec", "jwtRules", i, "fromCookies"],
-                    "fromCookies is not enforced yet".into(),
-                );
-            }
         }
         if !selects_any(ra.selector.as_ref(), r.namespace(), resources, extra) {
             self.push(

@@ -295,9 +295,16 @@ fn virtual_services(resources: &[Resource]) -> impl Iterator<Item = (&Resource, 
 
 impl<'a> Compiler<'a> {
     fn destination_rule(&self, hostname: &str) -> Option<&DestinationRule> {
-        self.resources.iter().find_map(|r| match &r.spec {
-            Spec::DestinationRule(dr) if self.registry.canonical(&dr.host, r.namespace()) == hostname => Some(dr),
+        self.destination_rule_resource(hostname).and_then(|r| match &r.spec {
+            Spec::DestinationRule(dr) => Some(dr),
             _ => None,
+        })
+    }
+
+    fn destination_rule_resource(&self, hostname: &str) -> Option<&Resource> {
+        self.resources.iter().find(|r| match &r.spec {
+            Spec::DestinationRule(dr) => self.registry.canonical(&dr.host, r.namespace()) == hostname,
+            _ => false,
         })
     }
 
@@ -402,6 +409,7 @@ impl<'a> Compiler<'a> {
                     retry_budget: RetryBudget::default(),
                     outlier: None,
                     pool: PoolPolicy::default(),
+                    source: None,
                 },
             );
             let table = format!("inbound|{port}");
@@ -863,6 +871,7 @@ impl<'a> Compiler<'a> {
                 retry_budget,
                 outlier,
                 pool,
+                source: self.destination_rule_resource(hostname).map(Resource::id),
             },
         );
         name

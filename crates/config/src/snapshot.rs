@@ -576,6 +576,9 @@ pub struct Cluster {
     pub outlier: Option<OutlierPolicy>,
     #[serde(default)]
     pub pool: PoolPolicy,
+    /// The DestinationRule whose policies it carries: `DestinationRule namespace/name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// Connection-pool limits (DestinationRule `connectionPool`); `None`: unlimited.

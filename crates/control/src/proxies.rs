@@ -18,6 +18,8 @@ pub struct ProxyEntry {
     pub acked: String,
     pub nacked: String,
     pub nack_reason: String,
+    /// Where the NACKed part came from in the config (file and line when known).
+    pub nack_source: String,
 }
 
 #[derive(Default)]
@@ -37,6 +39,7 @@ impl Proxies {
             acked: String::new(),
             nacked: String::new(),
             nack_reason: String::new(),
+            nack_source: String::new(),
         });
         e.spec = spec;
         e.connected = true;

@@ -107,6 +107,7 @@ impl control_server::Control for ControlService {
                 acked_version: e.acked,
                 nacked_version: e.nacked,
                 nack_reason: e.nack_reason,
+                nack_source: e.nack_source,
                 state_age_seconds: e.since.elapsed().as_secs(),
                 admin_address: e.spec.admin.map(|a| a.to_string()).unwrap_or_default(),
                 config_generation: e.generation,
@@ -326,10 +327,16 @@ async fn session(
                         dirty = true;
                         continue;
                     }
-                    tracing::warn!(proxy = %id, version = %n.version, reason = %n.reason, "proxy rejected snapshot (NACK)");
+                    let source = if n.config_source.is_empty() {
+                        n.resource.clone()
+                    } else {
+                        store.current().locate(&n.config_source)
+                    };
+                    tracing::warn!(proxy = %id, version = %n.version, reason = %n.reason, %source, "proxy rejected snapshot (NACK)");
                     proxies.update(&id, |e| {
                         e.nacked = n.version;
                         e.nack_reason = n.reason;
+                        e.nack_source = source;
                     });
                 }
                 Ok(Some(_)) => {}

@@ -26,6 +26,26 @@ pub struct ConfigState {
     pub compiled: Generation,
 }
 
+impl ConfigState {
+    /// Where a part of a snapshot came from, as a proxy's NACK names it (`VirtualService
+    /// ns/name http[0]`, or `Kind ns/name`): with the file and line of that resource (or rule)
+    /// when it is one of this config's.
+    pub fn locate(&self, source: &str) -> String {
+        let (id, rule) = match source.rsplit_once(' ') {
+            Some((id, rule)) if rule.ends_with(']') && id.contains(' ') => (id, Some(rule)),
+            _ => (source, None),
+        };
+        let Some(res) = self.resources.iter().find(|r| r.id() == id) else { return source.to_string() };
+        let mut path = trellis_config::path!["spec"];
+        if let Some((field, index)) = rule.and_then(|r| r.strip_suffix(']')?.split_once('[')) {
+            if let Ok(i) = index.parse::<usize>() {
+                path.extend(trellis_config::path![field, i]);
+            }
+        }
+        format!("{source} at {}:{}", res.source.file.display(), res.pos(&path).line)
+    }
+}
+
 /// The last rejected change.
 #[derive(Clone, Debug, Default)]
 pub struct Rejection {

@@ -114,33 +114,39 @@ async fn session(
         let (version, reply) = match Some(kind) {
             Some(control_message::Kind::Snapshot(s)) => {
                 let reply = match serde_json::from_slice::<Snapshot>(&s.snapshot_json) {
-                    Err(e) => Err(format!("cannot decode snapshot: {e}")),
-                    Ok(snap) if snap.version != s.version => {
-                        Err(format!("snapshot version {} does not match its envelope {}", snap.version, s.version))
-                    }
-                    Ok(snap) => proxy.apply(snap).await,
+                    Err(e) => Err(Refusal::new(format!("cannot decode snapshot: {e}"))),
+                    Ok(snap) if snap.version != s.version => Err(Refusal::new(format!(
+                        "snapshot version {} does not match its envelope {}",
+                        snap.version, s.version
+                    ))),
+                    Ok(snap) => proxy.apply(snap).await.map_err(Refusal::from),
                 };
-                (s.version, reply.map_err(|r| (r, false)))
+                (s.version, reply)
             }
             Some(control_message::Kind::Delta(d)) => {
-                let reply = match apply_delta(proxy, &d).await {
-                    Err((reason, true)) => {
-                        tracing::info!(version = %d.version, "{reason}; asking for the whole snapshot");
-                        Err((reason, true))
+                let reply = apply_delta(proxy, &d).await;
+                if let Err(r) = &reply {
+                    if r.resync {
+                        tracing::info!(version = %d.version, "{}; asking for the whole snapshot", r.reason);
                     }
-                    r => r,
-                };
+                }
                 (d.version, reply)
             }
             None => continue,
         };
         let kind = match reply {
             Ok(()) => proxy_message::Kind::Ack(Ack { version }),
-            Err((reason, resync)) => {
-                if !resync {
-                    tracing::warn!(version = %version, "snapshot rejected (NACK): {reason}");
+            Err(r) => {
+                if !r.resync {
+                    tracing::warn!(version = %version, "snapshot rejected (NACK): {}", r.reason);
                 }
-                proxy_message::Kind::Nack(Nack { version, reason, resync })
+                proxy_message::Kind::Nack(Nack {
+                    version,
+                    reason: r.reason,
+                    resync: r.resync,
+                    resource: r.resource,
+                    config_source: r.config_source,
+                })
             }
         };
         if tx.send(ProxyMessage { kind: Some(kind) }).await.is_err() {
@@ -148,6 +154,36 @@ async fn session(
         }
     }
     Ok(())
+}
+
+/// Why a push was not applied: what the NACK says.
+struct Refusal {
+    reason: String,
+    /// The proxy lacks the delta's base: the control plane should send the whole snapshot.
+    resync: bool,
+    resource: String,
+    config_source: String,
+}
+
+impl Refusal {
+    fn new(reason: String) -> Refusal {
+        Refusal { reason, resync: false, resource: String::new(), config_source: String::new() }
+    }
+
+    fn resync(reason: String) -> Refusal {
+        Refusal { resync: true, ..Refusal::new(reason) }
+    }
+}
+
+impl From<crate::runtime::BuildError> for Refusal {
+    fn from(e: crate::runtime::BuildError) -> Refusal {
+        Refusal {
+            reason: e.to_string(),
+            resync: false,
+            resource: e.resource.to_string(),
+            config_source: e.resource.config_source().unwrap_or_default().to_string(),
+        }
+    }
 }
 
 /// Joins chunked pushes: `Some` when `next` completes one. A chunk of another version than the
@@ -185,19 +221,20 @@ fn join(
 
 /// Applies a delta to the snapshot the proxy serves. `Err((_, true))` when the proxy does not
 /// hold the delta's base (the control plane then sends the whole snapshot).
-async fn apply_delta(proxy: &Proxy, d: &SnapshotDelta) -> Result<(), (String, bool)> {
+async fn apply_delta(proxy: &Proxy, d: &SnapshotDelta) -> Result<(), Refusal> {
     let rt = proxy.shared().runtime();
     if !proxy.shared().is_ready() || rt.version() != d.base_version {
-        return Err((
-            format!("delta is based on {}, the proxy serves {:?}", d.base_version, current_version(proxy)),
-            true,
-        ));
+        return Err(Refusal::resync(format!(
+            "delta is based on {}, the proxy serves {:?}",
+            d.base_version,
+            current_version(proxy)
+        )));
     }
-    let delta: Delta =
-        serde_json::from_slice(&d.delta_json).map_err(|e| (format!("cannot decode snapshot delta: {e}"), false))?;
-    let snap = delta.apply(&rt.snapshot, d.version.clone()).map_err(|e| (e, true))?;
+    let delta: Delta = serde_json::from_slice(&d.delta_json)
+        .map_err(|e| Refusal::new(format!("cannot decode snapshot delta: {e}")))?;
+    let snap = delta.apply(&rt.snapshot, d.version.clone()).map_err(Refusal::resync)?;
     drop(rt);
-    proxy.apply(snap).await.map_err(|e| (e, false))
+    proxy.apply(snap).await.map_err(Refusal::from)
 }
 
 fn current_version(proxy: &Proxy) -> String {

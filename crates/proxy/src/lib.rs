@@ -84,7 +84,7 @@ impl Proxy {
 
     /// Applies a snapshot atomically: builds its runtime and binds its new listeners, then swaps.
     /// On any error nothing changes and the error is recorded as a rejection.
-    pub async fn apply(&self, snap: Snapshot) -> Result<(), String> {
+    pub async fn apply(&self, snap: Snapshot) -> Result<(), runtime::BuildError> {
         let _g = self.applying.lock().await;
         if self.shared.runtime().version() == snap.version && self.shared.is_ready() {
             return Ok(());
@@ -101,7 +101,7 @@ impl Proxy {
                 &self.shared.jwks,
             )?;
             let staged = self.listeners.stage(&snap).await?;
-            Ok::<_, String>((rt, staged))
+            Ok::<_, runtime::BuildError>((rt, staged))
         }
         .await;
         match result {
@@ -116,9 +116,9 @@ impl Proxy {
                 tracing::info!(%version, "snapshot applied");
                 Ok(())
             }
-            Err(reason) => {
-                self.reject(reason.clone(), Vec::new());
-                Err(reason)
+            Err(e) => {
+                self.reject(e.to_string(), Vec::new());
+                Err(e)
             }
         }
     }

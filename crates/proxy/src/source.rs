@@ -42,7 +42,7 @@ impl StaticSource {
                 for w in warnings.iter().filter(|w| w.severity == trellis_config::Severity::Warning) {
                     tracing::warn!("{w}");
                 }
-                proxy.apply(snap).await
+                proxy.apply(snap).await.map_err(|e| e.to_string())
             }
             Err(findings) => {
                 let errors = findings.iter().filter(|f| f.is_error()).count();

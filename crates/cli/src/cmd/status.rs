@@ -74,7 +74,7 @@ pub fn status(args: StatusArgs) -> ExitCode {
                     serde_json::json!({
                         "proxy": p.proxy_id, "role": p.role, "workload": p.workload, "namespace": p.namespace,
                         "state": p.state, "sent": p.sent_version, "acked": p.acked_version,
-                        "nacked": p.nacked_version, "nack_reason": p.nack_reason, "state_age_seconds": p.state_age_seconds,
+                        "nacked": p.nacked_version, "nack_reason": p.nack_reason, "nack_source": p.nack_source, "state_age_seconds": p.state_age_seconds,
                         "admin": p.admin_address, "metrics": metrics_url(&p.admin_address),
                         "config_generation": p.config_generation,
                     })
@@ -100,7 +100,10 @@ pub fn status(args: StatusArgs) -> ExitCode {
         ]];
         for p in &reply.proxies {
             let last = if !p.nacked_version.is_empty() && p.nacked_version == p.sent_version {
-                format!("NACK {}: {}", p.nacked_version, p.nack_reason)
+                match p.nack_source.as_str() {
+                    "" => format!("NACK {}: {}", p.nacked_version, p.nack_reason),
+                    source => format!("NACK {}: {} (from {source})", p.nacked_version, p.nack_reason),
+                }
             } else if p.acked_version == p.sent_version && !p.acked_version.is_empty() {
                 "ACK".to_string()
             } else {

@@ -251,7 +251,10 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
                 let nacks: Vec<String> = connected
                     .iter()
                     .filter(|p| p.nacked_version == p.sent_version)
-                    .map(|p| format!("{}: {}", p.proxy_id, p.nack_reason))
+                    .map(|p| match p.nack_source.as_str() {
+                        "" => format!("{}: {}", p.proxy_id, p.nack_reason),
+                        source => format!("{}: {} (from {source})", p.proxy_id, p.nack_reason),
+                    })
                     .collect();
                 if !nacks.is_empty() {
                     anyhow::bail!("config generation {generation} was rejected by:\n  {}", nacks.join("\n  "));

@@ -5,6 +5,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use trellis_config::snapshot::HeaderOps;
 
+use crate::runtime::error::Problem;
+
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -178,10 +180,10 @@ pub struct HeaderRewrite {
 }
 
 impl HeaderRewrite {
-    pub fn build(ops: &HeaderOps) -> Result<Self, String> {
-        let pair = |(k, v): &(String, String)| -> Result<(HeaderName, HeaderValue), String> {
-            let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("invalid header name {k:?}"))?;
-            let value = HeaderValue::from_str(v).map_err(|_| format!("invalid value for header {k:?}"))?;
+    pub fn build(ops: &HeaderOps) -> Result<Self, Problem> {
+        let pair = |(k, v): &(String, String)| -> Result<(HeaderName, HeaderValue), Problem> {
+            let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| Problem::HeaderName(k.clone()))?;
+            let value = HeaderValue::from_str(v).map_err(|_| Problem::HeaderValue(k.clone()))?;
             Ok((name, value))
         };
         Ok(HeaderRewrite {
@@ -190,7 +192,7 @@ impl HeaderRewrite {
             remove: ops
                 .remove
                 .iter()
-                .map(|k| HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("invalid header name {k:?}")))
+                .map(|k| HeaderName::from_bytes(k.as_bytes()).map_err(|_| Problem::HeaderName(k.clone())))
                 .collect::<Result<_, _>>()?,
         })
     }

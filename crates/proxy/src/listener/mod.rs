@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use trellis_config::snapshot::{Direction, Listener as ListenerSpec, MtlsMode, Snapshot};
 
 use crate::pipeline::{self, ConnInfo};
-use crate::runtime::Captured;
+use crate::runtime::{BuildError, Captured, Problem, Resource};
 use crate::state::Shared;
 use crate::upstream::Io;
 
@@ -39,6 +39,10 @@ pub struct Staged {
     keep: Vec<String>,
 }
 
+fn bind_error(l: &ListenerSpec, e: std::io::Error) -> BuildError {
+    Problem::Bind { address: l.address, source: e }.at(Resource::Listener(l.name.clone()))
+}
+
 #[derive(Default)]
 pub struct Listeners {
     active: tokio::sync::Mutex<HashMap<String, Active>>,
@@ -55,7 +59,7 @@ impl Listeners {
     }
 
     /// Binds the listeners of `snap` that are not already open.
-    pub async fn stage(&self, snap: &Snapshot) -> Result<Staged, String> {
+    pub async fn stage(&self, snap: &Snapshot) -> Result<Staged, BuildError> {
         let mut active = self.active.lock().await;
         let mut staged = Staged { bound: Vec::new(), keep: Vec::new() };
         for l in &snap.listeners {
@@ -86,12 +90,12 @@ impl Listeners {
                             if let Some(a) = active.remove(&name) {
                                 stop(a).await;
                             }
-                            bind(at).map_err(|e| format!("listener {}: cannot bind {}: {e}", l.name, l.address))?
+                            bind(at).map_err(|e| bind_error(l, e))?
                         }
-                        None => return Err(format!("listener {}: cannot bind {}: {e}", l.name, l.address)),
+                        None => return Err(bind_error(l, e)),
                     }
                 }
-                Err(e) => return Err(format!("listener {}: cannot bind {}: {e}", l.name, l.address)),
+                Err(e) => return Err(bind_error(l, e)),
             };
             staged.bound.push((l.clone(), listener));
         }

@@ -13,6 +13,7 @@ use http::{HeaderName, Response, StatusCode};
 use trellis_config::snapshot::{Direction, RateLimitPolicy};
 
 use crate::http::{full, Body};
+use crate::runtime::error::Problem;
 
 /// One policy's bucket (per snapshot).
 pub struct Limiter {
@@ -37,17 +38,17 @@ pub enum Verdict {
 }
 
 impl Limiter {
-    pub fn new(policy: RateLimitPolicy) -> Result<Limiter, String> {
+    pub fn new(policy: RateLimitPolicy) -> Result<Limiter, Problem> {
         let extra = policy
             .response_headers
             .iter()
             .map(|(k, v)| {
                 Ok((
-                    HeaderName::from_bytes(k.as_bytes()).map_err(|e| format!("rate limit header {k:?}: {e}"))?,
-                    HeaderValue::from_str(v).map_err(|e| format!("rate limit header {k:?} value: {e}"))?,
+                    HeaderName::from_bytes(k.as_bytes()).map_err(|_| Problem::HeaderName(k.clone()))?,
+                    HeaderValue::from_str(v).map_err(|_| Problem::HeaderValue(k.clone()))?,
                 ))
             })
-            .collect::<Result<_, String>>()?;
+            .collect::<Result<_, Problem>>()?;
         let bucket = Bucket { tokens: policy.max_tokens, next_fill: Instant::now() + policy.fill_interval.0 };
         Ok(Limiter { policy, bucket: Mutex::new(bucket), extra })
     }

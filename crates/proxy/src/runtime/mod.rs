@@ -5,6 +5,7 @@
 //! error rejects the whole snapshot (the proxy keeps the one it has). A request loads one
 //! `Arc<Runtime>` and uses it to the end, so it never sees half of a config.
 
+pub mod error;
 pub mod route;
 
 use std::collections::HashMap;
@@ -21,6 +22,7 @@ use trellis_identity::tls::CredentialStore;
 
 use crate::balance::Balancer;
 use crate::upstream::{Endpoint, Pools, TlsSetup};
+pub use error::{BuildError, Problem, Resource};
 pub use route::RouteTable;
 
 pub struct Runtime {
@@ -77,19 +79,24 @@ fn tls_setup(
     t: &spec::UpstreamTls,
     identity: Option<&Arc<CredentialStore>>,
     service: &str,
-) -> Result<(String, TlsSetup), String> {
+) -> Result<(String, TlsSetup), Problem> {
     use trellis_identity::tls::{ALPN_H2, ALPN_HTTP11};
     match t {
         spec::UpstreamTls::IstioMutual { identities } => {
             let store = identity.cloned().unwrap_or_default();
             let ids = identities
                 .iter()
-                .map(|i| trellis_identity::SpiffeId::parse(i).map_err(|e| e.to_string()))
+                .map(|i| {
+                    trellis_identity::SpiffeId::parse(i)
+                        .map_err(|e| Problem::Identity { id: i.clone(), reason: e.to_string() })
+                })
                 .collect::<Result<Vec<_>, _>>()?;
-            let h1 = trellis_identity::tls::mesh_client(store.clone(), ids.clone(), ALPN_HTTP11)
-                .map_err(|e| e.to_string())?;
-            let h2 = trellis_identity::tls::mesh_client(store, ids, ALPN_H2).map_err(|e| e.to_string())?;
-            let server_name = rustls::pki_types::ServerName::try_from("mesh.trellis").map_err(|e| e.to_string())?;
+            let tls = |e: trellis_identity::Error| Problem::Tls(e.to_string());
+            let h1 = trellis_identity::tls::mesh_client(store.clone(), ids.clone(), ALPN_HTTP11).map_err(tls)?;
+            let h2 = trellis_identity::tls::mesh_client(store, ids, ALPN_H2).map_err(tls)?;
+            let server_name = rustls::pki_types::ServerName::from(
+                rustls::pki_types::DnsName::try_from_str("mesh.trellis").expect("a valid DNS name"),
+            );
             Ok((format!("mtls:{}", identities.join(",")), TlsSetup { h1, h2, server_name }))
         }
         spec::UpstreamTls::Origination {
@@ -100,29 +107,35 @@ fn tls_setup(
             subject_alt_names,
             insecure_skip_verify,
         } => {
-            let read = |p: &str| std::fs::read_to_string(p).map_err(|e| format!("cannot read {p}: {e}"));
+            let read =
+                |p: &str| std::fs::read_to_string(p).map_err(|e| Problem::Read { path: p.to_string(), source: e });
+            let pem = |p: &String| {
+                let path = p.clone();
+                move |e: trellis_identity::Error| Problem::Pem { path, reason: e.to_string() }
+            };
             let ca = ca_certificates.as_deref().map(read).transpose()?;
             let client = match (client_certificate, private_key) {
                 (Some(c), Some(k)) => Some((
-                    trellis_identity::cert::parse_pem_certs(&read(c)?).map_err(|e| e.to_string())?,
-                    trellis_identity::cert::parse_pem_key(&read(k)?).map_err(|e| e.to_string())?,
+                    trellis_identity::cert::parse_pem_certs(&read(c)?).map_err(pem(c))?,
+                    trellis_identity::cert::parse_pem_key(&read(k)?).map_err(pem(k))?,
                 )),
                 (None, None) => None,
-                _ => return Err("MUTUAL TLS needs both clientCertificate and privateKey".into()),
+                _ => return Err(Problem::IncompleteClientCertificate),
             };
+            let tls = |e: trellis_identity::Error| Problem::Tls(e.to_string());
             let h1 = trellis_identity::tls::origination(
                 ca.as_deref(),
                 client.as_ref().map(|(c, k)| (c.clone(), k.clone_key())),
                 *insecure_skip_verify,
                 ALPN_HTTP11,
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(tls)?;
             let h2 = trellis_identity::tls::origination(ca.as_deref(), client, *insecure_skip_verify, ALPN_H2)
-                .map_err(|e| e.to_string())?;
+                .map_err(tls)?;
             // The name to verify (and send as SNI): the first expected SAN, else the SNI, else the host.
             let name = subject_alt_names.first().or(sni.as_ref()).map(String::as_str).unwrap_or(service).to_string();
-            let server_name = rustls::pki_types::ServerName::try_from(name.clone())
-                .map_err(|e| format!("invalid server name {name:?}: {e}"))?;
+            let server_name =
+                rustls::pki_types::ServerName::try_from(name.clone()).map_err(|_| Problem::ServerName(name.clone()))?;
             let key = format!(
                 "tls:{name}:{}:{}",
                 ca_certificates.as_deref().unwrap_or("system"),
@@ -180,7 +193,7 @@ impl Runtime {
         exporting: bool,
         identity: Option<&Arc<CredentialStore>>,
         jwks: &crate::security::jwt::JwksCache,
-    ) -> Result<Runtime, String> {
+    ) -> Result<Runtime, BuildError> {
         let authz = crate::security::authz::Authorizer::new(&snapshot.authorization);
         let jwt = crate::security::jwt::JwtAuth::build(&snapshot.jwt_rules, jwks)?;
         let node = &snapshot.node;
@@ -197,7 +210,10 @@ impl Runtime {
         for (name, c) in &snapshot.clusters {
             let tls = match &c.tls {
                 None => None,
-                Some(t) => Some(tls_setup(t, identity, &c.service).map_err(|e| format!("cluster {name}: {e}"))?),
+                Some(t) => Some(
+                    tls_setup(t, identity, &c.service)
+                        .map_err(|p| p.at(Resource::Cluster { name: name.clone(), source: c.source.clone() }))?,
+                ),
             };
             let endpoints: Vec<(Arc<Endpoint>, u32)> = c
                 .endpoints
@@ -255,7 +271,7 @@ impl Runtime {
         let mut tables = HashMap::new();
         let mut outbound = HashMap::new();
         for (name, t) in &snapshot.route_tables {
-            let table = Arc::new(RouteTable::build(t, &clusters).map_err(|e| format!("route table {name}: {e}"))?);
+            let table = Arc::new(RouteTable::build(name, t, &clusters)?);
             if let Some(port) = name.strip_prefix("outbound|").and_then(|p| p.parse::<u16>().ok()) {
                 outbound.insert(port, table.clone());
             }
@@ -270,7 +286,7 @@ impl Runtime {
             };
             for t in used {
                 if !tables.contains_key(t) {
-                    return Err(format!("listener {} uses unknown route table {t}", l.name));
+                    return Err(Problem::UnknownRouteTable(t.clone()).at(Resource::Listener(l.name.clone())));
                 }
             }
             listeners.insert(l.name.clone(), (l.routing.clone(), l.mtls));
@@ -279,8 +295,11 @@ impl Runtime {
         let rate_limits = snapshot
             .rate_limits
             .iter()
-            .map(|p| crate::pipeline::ratelimit::Limiter::new(p.clone()))
-            .collect::<Result<Vec<_>, String>>()?;
+            .map(|p| {
+                crate::pipeline::ratelimit::Limiter::new(p.clone())
+                    .map_err(|e| e.at(Resource::RateLimit(p.name.clone())))
+            })
+            .collect::<Result<Vec<_>, BuildError>>()?;
         Ok(Runtime { snapshot, me, telemetry, authz, jwt, tables, outbound, listeners, clusters, rate_limits })
     }
 

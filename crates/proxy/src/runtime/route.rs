@@ -11,6 +11,7 @@ use regex::Regex;
 
 use trellis_config::snapshot as spec;
 
+use super::error::{BuildError, Problem, Resource};
 use super::Cluster;
 use crate::http::headers::HeaderRewrite;
 
@@ -70,10 +71,11 @@ pub struct Cors {
 }
 
 impl Cors {
-    fn build(c: &spec::Cors) -> Result<Cors, String> {
+    fn build(c: &spec::Cors) -> Result<Cors, Problem> {
         let list = |v: &[String]| {
+            let joined = v.join(",");
             (!v.is_empty())
-                .then(|| HeaderValue::from_str(&v.join(",")).map_err(|e| format!("corsPolicy: {e}")))
+                .then(|| HeaderValue::from_str(&joined).map_err(|_| Problem::CorsValue(joined.clone())))
                 .transpose()
         };
         Ok(Cors {
@@ -154,13 +156,25 @@ pub struct Matched<'a> {
 // === impl RouteTable ===
 
 impl RouteTable {
-    pub fn build(t: &spec::RouteTable, clusters: &HashMap<String, Arc<Cluster>>) -> Result<RouteTable, String> {
+    pub fn build(
+        name: &str,
+        t: &spec::RouteTable,
+        clusters: &HashMap<String, Arc<Cluster>>,
+    ) -> Result<RouteTable, BuildError> {
         let mut table = RouteTable { vhosts: Vec::new(), exact: HashMap::new(), suffixes: Vec::new(), any: None };
         for (i, vh) in t.virtual_hosts.iter().enumerate() {
             let routes = vh
                 .routes
                 .iter()
-                .map(|r| Route::build(r, clusters).map_err(|e| format!("route {}: {e}", r.name)))
+                .map(|r| {
+                    Route::build(r, clusters).map_err(|p| {
+                        p.at(Resource::Route {
+                            table: name.to_string(),
+                            route: r.name.clone(),
+                            source: r.source.clone(),
+                        })
+                    })
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             table.vhosts.push(VirtualHost { name: vh.name.clone(), routes });
             for d in &vh.domains {
@@ -216,10 +230,10 @@ impl VirtualHost {
 }
 
 impl Route {
-    fn build(r: &spec::Route, clusters: &HashMap<String, Arc<Cluster>>) -> Result<Route, String> {
+    fn build(r: &spec::Route, clusters: &HashMap<String, Arc<Cluster>>) -> Result<Route, Problem> {
         let action = match &r.action {
             spec::Action::Direct { status, body } => Action::Direct {
-                status: StatusCode::from_u16(*status).map_err(|_| format!("invalid status {status}"))?,
+                status: StatusCode::from_u16(*status).map_err(|_| Problem::Status(*status))?,
                 body: Bytes::from(body.clone()),
             },
             spec::Action::Redirect(rd) => Action::Redirect(rd.clone()),
@@ -232,15 +246,15 @@ impl Route {
                             cluster: clusters
                                 .get(&d.cluster)
                                 .cloned()
-                                .ok_or_else(|| format!("unknown cluster {}", d.cluster))?,
+                                .ok_or_else(|| Problem::UnknownCluster(d.cluster.clone()))?,
                             weight: d.weight,
                             request_headers: HeaderRewrite::build(&d.request_headers)?,
                             response_headers: HeaderRewrite::build(&d.response_headers)?,
                         })
                     })
-                    .collect::<Result<Vec<_>, String>>()?;
+                    .collect::<Result<Vec<_>, Problem>>()?;
                 if destinations.is_empty() {
-                    return Err("forward route without destinations".into());
+                    return Err(Problem::NoDestinations);
                 }
                 let rewrite = match &f.rewrite {
                     None => None,
@@ -249,15 +263,13 @@ impl Route {
                         authority: rw
                             .authority
                             .as_ref()
-                            .map(|a| HeaderValue::from_str(a).map_err(|_| format!("invalid authority rewrite {a:?}")))
+                            .map(|a| HeaderValue::from_str(a).map_err(|_| Problem::Authority(a.clone())))
                             .transpose()?,
                         uri_regex: rw
                             .uri_regex
                             .as_ref()
                             .map(|(p, rep)| {
-                                Regex::new(p)
-                                    .map(|re| (re, re2_replacement(rep)))
-                                    .map_err(|e| format!("invalid regex {p:?}: {e}"))
+                                Regex::new(p).map(|re| (re, re2_replacement(rep))).map_err(|e| Problem::regex(p, e))
                             })
                             .transpose()?,
                     }),
@@ -282,10 +294,10 @@ impl Route {
                 .iter()
                 .map(|m| {
                     let cluster =
-                        clusters.get(&m.cluster).cloned().ok_or_else(|| format!("unknown cluster {}", m.cluster))?;
+                        clusters.get(&m.cluster).cloned().ok_or_else(|| Problem::UnknownCluster(m.cluster.clone()))?;
                     Ok(Mirror { cluster, percent: m.percent })
                 })
-                .collect::<Result<Vec<_>, String>>()?,
+                .collect::<Result<Vec<_>, Problem>>()?,
         })
     }
 }
@@ -331,12 +343,12 @@ fn re2_replacement(rep: &str) -> String {
 // === impl Match ===
 
 impl Str {
-    fn build(s: &spec::StringMatcher) -> Result<Str, String> {
+    fn build(s: &spec::StringMatcher) -> Result<Str, Problem> {
         Ok(match s {
             spec::StringMatcher::Exact(e) => Str::Exact(e.clone()),
             spec::StringMatcher::Prefix(p) => Str::Prefix(p.clone()),
             spec::StringMatcher::Regex(r) => {
-                Str::Regex(Regex::new(&format!("^(?:{r})$")).map_err(|e| format!("invalid regex {r:?}: {e}"))?)
+                Str::Regex(Regex::new(&format!("^(?:{r})$")).map_err(|e| Problem::regex(r, e))?)
             }
         })
     }
@@ -351,12 +363,12 @@ impl Str {
 }
 
 impl Match {
-    fn build(m: &spec::RouteMatch) -> Result<Match, String> {
+    fn build(m: &spec::RouteMatch) -> Result<Match, Problem> {
         let opt = |s: &Option<spec::StringMatcher>| s.as_ref().map(Str::build).transpose();
         let keys = |v: &[spec::KeyMatcher]| {
             v.iter()
                 .map(|k| Ok(KeyMatch { name: k.name.clone(), value: opt(&k.value)?, invert: k.invert }))
-                .collect::<Result<Vec<_>, String>>()
+                .collect::<Result<Vec<_>, Problem>>()
         };
         Ok(Match {
             uri: opt(&m.uri)?,

@@ -73,6 +73,17 @@ impl Pat {
             Pat::Suffix(s) => v.ends_with(s.as_str()),
         }
     }
+
+    /// Ignoring ASCII case (hosts); the pattern is lower case.
+    fn matches_ignore_case(&self, v: &str) -> bool {
+        let v = v.as_bytes();
+        match self {
+            Pat::Any => true,
+            Pat::Exact(e) => v.eq_ignore_ascii_case(e.as_bytes()),
+            Pat::Prefix(p) => v.len() >= p.len() && v[..p.len()].eq_ignore_ascii_case(p.as_bytes()),
+            Pat::Suffix(s) => v.len() >= s.len() && v[v.len() - s.len()..].eq_ignore_ascii_case(s.as_bytes()),
+        }
+    }
 }
 
 /// A list of patterns: `pos` must match (if set), `neg` must not.
@@ -95,14 +106,19 @@ impl Field {
     }
 
     /// Several values (e.g. a list claim): positive if any matches, negative if none does.
-    fn check_any(&self, values: &[String]) -> bool {
-        let pos = self.pos.is_empty() || values.iter().any(|v| self.pos.iter().any(|p| p.matches(v)));
-        let neg = self.neg.is_empty() || !values.iter().any(|v| self.neg.iter().any(|p| p.matches(v)));
+    fn check_any<'v, I: Iterator<Item = &'v str>>(&self, values: impl Fn() -> I) -> bool {
+        let pos = self.pos.is_empty() || values().any(|v| self.pos.iter().any(|p| p.matches(v)));
+        let neg = self.neg.is_empty() || !values().any(|v| self.neg.iter().any(|p| p.matches(v)));
         pos && neg
     }
 
-    fn is_empty(&self) -> bool {
-        self.pos.is_empty() && self.neg.is_empty()
+    /// A host, with or without its port, ignoring case (Istio's `hosts` match).
+    fn check_host(&self, host: &str) -> bool {
+        let bare = host.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map(|(h, _)| h);
+        let any = |pats: &[Pat]| {
+            pats.iter().any(|p| p.matches_ignore_case(host) || bare.is_some_and(|b| p.matches_ignore_case(b)))
+        };
+        (self.pos.is_empty() || any(&self.pos)) && !any(&self.neg)
     }
 }
 
@@ -134,6 +150,7 @@ struct SourceM {
 }
 
 struct OperationM {
+    /// Lower case; matched ignoring case.
     hosts: Field,
     ports: (Vec<u16>, Vec<u16>),
     methods: Field,
@@ -141,7 +158,7 @@ struct OperationM {
 }
 
 enum Key {
-    Header(String),
+    Header(http::HeaderName),
     SourceIp,
     RemoteIp,
     SourceNamespace,
@@ -158,7 +175,10 @@ enum Key {
 struct ConditionM {
     key: Key,
     values: Field,
-    raw: (Vec<String>, Vec<String>),
+    /// The values as CIDRs, for the address keys.
+    ips: Ips,
+    /// The values as ports, for `destination.port`.
+    ports: (Vec<u16>, Vec<u16>),
 }
 
 struct RuleM {
@@ -233,10 +253,14 @@ fn source(s: &Source) -> SourceM {
     }
 }
 
+fn ports(v: &[String]) -> Vec<u16> {
+    v.iter().filter_map(|p| p.parse().ok()).collect()
+}
+
 fn operation(o: &Operation) -> OperationM {
-    let ports = |v: &[String]| v.iter().filter_map(|p| p.parse().ok()).collect::<Vec<u16>>();
+    let lower = |v: &[String]| v.iter().map(|h| h.to_ascii_lowercase()).collect::<Vec<_>>();
     OperationM {
-        hosts: Field::new(&o.hosts, &o.not_hosts),
+        hosts: Field::new(&lower(&o.hosts), &lower(&o.not_hosts)),
         ports: (ports(&o.ports), ports(&o.not_ports)),
         methods: Field::new(&o.methods, &o.not_methods),
         paths: Field::new(&o.paths, &o.not_paths),
@@ -256,13 +280,22 @@ fn condition(c: &Condition) -> ConditionM {
         "destination.port" => Key::DestPort,
         "connection.sni" => Key::Sni,
         k => match (indexed(k, "request.headers"), indexed(k, "request.auth.claims")) {
-            (Some(h), _) => Key::Header(h.first().map(|s| s.to_ascii_lowercase()).unwrap_or_default()),
+            (Some(h), _) => match h.first().and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()) {
+                Some(name) => Key::Header(name),
+                // Not a valid header name: no request has it (analyze reports the key).
+                None => Key::Claim(vec!["\u{0}unknown".into()]),
+            },
             (_, Some(path)) => Key::Claim(path.iter().map(|s| s.to_string()).collect()),
             // Unknown keys are reported by analyze; they never match.
             _ => Key::Claim(vec!["\u{0}unknown".into()]),
         },
     };
-    ConditionM { key, values: Field::new(&c.values, &c.not_values), raw: (c.values.clone(), c.not_values.clone()) }
+    ConditionM {
+        key,
+        values: Field::new(&c.values, &c.not_values),
+        ips: Ips::new(&c.values, &c.not_values),
+        ports: (ports(&c.values), ports(&c.not_values)),
+    }
 }
 
 fn rule(r: &Rule) -> RuleM {
@@ -273,12 +306,14 @@ fn rule(r: &Rule) -> RuleM {
     }
 }
 
-fn claim_strings(v: &serde_json::Value) -> Vec<String> {
+/// The values of a claim as strings: a string, or each of a list's (as Istio compares them).
+fn claim_strings(v: &serde_json::Value) -> Vec<std::borrow::Cow<'_, str>> {
+    use std::borrow::Cow;
     match v {
-        serde_json::Value::String(s) => vec![s.clone()],
+        serde_json::Value::String(s) => vec![Cow::Borrowed(s.as_str())],
         serde_json::Value::Array(a) => a.iter().flat_map(claim_strings).collect(),
-        serde_json::Value::Bool(b) => vec![b.to_string()],
-        serde_json::Value::Number(n) => vec![n.to_string()],
+        serde_json::Value::Bool(b) => vec![Cow::Owned(b.to_string())],
+        serde_json::Value::Number(n) => vec![Cow::Owned(n.to_string())],
         _ => Vec::new(),
     }
 }
@@ -309,11 +344,7 @@ impl SourceM {
 
 impl OperationM {
     fn matches(&self, a: &Attrs<'_>) -> bool {
-        let host = a.host.to_ascii_lowercase();
-        let host_no_port =
-            host.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map(|(h, _)| h).unwrap_or(&host);
-        let hosts_ok = self.hosts.is_empty() || self.hosts.check(Some(&host)) || self.hosts.check(Some(host_no_port));
-        hosts_ok
+        self.hosts.check_host(a.host)
             && (self.ports.0.is_empty() || self.ports.0.contains(&a.port))
             && !self.ports.1.contains(&a.port)
             && self.methods.check(Some(a.method))
@@ -323,28 +354,29 @@ impl OperationM {
 
 impl ConditionM {
     fn matches(&self, a: &Attrs<'_>) -> bool {
-        let ip_check = |ip: IpAddr| {
-            Ips::new(&self.raw.0, &self.raw.1).check(ip) && (!self.raw.0.is_empty() || !self.raw.1.is_empty())
-        };
+        // A condition on an address with no valid CIDR never matches.
+        let ip_check = |ip: IpAddr| self.ips.check(ip) && (!self.ips.pos.is_empty() || !self.ips.neg.is_empty());
         match &self.key {
             Key::SourceIp => ip_check(a.source_ip),
             Key::RemoteIp => ip_check(a.remote_ip),
             Key::DestIp => ip_check(a.dest_ip),
-            Key::DestPort => self.values.check(Some(&a.port.to_string())),
+            Key::DestPort => {
+                (self.ports.0.is_empty() || self.ports.0.contains(&a.port)) && !self.ports.1.contains(&a.port)
+            }
             Key::Header(h) => {
-                let values: Vec<String> =
-                    a.headers.get_all(h.as_str()).iter().filter_map(|v| v.to_str().ok()).map(str::to_string).collect();
-                if values.is_empty() {
+                let values = || a.headers.get_all(h).iter().filter_map(|v| v.to_str().ok());
+                if values().next().is_none() {
                     self.values.check(None)
                 } else {
-                    self.values.check_any(&values)
+                    self.values.check_any(values)
                 }
             }
             Key::SourceNamespace => self.values.check(a.namespace()),
             Key::SourcePrincipal => self.values.check(a.principal),
             Key::RequestPrincipal => self.values.check(a.request_principal),
             Key::Audiences => {
-                self.values.check_any(&a.claims.and_then(|c| c.get("aud")).map(claim_strings).unwrap_or_default())
+                let aud = a.claims.and_then(|c| c.get("aud")).map(claim_strings).unwrap_or_default();
+                self.values.check_any(|| aud.iter().map(|s| s.as_ref()))
             }
             Key::Presenter => self.values.check(a.claims.and_then(|c| c.get("azp")).and_then(|v| v.as_str())),
             Key::Claim(path) => {
@@ -353,7 +385,10 @@ impl ConditionM {
                     v = v.and_then(|x| x.get(p));
                 }
                 match v {
-                    Some(v) => self.values.check_any(&claim_strings(v)),
+                    Some(v) => {
+                        let values = claim_strings(v);
+                        self.values.check_any(|| values.iter().map(|s| s.as_ref()))
+                    }
                     None => self.values.check(None),
                 }
             }
@@ -426,6 +461,39 @@ mod tests {
             Decision::Deny { policy: None },
             "no identity, no match"
         );
+    }
+
+    #[test]
+    fn hosts_ignore_case_and_port_and_conditions_use_prepared_ports_and_cidrs() {
+        let rule = Rule {
+            to: vec![To {
+                operation: Operation {
+                    hosts: vec!["Reviews.Default".into(), "*.Example.COM".into()],
+                    not_hosts: vec!["admin.example.com".into()],
+                    ..Default::default()
+                },
+            }],
+            when: vec![
+                Condition { key: "destination.port".into(), values: vec!["9080".into()], ..Default::default() },
+                Condition { key: "source.ip".into(), values: vec!["10.0.0.0/24".into()], ..Default::default() },
+            ],
+            ..Default::default()
+        };
+        let a = Authorizer::new(&[policy("ns/allow", AuthzAction::Allow, vec![rule])]);
+        let h = HeaderMap::new();
+        let with = |host: &'static str, port: u16, ip: &str| {
+            let mut at = attrs(&h, None, "GET", "/");
+            at.host = host;
+            at.port = port;
+            at.source_ip = ip.parse().expect("ip");
+            matches!(a.evaluate(&at).0, Decision::Allow { .. })
+        };
+        assert!(with("reviews.default", 9080, "10.0.0.5"));
+        assert!(with("REVIEWS.default:9080", 9080, "10.0.0.5"), "case and port are ignored");
+        assert!(with("shop.example.com", 9080, "10.0.0.5"));
+        assert!(!with("Admin.Example.com:443", 9080, "10.0.0.5"), "notHosts ignore case too");
+        assert!(!with("reviews.default", 9081, "10.0.0.5"), "destination.port");
+        assert!(!with("reviews.default", 9080, "10.0.1.5"), "source.ip");
     }
 
     #[test]

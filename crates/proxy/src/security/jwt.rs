@@ -1,16 +1,22 @@
 //! RequestAuthentication: JWT validation as Istio does it.
 //!
-//! The token is read from the rule's `fromHeaders`/`fromParams` (default: `Authorization:
-//! Bearer`, then the `access_token` query parameter). A request without one passes unauthenticated
+//! The token is read from the rule's `fromHeaders`/`fromParams`/`fromCookies` (default:
+//! `Authorization: Bearer`, then the `access_token` query parameter). A request without one passes unauthenticated
 //! (an AuthorizationPolicy may require a request principal); a request with one that fails —
 //! unknown issuer, bad signature, unknown key, expired, not yet valid, wrong audience — gets 401.
 //! Keys come inline (`jwks`) or from `jwksUri`, fetched on first use, cached across snapshots,
 //! refreshed every 20 minutes and whenever a token names a key id the cache lacks (so a rotated
 //! JWKS is picked up at once).
+//!
+//! Everything a rule needs is prepared when the snapshot is built — header names, where tokens
+//! are looked for, one `Validation` per signing algorithm — and a fresh remote key set is read
+//! without a lock, so a request only parses and verifies its token.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::runtime::error::{BuildError, Problem, Resource};
 
 use arc_swap::ArcSwapOption;
 use base64::Engine;
@@ -19,7 +25,7 @@ use http::{HeaderName, HeaderValue};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use jsonwebtoken::jwk::JwkSet;
-use jsonwebtoken::{DecodingKey, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use trellis_config::model::security::JwtRule;
 
 /// The principal and claims of a valid token.
@@ -67,19 +73,49 @@ impl KeySet {
 
 struct RuleRt {
     issuer: String,
-    audiences: Vec<String>,
     keys: Keys,
-    from_headers: Vec<(HeaderName, String)>,
-    from_params: Vec<String>,
+    /// One per signing algorithm (the library wants the token's algorithm named up front).
+    validations: Vec<(Algorithm, Validation)>,
     output_payload_to_header: Option<HeaderName>,
     forward_original_token: bool,
     claim_headers: Vec<(HeaderName, String)>,
+}
+
+const ALGORITHMS: [Algorithm; 12] = [
+    Algorithm::HS256,
+    Algorithm::HS384,
+    Algorithm::HS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::EdDSA,
+];
+
+/// Where the rules of a snapshot look for a token, in order: headers, then query parameters,
+/// then cookies.
+#[derive(Default)]
+struct TokenSources {
+    headers: Vec<(HeaderName, String)>,
+    params: Vec<String>,
+    cookies: Vec<String>,
+}
+
+/// Where a token was found (an output may remove it).
+enum Location {
+    Header(HeaderName),
+    Elsewhere,
 }
 
 /// The JWT rules of one snapshot.
 #[derive(Default)]
 pub struct JwtAuth {
     rules: Vec<RuleRt>,
+    sources: TokenSources,
 }
 
 /// Remote key sets, shared by every snapshot of a proxy.
@@ -96,7 +132,7 @@ impl JwksCache {
                 Arc::new(RemoteJwks {
                     uri: uri.to_string(),
                     keys: ArcSwapOption::empty(),
-                    fetched: tokio::sync::Mutex::new(None),
+                    fetching: tokio::sync::Mutex::new(()),
                 })
             })
             .clone()
@@ -105,8 +141,15 @@ impl JwksCache {
 
 pub struct RemoteJwks {
     uri: String,
-    keys: ArcSwapOption<KeySet>,
-    fetched: tokio::sync::Mutex<Option<Instant>>,
+    /// The last key set fetched, and when: requests read it without a lock.
+    keys: ArcSwapOption<Fetched>,
+    /// Held while fetching, so concurrent requests wait for one fetch instead of each making one.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+struct Fetched {
+    set: Arc<KeySet>,
+    at: Instant,
 }
 
 const REFRESH: Duration = Duration::from_secs(20 * 60);
@@ -115,27 +158,29 @@ const MIN_REFETCH: Duration = Duration::from_millis(500);
 impl RemoteJwks {
     /// The key set; fetched when missing, stale, or (`want_kid`) lacking that key id.
     async fn keys(&self, want_kid: Option<&str>) -> Result<Arc<KeySet>, String> {
+        // A fresh set that has the key (or was fetched moments ago): no lock, no fetch.
+        let usable = |f: &Fetched| {
+            let age = f.at.elapsed();
+            age <= REFRESH && (want_kid.is_none_or(|k| f.set.has_kid(k)) || age < MIN_REFETCH)
+        };
+        if let Some(f) = self.keys.load().as_deref().filter(|f| usable(f)) {
+            return Ok(f.set.clone());
+        }
+        let _fetching = self.fetching.lock().await;
+        // Another request may have fetched while this one waited.
         let current = self.keys.load_full();
-        let has_kid = |set: &KeySet| want_kid.is_none_or(|k| set.has_kid(k));
-        let mut fetched = self.fetched.lock().await;
-        let stale = fetched.is_none_or(|t| t.elapsed() > REFRESH);
-        let current = self.keys.load_full().or(current);
-        if let Some(set) = &current {
-            let recently = fetched.is_some_and(|t| t.elapsed() < MIN_REFETCH);
-            if !stale && (has_kid(set) || recently) {
-                return Ok(set.clone());
-            }
+        if let Some(f) = current.as_deref().filter(|f| usable(f)) {
+            return Ok(f.set.clone());
         }
         match fetch_jwks(&self.uri).await {
             Ok(set) => {
                 let set = Arc::new(KeySet::prepare(&set));
-                self.keys.store(Some(set.clone()));
-                *fetched = Some(Instant::now());
+                self.keys.store(Some(Arc::new(Fetched { set: set.clone(), at: Instant::now() })));
                 Ok(set)
             }
             Err(e) => {
                 tracing::warn!(uri = %self.uri, "cannot fetch JWKS: {e}");
-                current.ok_or(e)
+                current.map(|f| f.set.clone()).ok_or(e)
             }
         }
     }
@@ -174,38 +219,69 @@ async fn fetch_jwks(uri: &str) -> Result<JwkSet, String> {
 }
 
 impl JwtAuth {
-    pub fn build(rules: &[JwtRule], cache: &JwksCache) -> Result<JwtAuth, String> {
+    pub fn build(rules: &[JwtRule], cache: &JwksCache) -> Result<JwtAuth, BuildError> {
         let mut out = Vec::new();
+        let mut sources = TokenSources::default();
         for r in rules {
+            let at = |p: Problem| p.at(Resource::JwtRule(r.issuer.clone()));
             let keys = match (&r.jwks, &r.jwks_uri) {
                 (Some(j), _) => Keys::Inline(Arc::new(KeySet::prepare(
-                    &serde_json::from_str(j).map_err(|e| format!("jwks of {}: {e}", r.issuer))?,
+                    &serde_json::from_str(j).map_err(|e| at(Problem::Jwks(e.to_string())))?,
                 ))),
                 (None, Some(u)) => Keys::Remote(cache.get(u)),
-                (None, None) => return Err(format!("JWT rule for {} has neither jwks nor jwksUri", r.issuer)),
+                (None, None) => return Err(at(Problem::NoKeys)),
             };
-            let header =
-                |n: &str| HeaderName::from_bytes(n.as_bytes()).map_err(|_| format!("invalid header name {n:?}"));
+            let header = |n: &str| HeaderName::from_bytes(n.as_bytes()).map_err(|_| at(Problem::HeaderName(n.into())));
+            for h in &r.from_headers {
+                let h = (header(&h.name)?, h.prefix.clone().unwrap_or_default());
+                if !sources.headers.contains(&h) {
+                    sources.headers.push(h);
+                }
+            }
+            let push = |list: &mut Vec<String>, v: &String| {
+                if !list.contains(v) {
+                    list.push(v.clone());
+                }
+            };
+            r.from_params.iter().for_each(|p| push(&mut sources.params, p));
+            r.from_cookies.iter().for_each(|c| push(&mut sources.cookies, c));
+            if r.from_headers.is_empty() && r.from_params.is_empty() && r.from_cookies.is_empty() {
+                let bearer = (http::header::AUTHORIZATION, "Bearer ".to_string());
+                if !sources.headers.contains(&bearer) {
+                    sources.headers.push(bearer);
+                }
+                push(&mut sources.params, &"access_token".to_string());
+            }
+            let validations = ALGORITHMS
+                .iter()
+                .map(|alg| {
+                    let mut v = Validation::new(*alg);
+                    v.set_issuer(&[&r.issuer]);
+                    v.set_required_spec_claims::<&str>(&[]);
+                    v.leeway = 60;
+                    v.validate_nbf = true;
+                    if r.audiences.is_empty() {
+                        v.validate_aud = false;
+                    } else {
+                        v.set_audience(&r.audiences);
+                    }
+                    (*alg, v)
+                })
+                .collect();
             out.push(RuleRt {
                 issuer: r.issuer.clone(),
-                audiences: r.audiences.clone(),
                 keys,
-                from_headers: r
-                    .from_headers
-                    .iter()
-                    .map(|h| Ok((header(&h.name)?, h.prefix.clone().unwrap_or_default())))
-                    .collect::<Result<_, String>>()?,
-                from_params: r.from_params.clone(),
+                validations,
                 output_payload_to_header: r.output_payload_to_header.as_deref().map(header).transpose()?,
                 forward_original_token: r.forward_original_token.unwrap_or(false),
                 claim_headers: r
                     .output_claim_to_headers
                     .iter()
                     .map(|c| Ok((header(&c.header)?, c.claim.clone())))
-                    .collect::<Result<_, String>>()?,
+                    .collect::<Result<_, BuildError>>()?,
             });
         }
-        Ok(JwtAuth { rules: out })
+        Ok(JwtAuth { rules: out, sources })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -237,19 +313,12 @@ impl JwtAuth {
         if candidates.is_empty() {
             return Outcome::Invalid("Jwks doesn't have key to match kid or alg from Jwt".into());
         }
-        let mut validation = Validation::new(header.alg);
-        validation.set_issuer(&[&rule.issuer]);
-        validation.set_required_spec_claims::<&str>(&[]);
-        validation.leeway = 60;
-        validation.validate_nbf = true;
-        if rule.audiences.is_empty() {
-            validation.validate_aud = false;
-        } else {
-            validation.set_audience(&rule.audiences);
-        }
+        let Some((_, validation)) = rule.validations.iter().find(|(alg, _)| *alg == header.alg) else {
+            return Outcome::Invalid("Jwt verification fails".into());
+        };
         let mut last = String::from("Jwt verification fails");
         for key in candidates {
-            match jsonwebtoken::decode::<serde_json::Value>(&token, key, &validation) {
+            match jsonwebtoken::decode::<serde_json::Value>(&token, key, validation) {
                 Ok(data) => {
                     let claims = data.claims;
                     let sub = claims.get("sub").and_then(|s| s.as_str()).unwrap_or("");
@@ -271,28 +340,37 @@ impl JwtAuth {
         Outcome::Invalid(last)
     }
 
-    /// The first token present, and where it was (`Some(header)` or `None` for a query param).
-    fn find_token(&self, parts: &http::request::Parts) -> Option<(String, Option<HeaderName>)> {
-        let mut headers: Vec<(HeaderName, String)> = self.rules.iter().flat_map(|r| r.from_headers.clone()).collect();
-        let mut params: Vec<String> = self.rules.iter().flat_map(|r| r.from_params.clone()).collect();
-        if self.rules.iter().any(|r| r.from_headers.is_empty() && r.from_params.is_empty()) {
-            headers.push((http::header::AUTHORIZATION, "Bearer ".into()));
-            params.push("access_token".into());
-        }
-        for (h, prefix) in &headers {
+    /// The first token present, and where it was.
+    fn find_token(&self, parts: &http::request::Parts) -> Option<(String, Location)> {
+        let sources = &self.sources;
+        for (h, prefix) in &sources.headers {
             if let Some(v) = parts.headers.get(h).and_then(|v| v.to_str().ok()) {
                 if let Some(t) = v.strip_prefix(prefix.as_str()) {
-                    return Some((t.trim().to_string(), Some(h.clone())));
+                    return Some((t.trim().to_string(), Location::Header(h.clone())));
                 }
             }
         }
-        let query = parts.uri.query()?;
-        for p in &params {
-            for kv in query.split('&') {
-                if let Some((k, v)) = kv.split_once('=') {
-                    if k == p {
-                        return Some((v.to_string(), None));
-                    }
+        if let Some(query) = parts.uri.query().filter(|_| !sources.params.is_empty()) {
+            for p in &sources.params {
+                let found = query.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| k == p);
+                if let Some((_, v)) = found {
+                    return Some((v.to_string(), Location::Elsewhere));
+                }
+            }
+        }
+        if !sources.cookies.is_empty() {
+            let cookies = || {
+                parts
+                    .headers
+                    .get_all(http::header::COOKIE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(';'))
+                    .filter_map(|kv| kv.trim().split_once('='))
+            };
+            for c in &sources.cookies {
+                if let Some((_, v)) = cookies().find(|(k, _)| k == c) {
+                    return Some((v.trim_matches('"').to_string(), Location::Elsewhere));
                 }
             }
         }
@@ -304,11 +382,11 @@ impl JwtAuth {
         rule: &RuleRt,
         parts: &mut http::request::Parts,
         token: &str,
-        location: Option<HeaderName>,
+        location: Location,
         claims: &serde_json::Value,
     ) {
         if !rule.forward_original_token {
-            if let Some(h) = location {
+            if let Location::Header(h) = location {
                 parts.headers.remove(h);
             }
         }
