@@ -529,3 +529,92 @@ spec:
         "refused requests never reach the upstream"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_route_local_rate_limits_give_each_selected_route_its_own_bucket() {
+    let b = Backend::start("app").await;
+    let dir = ConfigDir::new();
+    let mut y = gateway("gw", GW);
+    y.push_str(&service("app.internal", "HTTP", &[(b.addr, &[])]));
+    y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - name: limited\n    match: [{uri: {prefix: /limited}}]\n    route: [{destination: {host: app.internal}}]\n  - name: by-kind\n    match: [{uri: {prefix: /kind}}]\n    route: [{destination: {host: app.internal}}]\n  - name: free\n    route: [{destination: {host: app.internal}}]\n---\n");
+    // Istio's documented per-route shape: the filter inserted with no bucket of its own, then a
+    // bucket on the routes one HTTP_ROUTE patch selects (by virtual host and route name).
+    y.push_str(&format!(
+        r#"apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata: {{name: per-route, namespace: istio-system}}
+spec:
+  workloadSelector:
+    labels: {{istio: ingressgateway}}
+  configPatches:
+  - applyTo: HTTP_FILTER
+    match:
+      context: GATEWAY
+      listener:
+        filterChain:
+          filter: {{name: envoy.filters.network.http_connection_manager}}
+    patch:
+      operation: INSERT_BEFORE
+      value:
+        name: envoy.filters.http.local_ratelimit
+        typed_config:
+          "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+          type_url: type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+          value: {{stat_prefix: http_local_rate_limiter}}
+  - applyTo: HTTP_ROUTE
+    match:
+      context: GATEWAY
+      routeConfiguration:
+        vhost:
+          name: "*:{GW}"
+          route: {{name: limited, action: ANY}}
+    patch:
+      operation: MERGE
+      value:
+        typed_per_filter_config:
+          envoy.filters.http.local_ratelimit:
+            "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+            type_url: type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+            value:
+              stat_prefix: http_local_rate_limiter
+              token_bucket: {{max_tokens: 3, tokens_per_fill: 3, fill_interval: 60s}}
+              filter_enabled: {{runtime_key: e, default_value: {{numerator: 100, denominator: HUNDRED}}}}
+              filter_enforced: {{runtime_key: f, default_value: {{numerator: 100, denominator: HUNDRED}}}}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: RateLimit
+metadata: {{name: by-kind, namespace: istio-system}}
+spec:
+  selector: {{matchLabels: {{istio: ingressgateway}}}}
+  requests: 2
+  interval: 60s
+  routes: [by-kind]
+"#
+    ));
+    let cfg = dir.write("mesh.yaml", &y);
+    let analyzed = std::process::Command::new(support::trellis_bin()).arg("analyze").arg(&cfg).output().expect("run");
+    let text = format!("{}{}", String::from_utf8_lossy(&analyzed.stdout), String::from_utf8_lossy(&analyzed.stderr));
+    assert!(analyzed.status.success() && !text.contains("TRL0005") && !text.contains("not applied"), "{text}");
+    let proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
+    let port = proxy.port(GW).await;
+    let mut statuses = std::collections::BTreeMap::<&str, Vec<u16>>::new();
+    for path in ["/limited", "/kind", "/free"] {
+        for _ in 0..10 {
+            statuses
+                .entry(path)
+                .or_default()
+                .push(get(&format!("http://127.0.0.1:{port}{path}"), &[]).await.status.as_u16());
+        }
+    }
+    let ok_then_refused = |n: usize| [vec![200u16; n], vec![429; 10 - n]].concat();
+    assert_eq!(statuses["/limited"], ok_then_refused(3), "the EnvoyFilter route's bucket of 3");
+    assert_eq!(statuses["/kind"], ok_then_refused(2), "the RateLimit route's bucket of 2, its own");
+    assert_eq!(statuses["/free"], vec![200; 10], "a route no limit selects");
+    assert_eq!(b.count(), 3 + 2 + 10, "refused requests never reach the upstream");
+    let m = metrics(proxy.admin).await;
+    let refused = |policy: &str| {
+        metric_sum(&m, "trellis_proxy_rate_limited_requests_total", &[("outcome", "refused"), ("policy", policy)])
+    };
+    assert_eq!(refused("EnvoyFilter istio-system/per-route"), 7.0);
+    assert_eq!(refused("RateLimit istio-system/by-kind"), 8.0);
+}

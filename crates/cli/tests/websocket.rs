@@ -1,5 +1,7 @@
 //! WebSocket (HTTP/1.1 Upgrade) through gateways and sidecars, with a real client and server
-//! (Python's `websockets`): the 101 turns both connections into one tunnel.
+//! (Python's `websockets`): the 101 turns both connections into one tunnel. And CONNECT: a
+//! tunnel to a TCP server, ended by the gateway when no sidecar is ahead, or forwarded over mTLS
+//! and ended by the destination's sidecar.
 
 mod support;
 
@@ -42,9 +44,14 @@ impl Drop for Server {
 }
 
 fn server() -> Server {
+    server_in("serve")
+}
+
+/// `ws.py <mode>` as a server.
+fn server_in(mode: &str) -> Server {
     let mut child = Command::new("python3")
         .arg(script())
-        .arg("serve")
+        .arg(mode)
         .env_remove("PORT")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -55,6 +62,55 @@ fn server() -> Server {
         .expect("read port");
     let port = line.trim().strip_prefix("port ").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{line:?}"));
     Server { child, port }
+}
+
+/// Opens a CONNECT tunnel to `target` through the proxy at `proxy` and echoes `n` messages
+/// through it (the destination echoes); returns the proxy's answer head.
+async fn connect_and_echo(proxy: std::net::SocketAddr, target: &str, n: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(proxy).await.expect("connect to the proxy");
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes()).await.expect("write");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).await.expect("read the head"), 1, "closed before the head ended: {head:?}");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    for i in 0..n {
+        let msg = format!("message {i} {}\n", "y".repeat(i % 300));
+        s.write_all(msg.as_bytes()).await.expect("write through the tunnel");
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(std::time::Duration::from_secs(10), s.read_exact(&mut back))
+            .await
+            .expect("echo within 10 s")
+            .expect("read through the tunnel");
+        assert_eq!(back, msg.as_bytes(), "message {i}");
+    }
+    head
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_tunnels_to_a_tcp_server_through_a_gateway() {
+    let s = server_in("tcpecho");
+    let dir = ConfigDir::new();
+    let mut y = gateway("gw", GW);
+    y.push_str(&service("tcp.internal", "HTTP", &[(format!("127.0.0.1:{}", s.port).parse().expect("addr"), &[])]));
+    y.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [\"*\"]\n  gateways: [gw]\n  http:\n  - match: [{authority: {prefix: tcp.internal}}]\n    route: [{destination: {host: tcp.internal}}]\n");
+    let cfg = dir.write("mesh.yaml", &y);
+    let proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
+    let port = proxy.port(GW).await;
+    let at: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    connect_and_echo(at, "tcp.internal:80", 500).await;
+    // A CONNECT to a host no route serves gets 404, and the listener keeps serving.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(at).await.expect("connect");
+    c.write_all(b"CONNECT elsewhere.example:443 HTTP/1.1\r\nHost: elsewhere.example:443\r\n\r\n").await.expect("write");
+    let mut buf = vec![0u8; 512];
+    let n = c.read(&mut buf).await.expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 404"), "{}", String::from_utf8_lossy(&buf[..n]));
+    connect_and_echo(at, "tcp.internal:80", 10).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,6 +180,19 @@ spec:
   env: {{COLOR: blue}}
   upstreams: [echo]
 ---
+apiVersion: v1
+kind: Service
+metadata: {{name: tcpecho}}
+spec:
+  selector: {{app: tcpecho}}
+  ports: [{{name: http, port: 80}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {{name: tcpecho, labels: {{app: tcpecho}}}}
+spec:
+  command: [python3, {ws}, tcpecho]
+---
 {gateway}apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {{name: edge}}
@@ -131,6 +200,8 @@ spec:
   hosts: ["*"]
   gateways: [gw]
   http:
+  - match: [{{authority: {{prefix: tcpecho}}}}]
+    route: [{{destination: {{host: tcpecho}}}}]
   - match: [{{uri: {{prefix: /relay}}}}]
     route: [{{destination: {{host: relay}}}}]
   - route: [{{destination: {{host: echo}}}}]
@@ -173,5 +244,19 @@ spec:
     );
     let url = format!("ws://{upstream}/echo");
     tokio::task::spawn_blocking(move || echo_through(&url, 1000)).await.expect("client");
+
+    // CONNECT: client → gateway → (the CONNECT over mTLS) → tcpecho's sidecar, which ends the
+    // tunnel at the app's TCP port.
+    let gw: std::net::SocketAddr = format!("127.0.0.1:{gw_port}").parse().expect("addr");
+    connect_and_echo(gw, "tcpecho:80", 500).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, log, _) = up.trellis(&["logs", "tcpecho-proxy"]);
+        if log.lines().any(|l| l.contains("\"method\":\"CONNECT\"") && l.contains("\"response_code\":200")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the sidecar never logged the CONNECT it ended:\n{log}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await; // access logs are written in batches
+    }
     drop(up);
 }

@@ -223,13 +223,7 @@ pub fn analyze(resources: &[Resource], extra: &[Workload]) -> Vec<Finding> {
                             at(path!["patch", "value"]),
                             "this local rate limit refuses nothing: filter_enabled or filter_enforced is absent or 0% (Envoy's default)".into(),
                         ),
-                        Patch::RateLimit(_) => {}
-                        Patch::PerRoute => cx.push(
-                            Code::NotEnforced,
-                            r,
-                            at(path!["patch"]),
-                            "per-route local rate limits (HTTP_ROUTE typed_per_filter_config) are parsed but not enforced yet".into(),
-                        ),
+                        Patch::RateLimit(_) | Patch::FilterOnly => {}
                         Patch::Unsupported(msg) => cx.push(Code::UnsupportedEnvoyFilter, r, at(Vec::new()), msg),
                         Patch::Invalid(path, msg) => cx.push(Code::Schema, r, at(path), msg),
                     }

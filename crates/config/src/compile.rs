@@ -184,19 +184,30 @@ fn rate_limits(resources: &[Resource], proxy: &ProxySpec) -> Vec<RateLimitPolicy
                 }
                 let interval =
                     rl.interval.filter(|i| !i.0.is_zero()).unwrap_or(Duration(std::time::Duration::from_secs(1)));
-                out.push(RateLimitPolicy {
+                let policy = RateLimitPolicy {
                     name: r.id(),
                     direction: Some(match proxy.role {
                         Role::Gateway => Direction::Gateway,
                         Role::Sidecar => Direction::Inbound,
                     }),
+                    routes: None,
                     max_tokens: rl.burst.unwrap_or(rl.requests).max(1),
                     tokens_per_fill: rl.requests,
                     fill_interval: interval,
                     enabled_percent: 100.0,
                     enforced_percent: 100.0,
                     response_headers: Vec::new(),
-                });
+                };
+                if rl.routes.is_empty() {
+                    out.push(policy);
+                } else {
+                    // Named routes are a gateway's or a caller's (outbound): any side.
+                    for route in &rl.routes {
+                        let routes =
+                            Some(crate::snapshot::RouteScope { route: Some(route.clone()), ..Default::default() });
+                        out.push(RateLimitPolicy { direction: None, routes, ..policy.clone() });
+                    }
+                }
             }
             _ => {}
         }

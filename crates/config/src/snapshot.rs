@@ -44,6 +44,10 @@ pub struct RateLimitPolicy {
     pub name: String,
     /// The listeners it applies to; `None`: all of this proxy's.
     pub direction: Option<Direction>,
+    /// Per route: every route this selects gets a bucket of its own (Envoy's
+    /// `typed_per_filter_config`); `None`: one bucket for the whole side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<RouteScope>,
     pub max_tokens: u32,
     pub tokens_per_fill: u32,
     pub fill_interval: Duration,
@@ -54,6 +58,51 @@ pub struct RateLimitPolicy {
     /// Added to the responses of refused requests (`response_headers_to_add`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub response_headers: Vec<(String, String)>,
+}
+
+impl RateLimitPolicy {
+    /// Whether this per-route limit selects route `r` of virtual host `vhost` in route table
+    /// `table`: by side, port, virtual host (named as Istio names Envoy's), route name and
+    /// action. A side-wide limit (no `routes`) selects none.
+    pub fn selects_route(&self, table: &str, vhost: &str, r: &Route) -> bool {
+        let Some(scope) = &self.routes else { return false };
+        let Some((side, port)) = table.split_once('|') else { return false };
+        let (direction, istio_vhost) = match side {
+            "inbound" => (Direction::Inbound, format!("inbound|http|{port}")),
+            "outbound" => (Direction::Outbound, vhost.to_string()),
+            "gateway" => (Direction::Gateway, format!("{vhost}:{port}")),
+            _ => return false,
+        };
+        let action = match r.action {
+            Action::Forward(_) => "ROUTE",
+            Action::Redirect(_) => "REDIRECT",
+            Action::Direct { .. } => "DIRECT_RESPONSE",
+        };
+        self.direction.is_none_or(|d| d == direction)
+            && scope.port.is_none_or(|want| port.parse::<u16>().ok() == Some(want))
+            && scope.vhost.as_deref().is_none_or(|v| v.eq_ignore_ascii_case(&istio_vhost))
+            && scope.route.as_deref().is_none_or(|n| n == r.name)
+            && scope.action.as_deref().is_none_or(|a| a == action)
+    }
+}
+
+/// The routes a per-route rate limit selects, as an EnvoyFilter's `routeConfiguration` match
+/// names them; an unset field matches every route.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RouteScope {
+    /// The route table's port (the listener's, or the service port for outbound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Envoy's virtual host name as Istio gives it: `inbound|http|<port>`,
+    /// `<service FQDN>:<port>` outbound, `<host>:<port>` on a gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost: Option<String>,
+    /// The route's name (a VirtualService `http[].name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    /// `ROUTE`, `REDIRECT` or `DIRECT_RESPONSE`; `None`: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -184,7 +184,18 @@ pub fn proxy_config(args: ProxyConfigArgs) -> ExitCode {
                         Action::Redirect(rd) => format!("redirect {}", rd.code),
                         Action::Direct { status, .. } => format!("direct {status}"),
                     };
-                    rows.push(vec![name.clone(), vh.domains.join(","), m, action, route_policies(r)]);
+                    let mut policies = route_policies(r);
+                    if let Some(rl) = snap.rate_limits.iter().rev().find(|p| p.selects_route(name, &vh.name, r)) {
+                        use trellis_config::model::duration::format_duration as d;
+                        policies.push_str(&format!(
+                            "; rate limit {}/{} burst {} ({})",
+                            rl.tokens_per_fill,
+                            d(rl.fill_interval.0),
+                            rl.max_tokens,
+                            rl.name
+                        ));
+                    }
+                    rows.push(vec![name.clone(), vh.domains.join(","), m, action, policies]);
                 }
             }
         }

@@ -45,7 +45,8 @@ pub struct HttpGet {
 }
 
 /// `RateLimit` (trellis.dev/v1alpha1): at most `requests` per `interval` (a token bucket holding
-/// `burst`) to the selected workloads' inbound side, or through the selected gateways.
+/// `burst`) to the selected workloads' inbound side, or through the selected gateways; with
+/// `routes`, a bucket for each named route (VirtualService `http[].name`) instead.
 #[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct RateLimit {
@@ -53,4 +54,5 @@ pub struct RateLimit {
     pub requests: u32,
     pub interval: Option<crate::model::Duration>,
     pub burst: Option<u32>,
+    pub routes: Vec<String>,
 }

@@ -89,6 +89,11 @@ pub(super) async fn run(
         };
     }
     parts.uri = match wire {
+        // CONNECT keeps its authority-form target.
+        Wire::Http1 if upgrade.as_ref().is_some_and(|u| u.is_connect()) => Uri::builder()
+            .authority(up_authority.as_str())
+            .build()
+            .map_err(|e| ProxyError::bad_request(format!("invalid CONNECT authority: {e}")))?,
         Wire::Http1 => {
             if !parts.headers.contains_key(header::HOST) {
                 if let Ok(v) = HeaderValue::from_str(&up_authority) {
@@ -189,6 +194,19 @@ pub(super) async fn run(
             }
         }
         record.attempts = retries + 1;
+        // A CONNECT ends here when no mesh peer is ahead to end it.
+        let peer_ahead =
+            direction::client_side(conn.direction) && cluster.mesh_peers.get(pick.0).copied().unwrap_or(false);
+        if upgrade.as_ref().is_some_and(|u| u.is_connect()) && !peer_ahead {
+            let u = upgrade.expect("a CONNECT");
+            let r = u.terminate(&endpoint.address, cluster.connect_timeout).await;
+            let outcome = match &r {
+                Ok(_) => outlier::Result::Status(200),
+                Err(_) => outlier::Result::LocalFailure,
+            };
+            observe(shared, cluster, pick.0, outcome);
+            return r;
+        }
         let mut in_flight = endpoint.start_request();
         let tried_at = Instant::now();
         let send = endpoint.send(req, wire, cluster.connect_timeout, &mut in_flight);
@@ -247,10 +265,12 @@ pub(super) async fn run(
         });
         let Some((p, reason, body)) = next else {
             return match result {
-                Tried::Done(Ok(resp)) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => match upgrade {
-                    Some(u) => Ok(u.open(resp, in_flight)),
-                    None => Err(ProxyError::reset(&cluster.name, "101 to a request that asked for no upgrade")),
-                },
+                Tried::Done(Ok(resp)) if upgrade.as_ref().is_some_and(|u| u.accepted(&resp)) => {
+                    Ok(upgrade.expect("an upgrade").open(resp, in_flight))
+                }
+                Tried::Done(Ok(resp)) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+                    Err(ProxyError::reset(&cluster.name, "101 to a request that asked for no upgrade"))
+                }
                 Tried::Done(Ok(resp)) => Ok(respond(resp, route, dest, pick.1, in_flight)),
                 Tried::Done(Err(e)) => Err(e.error),
                 Tried::PerTryTimeout => Err(ProxyError::timeout(per_try.unwrap_or_default())),

@@ -4,13 +4,15 @@
 //! handle ─ direction::restore_version, direction::record   (telemetry record, reporter, peer)
 //!   │
 //!   ├─ ratelimit  local token buckets (429 RL)                             [per side]
-//!   ├─ authority check (400 DPE); CONNECT refused (400)
+//!   ├─ authority check (400 DPE); CONNECT over HTTP/2 refused (400)
 //!   ├─ admit      RequestAuthentication (401), AuthorizationPolicy (403)   [inbound, gateway]
 //!   ├─ select     route table → virtual host → first matching route (404 NR)
+//!   ├─ ratelimit  the route's own token bucket, if a per-route limit selects it (429 RL)
 //!   ├─ fault      delay (DI), abort (FI) a share of requests
 //!   ├─ cors       preflights answered; allowed origins' responses decorated
 //!   ├─ respond    directResponse, redirect
-//!   └─ forward    mirrors (copies, fire and forget; mirror); Upgrade kept (tunnel); upstream request (rewrites, headers, wire protocol); tries: balance, send
+//!   └─ forward    mirrors (copies, fire and forget; mirror); Upgrade kept, CONNECT forwarded or
+//!                 terminated (tunnel); upstream request (rewrites, headers, wire protocol); tries: balance, send
 //!                 under per-try timeout, retry per policy and budget (retry, replay); the
 //!                 response back with its header operations — all under the route timeout
 //! ```
@@ -99,18 +101,12 @@ async fn proxy(
     record: &mut RequestRecord,
 ) -> Result<Response<Body>, ProxyError> {
     for l in rt.rate_limits.iter().filter(|l| l.applies(conn.direction)) {
-        match l.check() {
-            ratelimit::Verdict::Allow => {}
-            ratelimit::Verdict::Counted => count_limited(shared, l, "counted"),
-            ratelimit::Verdict::Limited(r) => {
-                count_limited(shared, l, "refused");
-                record.flags = "RL";
-                return Ok(r);
-            }
+        if let Some(refused) = limit(shared, l, record) {
+            return Ok(refused);
         }
     }
-    if req.method() == http::Method::CONNECT {
-        return Err(ProxyError::bad_request("CONNECT tunnels are not supported yet"));
+    if req.method() == http::Method::CONNECT && req.version() != http::Version::HTTP_11 {
+        return Err(ProxyError::bad_request("CONNECT is served over HTTP/1.1 only"));
     }
     let authority = headers::request_authority(req.uri(), req.version(), req.headers())?;
     let (mut parts, body) = req.into_parts();
@@ -120,6 +116,9 @@ async fn proxy(
     }
     let sel = select::route(rt, conn, &mut parts, authority.as_ref())?;
     record.route = Some(sel.route.name.clone());
+    if let Some(refused) = sel.route.rate_limit.as_ref().and_then(|l| limit(shared, l, record)) {
+        return Ok(refused);
+    }
     if let Some(f) = &sel.route.fault {
         if let Some(aborted) = fault::inject(f, is_grpc(&parts.headers), shared, record).await {
             return Ok(aborted);
@@ -142,6 +141,22 @@ async fn proxy(
         cors::decorate(c, origin, resp.headers_mut());
     }
     Ok(resp)
+}
+
+/// Takes a token from `l`: the 429 to answer when there is none (and the limit is enforced).
+fn limit(shared: &Shared, l: &ratelimit::Limiter, record: &mut RequestRecord) -> Option<Response<Body>> {
+    match l.check() {
+        ratelimit::Verdict::Allow => None,
+        ratelimit::Verdict::Counted => {
+            count_limited(shared, l, "counted");
+            None
+        }
+        ratelimit::Verdict::Limited(r) => {
+            count_limited(shared, l, "refused");
+            record.flags = "RL";
+            Some(r)
+        }
+    }
 }
 
 fn count_limited(shared: &Shared, l: &ratelimit::Limiter, outcome: &'static str) {

@@ -107,6 +107,7 @@ mod tests {
         Limiter::new(RateLimitPolicy {
             name: "t".into(),
             direction: None,
+            routes: None,
             max_tokens: max,
             tokens_per_fill: per_fill,
             fill_interval: D(Duration::from_millis(interval_ms)),

@@ -270,8 +270,10 @@ impl Runtime {
         }
         let mut tables = HashMap::new();
         let mut outbound = HashMap::new();
+        let per_route: Vec<&spec::RateLimitPolicy> =
+            snapshot.rate_limits.iter().filter(|p| p.routes.is_some()).collect();
         for (name, t) in &snapshot.route_tables {
-            let table = Arc::new(RouteTable::build(name, t, &clusters)?);
+            let table = Arc::new(RouteTable::build(name, t, &clusters, &per_route)?);
             if let Some(port) = name.strip_prefix("outbound|").and_then(|p| p.parse::<u16>().ok()) {
                 outbound.insert(port, table.clone());
             }
@@ -295,6 +297,7 @@ impl Runtime {
         let rate_limits = snapshot
             .rate_limits
             .iter()
+            .filter(|p| p.routes.is_none())
             .map(|p| {
                 crate::pipeline::ratelimit::Limiter::new(p.clone())
                     .map_err(|e| e.at(Resource::RateLimit(p.name.clone())))

@@ -50,6 +50,8 @@ pub struct Route {
     pub fault: Option<spec::Fault>,
     pub cors: Option<Cors>,
     pub mirrors: Vec<Mirror>,
+    /// A per-route local rate limit, with this route's own bucket.
+    pub rate_limit: Option<crate::pipeline::ratelimit::Limiter>,
 }
 
 /// A cluster a share of the route's requests is copied to.
@@ -156,10 +158,12 @@ pub struct Matched<'a> {
 // === impl RouteTable ===
 
 impl RouteTable {
+    /// Builds table `name`; `per_route` are the per-route rate limits that may select its routes.
     pub fn build(
         name: &str,
         t: &spec::RouteTable,
         clusters: &HashMap<String, Arc<Cluster>>,
+        per_route: &[&spec::RateLimitPolicy],
     ) -> Result<RouteTable, BuildError> {
         let mut table = RouteTable { vhosts: Vec::new(), exact: HashMap::new(), suffixes: Vec::new(), any: None };
         for (i, vh) in t.virtual_hosts.iter().enumerate() {
@@ -167,13 +171,19 @@ impl RouteTable {
                 .routes
                 .iter()
                 .map(|r| {
-                    Route::build(r, clusters).map_err(|p| {
+                    let at = |p: Problem| {
                         p.at(Resource::Route {
                             table: name.to_string(),
                             route: r.name.clone(),
                             source: r.source.clone(),
                         })
-                    })
+                    };
+                    let mut route = Route::build(r, clusters).map_err(at)?;
+                    // As EnvoyFilter MERGE patches: the last that selects the route wins.
+                    if let Some(p) = per_route.iter().rev().find(|p| p.selects_route(name, &vh.name, r)) {
+                        route.rate_limit = Some(crate::pipeline::ratelimit::Limiter::new((*p).clone()).map_err(at)?);
+                    }
+                    Ok(route)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             table.vhosts.push(VirtualHost { name: vh.name.clone(), routes });
@@ -289,6 +299,7 @@ impl Route {
             retry: r.retry.clone(),
             fault: r.fault.clone(),
             cors: r.cors.as_ref().map(Cors::build).transpose()?,
+            rate_limit: None,
             mirrors: r
                 .mirrors
                 .iter()

@@ -5,6 +5,8 @@
     ws.py relay              listens on $PORT; each connection is relayed, message by message, to
                              ws://$ECHO_ADDR (the app's sidecar port for the echo service)
     ws.py client URL N       sends N messages over one connection, checks each echo, prints "echoed N"
+    ws.py tcpecho            a plain TCP echo server on $PORT (or a free port), prints "port N"
+                             (the destination of CONNECT tunnels)
 """
 import asyncio
 import os
@@ -51,8 +53,23 @@ async def client(url, n):
     print(f"echoed {n}", flush=True)
 
 
+async def tcpecho():
+    async def echo(reader, writer):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", int(os.environ.get("PORT", "0")))
+    print(f"port {server.sockets[0].getsockname()[1]}", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "serve":
+    if sys.argv[1] == "tcpecho":
+        asyncio.run(tcpecho())
+    elif sys.argv[1] == "serve":
         asyncio.run(serve())
     elif sys.argv[1] == "relay":
         asyncio.run(relay())
