@@ -771,8 +771,27 @@ impl<'a> Cx<'a> {
             self.http_route(r, i, route);
         }
         self.shadowing(r, &vs.http);
-        if vs.tcp.is_some() {
-            self.push(Code::NotEnforced, r, path!["spec", "tcp"], "tcp routes are not enforced yet".into());
+        for (i, route) in vs.tcp.iter().enumerate() {
+            if route.route.is_empty() {
+                self.push(
+                    Code::Schema,
+                    r,
+                    path!["spec", "tcp", i],
+                    "a tcp route needs at least one destination".into(),
+                );
+            }
+            for (j, m) in route.matches.iter().enumerate() {
+                for (k, subnet) in m.destination_subnets.iter().enumerate() {
+                    if crate::cidr::Cidr::parse(subnet).is_none() {
+                        self.push(
+                            Code::Schema,
+                            r,
+                            path!["spec", "tcp", i, "match", j, "destinationSubnets", k],
+                            format!("{subnet:?} is not an IP address or CIDR"),
+                        );
+                    }
+                }
+            }
         }
         if vs.tls.is_some() {
             self.push(Code::NotEnforced, r, path!["spec", "tls"], "tls routes are not enforced yet".into());

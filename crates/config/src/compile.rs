@@ -423,6 +423,23 @@ impl<'a> Compiler<'a> {
                     source: None,
                 },
             );
+            let mtls = peer_authentication(self.resources, self.proxy, ib.app.port());
+            if ib.protocol.or_else(|| self.inbound_protocol(ib.app.port())) == Some(UpstreamProtocol::Tcp) {
+                let tcp = TcpProxy { routes: vec![default_tcp_route(cluster)] };
+                if capture.is_some() {
+                    let table = format!("inbound|{port}");
+                    captured_inbound.insert(port, CapturedPort { table, mtls: Some(mtls), tcp: Some(tcp) });
+                    continue;
+                }
+                snap.listeners.push(Listener {
+                    name: format!("inbound-{port}"),
+                    address: ib.listen,
+                    direction: Direction::Inbound,
+                    routing: ListenerRouting::Tcp(tcp),
+                    mtls: Some(mtls),
+                });
+                continue;
+            }
             let table = format!("inbound|{port}");
             snap.route_tables.insert(
                 table.clone(),
@@ -455,9 +472,8 @@ impl<'a> Compiler<'a> {
                     }],
                 },
             );
-            let mtls = peer_authentication(self.resources, self.proxy, ib.app.port());
             if capture.is_some() {
-                captured_inbound.insert(port, CapturedPort { table, mtls: Some(mtls) });
+                captured_inbound.insert(port, CapturedPort { table, mtls: Some(mtls), tcp: None });
                 continue;
             }
             snap.listeners.push(Listener {
@@ -502,8 +518,39 @@ impl<'a> Compiler<'a> {
                 .iter()
                 .flat_map(|s| s.ports.iter().filter(|p| p.protocol.is_http()).map(|p| p.number))
                 .collect();
-            let ports =
-                http_ports.into_iter().map(|p| (p, CapturedPort { table: outbound_table(p), mtls: None })).collect();
+            let mut ports: BTreeMap<u16, CapturedPort> = http_ports
+                .into_iter()
+                .map(|p| (p, CapturedPort { table: outbound_table(p), mtls: None, tcp: None }))
+                .collect();
+            // Ports a service declares TCP: by the service's ClusterIP (the connection's original
+            // destination), each service's own routes; any other address passes through.
+            let registry = self.registry;
+            for svc in &registry.services {
+                let ips: Vec<String> =
+                    svc.aliases.iter().filter(|a| a.parse::<IpAddr>().is_ok()).map(|a| format!("{a}/32")).collect();
+                if ips.is_empty() {
+                    continue;
+                }
+                for p in svc.ports.iter().filter(|p| p.protocol.is_opaque()) {
+                    if ports.get(&p.number).is_some_and(|c| c.tcp.is_none()) {
+                        continue; // Another service serves HTTP on this port number.
+                    }
+                    let mut proxy = self.tcp_proxy(svc, p.number);
+                    for r in &mut proxy.routes {
+                        if r.destination_subnets.is_empty() {
+                            r.destination_subnets = ips.clone();
+                        }
+                    }
+                    let entry = ports.entry(p.number).or_insert_with(|| CapturedPort {
+                        table: outbound_table(p.number),
+                        mtls: None,
+                        tcp: Some(TcpProxy::default()),
+                    });
+                    if let Some(t) = &mut entry.tcp {
+                        t.routes.extend(proxy.routes);
+                    }
+                }
+            }
             snap.listeners.push(Listener {
                 name: "outbound-capture".into(),
                 address: c.outbound,
@@ -522,14 +569,99 @@ impl<'a> Compiler<'a> {
             });
         }
         for u in &self.proxy.upstreams {
+            // A service port declared TCP (or TLS, which the app speaks itself) is proxied as TCP.
+            let svc = self.registry.resolve(&u.host, &self.proxy.namespace).cloned();
+            let tcp = svc.as_ref().and_then(|s| s.port(u.port)).is_some_and(|p| p.protocol.is_opaque());
+            let routing = match svc {
+                Some(svc) if tcp => ListenerRouting::Tcp(self.tcp_proxy(&svc, u.port)),
+                _ => ListenerRouting::Fixed { host: u.host.clone(), port: u.port },
+            };
             snap.listeners.push(Listener {
                 name: format!("upstream-{}", u.listen.port()),
                 address: u.listen,
                 direction: Direction::Outbound,
-                routing: ListenerRouting::Fixed { host: u.host.clone(), port: u.port },
+                routing,
                 mtls: None,
             });
         }
+    }
+
+    /// The protocol of this workload's `app_port` when its proxy was not told: as Istio reads
+    /// it, from the Service ports that select the workload and target that port — TCP when they
+    /// declare an opaque protocol (HTTP otherwise, as before).
+    fn inbound_protocol(&self, app_port: u16) -> Option<UpstreamProtocol> {
+        let me = self.proxy;
+        let ip = me.bind_address.to_string();
+        self.registry.services.iter().find_map(|svc| {
+            let w = svc.endpoints.iter().find(|w| {
+                w.namespace == me.namespace && (w.name == me.name || (!ip.starts_with("127.") && w.address == ip))
+            })?;
+            let p = svc.ports.iter().find(|p| w.port_for(p) == app_port)?;
+            p.protocol.is_opaque().then_some(UpstreamProtocol::Tcp)
+        })
+    }
+
+    /// TCP to `svc`'s `port` as this sidecar sees it: the `tcp` routes of the first mesh
+    /// VirtualService claiming the service (their matches on port, source labels and namespace
+    /// decided here; destination subnets per connection), else the service's own cluster.
+    fn tcp_proxy(&mut self, svc: &Service, port: u16) -> TcpProxy {
+        let claimed = virtual_services(self.resources).find(|(r, vs)| {
+            let for_mesh = vs.gateways.is_empty() || vs.gateways.iter().any(|g| g == MESH_GATEWAY);
+            for_mesh
+                && !vs.tcp.is_empty()
+                && vs
+                    .hosts
+                    .iter()
+                    .any(|h| self.registry.resolve(h, r.namespace()).is_some_and(|s| s.hostname == svc.hostname))
+        });
+        let mut routes = Vec::new();
+        if let Some((r, vs)) = claimed {
+            for (i, tr) in vs.tcp.iter().enumerate() {
+                let applies: Vec<&crate::model::networking::L4MatchAttributes> = tr
+                    .matches
+                    .iter()
+                    .filter(|m| {
+                        (m.gateways.is_empty() || m.gateways.iter().any(|g| g == MESH_GATEWAY))
+                            && selects(&m.source_labels, &self.proxy.labels)
+                            && m.source_namespace.as_ref().is_none_or(|n| n == &self.proxy.namespace)
+                            && m.port.is_none_or(|p| p == u32::from(port))
+                    })
+                    .collect();
+                if !tr.matches.is_empty() && applies.is_empty() {
+                    continue;
+                }
+                // Several match blocks: any may hold; a block without subnets matches every address.
+                let destination_subnets = if applies.iter().any(|m| m.destination_subnets.is_empty()) {
+                    Vec::new()
+                } else {
+                    applies.iter().flat_map(|m| m.destination_subnets.clone()).collect()
+                };
+                let destinations: Vec<(String, u32)> = tr
+                    .route
+                    .iter()
+                    .filter(|d| self.registry.resolve(&d.destination.host, r.namespace()).is_some())
+                    .map(|d| {
+                        let dest_port = d.destination.port.as_ref().map(|p| p.number as u16);
+                        let cluster = self.cluster_for(
+                            &d.destination.host,
+                            r.namespace(),
+                            dest_port,
+                            port,
+                            d.destination.subset.as_deref(),
+                        );
+                        (cluster, d.weight.unwrap_or(if tr.route.len() == 1 { 100 } else { 0 }).max(0) as u32)
+                    })
+                    .collect();
+                if destinations.is_empty() {
+                    continue;
+                }
+                routes.push(TcpRoute { name: format!("{} tcp[{i}]", r.id()), destination_subnets, destinations });
+            }
+        }
+        if routes.is_empty() {
+            routes.push(default_tcp_route(self.cluster(&svc.hostname, &svc.namespace, port, None)));
+        }
+        TcpProxy { routes }
     }
 
     fn outbound_table(&mut self, port: u16) -> RouteTable {
@@ -934,6 +1066,10 @@ fn join_host_port(host: &str, port: u16) -> String {
     } else {
         format!("{host}:{port}")
     }
+}
+
+fn default_tcp_route(cluster: String) -> TcpRoute {
+    TcpRoute { name: "default".into(), destination_subnets: Vec::new(), destinations: vec![(cluster, 100)] }
 }
 
 fn default_route(cluster: String) -> Route {
@@ -1422,5 +1558,85 @@ mod tests {
         assert_eq!(more_specific("*.example.com", "api.example.com"), "api.example.com");
         assert_eq!(qualify("gw", "default"), "default/gw");
         assert_eq!(qualify("other/gw", "default"), "other/gw");
+    }
+}
+
+#[cfg(test)]
+mod tcp_tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn load(yaml: &str) -> Vec<Resource> {
+        let loaded = crate::load::load_str(Path::new("mesh.yaml"), yaml);
+        assert!(loaded.findings.iter().all(|f| !f.is_error()), "{:?}", loaded.findings);
+        loaded.resources
+    }
+
+    /// Kubernetes objects as the cluster shows them: a Redis Service (ClusterIP) over a Pod.
+    const K8S: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: redis, namespace: shop}\nspec:\n  selector: {app: redis}\n  clusterIP: 10.96.0.20\n  ports: [{name: tcp-redis, port: 6379, targetPort: 6379}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: redis-0, namespace: shop, labels: {app: redis}}\nspec:\n  containers: [{name: redis, ports: [{containerPort: 6379}]}]\nstatus: {podIP: 10.0.0.7}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: redis, namespace: shop}\nspec:\n  host: redis\n  subsets: [{name: primary, labels: {app: redis}}]\n";
+
+    fn captured(name: &str, ip: &str, labels: &[(&str, &str)], app_ports: &[u16]) -> ProxySpec {
+        let ip: IpAddr = ip.parse().expect("ip");
+        ProxySpec {
+            name: name.into(),
+            namespace: "shop".into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            bind_address: ip,
+            inbound: app_ports
+                .iter()
+                .map(|p| InboundSpec {
+                    listen: "0.0.0.0:15006".parse().expect("addr"),
+                    app: SocketAddr::new(ip, *p),
+                    protocol: None,
+                })
+                .collect(),
+            capture: Some(CaptureSpec {
+                inbound: "0.0.0.0:15006".parse().expect("addr"),
+                outbound: "0.0.0.0:15001".parse().expect("addr"),
+            }),
+            ..ProxySpec::default()
+        }
+    }
+
+    fn ports(snap: &Snapshot, listener: &str) -> BTreeMap<u16, CapturedPort> {
+        let l = snap.listeners.iter().find(|l| l.name == listener).expect("listener");
+        let ListenerRouting::OriginalDst { ports, .. } = &l.routing else { panic!("{:?}", l.routing) };
+        ports.clone()
+    }
+
+    #[test]
+    fn a_port_its_service_declares_tcp_is_proxied_as_tcp_on_both_sides() {
+        let resources = load(K8S);
+        let server = compile(&resources, &[], &captured("redis-0", "10.0.0.7", &[("app", "redis")], &[6379]));
+        let inbound = ports(&server, "inbound-capture");
+        let tcp = inbound[&6379].tcp.as_ref().expect("the Pod's redis port is TCP, as its Service says");
+        assert_eq!(tcp.routes[0].destinations, [("inbound|6379||".to_string(), 100)]);
+
+        let client = compile(&resources, &[], &captured("web-0", "10.0.0.9", &[("app", "web")], &[8080]));
+        assert!(ports(&client, "inbound-capture")[&8080].tcp.is_none(), "an undeclared app port stays HTTP");
+        let outbound = ports(&client, "outbound-capture");
+        let tcp = outbound[&6379].tcp.as_ref().expect("calls to the Redis Service are proxied as TCP");
+        assert_eq!(tcp.routes[0].destination_subnets, ["10.96.0.20/32"], "by the Service's ClusterIP");
+        assert_eq!(tcp.routes[0].destinations, [("outbound|6379||redis.shop.svc.cluster.local".to_string(), 100)]);
+    }
+
+    #[test]
+    fn virtualservice_tcp_routes_split_by_weight_and_match_ports() {
+        let mut y = K8S.to_string();
+        y.push_str("---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: redis, namespace: shop}\nspec:\n  hosts: [redis]\n  tcp:\n  - match: [{port: 7000}]\n    route: [{destination: {host: redis}}]\n  - route:\n    - {destination: {host: redis, subset: primary}, weight: 90}\n    - {destination: {host: redis}, weight: 10}\n");
+        let resources = load(&y);
+        let client = compile(&resources, &[], &captured("web-0", "10.0.0.9", &[("app", "web")], &[]));
+        let tcp = ports(&client, "outbound-capture")[&6379].tcp.clone().expect("tcp");
+        assert_eq!(tcp.routes.len(), 1, "the port-7000 route does not apply to 6379: {tcp:?}");
+        assert_eq!(tcp.routes[0].name, "VirtualService shop/redis tcp[1]");
+        assert_eq!(
+            tcp.routes[0].destinations,
+            [
+                ("outbound|6379|primary|redis.shop.svc.cluster.local".to_string(), 90),
+                ("outbound|6379||redis.shop.svc.cluster.local".to_string(), 10)
+            ]
+        );
+        assert!(client.clusters.contains_key("outbound|6379|primary|redis.shop.svc.cluster.local"));
     }
 }

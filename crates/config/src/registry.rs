@@ -32,7 +32,9 @@ impl Protocol {
             "grpc" | "grpc-web" => Protocol::Grpc,
             "https" => Protocol::Https,
             "tls" => Protocol::Tls,
-            "tcp" | "mongo" | "mysql" | "redis" => Protocol::Tcp,
+            "tcp" | "mongo" | "mysql" | "redis" | "postgres" | "postgresql" | "amqp" | "kafka" | "nats" => {
+                Protocol::Tcp
+            }
             _ => Protocol::Unknown,
         }
     }
@@ -45,6 +47,11 @@ impl Protocol {
 
     pub fn is_http(self) -> bool {
         matches!(self, Protocol::Http | Protocol::Http2 | Protocol::Grpc)
+    }
+
+    /// Bytes the proxy passes on without reading them: TCP, and TLS the app speaks itself.
+    pub fn is_opaque(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Tls | Protocol::Https)
     }
 }
 

@@ -230,14 +230,38 @@ pub enum ListenerRouting {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         passthrough_mtls: Option<MtlsMode>,
     },
+    /// Every connection is proxied as TCP.
+    Tcp(TcpProxy),
 }
 
-/// A port of a capturing listener that Trellis serves as HTTP.
+/// A port of a capturing listener that Trellis serves: as HTTP with route table `table`, or,
+/// when `tcp` is set, as TCP.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CapturedPort {
     pub table: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MtlsMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpProxy>,
+}
+
+/// How connections are proxied as TCP: the first route whose match holds picks a cluster by
+/// weight (VirtualService `tcp` routes, or the service's own cluster).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TcpProxy {
+    pub routes: Vec<TcpRoute>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TcpRoute {
+    /// `VirtualService ns/name tcp[i]`, or `default`.
+    pub name: String,
+    /// The connection's destination address must be in one of these CIDRs (`destinationSubnets`);
+    /// empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_subnets: Vec<String>,
+    /// Clusters and their weights.
+    pub destinations: Vec<(String, u32)>,
 }
 
 /// Name of the outbound route table for a port.
@@ -703,6 +727,8 @@ pub enum UpstreamProtocol {
     Http2,
     /// Whatever the downstream spoke (gRPC always goes over HTTP/2).
     Downstream,
+    /// Opaque TCP (a port declared `tcp`, `mongo`, `mysql`, `redis`, `tls`, ...).
+    Tcp,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

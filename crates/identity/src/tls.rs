@@ -19,6 +19,9 @@ use crate::{provider, Error, SpiffeId};
 
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+/// Mesh mTLS carrying opaque TCP: the client sends its peer metadata first (see the proxy's
+/// `tcp` module), then the connection's bytes.
+pub const ALPN_TCP: &[u8] = b"trellis-tcp";
 
 /// The credentials a proxy holds now; empty until its first certificate arrives.
 #[derive(Default, Debug)]
@@ -168,7 +171,7 @@ pub fn mesh_server(store: Arc<CredentialStore>) -> Result<Arc<ServerConfig>, Err
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(SpiffeClientVerifier(store.clone())))
         .with_cert_resolver(Arc::new(StoreResolver(store)));
-    cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec(), ALPN_TCP.to_vec()];
     Ok(Arc::new(cfg))
 }
 

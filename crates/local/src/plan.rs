@@ -64,6 +64,8 @@ pub struct WorkloadPlan {
     pub upstreams: Vec<(String, u16, SocketAddr)>,
     /// Names of the services that select this workload.
     pub services: Vec<String>,
+    /// The app speaks opaque TCP (its sidecar proxies bytes, not HTTP).
+    pub opaque: bool,
 }
 
 /// One gateway deployment (all Gateways with the same selector share it).
@@ -122,12 +124,23 @@ impl Plan {
                     Ok((u.clone(), port, local(free_port()?)))
                 })
                 .collect::<std::io::Result<Vec<_>>>()?;
-            let services = registry
+            let selecting: Vec<&trellis_config::registry::Service> = registry
                 .services
                 .iter()
                 .filter(|s| s.endpoints.iter().any(|e| e.name == r.name() && e.namespace == r.namespace()))
-                .map(|s| s.short_name.clone().unwrap_or_else(|| s.hostname.clone()))
                 .collect();
+            // The app speaks opaque TCP when it says so, or, saying nothing, when the services
+            // selecting it declare only TCP ports (as Istio reads the protocol off the Service).
+            let opaque = match w.protocol.as_deref().map(Protocol::parse) {
+                Some(p) => p.is_opaque(),
+                None => {
+                    let ports: Vec<Protocol> =
+                        selecting.iter().flat_map(|s| s.ports.iter().map(|p| p.protocol)).collect();
+                    !ports.is_empty() && ports.iter().all(|p| p.is_opaque())
+                }
+            };
+            let services =
+                selecting.iter().map(|s| s.short_name.clone().unwrap_or_else(|| s.hostname.clone())).collect();
             workloads.push(WorkloadPlan {
                 name: r.name().to_string(),
                 namespace: r.namespace().to_string(),
@@ -140,6 +153,7 @@ impl Plan {
                 admin: local(admin_port()?),
                 upstreams,
                 services,
+                opaque,
             });
         }
         let mut by_selector: BTreeMap<BTreeMap<String, String>, Vec<u16>> = BTreeMap::new();
@@ -239,6 +253,7 @@ impl WorkloadPlan {
     /// The sidecar's command-line arguments.
     pub fn sidecar_args(&self, control_plane: SocketAddr) -> Vec<String> {
         let proto = match self.spec.protocol.as_deref().map(Protocol::parse) {
+            _ if self.opaque => ",tcp",
             Some(Protocol::Http2 | Protocol::Grpc) => ",http2",
             _ => "",
         };

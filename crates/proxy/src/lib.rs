@@ -19,6 +19,7 @@ pub mod runtime;
 pub mod security;
 pub mod source;
 pub mod state;
+pub mod tcp;
 pub mod telemetry;
 pub mod upstream;
 

@@ -120,6 +120,80 @@ impl RequestLabels {
     }
 }
 
+/// Istio's TCP label set: the request labels without `response_code` and
+/// `grpc_response_status` (which only HTTP metrics carry); `request_protocol` is `tcp`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: Reporter,
+    pub source_workload: Arc<str>,
+    pub source_workload_namespace: Arc<str>,
+    pub source_principal: Arc<str>,
+    pub source_app: Arc<str>,
+    pub source_version: Arc<str>,
+    pub source_canonical_service: Arc<str>,
+    pub source_canonical_revision: Arc<str>,
+    pub destination_workload: Arc<str>,
+    pub destination_workload_namespace: Arc<str>,
+    pub destination_principal: Arc<str>,
+    pub destination_app: Arc<str>,
+    pub destination_version: Arc<str>,
+    pub destination_service: Arc<str>,
+    pub destination_service_name: Arc<str>,
+    pub destination_service_namespace: Arc<str>,
+    pub destination_canonical_service: Arc<str>,
+    pub destination_canonical_revision: Arc<str>,
+    pub request_protocol: &'static str,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+impl TcpLabels {
+    pub fn new(
+        reporter: Reporter,
+        source: &Identity,
+        destination: &Identity,
+        principals: (&Arc<str>, &Arc<str>),
+        service: &ServiceLabels,
+        response_flags: &'static str,
+        connection_security_policy: &'static str,
+    ) -> TcpLabels {
+        TcpLabels {
+            reporter,
+            source_workload: source.workload.clone(),
+            source_workload_namespace: source.namespace.clone(),
+            source_principal: principals.0.clone(),
+            source_app: source.app.clone(),
+            source_version: source.version.clone(),
+            source_canonical_service: source.canonical_service.clone(),
+            source_canonical_revision: source.canonical_revision.clone(),
+            destination_workload: destination.workload.clone(),
+            destination_workload_namespace: destination.namespace.clone(),
+            destination_principal: principals.1.clone(),
+            destination_app: destination.app.clone(),
+            destination_version: destination.version.clone(),
+            destination_service: service.host.clone(),
+            destination_service_name: service.name.clone(),
+            destination_service_namespace: service.namespace.clone(),
+            destination_canonical_service: destination.canonical_service.clone(),
+            destination_canonical_revision: destination.canonical_revision.clone(),
+            request_protocol: "tcp",
+            response_flags,
+            connection_security_policy,
+        }
+    }
+}
+
+/// The TCP metrics of one connection's label set.
+#[derive(Clone)]
+pub struct TcpHandles {
+    /// Bytes from the client towards the server (`istio_tcp_received_bytes_total`).
+    pub received: Counter,
+    /// Bytes from the server back to the client (`istio_tcp_sent_bytes_total`).
+    pub sent: Counter,
+    pub opened: Counter,
+    pub closed: Counter,
+}
+
 type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
 type ExemplarFamily =
     Family<RequestLabels, HistogramWithExemplars<TraceExemplar>, fn() -> HistogramWithExemplars<TraceExemplar>>;
@@ -202,6 +276,10 @@ pub struct ProxyMetrics {
     pub mirrors: Family<MirrorLabels, Counter>,
     /// Requests over a local rate limit, by policy and outcome.
     pub rate_limited: Family<RateLimitLabels, Counter>,
+    tcp_received: Family<TcpLabels, Counter>,
+    tcp_sent: Family<TcpLabels, Counter>,
+    tcp_opened: Family<TcpLabels, Counter>,
+    tcp_closed: Family<TcpLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -280,6 +358,18 @@ impl ProxyMetrics {
         registry.register("istio_request_duration_milliseconds", "Request duration in milliseconds", duration.clone());
         registry.register("istio_request_bytes", "Request body size in bytes", request_bytes.clone());
         registry.register("istio_response_bytes", "Response body size in bytes", response_bytes.clone());
+        let tcp_received = Family::<TcpLabels, Counter>::default();
+        let tcp_sent = Family::<TcpLabels, Counter>::default();
+        let tcp_opened = Family::<TcpLabels, Counter>::default();
+        let tcp_closed = Family::<TcpLabels, Counter>::default();
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from clients on TCP connections",
+            tcp_received.clone(),
+        );
+        registry.register("istio_tcp_sent_bytes", "Bytes sent back to clients on TCP connections", tcp_sent.clone());
+        registry.register("istio_tcp_connections_opened", "TCP connections opened", tcp_opened.clone());
+        registry.register("istio_tcp_connections_closed", "TCP connections closed", tcp_closed.clone());
         let request_messages = Family::<RequestLabels, Counter>::default();
         let response_messages = Family::<RequestLabels, Counter>::default();
         registry.register("istio_request_messages", "gRPC messages sent by clients", request_messages.clone());
@@ -393,6 +483,20 @@ impl ProxyMetrics {
             overflows,
             mirrors,
             rate_limited,
+            tcp_received,
+            tcp_sent,
+            tcp_opened,
+            tcp_closed,
+        }
+    }
+
+    /// The TCP metrics of one label set.
+    pub fn tcp_handles(&self, labels: &TcpLabels) -> TcpHandles {
+        TcpHandles {
+            received: self.tcp_received.get_or_create(labels).clone(),
+            sent: self.tcp_sent.get_or_create(labels).clone(),
+            opened: self.tcp_opened.get_or_create(labels).clone(),
+            closed: self.tcp_closed.get_or_create(labels).clone(),
         }
     }
 

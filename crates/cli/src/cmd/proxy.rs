@@ -140,11 +140,12 @@ fn addr_or_port(s: &str) -> Result<SocketAddr, String> {
 }
 
 fn parse_inbound(s: &str) -> Result<InboundSpec, String> {
-    let (l, a) = s.split_once('=').ok_or_else(|| format!("expected LISTEN=APP[,http2], got {s:?}"))?;
+    let (l, a) = s.split_once('=').ok_or_else(|| format!("expected LISTEN=APP[,http1|http2|tcp], got {s:?}"))?;
     let (a, protocol) = match a.split_once(',') {
         Some((a, "http2")) => (a, Some(UpstreamProtocol::Http2)),
         Some((a, "http1")) => (a, Some(UpstreamProtocol::Http1)),
-        Some((_, p)) => return Err(format!("unknown app protocol {p:?}: use http1 or http2")),
+        Some((a, "tcp")) => (a, Some(UpstreamProtocol::Tcp)),
+        Some((_, p)) => return Err(format!("unknown app protocol {p:?}: use http1, http2 or tcp")),
         None => (a, None),
     };
     Ok(InboundSpec { listen: addr_or_port(l)?, app: addr_or_port(a)?, protocol })

@@ -152,8 +152,16 @@ pub fn proxy_config(args: ProxyConfigArgs) -> ExitCode {
                 ListenerRouting::Fixed { host, port } => format!("as {host}:{port}"),
                 ListenerRouting::OriginalDst { ports, .. } => format!(
                     "by original destination: {}",
-                    ports.iter().map(|(p, c)| format!("{p}→{}", c.table)).collect::<Vec<_>>().join(", ")
+                    ports
+                        .iter()
+                        .map(|(p, c)| match &c.tcp {
+                            Some(t) => format!("{p}→tcp {}", tcp_routes(t)),
+                            None => format!("{p}→{}", c.table),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
+                ListenerRouting::Tcp(t) => format!("tcp {}", tcp_routes(t)),
             };
             rows.push(vec![
                 l.name.clone(),
@@ -222,6 +230,23 @@ pub fn proxy_config(args: ProxyConfigArgs) -> ExitCode {
         print_table(&rows);
         Ok(())
     })
+}
+
+/// TCP routes in one cell: `cluster (weight), ...` per route, routes separated by `|`.
+fn tcp_routes(t: &trellis_config::snapshot::TcpProxy) -> String {
+    t.routes
+        .iter()
+        .map(|r| {
+            let dests: Vec<String> = r.destinations.iter().map(|(c, w)| format!("{c} ({w})")).collect();
+            let subnets = if r.destination_subnets.is_empty() {
+                String::new()
+            } else {
+                format!(" to {}", r.destination_subnets.join(","))
+            };
+            format!("{}{subnets}", dests.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 /// A route's timeout, retries and faults, in one cell.

@@ -19,8 +19,34 @@ pub struct VirtualService {
     pub gateways: Vec<String>,
     pub http: Vec<HttpRoute>,
     pub tls: Option<Json>,
-    pub tcp: Option<Json>,
+    pub tcp: Vec<TcpRoute>,
     pub export_to: Vec<String>,
+}
+
+/// A VirtualService `tcp` route: the first whose match holds proxies the connection.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct TcpRoute {
+    #[serde(rename = "match")]
+    pub matches: Vec<L4MatchAttributes>,
+    pub route: Vec<RouteDestination>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct L4MatchAttributes {
+    pub destination_subnets: Vec<String>,
+    pub port: Option<u32>,
+    pub source_labels: Labels,
+    pub gateways: Vec<String>,
+    pub source_namespace: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct RouteDestination {
+    pub destination: Destination,
+    pub weight: Option<i64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]

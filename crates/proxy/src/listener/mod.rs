@@ -198,7 +198,9 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 async fn serve(stream: TcpStream, mut conn: ConnInfo, shared: Arc<Shared>) {
     let _open = shared.drain.track();
     let _ = stream.set_nodelay(true);
-    let mode = if shared.runtime().is_capturing(&conn.listener) {
+    let rt = shared.runtime();
+    let mut tcp = None;
+    let mode = if rt.is_capturing(&conn.listener) {
         let Some(original) = conn.original_dst else {
             tracing::debug!(listener = %conn.listener, peer = %conn.peer, "captured connection without an original destination; closed");
             return;
@@ -208,8 +210,12 @@ async fn serve(stream: TcpStream, mut conn: ConnInfo, shared: Arc<Shared>) {
             tracing::debug!(listener = %conn.listener, peer = %conn.peer, "connection addressed to the capture port itself; closed");
             return;
         }
-        match shared.runtime().captured(&conn.listener, original.port()) {
+        match rt.captured(&conn.listener, original.port()) {
             Captured::Http(mode) => mode,
+            Captured::Tcp(mode) => {
+                tcp = rt.tcp(&conn.listener, Some(original.port())).cloned();
+                mode
+            }
             Captured::Passthrough => return passthrough(stream, original, &conn).await,
             Captured::Refuse => {
                 tracing::debug!(listener = %conn.listener, %original, "plaintext to an undeclared port of a STRICT workload; refused");
@@ -217,7 +223,8 @@ async fn serve(stream: TcpStream, mut conn: ConnInfo, shared: Arc<Shared>) {
             }
         }
     } else {
-        shared.runtime().listener_mtls(&conn.listener)
+        tcp = rt.tcp(&conn.listener, None).cloned();
+        rt.listener_mtls(&conn.listener)
     };
     let tls = match (mode, &shared.mesh_server) {
         (Some(MtlsMode::Strict), None) => {
@@ -235,6 +242,7 @@ async fn serve(stream: TcpStream, mut conn: ConnInfo, shared: Arc<Shared>) {
         }
         _ => None,
     };
+    let mut mesh_tcp = false;
     let io: Io = match tls {
         None => Box::new(stream),
         Some(cfg) => {
@@ -243,6 +251,7 @@ async fn serve(stream: TcpStream, mut conn: ConnInfo, shared: Arc<Shared>) {
                     conn.peer_identity =
                         trellis_identity::tls::peer_identity(tls.get_ref().1).map(|id| Arc::from(id.to_string()));
                     conn.mtls = true;
+                    mesh_tcp = tls.get_ref().1.alpn_protocol() == Some(trellis_identity::tls::ALPN_TCP);
                     Box::new(tls)
                 }
                 Ok(Err(e)) => {
@@ -253,7 +262,13 @@ async fn serve(stream: TcpStream, mut conn: ConnInfo, shared: Arc<Shared>) {
             }
         }
     };
-    serve_http(io, Arc::new(conn), shared.clone()).await;
+    match tcp {
+        Some(tcp) => crate::tcp::serve(io, conn, shared.clone(), rt, tcp, mesh_tcp).await,
+        None => {
+            drop(rt);
+            serve_http(io, Arc::new(conn), shared.clone()).await
+        }
+    }
 }
 
 /// `SO_ORIGINAL_DST`: where a connection redirected by iptables was going.

@@ -383,7 +383,7 @@ fn overflow_labels(cluster: &Cluster, limit: &'static str) -> OverflowLabels {
 }
 
 /// Counts a try's outcome for outlier detection (and the ejection it causes).
-fn observe(shared: &Shared, cluster: &Cluster, i: usize, result: outlier::Result) {
+pub(crate) fn observe(shared: &Shared, cluster: &Cluster, i: usize, result: outlier::Result) {
     let Some(o) = &cluster.outlier else { return };
     if let Some(reason) = o.record(i, result) {
         tracing::info!(cluster = %cluster.name, endpoint = %cluster.endpoints[i].0.address, reason, "endpoint ejected");
@@ -398,8 +398,8 @@ fn wire(cluster: &Cluster, parts: &http::request::Parts, grpc: bool) -> (Wire, O
         UpstreamProtocol::Http2 => Wire::Http2,
         UpstreamProtocol::Http1 if !grpc => Wire::Http1,
         UpstreamProtocol::Http1 => Wire::Http2,
-        UpstreamProtocol::Downstream if parts.version == Version::HTTP_2 || grpc => Wire::Http2,
-        UpstreamProtocol::Downstream => Wire::Http1,
+        UpstreamProtocol::Downstream | UpstreamProtocol::Tcp if parts.version == Version::HTTP_2 || grpc => Wire::Http2,
+        UpstreamProtocol::Downstream | UpstreamProtocol::Tcp => Wire::Http1,
     };
     // Between mesh proxies, HTTP/1 requests ride one multiplexed HTTP/2 connection per peer (no
     // TLS handshake per pooled connection); the peer restores HTTP/1 towards its application.

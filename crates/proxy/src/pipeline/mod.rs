@@ -28,6 +28,7 @@ mod cors;
 mod direction;
 mod fault;
 mod forward;
+pub(crate) use forward::observe;
 mod mirror;
 pub mod ratelimit;
 mod replay;

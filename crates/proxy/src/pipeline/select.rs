@@ -55,6 +55,8 @@ pub(super) fn route<'a>(
             }
             rt.outbound_table(*port)
         }
+        // Proxied as TCP before any request is read.
+        ListenerRouting::Tcp(_) => None,
     };
     let table = table.ok_or_else(|| no_route(&host, parts))?;
     let host_len = host.trim_end_matches('.').len();

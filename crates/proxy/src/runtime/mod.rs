@@ -41,6 +41,9 @@ pub struct Runtime {
     pub clusters: HashMap<String, Arc<Cluster>>,
     /// Local rate limits, each with its token bucket.
     pub rate_limits: Vec<crate::pipeline::ratelimit::Limiter>,
+    /// TCP proxying, by listener name (and `<listener>|<port>` for a capturing listener's
+    /// TCP ports).
+    tcp: HashMap<String, Arc<TcpProxy>>,
 }
 
 /// A cluster: endpoints, how to balance over them, and how to talk to them.
@@ -93,11 +96,12 @@ fn tls_setup(
                 .collect::<Result<Vec<_>, _>>()?;
             let tls = |e: trellis_identity::Error| Problem::Tls(e.to_string());
             let h1 = trellis_identity::tls::mesh_client(store.clone(), ids.clone(), ALPN_HTTP11).map_err(tls)?;
-            let h2 = trellis_identity::tls::mesh_client(store, ids, ALPN_H2).map_err(tls)?;
+            let h2 = trellis_identity::tls::mesh_client(store.clone(), ids.clone(), ALPN_H2).map_err(tls)?;
+            let tcp = trellis_identity::tls::mesh_client(store, ids, trellis_identity::tls::ALPN_TCP).map_err(tls)?;
             let server_name = rustls::pki_types::ServerName::from(
                 rustls::pki_types::DnsName::try_from_str("mesh.trellis").expect("a valid DNS name"),
             );
-            Ok((format!("mtls:{}", identities.join(",")), TlsSetup { h1, h2, server_name }))
+            Ok((format!("mtls:{}", identities.join(",")), TlsSetup { h1, h2, tcp, server_name }))
         }
         spec::UpstreamTls::Origination {
             sni,
@@ -141,7 +145,10 @@ fn tls_setup(
                 ca_certificates.as_deref().unwrap_or("system"),
                 client_certificate.as_deref().unwrap_or("-")
             );
-            Ok((key, TlsSetup { h1, h2, server_name }))
+            // Opaque TCP inside originated TLS: no application protocol to announce.
+            let mut tcp = (*h1).clone();
+            tcp.alpn_protocols.clear();
+            Ok((key, TlsSetup { h1, h2, tcp: Arc::new(tcp), server_name }))
         }
     }
 }
@@ -183,6 +190,7 @@ impl Runtime {
             listeners: HashMap::new(),
             clusters: HashMap::new(),
             rate_limits: Vec::new(),
+            tcp: HashMap::new(),
         }
     }
 
@@ -280,10 +288,28 @@ impl Runtime {
             tables.insert(name.clone(), table);
         }
         let mut listeners = HashMap::new();
+        let mut tcp = HashMap::new();
         for l in &snapshot.listeners {
+            let at = |p: Problem| p.at(Resource::Listener(l.name.clone()));
+            match &l.routing {
+                ListenerRouting::Tcp(t) => {
+                    tcp.insert(l.name.clone(), Arc::new(TcpProxy::build(t, &clusters).map_err(at)?));
+                }
+                ListenerRouting::OriginalDst { ports, .. } => {
+                    for (port, p) in ports {
+                        if let Some(t) = &p.tcp {
+                            let built = TcpProxy::build(t, &clusters).map_err(at)?;
+                            tcp.insert(format!("{}|{port}", l.name), Arc::new(built));
+                        }
+                    }
+                }
+                _ => {}
+            }
             let used: Vec<&String> = match &l.routing {
                 ListenerRouting::Table(t) => vec![t],
-                ListenerRouting::OriginalDst { ports, .. } => ports.values().map(|p| &p.table).collect(),
+                ListenerRouting::OriginalDst { ports, .. } => {
+                    ports.values().filter(|p| p.tcp.is_none()).map(|p| &p.table).collect()
+                }
                 _ => Vec::new(),
             };
             for t in used {
@@ -303,7 +329,7 @@ impl Runtime {
                     .map_err(|e| e.at(Resource::RateLimit(p.name.clone())))
             })
             .collect::<Result<Vec<_>, BuildError>>()?;
-        Ok(Runtime { snapshot, me, telemetry, authz, jwt, tables, outbound, listeners, clusters, rate_limits })
+        Ok(Runtime { snapshot, me, telemetry, authz, jwt, tables, outbound, listeners, clusters, rate_limits, tcp })
     }
 
     pub fn version(&self) -> &str {
@@ -324,6 +350,7 @@ impl Runtime {
     pub fn captured(&self, name: &str, original: u16) -> Captured {
         match self.listeners.get(name).map(|l| &l.0) {
             Some(ListenerRouting::OriginalDst { ports, passthrough_mtls }) => match ports.get(&original) {
+                Some(p) if p.tcp.is_some() => Captured::Tcp(p.mtls),
                 Some(p) => Captured::Http(p.mtls),
                 None if *passthrough_mtls == Some(spec::MtlsMode::Strict) => Captured::Refuse,
                 None => Captured::Passthrough,
@@ -342,12 +369,75 @@ impl Runtime {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Captured {
     Http(Option<spec::MtlsMode>),
+    /// Proxied as TCP ([`Runtime::tcp`] with the port).
+    Tcp(Option<spec::MtlsMode>),
     Passthrough,
     /// Plaintext to an undeclared port of a STRICT workload.
     Refuse,
 }
 
+/// A listener's (or captured port's) TCP routes, with their clusters resolved.
+pub struct TcpProxy {
+    routes: Vec<TcpRoute>,
+}
+
+pub struct TcpRoute {
+    pub name: Arc<str>,
+    subnets: Vec<trellis_config::cidr::Cidr>,
+    destinations: Vec<(Arc<Cluster>, u32)>,
+    total: u32,
+}
+
+impl TcpProxy {
+    fn build(t: &spec::TcpProxy, clusters: &HashMap<String, Arc<Cluster>>) -> Result<TcpProxy, Problem> {
+        let mut routes = Vec::new();
+        for r in &t.routes {
+            let destinations = r
+                .destinations
+                .iter()
+                .map(|(c, w)| Ok((clusters.get(c).cloned().ok_or_else(|| Problem::UnknownCluster(c.clone()))?, *w)))
+                .collect::<Result<Vec<_>, Problem>>()?;
+            if destinations.is_empty() {
+                return Err(Problem::NoDestinations);
+            }
+            routes.push(TcpRoute {
+                name: Arc::from(r.name.as_str()),
+                subnets: r.destination_subnets.iter().filter_map(|s| trellis_config::cidr::Cidr::parse(s)).collect(),
+                total: destinations.iter().map(|d| d.1).sum(),
+                destinations,
+            });
+        }
+        Ok(TcpProxy { routes })
+    }
+
+    /// The route for a connection to `destination`, and the cluster it picks by weight.
+    pub fn route(&self, destination: std::net::IpAddr) -> Option<(&TcpRoute, &Arc<Cluster>)> {
+        let r =
+            self.routes.iter().find(|r| r.subnets.is_empty() || r.subnets.iter().any(|c| c.contains(destination)))?;
+        if r.total == 0 {
+            return Some((r, &r.destinations[0].0));
+        }
+        let mut x = fastrand::u32(..r.total);
+        for (c, w) in &r.destinations {
+            if x < *w {
+                return Some((r, c));
+            }
+            x -= w;
+        }
+        Some((r, &r.destinations[0].0))
+    }
+}
+
 impl Runtime {
+    /// How `listener` (and for a capturing listener, the connection's original `port`)
+    /// proxies TCP, if it does.
+    pub fn tcp(&self, listener: &str, port: Option<u16>) -> Option<&Arc<TcpProxy>> {
+        match port {
+            Some(p) if self.is_capturing(listener) => self.tcp.get(&format!("{listener}|{p}")),
+            _ => self.tcp.get(listener),
+        }
+    }
+
     pub fn table(&self, name: &str) -> Option<&Arc<RouteTable>> {
         self.tables.get(name)
     }

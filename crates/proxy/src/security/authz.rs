@@ -9,6 +9,10 @@
 //!
 //! Patterns (principals, namespaces, hosts, paths, condition values) are exact, `prefix*`,
 //! `*suffix` or `*`. Principals are written without `spiffe://`.
+//!
+//! TCP connections ([`Authorizer::evaluate_tcp`]) have no HTTP attributes; as in Istio, an
+//! ALLOW (or AUDIT) rule that uses an HTTP-only field never matches them, and a DENY rule is
+//! applied without its HTTP-only fields — stricter, never looser.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -98,6 +102,10 @@ impl Field {
         Field { pos: pos.iter().map(|s| Pat::new(s)).collect(), neg: neg.iter().map(|s| Pat::new(s)).collect() }
     }
 
+    fn is_empty(&self) -> bool {
+        self.pos.is_empty() && self.neg.is_empty()
+    }
+
     /// A missing value fails a positive field and passes a negative one.
     fn check(&self, value: Option<&str>) -> bool {
         let pos = self.pos.is_empty() || value.is_some_and(|v| self.pos.iter().any(|p| p.matches(v)));
@@ -185,6 +193,9 @@ struct RuleM {
     from: Vec<SourceM>,
     to: Vec<OperationM>,
     when: Vec<ConditionM>,
+    /// Uses a field only HTTP requests have (request principals, hosts, methods, paths,
+    /// request headers or claims).
+    http_only: bool,
 }
 
 struct PolicyM {
@@ -229,14 +240,23 @@ impl Authorizer {
 
     /// The decision, and the AUDIT policy that matched, if any.
     pub fn evaluate(&self, a: &Attrs<'_>) -> (Decision, Option<Arc<str>>) {
-        let audit = self.audit.iter().find(|p| p.matches(a)).map(|p| p.name.clone());
-        if let Some(p) = self.deny.iter().find(|p| p.matches(a)) {
+        self.decide(a, false)
+    }
+
+    /// The decision for a TCP connection (no HTTP attributes in `a`).
+    pub fn evaluate_tcp(&self, a: &Attrs<'_>) -> (Decision, Option<Arc<str>>) {
+        self.decide(a, true)
+    }
+
+    fn decide(&self, a: &Attrs<'_>, tcp: bool) -> (Decision, Option<Arc<str>>) {
+        let audit = self.audit.iter().find(|p| p.matches(a, tcp)).map(|p| p.name.clone());
+        if let Some(p) = self.deny.iter().find(|p| p.matches_deny(a, tcp)) {
             return (Decision::Deny { policy: Some(p.name.clone()) }, audit);
         }
         if self.allow.is_empty() {
             return (Decision::Allow { policy: None }, audit);
         }
-        match self.allow.iter().find(|p| p.matches(a)) {
+        match self.allow.iter().find(|p| p.matches(a, tcp)) {
             Some(p) => (Decision::Allow { policy: Some(p.name.clone()) }, audit),
             None => (Decision::Deny { policy: None }, audit),
         }
@@ -299,10 +319,18 @@ fn condition(c: &Condition) -> ConditionM {
 }
 
 fn rule(r: &Rule) -> RuleM {
-    RuleM {
-        from: r.from.iter().map(|f| source(&f.source)).collect(),
-        to: r.to.iter().map(|t| operation(&t.operation)).collect(),
-        when: r.when.iter().map(condition).collect(),
+    let from: Vec<SourceM> = r.from.iter().map(|f| source(&f.source)).collect();
+    let to: Vec<OperationM> = r.to.iter().map(|t| operation(&t.operation)).collect();
+    let when: Vec<ConditionM> = r.when.iter().map(condition).collect();
+    let http_only = from.iter().any(|s| !s.request_principals.is_empty())
+        || to.iter().any(|o| !o.hosts.is_empty() || !o.methods.is_empty() || !o.paths.is_empty())
+        || when.iter().any(|c| c.key.http_only());
+    RuleM { from, to, when, http_only }
+}
+
+impl Key {
+    fn http_only(&self) -> bool {
+        matches!(self, Key::Header(_) | Key::RequestPrincipal | Key::Audiences | Key::Presenter | Key::Claim(_))
     }
 }
 
@@ -319,23 +347,29 @@ fn claim_strings(v: &serde_json::Value) -> Vec<std::borrow::Cow<'_, str>> {
 }
 
 impl PolicyM {
-    fn matches(&self, a: &Attrs<'_>) -> bool {
-        self.rules.iter().any(|r| r.matches(a))
+    /// ALLOW and AUDIT: on TCP, a rule with an HTTP-only field never matches.
+    fn matches(&self, a: &Attrs<'_>, tcp: bool) -> bool {
+        self.rules.iter().any(|r| !(tcp && r.http_only) && r.matches(a, tcp))
+    }
+
+    /// DENY: on TCP, a rule applies without its HTTP-only fields.
+    fn matches_deny(&self, a: &Attrs<'_>, tcp: bool) -> bool {
+        self.rules.iter().any(|r| r.matches(a, tcp))
     }
 }
 
 impl RuleM {
-    fn matches(&self, a: &Attrs<'_>) -> bool {
-        (self.from.is_empty() || self.from.iter().any(|s| s.matches(a)))
-            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(a)))
-            && self.when.iter().all(|c| c.matches(a))
+    fn matches(&self, a: &Attrs<'_>, tcp: bool) -> bool {
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches(a, tcp)))
+            && (self.to.is_empty() || self.to.iter().any(|o| o.matches(a, tcp)))
+            && self.when.iter().all(|c| (tcp && c.key.http_only()) || c.matches(a))
     }
 }
 
 impl SourceM {
-    fn matches(&self, a: &Attrs<'_>) -> bool {
+    fn matches(&self, a: &Attrs<'_>, tcp: bool) -> bool {
         self.principals.check(a.principal)
-            && self.request_principals.check(a.request_principal)
+            && (tcp || self.request_principals.check(a.request_principal))
             && self.namespaces.check(a.namespace())
             && self.ip_blocks.check(a.source_ip)
             && self.remote_ip_blocks.check(a.remote_ip)
@@ -343,12 +377,13 @@ impl SourceM {
 }
 
 impl OperationM {
-    fn matches(&self, a: &Attrs<'_>) -> bool {
-        self.hosts.check_host(a.host)
-            && (self.ports.0.is_empty() || self.ports.0.contains(&a.port))
+    fn matches(&self, a: &Attrs<'_>, tcp: bool) -> bool {
+        (self.ports.0.is_empty() || self.ports.0.contains(&a.port))
             && !self.ports.1.contains(&a.port)
-            && self.methods.check(Some(a.method))
-            && self.paths.check(Some(a.path))
+            && (tcp
+                || (self.hosts.check_host(a.host)
+                    && self.methods.check(Some(a.method))
+                    && self.paths.check(Some(a.path))))
     }
 }
 

@@ -48,6 +48,8 @@ pub type Io = Box<dyn Stream>;
 pub struct TlsSetup {
     pub h1: Arc<rustls::ClientConfig>,
     pub h2: Arc<rustls::ClientConfig>,
+    /// For opaque TCP: ALPN `trellis-tcp` towards mesh peers, none when originating TLS.
+    pub tcp: Arc<rustls::ClientConfig>,
     pub server_name: rustls::pki_types::ServerName<'static>,
 }
 
@@ -230,6 +232,40 @@ impl Endpoint {
     }
 
     /// Connects (and, for TLS endpoints, handshakes with ALPN for `wire`) within `timeout`.
+    /// A connection for opaque TCP: plain, or TLS as the cluster says; `true` when it is mesh
+    /// mTLS to a Trellis peer (ALPN `trellis-tcp`: the peer expects this side's metadata first).
+    pub async fn connect_opaque(&self, timeout: Duration) -> Result<(Io, bool), ProxyError> {
+        let fut = async {
+            let stream = match &self.target {
+                Target::Socket(sa) => TcpStream::connect(sa).await,
+                Target::Dns(hp) => TcpStream::connect(hp.as_str()).await,
+            }
+            .map_err(|e| e.to_string())?;
+            let _ = stream.set_nodelay(true);
+            if let Some(k) = self.limits.load().keepalive {
+                let ka =
+                    socket2::TcpKeepalive::new().with_time(k.time.0).with_interval(k.interval.0).with_retries(k.probes);
+                let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
+            }
+            match &self.tls {
+                None => Ok::<(Io, bool), String>((Box::new(stream), false)),
+                Some(tls) => {
+                    let s = tokio_rustls::TlsConnector::from(tls.tcp.clone())
+                        .connect(tls.server_name.clone(), stream)
+                        .await
+                        .map_err(|e| format!("TLS handshake: {e}"))?;
+                    let mesh = s.get_ref().1.alpn_protocol() == Some(trellis_identity::tls::ALPN_TCP);
+                    Ok((Box::new(s) as Io, mesh))
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(ProxyError::connect_failure(&self.address, e)),
+            Err(_) => Err(ProxyError::connect_failure(&self.address, "connect timeout")),
+        }
+    }
+
     async fn connect(&self, timeout: Duration, wire: Wire) -> Result<Io, ProxyError> {
         let fut = async {
             let stream = match &self.target {
