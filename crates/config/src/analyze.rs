@@ -538,8 +538,13 @@ impl<'a> Cx<'a> {
         if s.hosts.is_empty() {
             self.push(Code::Schema, r, path!["spec", "servers", i, "hosts"], "a server needs at least one host".into());
         }
+        let tls = s.tls_settings();
+        let https = Protocol::parse(&s.port.protocol) == Protocol::Https;
+        let mode = tls.as_ref().and_then(|t| t.mode.clone().or_else(|| https.then(|| "SIMPLE".into())));
+        let terminated = matches!(mode.as_deref(), Some("SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL"));
         match Protocol::parse(&s.port.protocol) {
             Protocol::Http | Protocol::Http2 | Protocol::Grpc => {}
+            Protocol::Https if terminated => {}
             Protocol::Https | Protocol::Tls | Protocol::Tcp => self.push(
                 Code::NotEnforced,
                 r,
@@ -556,12 +561,47 @@ impl<'a> Cx<'a> {
                 format!("unknown protocol {:?}: use HTTP, HTTP2, GRPC, HTTPS, TLS or TCP", s.port.protocol),
             ),
         }
-        if s.tls.is_some() {
+        let Some(t) = tls else { return };
+        let at = |f: &str| path!["spec", "servers", i, "tls", f];
+        if terminated {
+            let files = t.server_certificate.is_some() && t.private_key.is_some();
+            if t.credential_name.is_none() && !files {
+                self.push(
+                    Code::Schema,
+                    r,
+                    path!["spec", "servers", i, "tls"],
+                    format!(
+                        "{} needs credentialName, or serverCertificate and privateKey",
+                        mode.as_deref().unwrap_or("")
+                    ),
+                );
+            }
+            if mode.as_deref() != Some("SIMPLE") && t.credential_name.is_none() && t.ca_certificates.is_none() {
+                self.push(
+                    Code::Schema,
+                    r,
+                    at("caCertificates"),
+                    "MUTUAL needs caCertificates (or credentialName with a CA)".into(),
+                );
+            }
+            for (f, v) in
+                [("minProtocolVersion", &t.min_protocol_version), ("maxProtocolVersion", &t.max_protocol_version)]
+            {
+                if matches!(v.as_deref(), Some("TLSV1_0" | "TLSV1_1")) {
+                    self.push(
+                        Code::NotEnforced,
+                        r,
+                        at(f),
+                        "TLS 1.0 and 1.1 are not offered: Trellis speaks TLS 1.2 and 1.3".into(),
+                    );
+                }
+            }
+        } else if mode.is_some() {
             self.push(
                 Code::NotEnforced,
                 r,
-                path!["spec", "servers", i, "tls"],
-                "server TLS settings are not enforced yet".into(),
+                at("mode"),
+                format!("tls mode {} is not enforced yet", mode.as_deref().unwrap_or("")),
             );
         }
     }

@@ -288,6 +288,10 @@ impl Generation {
     }
 }
 
+/// A Gateway server as a port's listener serves it: its resource, hosts, and whether it only
+/// redirects to HTTPS.
+type GatewayServer<'r> = (&'r Resource, Vec<String>, bool);
+
 struct Compiler<'a> {
     resources: &'a [Resource],
     registry: &'a Registry,
@@ -322,8 +326,9 @@ impl<'a> Compiler<'a> {
     // --- gateways ---
 
     fn gateway(&mut self, snap: &mut Snapshot) {
-        // Servers by port: (gateway resource, server hosts).
-        let mut by_port: BTreeMap<u16, Vec<(&Resource, Vec<String>)>> = BTreeMap::new();
+        // Servers by port: (gateway resource, server hosts, redirect to HTTPS).
+        let mut by_port: BTreeMap<u16, Vec<GatewayServer<'_>>> = BTreeMap::new();
+        let mut tls_by_port: BTreeMap<u16, ListenerTls> = BTreeMap::new();
         for r in self.resources {
             let Spec::Gateway(Gateway { selector, servers }) = &r.spec else {
                 continue;
@@ -331,15 +336,23 @@ impl<'a> Compiler<'a> {
             if !selects(selector, &self.proxy.labels) {
                 continue;
             }
-            for s in servers {
+            for (i, s) in servers.iter().enumerate() {
                 let proto = Protocol::parse(&s.port.protocol);
                 let Ok(port) = u16::try_from(s.port.number) else {
                     continue;
                 };
-                if !proto.is_http() || port == 0 {
+                let tls = s.tls_settings();
+                let terminated =
+                    tls.as_ref().filter(|_| proto == Protocol::Https).and_then(|t| server_tls(r, i, &s.hosts, t));
+                let http = proto.is_http() || (proto == Protocol::Https && terminated.is_some());
+                if !http || port == 0 {
                     continue;
                 }
-                by_port.entry(port).or_default().push((r, s.hosts.clone()));
+                if let Some(t) = terminated {
+                    tls_by_port.entry(port).or_default().servers.push(t);
+                }
+                let redirect = tls.as_ref().is_some_and(|t| t.https_redirect) && proto.is_http();
+                by_port.entry(port).or_default().push((r, s.hosts.clone(), redirect));
             }
         }
         for (port, servers) in by_port {
@@ -351,11 +364,12 @@ impl<'a> Compiler<'a> {
                 direction: Direction::Gateway,
                 routing: ListenerRouting::Table(table_name.clone()),
                 mtls: None,
+                tls: tls_by_port.remove(&port),
             });
             let mut vhosts: Vec<VirtualHost> = Vec::new();
             let vss: Vec<(&Resource, &VirtualService)> = virtual_services(self.resources).collect();
             for (vr, vs) in vss {
-                for (gr, server_hosts) in &servers {
+                for (gr, server_hosts, redirect) in &servers {
                     let gw_name = format!("{}/{}", gr.namespace(), gr.name());
                     let bound = vs.gateways.iter().any(|g| qualify(g, vr.namespace()) == gw_name);
                     if !bound {
@@ -371,7 +385,11 @@ impl<'a> Compiler<'a> {
                                 continue;
                             }
                             let domain = more_specific(h, sh).to_ascii_lowercase();
-                            let routes = self.routes(vr, vs, Some(&gw_name), port);
+                            let routes = if *redirect {
+                                vec![https_redirect(&gw_name)]
+                            } else {
+                                self.routes(vr, vs, Some(&gw_name), port)
+                            };
                             match vhosts.iter_mut().find(|v| v.domains == [domain.clone()]) {
                                 Some(v) => v.routes.extend(routes),
                                 None => {
@@ -437,6 +455,7 @@ impl<'a> Compiler<'a> {
                     direction: Direction::Inbound,
                     routing: ListenerRouting::Tcp(tcp),
                     mtls: Some(mtls),
+                    tls: None,
                 });
                 continue;
             }
@@ -482,6 +501,7 @@ impl<'a> Compiler<'a> {
                 direction: Direction::Inbound,
                 routing: ListenerRouting::Table(table),
                 mtls: Some(mtls),
+                tls: None,
             });
         }
         if let Some(c) = capture {
@@ -494,6 +514,7 @@ impl<'a> Compiler<'a> {
                 direction: Direction::Inbound,
                 routing: ListenerRouting::OriginalDst { ports: captured_inbound, passthrough_mtls },
                 mtls: None,
+                tls: None,
             });
         }
         if self.proxy.outbound.is_none() && self.proxy.upstreams.is_empty() && capture.is_none() {
@@ -557,6 +578,7 @@ impl<'a> Compiler<'a> {
                 direction: Direction::Outbound,
                 routing: ListenerRouting::OriginalDst { ports, passthrough_mtls: None },
                 mtls: None,
+                tls: None,
             });
         }
         if let Some(addr) = self.proxy.outbound {
@@ -566,6 +588,7 @@ impl<'a> Compiler<'a> {
                 direction: Direction::Outbound,
                 routing: ListenerRouting::ByRequestPort,
                 mtls: None,
+                tls: None,
             });
         }
         for u in &self.proxy.upstreams {
@@ -582,6 +605,7 @@ impl<'a> Compiler<'a> {
                 direction: Direction::Outbound,
                 routing,
                 mtls: None,
+                tls: None,
             });
         }
     }
@@ -1066,6 +1090,64 @@ fn join_host_port(host: &str, port: u16) -> String {
     } else {
         format!("{host}:{port}")
     }
+}
+
+/// `httpsRedirect`: every request is sent to the same URL over HTTPS (301), as Envoy's
+/// `require_tls`.
+fn https_redirect(gateway: &str) -> Route {
+    Route {
+        name: format!("https-redirect.{gateway}"),
+        source: None,
+        matches: Vec::new(),
+        action: Action::Redirect(Redirect {
+            uri: None,
+            authority: None,
+            port: None,
+            port_from_request: false,
+            scheme: Some("https".into()),
+            code: 301,
+        }),
+        request_headers: HeaderOps::default(),
+        response_headers: HeaderOps::default(),
+        timeout: None,
+        retry: None,
+        fault: None,
+        cors: None,
+        mirrors: Vec::new(),
+    }
+}
+
+/// The TLS a Gateway server terminates (`SIMPLE`, `MUTUAL`), if it does.
+fn server_tls(
+    r: &Resource,
+    i: usize,
+    hosts: &[String],
+    t: &crate::model::networking::ServerTlsSettings,
+) -> Option<TlsServer> {
+    let mutual = match t.mode.as_deref().unwrap_or("SIMPLE") {
+        "SIMPLE" => false,
+        "MUTUAL" | "OPTIONAL_MUTUAL" => true,
+        _ => return None,
+    };
+    let credential = match (&t.credential_name, &t.server_certificate, &t.private_key) {
+        (Some(name), _, _) => TlsCredential::Named(name.clone()),
+        (None, Some(cert), Some(key)) => TlsCredential::Files {
+            certificate: cert.clone(),
+            private_key: key.clone(),
+            ca_certificates: t.ca_certificates.clone(),
+        },
+        _ => return None,
+    };
+    Some(TlsServer {
+        hosts: hosts.iter().map(|h| strip_ns(h).to_ascii_lowercase()).collect(),
+        credential,
+        mutual,
+        subject_alt_names: t.subject_alt_names.clone(),
+        min_version: t.min_protocol_version.clone().filter(|v| v != "TLS_AUTO"),
+        max_version: t.max_protocol_version.clone().filter(|v| v != "TLS_AUTO"),
+        cipher_suites: t.cipher_suites.clone(),
+        source: format!("{} servers[{i}]", r.id()),
+    })
 }
 
 fn default_tcp_route(cluster: String) -> TcpRoute {

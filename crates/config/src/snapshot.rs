@@ -208,6 +208,49 @@ pub struct Listener {
     /// Inbound listeners: PeerAuthentication's mode for this port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MtlsMode>,
+    /// Gateway listeners: the TLS they terminate (HTTPS servers, SIMPLE or MUTUAL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTls>,
+}
+
+/// The TLS a gateway port terminates: one entry per server; the first whose hosts match the
+/// client's SNI serves the handshake (without SNI, or with no match, the first).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ListenerTls {
+    pub servers: Vec<TlsServer>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TlsServer {
+    /// SNI names it serves: `example.com`, `*.example.com`, `*`.
+    pub hosts: Vec<String>,
+    pub credential: TlsCredential,
+    /// MUTUAL: clients must present a certificate signed by the credential's CA.
+    #[serde(default)]
+    pub mutual: bool,
+    /// MUTUAL: the client certificate must carry one of these SANs (empty: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+    /// `TLSV1_2` or `TLSV1_3` (older versions are not offered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_version: Option<String>,
+    /// Cipher suites by their IANA or OpenSSL-style names (TLS 1.2); empty: the defaults.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cipher_suites: Vec<String>,
+    /// `Gateway ns/name servers[i]`.
+    pub source: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsCredential {
+    /// PEM files by path, read by the proxy (and read again when they change).
+    Files { certificate: String, private_key: String, ca_certificates: Option<String> },
+    /// `credentialName`: the proxy's credentials directory holds `<name>/tls.crt`, `tls.key`
+    /// and, for MUTUAL, `ca.crt` (or `<name>-cacert/ca.crt`), as a Kubernetes TLS Secret's keys.
+    Named(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -41,6 +41,8 @@ pub struct ProxyOptions {
     pub header_read_timeout: Duration,
     /// Gateway listeners bind port 0 (tests read the bound address from `/config_dump`).
     pub ephemeral_gateway_ports: bool,
+    /// Where Gateway servers' `credentialName`s are: `<dir>/<name>/tls.crt`, `tls.key`, `ca.crt`.
+    pub credentials_dir: Option<std::path::PathBuf>,
 }
 
 /// One proxy process's data plane.
@@ -63,6 +65,7 @@ impl Proxy {
         let mut shared =
             Shared::with_telemetry(opts.telemetry).map_err(|e| format!("cannot open the access log: {e}"))?;
         shared.set_header_read_timeout(opts.header_read_timeout);
+        shared.credentials_dir = opts.credentials_dir;
         if let Some(store) = opts.identity {
             shared.set_identity(store)?;
         }
@@ -100,6 +103,7 @@ impl Proxy {
                 self.shared.spans.is_some(),
                 self.shared.identity.as_ref(),
                 &self.shared.jwks,
+                self.shared.credentials_dir.as_deref(),
             )?;
             let staged = self.listeners.stage(&snap).await?;
             Ok::<_, runtime::BuildError>((rt, staged))

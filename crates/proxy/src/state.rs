@@ -39,6 +39,8 @@ pub struct Shared {
     pub pools: Pools,
     pub drain: Drain,
     pub server: auto::Builder<TokioExecutor>,
+    /// Where Gateway servers' `credentialName`s are.
+    pub credentials_dir: Option<std::path::PathBuf>,
     ready: AtomicBool,
     pub status: Mutex<ConfigStatus>,
 }
@@ -119,6 +121,7 @@ impl Shared {
             pools: Pools::default(),
             drain: Drain::new(),
             server,
+            credentials_dir: None,
             ready: AtomicBool::new(false),
             status: Mutex::new(ConfigStatus::default()),
         }

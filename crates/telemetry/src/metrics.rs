@@ -264,6 +264,8 @@ pub struct ProxyMetrics {
     pub authz_decisions: Family<AuthzLabels, Counter>,
     /// Downstream connections closed because a request head did not arrive in time.
     pub header_timeouts: Counter,
+    /// Downstream TLS handshakes (gateway HTTPS servers) that failed or timed out.
+    pub tls_handshake_failures: Counter,
     /// Retries sent, and retries the budget refused, by cluster.
     pub retries: Family<RetryLabels, Counter>,
     /// Faults injected (`delay`, `abort`), by route.
@@ -404,6 +406,12 @@ impl ProxyMetrics {
             "Downstream connections closed because a request head did not arrive within the header read timeout",
             header_timeouts.clone(),
         );
+        let tls_handshake_failures = Counter::default();
+        registry.register(
+            "trellis_proxy_downstream_tls_handshake_failures",
+            "Client TLS handshakes a gateway HTTPS server refused or that did not finish",
+            tls_handshake_failures.clone(),
+        );
         let retries = Family::<RetryLabels, Counter>::default();
         registry.register(
             "trellis_proxy_upstream_retries",
@@ -477,6 +485,7 @@ impl ProxyMetrics {
             access_log_dropped,
             authz_decisions,
             header_timeouts,
+            tls_handshake_failures,
             retries,
             faults,
             ejections,

@@ -71,6 +71,10 @@ pub struct Args {
     /// `active_listeners` shows each bound address (for tests that own the process).
     #[arg(long, hide = true)]
     ephemeral_gateway_ports: bool,
+    /// Where Gateway servers' `credentialName`s are: `DIR/<name>/tls.crt`, `tls.key` and, for
+    /// MUTUAL, `ca.crt` (or `DIR/<name>-cacert/ca.crt`) — a Kubernetes TLS Secret's keys.
+    #[arg(long, env = "TRELLIS_CREDENTIALS_DIR")]
+    credentials_dir: Option<std::path::PathBuf>,
     /// How long a drain waits for in-flight requests.
     #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
     drain_timeout: Duration,
@@ -367,6 +371,7 @@ async fn serve(args: Args) -> Result<()> {
         identity: identity.as_ref().map(|(s, ..)| s.clone()),
         header_read_timeout,
         ephemeral_gateway_ports: args.ephemeral_gateway_ports,
+        credentials_dir: args.credentials_dir.clone(),
     })
     .map_err(|e| anyhow!(e))?;
     if let Some((store, cp, token, id)) = identity {

@@ -441,6 +441,31 @@ pub struct Server {
     pub default_endpoint: Option<String>,
 }
 
+impl Server {
+    /// The server's `tls` block, typed (`None` when absent or not an object).
+    pub fn tls_settings(&self) -> Option<ServerTlsSettings> {
+        serde_json::from_value(self.tls.clone()?).ok()
+    }
+}
+
+/// A Gateway server's `tls` (Istio's `ServerTLSSettings`).
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ServerTlsSettings {
+    pub https_redirect: bool,
+    /// PASSTHROUGH, SIMPLE, MUTUAL, AUTO_PASSTHROUGH, ISTIO_MUTUAL, OPTIONAL_MUTUAL.
+    pub mode: Option<String>,
+    pub server_certificate: Option<String>,
+    pub private_key: Option<String>,
+    pub ca_certificates: Option<String>,
+    pub credential_name: Option<String>,
+    pub subject_alt_names: Vec<String>,
+    /// TLS_AUTO, TLSV1_0, TLSV1_1, TLSV1_2, TLSV1_3.
+    pub min_protocol_version: Option<String>,
+    pub max_protocol_version: Option<String>,
+    pub cipher_suites: Vec<String>,
+}
+
 #[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
 #[serde(default, rename_all = "camelCase")]
 pub struct ServerPort {

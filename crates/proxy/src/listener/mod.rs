@@ -6,6 +6,8 @@
 //! new accept loops and stops the removed ones. One task per connection; HTTP/1.1 and HTTP/2
 //! (prior knowledge) are told apart by the connection preface.
 
+pub mod tls;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -171,6 +173,7 @@ async fn accept_loop(
                         local,
                         peer_identity: None,
                         mtls: false,
+                        tls: false,
                         original_dst,
                         forwarded_for: Default::default(),
                     };
@@ -243,6 +246,20 @@ async fn serve(stream: TcpStream, mut conn: ConnInfo, shared: Arc<Shared>) {
         _ => None,
     };
     let mut mesh_tcp = false;
+    if let Some(gateway_tls) = rt.gateway_tls(&conn.listener) {
+        let gateway_tls = gateway_tls.clone();
+        drop(rt);
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, gateway_tls.accept(stream)).await {
+            Ok(Ok(s)) => {
+                conn.tls = true;
+                return serve_http(Box::new(s), Arc::new(conn), shared.clone()).await;
+            }
+            Ok(Err(e)) => tracing::debug!(listener = %conn.listener, peer = %conn.peer, "{e}"),
+            Err(_) => tracing::debug!(listener = %conn.listener, peer = %conn.peer, "TLS handshake timed out"),
+        }
+        shared.metrics.tls_handshake_failures.inc();
+        return;
+    }
     let io: Io = match tls {
         None => Box::new(stream),
         Some(cfg) => {

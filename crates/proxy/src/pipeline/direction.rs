@@ -53,7 +53,7 @@ pub(super) fn client_side(direction: Direction) -> bool {
 pub(super) fn on_request(conn: &ConnInfo, h: &mut HeaderMap) {
     if conn.direction == Direction::Gateway {
         let client = conn.forwarded_for.get_or_init(|| headers::address_value(conn.peer.ip()));
-        headers::set_forwarded(h, client, "http");
+        headers::set_forwarded(h, client, if conn.tls { "https" } else { "http" });
     }
 }
 

@@ -63,6 +63,8 @@ pub struct ConnInfo {
     /// The peer's SPIFFE id, when the connection is mesh mTLS.
     pub peer_identity: Option<Arc<str>>,
     pub mtls: bool,
+    /// The client's TLS was terminated here (a gateway's HTTPS server).
+    pub tls: bool,
     /// Where the client meant to connect, when iptables redirected it to this proxy.
     pub original_dst: Option<SocketAddr>,
     /// The peer's address as an `x-forwarded-for` value, made once per connection (gateways).

@@ -33,7 +33,7 @@ pub(super) fn route<'a>(
     parts: &mut http::request::Parts,
     authority: Option<&Authority>,
 ) -> Result<Selected<'a>, ProxyError> {
-    let scheme = if parts.uri.scheme_str() == Some("https") { "https" } else { "http" };
+    let scheme = if conn.tls || parts.uri.scheme_str() == Some("https") { "https" } else { "http" };
     let (mut host, port) = match authority {
         Some(a) => (a.host().to_ascii_lowercase(), a.port_u16()),
         None => (String::new(), None),

@@ -29,6 +29,12 @@ pub enum Resource {
         source: Option<String>,
     },
     Listener(String),
+    /// The TLS of a gateway listener.
+    GatewayServer {
+        listener: String,
+        /// The Gateway server: `Gateway ns/name servers[i]`.
+        source: Option<String>,
+    },
     /// A RequestAuthentication rule, by issuer.
     JwtRule(String),
     /// A local rate limit, by the `Kind namespace/name` it came from.
@@ -41,6 +47,7 @@ impl std::fmt::Display for Resource {
             Resource::Cluster { name, .. } => write!(f, "cluster {name}"),
             Resource::Route { table, route, .. } => write!(f, "route table {table}, route {route}"),
             Resource::Listener(l) => write!(f, "listener {l}"),
+            Resource::GatewayServer { listener, .. } => write!(f, "TLS of listener {listener}"),
             Resource::JwtRule(issuer) => write!(f, "JWT rule for issuer {issuer}"),
             Resource::RateLimit(name) => write!(f, "rate limit of {name}"),
         }
@@ -52,7 +59,9 @@ impl Resource {
     /// with the rule's index when known).
     pub fn config_source(&self) -> Option<&str> {
         match self {
-            Resource::Route { source, .. } | Resource::Cluster { source, .. } => source.as_deref(),
+            Resource::Route { source, .. }
+            | Resource::Cluster { source, .. }
+            | Resource::GatewayServer { source, .. } => source.as_deref(),
             Resource::RateLimit(name) => Some(name),
             _ => None,
         }

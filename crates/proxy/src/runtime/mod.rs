@@ -44,6 +44,8 @@ pub struct Runtime {
     /// TCP proxying, by listener name (and `<listener>|<port>` for a capturing listener's
     /// TCP ports).
     tcp: HashMap<String, Arc<TcpProxy>>,
+    /// TLS that gateway listeners terminate, by listener name.
+    gateway_tls: HashMap<String, Arc<crate::listener::tls::GatewayTls>>,
 }
 
 /// A cluster: endpoints, how to balance over them, and how to talk to them.
@@ -191,6 +193,7 @@ impl Runtime {
             clusters: HashMap::new(),
             rate_limits: Vec::new(),
             tcp: HashMap::new(),
+            gateway_tls: HashMap::new(),
         }
     }
 
@@ -201,6 +204,7 @@ impl Runtime {
         exporting: bool,
         identity: Option<&Arc<CredentialStore>>,
         jwks: &crate::security::jwt::JwksCache,
+        credentials_dir: Option<&std::path::Path>,
     ) -> Result<Runtime, BuildError> {
         let authz = crate::security::authz::Authorizer::new(&snapshot.authorization);
         let jwt = crate::security::jwt::JwtAuth::build(&snapshot.jwt_rules, jwks)?;
@@ -289,8 +293,17 @@ impl Runtime {
         }
         let mut listeners = HashMap::new();
         let mut tcp = HashMap::new();
+        let mut gateway_tls = HashMap::new();
         for l in &snapshot.listeners {
             let at = |p: Problem| p.at(Resource::Listener(l.name.clone()));
+            if let Some(t) = &l.tls {
+                let built = crate::listener::tls::GatewayTls::build(t, credentials_dir).map_err(|p| {
+                    // Name the Gateway server whose certificate failed.
+                    let source = t.servers.first().map(|s| s.source.clone());
+                    BuildError { resource: Resource::GatewayServer { listener: l.name.clone(), source }, problem: p }
+                })?;
+                gateway_tls.insert(l.name.clone(), Arc::new(built));
+            }
             match &l.routing {
                 ListenerRouting::Tcp(t) => {
                     tcp.insert(l.name.clone(), Arc::new(TcpProxy::build(t, &clusters).map_err(at)?));
@@ -329,7 +342,20 @@ impl Runtime {
                     .map_err(|e| e.at(Resource::RateLimit(p.name.clone())))
             })
             .collect::<Result<Vec<_>, BuildError>>()?;
-        Ok(Runtime { snapshot, me, telemetry, authz, jwt, tables, outbound, listeners, clusters, rate_limits, tcp })
+        Ok(Runtime {
+            snapshot,
+            me,
+            telemetry,
+            authz,
+            jwt,
+            tables,
+            outbound,
+            listeners,
+            clusters,
+            rate_limits,
+            tcp,
+            gateway_tls,
+        })
     }
 
     pub fn version(&self) -> &str {
@@ -436,6 +462,11 @@ impl Runtime {
             Some(p) if self.is_capturing(listener) => self.tcp.get(&format!("{listener}|{p}")),
             _ => self.tcp.get(listener),
         }
+    }
+
+    /// The TLS gateway listener `name` terminates, if it does.
+    pub fn gateway_tls(&self, name: &str) -> Option<&Arc<crate::listener::tls::GatewayTls>> {
+        self.gateway_tls.get(name)
     }
 
     pub fn table(&self, name: &str) -> Option<&Arc<RouteTable>> {

@@ -1,0 +1,245 @@
+//! TLS at the gateway, with real clients (curl, openssl s_client): Gateway `HTTPS` servers with
+//! two hostnames and two certificates on one port (SNI), MUTUAL refusing a client without a
+//! certificate, a certificate replaced on disk served to new connections while an open one
+//! continues, TLS 1.3 with ALPN, `credentialName` from a credentials directory, and
+//! `httpsRedirect`.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const HTTPS: u16 = 8443;
+
+struct Ca {
+    params: rcgen::CertificateParams,
+    key: rcgen::KeyPair,
+    pem: String,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "trellis test CA");
+        let pem = params.self_signed(&key).expect("ca").pem();
+        Ca { params, key, pem }
+    }
+
+    /// A certificate for `names` (server) or a client certificate, as (cert PEM, key PEM, DER).
+    fn issue(&self, names: &[&str], client: bool) -> (String, String, Vec<u8>) {
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("params");
+        params.extended_key_usages = vec![if client {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let cert = params.signed_by(&key, &issuer).expect("sign");
+        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    // Written aside and renamed: a reader never sees half a file.
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, &p).expect("rename");
+    p
+}
+
+fn curl(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("curl").args(["-sS", "--max-time", "10"]).args(args).output().expect("curl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The DER of the certificate a TLS server presents for `sni`, over a fresh connection.
+async fn presented(
+    port: u16,
+    sni: &str,
+    ca_pem: &str,
+) -> (Vec<u8>, tokio_rustls::client::TlsStream<tokio::net::TcpStream>) {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile_certs(ca_pem) {
+        roots.add(c).expect("root");
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).expect("name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.expect("handshake");
+    let der = tls.get_ref().1.peer_certificates().expect("certs")[0].to_vec();
+    (der, tls)
+}
+
+fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).map(|c| c.expect("pem")).collect()
+}
+
+/// One HTTP/1.1 request on an open TLS connection: the status line.
+async fn request_on(tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>, host: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(format!("GET /still-open HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tls.read(&mut buf).await.expect("read");
+    String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_servers_by_sni_mutual_tls_certificate_reload_and_https_redirect() {
+    let backend = Backend::start("app").await;
+    let dir = ConfigDir::new();
+    let ca = Ca::new();
+    let (a_cert, a_key, a_der) = ca.issue(&["a.example.test"], false);
+    let (b_cert, b_key, _) = ca.issue(&["b.example.test"], false);
+    let (c_cert, c_key, c_der) = ca.issue(&["c.example.test"], false);
+    let (client_cert, client_key, _) = ca.issue(&["client.example.test"], true);
+    let d = dir.path();
+    let ca_file = write(d, "ca.pem", &ca.pem);
+    let a_files = (write(d, "a.crt", &a_cert), write(d, "a.key", &a_key));
+    let b_files = (write(d, "b.crt", &b_cert), write(d, "b.key", &b_key));
+    let client = (write(d, "client.crt", &client_cert), write(d, "client.key", &client_key));
+    // c.example.test's certificate is a `credentialName`, in the credentials directory.
+    let creds = tempfile::tempdir().expect("credentials dir");
+    std::fs::create_dir(creds.path().join("c-cert")).expect("mkdir");
+    write(&creds.path().join("c-cert"), "tls.crt", &c_cert);
+    write(&creds.path().join("c-cert"), "tls.key", &c_key);
+
+    let p = |f: &PathBuf| f.display().to_string();
+    let mut y = service("app.internal", "HTTP", &[(backend.addr, &[])]);
+    y.push_str(&format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {GW}, name: http, protocol: HTTP}}
+    hosts: [a.example.test]
+    tls: {{httpsRedirect: true}}
+  - port: {{number: {HTTPS}, name: https-a, protocol: HTTPS}}
+    hosts: [a.example.test]
+    tls: {{mode: SIMPLE, serverCertificate: {a_cert}, privateKey: {a_key}, minProtocolVersion: TLSV1_2}}
+  - port: {{number: {HTTPS}, name: https-b, protocol: HTTPS}}
+    hosts: [b.example.test]
+    tls: {{mode: MUTUAL, serverCertificate: {b_cert}, privateKey: {b_key}, caCertificates: {ca}}}
+  - port: {{number: {HTTPS}, name: https-c, protocol: HTTPS}}
+    hosts: [c.example.test]
+    tls: {{mode: SIMPLE, credentialName: c-cert}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: vs}}
+spec:
+  hosts: [a.example.test, b.example.test, c.example.test]
+  gateways: [gw]
+  http:
+  - route: [{{destination: {{host: app.internal}}}}]
+"#,
+        a_cert = p(&a_files.0),
+        a_key = p(&a_files.1),
+        b_cert = p(&b_files.0),
+        b_key = p(&b_files.1),
+        ca = p(&ca_file),
+    ));
+    let cfg = dir.write("mesh.yaml", &y);
+    let analyzed = Command::new(trellis_bin()).arg("analyze").arg(&cfg).output().expect("analyze");
+    let text = String::from_utf8_lossy(&analyzed.stdout);
+    assert!(analyzed.status.success() && !text.contains("TRL0005"), "HTTPS servers are enforced: {text}");
+    let proxy = ProxyProc::start(&[
+        "--role",
+        "gateway",
+        "-c",
+        cfg.to_str().expect("path"),
+        "--credentials-dir",
+        creds.path().to_str().expect("path"),
+    ])
+    .await;
+    let port = proxy.port(HTTPS).await;
+    let url = |host: &str| format!("https://{host}:{port}/hello");
+    let resolve = |host: &str| format!("{host}:{port}:127.0.0.1");
+    let cacert = p(&ca_file);
+
+    // SIMPLE, two names and two certificates on one port: curl verifies each against its name.
+    for host in ["a.example.test", "c.example.test"] {
+        let (ok, body, err) = curl(&["--cacert", &cacert, "--resolve", &resolve(host), &url(host)]);
+        assert!(ok, "{host}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("backend json");
+        assert_eq!(v["headers"]["x-forwarded-proto"], "https", "{body}");
+    }
+    assert_eq!(presented(port, "c.example.test", &ca.pem).await.0, c_der, "credentialName's certificate for its name");
+
+    // MUTUAL: no client certificate, no connection; with one signed by the CA, served.
+    let (ok, _, err) = curl(&["--cacert", &cacert, "--resolve", &resolve("b.example.test"), &url("b.example.test")]);
+    assert!(!ok, "MUTUAL without a client certificate must fail: {err}");
+    let (ok, _, err) = curl(&[
+        "--cacert",
+        &cacert,
+        "--cert",
+        &p(&client.0),
+        "--key",
+        &p(&client.1),
+        "--resolve",
+        &resolve("b.example.test"),
+        &url("b.example.test"),
+    ]);
+    assert!(ok, "MUTUAL with a client certificate: {err}");
+
+    // TLS 1.3 and ALPN, as openssl s_client sees them.
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-servername", "a.example.test"])
+        .args(["-alpn", "h2,http/1.1", "-CAfile", &cacert])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("TLSv1.3"), "{text}");
+    assert!(text.contains("ALPN protocol: h2") || text.contains("ALPN protocol:h2"), "{text}");
+
+    // The certificate renewed on disk: an open connection continues, new ones get it within 2 s.
+    let (first, mut open) = presented(port, "a.example.test", &ca.pem).await;
+    assert_eq!(first, a_der);
+    let (a2_cert, a2_key, a2_der) = ca.issue(&["a.example.test"], false);
+    write(d, "a.key", &a2_key);
+    write(d, "a.crt", &a2_cert);
+    let changed = Instant::now();
+    loop {
+        let (now, _) = presented(port, "a.example.test", &ca.pem).await;
+        if now == a2_der {
+            break;
+        }
+        assert!(changed.elapsed() < Duration::from_secs(2), "the renewed certificate not served within 2 s");
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval of a wait on the served certificate
+    }
+    assert_eq!(request_on(&mut open, "a.example.test").await, "HTTP/1.1 200 OK", "the open connection continues");
+
+    // httpsRedirect on the plain HTTP server.
+    let http_port = proxy.port(GW).await;
+    let (ok, out, err) = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{redirect_url}",
+        "-H",
+        "Host: a.example.test",
+        &format!("http://127.0.0.1:{http_port}/path?q=1"),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out, "301 https://a.example.test/path?q=1");
+}
