@@ -243,3 +243,149 @@ spec:
     assert!(ok, "{err}");
     assert_eq!(out, "301 https://a.example.test/path?q=1");
 }
+
+/// An HTTPS server (its own certificate) answering every request with `name`.
+async fn tls_backend(name: &'static str, cert_pem: &str, key_pem: &str) -> std::net::SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls_pemfile_certs(cert_pem);
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else { continue };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else { return };
+                let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| async move {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(full(name)))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_passthrough_routes_by_sni_and_tcp_servers_route_by_port() {
+    const TLS: u16 = 9443;
+    const TCP: u16 = 9000;
+    let ca = Ca::new();
+    let dir = ConfigDir::new();
+    let cacert = write(dir.path(), "ca.pem", &ca.pem);
+    let (a_cert, a_key, _) = ca.issue(&["a.passthrough.test"], false);
+    let (b_cert, b_key, _) = ca.issue(&["b.passthrough.test"], false);
+    let a = tls_backend("backend-a", &a_cert, &a_key).await;
+    let b = tls_backend("backend-b", &b_cert, &b_key).await;
+    // A TCP echo server for the TCP port.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let echo_addr = echo.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = echo.accept().await else { continue };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let mut y = service("a.passthrough.test", "HTTPS", &[(a, &[])]);
+    y.push_str(&service("b.passthrough.test", "HTTPS", &[(b, &[])]));
+    y.push_str(&service("echo.internal", "TCP", &[(echo_addr, &[])]));
+    y.push_str(&format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {TLS}, name: tls, protocol: TLS}}
+    hosts: [a.passthrough.test, b.passthrough.test]
+    tls: {{mode: PASSTHROUGH}}
+  - port: {{number: {TCP}, name: tcp, protocol: TCP}}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: passthrough}}
+spec:
+  hosts: [a.passthrough.test, b.passthrough.test]
+  gateways: [gw]
+  tls:
+  - match: [{{sniHosts: [a.passthrough.test]}}]
+    route: [{{destination: {{host: a.passthrough.test}}}}]
+  - match: [{{sniHosts: [b.passthrough.test]}}]
+    route: [{{destination: {{host: b.passthrough.test}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: tcp}}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  tcp:
+  - match: [{{port: {TCP}}}]
+    route: [{{destination: {{host: echo.internal}}}}]
+"#
+    ));
+    let cfg = dir.write("mesh.yaml", &y);
+    assert!(!y.contains("BEGIN"), "the gateway's config holds no certificate or key");
+    let analyzed = Command::new(trellis_bin()).arg("analyze").arg(&cfg).output().expect("analyze");
+    let text = String::from_utf8_lossy(&analyzed.stdout);
+    assert!(analyzed.status.success() && !text.contains("TRL0005"), "TLS and TCP servers are enforced: {text}");
+    let proxy = ProxyProc::start(&["--role", "gateway", "-c", cfg.to_str().expect("path")]).await;
+    let port = proxy.port(TLS).await;
+    // Each name reaches its own backend, whose certificate curl verifies end to end.
+    for (host, want) in [("a.passthrough.test", "backend-a"), ("b.passthrough.test", "backend-b")] {
+        let (ok, body, err) = curl(&[
+            "--cacert",
+            &cacert.display().to_string(),
+            "--resolve",
+            &format!("{host}:{port}:127.0.0.1"),
+            &format!("https://{host}:{port}/"),
+        ]);
+        assert!(ok && body == want, "{host}: {body} {err}");
+    }
+    // A name no route serves: the connection is closed.
+    let (ok, _, _) = curl(&[
+        "-k",
+        "--resolve",
+        &format!("c.passthrough.test:{port}:127.0.0.1"),
+        &format!("https://c.passthrough.test:{port}/"),
+    ]);
+    assert!(!ok, "an unrouted SNI is refused");
+
+    // The TCP server: bytes echoed through the gateway, and counted.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp_port = proxy.port(TCP).await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", tcp_port)).await.expect("connect");
+    let msg = vec![b'z'; 50_000];
+    s.write_all(&msg).await.expect("write");
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back).await.expect("echo");
+    assert_eq!(back, msg);
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = support::mesh::metrics(proxy.admin).await;
+        let f = [("destination_service_name", "echo.internal")];
+        let closed = support::mesh::metric_sum(&m, "istio_tcp_connections_closed_total", &f);
+        if closed >= 1.0 {
+            assert_eq!(support::mesh::metric_sum(&m, "istio_tcp_received_bytes_total", &f), 50_000.0, "{m}");
+            assert_eq!(support::mesh::metric_sum(&m, "istio_tcp_sent_bytes_total", &f), 50_000.0, "{m}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the TCP connection was never counted as closed:\n{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a wait on /metrics
+    }
+}

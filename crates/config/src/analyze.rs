@@ -545,13 +545,17 @@ impl<'a> Cx<'a> {
         match Protocol::parse(&s.port.protocol) {
             Protocol::Http | Protocol::Http2 | Protocol::Grpc => {}
             Protocol::Https if terminated => {}
-            Protocol::Https | Protocol::Tls | Protocol::Tcp => self.push(
+            Protocol::Https | Protocol::Tls if mode.as_deref() == Some("PASSTHROUGH") => {}
+            Protocol::Tcp => {}
+            Protocol::Https | Protocol::Tls => self.push(
                 Code::NotEnforced,
                 r,
                 path!["spec", "servers", i, "port", "protocol"],
                 format!(
-                    "{} servers are not enforced yet: no listener is opened for port {}",
-                    s.port.protocol, s.port.number
+                    "{} servers with tls mode {} are not enforced yet: no listener is opened for port {}",
+                    s.port.protocol,
+                    mode.as_deref().unwrap_or("(none)"),
+                    s.port.number
                 ),
             ),
             Protocol::Unknown => self.push(
@@ -596,7 +600,7 @@ impl<'a> Cx<'a> {
                     );
                 }
             }
-        } else if mode.is_some() {
+        } else if mode.is_some() && mode.as_deref() != Some("PASSTHROUGH") {
             self.push(
                 Code::NotEnforced,
                 r,
@@ -833,8 +837,25 @@ impl<'a> Cx<'a> {
                 }
             }
         }
-        if vs.tls.is_some() {
-            self.push(Code::NotEnforced, r, path!["spec", "tls"], "tls routes are not enforced yet".into());
+        for (i, route) in vs.tls.iter().enumerate() {
+            if route.route.is_empty() {
+                self.push(
+                    Code::Schema,
+                    r,
+                    path!["spec", "tls", i],
+                    "a tls route needs at least one destination".into(),
+                );
+            }
+            for (j, m) in route.matches.iter().enumerate() {
+                if m.sni_hosts.is_empty() {
+                    self.push(
+                        Code::Schema,
+                        r,
+                        path!["spec", "tls", i, "match", j, "sniHosts"],
+                        "a tls match needs sniHosts".into(),
+                    );
+                }
+            }
         }
     }
 

@@ -329,6 +329,8 @@ impl<'a> Compiler<'a> {
         // Servers by port: (gateway resource, server hosts, redirect to HTTPS).
         let mut by_port: BTreeMap<u16, Vec<GatewayServer<'_>>> = BTreeMap::new();
         let mut tls_by_port: BTreeMap<u16, ListenerTls> = BTreeMap::new();
+        // TCP and TLS-passthrough servers by port: (gateway, server hosts, passthrough).
+        let mut l4_by_port: BTreeMap<u16, Vec<GatewayServer<'_>>> = BTreeMap::new();
         for r in self.resources {
             let Spec::Gateway(Gateway { selector, servers }) = &r.spec else {
                 continue;
@@ -345,7 +347,15 @@ impl<'a> Compiler<'a> {
                 let terminated =
                     tls.as_ref().filter(|_| proto == Protocol::Https).and_then(|t| server_tls(r, i, &s.hosts, t));
                 let http = proto.is_http() || (proto == Protocol::Https && terminated.is_some());
-                if !http || port == 0 {
+                if port == 0 {
+                    continue;
+                }
+                if !http {
+                    let passthrough = matches!(proto, Protocol::Https | Protocol::Tls)
+                        && tls.as_ref().and_then(|t| t.mode.as_deref()) == Some("PASSTHROUGH");
+                    if proto == Protocol::Tcp || passthrough {
+                        l4_by_port.entry(port).or_default().push((r, s.hosts.clone(), passthrough));
+                    }
                     continue;
                 }
                 if let Some(t) = terminated {
@@ -354,6 +364,21 @@ impl<'a> Compiler<'a> {
                 let redirect = tls.as_ref().is_some_and(|t| t.https_redirect) && proto.is_http();
                 by_port.entry(port).or_default().push((r, s.hosts.clone(), redirect));
             }
+        }
+        for (port, servers) in l4_by_port {
+            if by_port.contains_key(&port) {
+                continue; // HTTP on this port wins, as one listener serves one protocol.
+            }
+            let proxy = self.gateway_l4(&servers, port);
+            let local = self.proxy.port_map.get(&port).copied().unwrap_or(port);
+            snap.listeners.push(Listener {
+                name: format!("gateway-{port}"),
+                address: SocketAddr::new(self.proxy.bind_address, local),
+                direction: Direction::Gateway,
+                routing: ListenerRouting::Tcp(proxy),
+                mtls: None,
+                tls: None,
+            });
         }
         for (port, servers) in by_port {
             let table_name = format!("gateway|{port}");
@@ -404,6 +429,95 @@ impl<'a> Compiler<'a> {
         }
     }
 
+    /// A gateway port's TCP servers (VirtualService `tcp` routes bound to them) or TLS
+    /// passthrough servers (`tls` routes, by SNI within the servers' hosts).
+    fn gateway_l4(&mut self, servers: &[GatewayServer<'_>], port: u16) -> TcpProxy {
+        let passthrough = servers.iter().any(|s| s.2);
+        let mut routes = Vec::new();
+        let vss: Vec<(&Resource, &VirtualService)> = virtual_services(self.resources).collect();
+        for (vr, vs) in vss {
+            for (gr, server_hosts, _) in servers {
+                let gw_name = format!("{}/{}", gr.namespace(), gr.name());
+                if !vs.gateways.iter().any(|g| qualify(g, vr.namespace()) == gw_name) {
+                    continue;
+                }
+                let for_this = |gateways: &[String], p: Option<u32>| {
+                    (gateways.is_empty() || gateways.iter().any(|g| qualify(g, vr.namespace()) == gw_name))
+                        && p.is_none_or(|p| p == u32::from(port))
+                };
+                let hosts: Vec<&str> = server_hosts.iter().map(|h| strip_ns(h)).collect();
+                if passthrough {
+                    for (i, tr) in vs.tls.iter().enumerate() {
+                        let mut sni: Vec<String> = Vec::new();
+                        let mut applies = false;
+                        for m in tr.matches.iter().filter(|m| for_this(&m.gateways, m.port)) {
+                            applies = true;
+                            // SNI names within what the server admits.
+                            sni.extend(
+                                m.sni_hosts
+                                    .iter()
+                                    .filter(|h| hosts.iter().any(|sh| hosts_intersect(h, sh)))
+                                    .map(|h| h.to_ascii_lowercase()),
+                            );
+                        }
+                        if !applies || sni.is_empty() {
+                            continue;
+                        }
+                        let destinations = self.l4_destinations(vr, &tr.route, port);
+                        if !destinations.is_empty() {
+                            routes.push(TcpRoute {
+                                name: format!("{} tls[{i}]", vr.id()),
+                                destination_subnets: Vec::new(),
+                                sni_hosts: sni,
+                                destinations,
+                            });
+                        }
+                    }
+                } else {
+                    for (i, tr) in vs.tcp.iter().enumerate() {
+                        if !tr.matches.is_empty() && !tr.matches.iter().any(|m| for_this(&m.gateways, m.port)) {
+                            continue;
+                        }
+                        let destinations = self.l4_destinations(vr, &tr.route, port);
+                        if !destinations.is_empty() {
+                            routes.push(TcpRoute {
+                                name: format!("{} tcp[{i}]", vr.id()),
+                                destination_subnets: Vec::new(),
+                                sni_hosts: Vec::new(),
+                                destinations,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        TcpProxy { routes, sni: passthrough }
+    }
+
+    /// The clusters and weights of an L4 route's destinations that resolve.
+    fn l4_destinations(
+        &mut self,
+        r: &Resource,
+        route: &[crate::model::networking::RouteDestination],
+        port: u16,
+    ) -> Vec<(String, u32)> {
+        route
+            .iter()
+            .filter(|d| self.registry.resolve(&d.destination.host, r.namespace()).is_some())
+            .map(|d| {
+                let dest_port = d.destination.port.as_ref().map(|p| p.number as u16);
+                let cluster = self.cluster_for(
+                    &d.destination.host,
+                    r.namespace(),
+                    dest_port,
+                    port,
+                    d.destination.subset.as_deref(),
+                );
+                (cluster, d.weight.unwrap_or(if route.len() == 1 { 100 } else { 0 }).max(0) as u32)
+            })
+            .collect()
+    }
+
     // --- sidecars ---
 
     fn sidecar(&mut self, snap: &mut Snapshot) {
@@ -443,7 +557,7 @@ impl<'a> Compiler<'a> {
             );
             let mtls = peer_authentication(self.resources, self.proxy, ib.app.port());
             if ib.protocol.or_else(|| self.inbound_protocol(ib.app.port())) == Some(UpstreamProtocol::Tcp) {
-                let tcp = TcpProxy { routes: vec![default_tcp_route(cluster)] };
+                let tcp = TcpProxy { routes: vec![default_tcp_route(cluster)], sni: false };
                 if capture.is_some() {
                     let table = format!("inbound|{port}");
                     captured_inbound.insert(port, CapturedPort { table, mtls: Some(mtls), tcp: Some(tcp) });
@@ -660,32 +774,22 @@ impl<'a> Compiler<'a> {
                 } else {
                     applies.iter().flat_map(|m| m.destination_subnets.clone()).collect()
                 };
-                let destinations: Vec<(String, u32)> = tr
-                    .route
-                    .iter()
-                    .filter(|d| self.registry.resolve(&d.destination.host, r.namespace()).is_some())
-                    .map(|d| {
-                        let dest_port = d.destination.port.as_ref().map(|p| p.number as u16);
-                        let cluster = self.cluster_for(
-                            &d.destination.host,
-                            r.namespace(),
-                            dest_port,
-                            port,
-                            d.destination.subset.as_deref(),
-                        );
-                        (cluster, d.weight.unwrap_or(if tr.route.len() == 1 { 100 } else { 0 }).max(0) as u32)
-                    })
-                    .collect();
+                let destinations = self.l4_destinations(r, &tr.route, port);
                 if destinations.is_empty() {
                     continue;
                 }
-                routes.push(TcpRoute { name: format!("{} tcp[{i}]", r.id()), destination_subnets, destinations });
+                routes.push(TcpRoute {
+                    name: format!("{} tcp[{i}]", r.id()),
+                    destination_subnets,
+                    sni_hosts: Vec::new(),
+                    destinations,
+                });
             }
         }
         if routes.is_empty() {
             routes.push(default_tcp_route(self.cluster(&svc.hostname, &svc.namespace, port, None)));
         }
-        TcpProxy { routes }
+        TcpProxy { routes, sni: false }
     }
 
     fn outbound_table(&mut self, port: u16) -> RouteTable {
@@ -1151,7 +1255,12 @@ fn server_tls(
 }
 
 fn default_tcp_route(cluster: String) -> TcpRoute {
-    TcpRoute { name: "default".into(), destination_subnets: Vec::new(), destinations: vec![(cluster, 100)] }
+    TcpRoute {
+        name: "default".into(),
+        destination_subnets: Vec::new(),
+        sni_hosts: Vec::new(),
+        destinations: vec![(cluster, 100)],
+    }
 }
 
 fn default_route(cluster: String) -> Route {

@@ -293,6 +293,9 @@ pub struct CapturedPort {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TcpProxy {
     pub routes: Vec<TcpRoute>,
+    /// Read the TLS ClientHello's SNI (without consuming it) before routing: TLS passthrough.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sni: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -303,6 +306,9 @@ pub struct TcpRoute {
     /// empty: any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub destination_subnets: Vec<String>,
+    /// The ClientHello's SNI must match one of these (`*.example.com` too); empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sni_hosts: Vec<String>,
     /// Clusters and their weights.
     pub destinations: Vec<(String, u32)>,
 }

@@ -53,6 +53,8 @@ struct Conn {
     cluster: Option<Arc<str>>,
     upstream: Option<String>,
     authz_policy: Option<Arc<str>>,
+    /// The ClientHello's SNI, when the route read it.
+    sni: Option<String>,
 }
 
 /// Proxies one TCP connection (after any mesh mTLS handshake); `mesh_peer` when the client is
@@ -64,6 +66,7 @@ pub async fn serve(
     rt: Arc<Runtime>,
     proxy: Arc<TcpProxy>,
     mesh_peer: bool,
+    sni: Option<String>,
 ) {
     let start = Instant::now();
     let start_time = SystemTime::now();
@@ -81,6 +84,7 @@ pub async fn serve(
         cluster: None,
         upstream: None,
         authz_policy: None,
+        sni: None,
     };
     if conn.direction == Direction::Inbound {
         c.destination = rt.me.clone();
@@ -121,7 +125,8 @@ pub async fn serve(
             return;
         }
     }
-    let Some((route, cluster)) = proxy.route(destination_ip) else {
+    c.sni = sni;
+    let Some((route, cluster)) = proxy.route(destination_ip, c.sni.as_deref()) else {
         if let Some(original) = conn.original_dst.filter(|_| conn.direction == Direction::Outbound) {
             // A captured connection to an address no service of this port has: on to where it
             // was going, as Istio's PassthroughCluster.
@@ -326,6 +331,7 @@ fn log(
         "destination_service": &*c.service.host,
         "downstream_remote_address": conn.peer.to_string(),
         "downstream_local_address": conn.original_dst.unwrap_or(conn.local).to_string(),
+        "requested_server_name": c.sni.as_deref(),
     });
     log.write(line.to_string());
 }

@@ -18,7 +18,7 @@ pub struct VirtualService {
     pub hosts: Vec<String>,
     pub gateways: Vec<String>,
     pub http: Vec<HttpRoute>,
-    pub tls: Option<Json>,
+    pub tls: Vec<TlsRoute>,
     pub tcp: Vec<TcpRoute>,
     pub export_to: Vec<String>,
 }
@@ -30,6 +30,26 @@ pub struct TcpRoute {
     #[serde(rename = "match")]
     pub matches: Vec<L4MatchAttributes>,
     pub route: Vec<RouteDestination>,
+}
+
+/// A VirtualService `tls` route: TLS passed through, routed by the ClientHello's SNI.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct TlsRoute {
+    #[serde(rename = "match")]
+    pub matches: Vec<TlsMatchAttributes>,
+    pub route: Vec<RouteDestination>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct TlsMatchAttributes {
+    pub sni_hosts: Vec<String>,
+    pub destination_subnets: Vec<String>,
+    pub port: Option<u32>,
+    pub source_labels: Labels,
+    pub gateways: Vec<String>,
+    pub source_namespace: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]

@@ -260,6 +260,11 @@ async fn serve(stream: TcpStream, mut conn: ConnInfo, shared: Arc<Shared>) {
         shared.metrics.tls_handshake_failures.inc();
         return;
     }
+    // TLS passthrough routes by the ClientHello's SNI, read without consuming it.
+    let sni = match &tcp {
+        Some(t) if t.sni => peek_sni(&stream).await,
+        _ => None,
+    };
     let io: Io = match tls {
         None => Box::new(stream),
         Some(cfg) => {
@@ -280,11 +285,41 @@ async fn serve(stream: TcpStream, mut conn: ConnInfo, shared: Arc<Shared>) {
         }
     };
     match tcp {
-        Some(tcp) => crate::tcp::serve(io, conn, shared.clone(), rt, tcp, mesh_tcp).await,
+        Some(tcp) => crate::tcp::serve(io, conn, shared.clone(), rt, tcp, mesh_tcp, sni).await,
         None => {
             drop(rt);
             serve_http(io, Arc::new(conn), shared.clone()).await
         }
+    }
+}
+
+/// The SNI of a TLS ClientHello at the start of `stream`, parsed by rustls from peeked bytes
+/// (the client's bytes stay unread for the upstream). `None`: not TLS, no SNI, or no
+/// ClientHello within the handshake timeout.
+async fn peek_sni(stream: &TcpStream) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut seen = 0;
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await.ok()?.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if n > seen {
+            seen = n;
+            let mut acceptor = rustls::server::Acceptor::default();
+            let _ = acceptor.read_tls(&mut &buf[..n]);
+            match acceptor.accept() {
+                Ok(Some(hello)) => return hello.client_hello().server_name().map(str::to_string),
+                Ok(None) if n < buf.len() => {}
+                _ => return None,
+            }
+        }
+        // A ClientHello split across segments (rare): look again shortly, within the timeout.
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
 }
 

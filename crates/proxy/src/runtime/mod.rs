@@ -405,11 +405,15 @@ pub enum Captured {
 /// A listener's (or captured port's) TCP routes, with their clusters resolved.
 pub struct TcpProxy {
     routes: Vec<TcpRoute>,
+    /// Routes by the ClientHello's SNI (TLS passthrough): the listener reads it first.
+    pub sni: bool,
 }
 
 pub struct TcpRoute {
     pub name: Arc<str>,
     subnets: Vec<trellis_config::cidr::Cidr>,
+    /// Lower case; `*.example.com` patterns too.
+    sni_hosts: Vec<String>,
     destinations: Vec<(Arc<Cluster>, u32)>,
     total: u32,
 }
@@ -429,17 +433,31 @@ impl TcpProxy {
             routes.push(TcpRoute {
                 name: Arc::from(r.name.as_str()),
                 subnets: r.destination_subnets.iter().filter_map(|s| trellis_config::cidr::Cidr::parse(s)).collect(),
+                sni_hosts: r.sni_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
                 total: destinations.iter().map(|d| d.1).sum(),
                 destinations,
             });
         }
-        Ok(TcpProxy { routes })
+        Ok(TcpProxy { routes, sni: t.sni })
     }
 
-    /// The route for a connection to `destination`, and the cluster it picks by weight.
-    pub fn route(&self, destination: std::net::IpAddr) -> Option<(&TcpRoute, &Arc<Cluster>)> {
-        let r =
-            self.routes.iter().find(|r| r.subnets.is_empty() || r.subnets.iter().any(|c| c.contains(destination)))?;
+    /// The route for a connection to `destination` (with the ClientHello's `sni`, when read),
+    /// and the cluster it picks by weight.
+    pub fn route(&self, destination: std::net::IpAddr, sni: Option<&str>) -> Option<(&TcpRoute, &Arc<Cluster>)> {
+        let sni_ok = |r: &TcpRoute| {
+            r.sni_hosts.is_empty()
+                || sni.is_some_and(|name| {
+                    let name = name.to_ascii_lowercase();
+                    r.sni_hosts.iter().any(|h| match h.strip_prefix('*') {
+                        Some(suffix) => name.ends_with(suffix) && name.len() > suffix.len(),
+                        None => *h == name,
+                    })
+                })
+        };
+        let r = self
+            .routes
+            .iter()
+            .find(|r| (r.subnets.is_empty() || r.subnets.iter().any(|c| c.contains(destination))) && sni_ok(r))?;
         if r.total == 0 {
             return Some((r, &r.destinations[0].0));
         }
