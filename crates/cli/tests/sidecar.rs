@@ -90,10 +90,10 @@ async fn outbound_http_proxy_routes_by_mesh_virtual_services() {
     // Origin-form with a Host header works too.
     let r = get(&format!("http://{out_addr}/y"), &[("host", "ratings")]).await;
     assert_eq!(r.server(), "ratings");
-    // Unknown hosts are not passed through.
+    // Unknown hosts are passed through (ALLOW_ANY, Istio's default); this one does not resolve.
     let (code, body) = curl_via_proxy(out_addr, "http://unknown.example/", &[]).await;
-    assert_eq!(code, 404);
-    assert!(body.contains("(NR)"), "{body}");
+    assert_eq!(code, 503);
+    assert!(body.contains("(UF)"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,4 +134,62 @@ async fn upstream_ports_and_inbound_listener_connect_two_sidecars() {
     let r = get(&format!("http://{in_addr}/direct"), &[("host", "anything")]).await;
     assert_eq!(r.server(), "service-b");
     assert_eq!(app.count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_traffic_policy_allow_any_passes_through_and_registry_only_refuses() {
+    let declared = Backend::start("declared").await;
+    // An external host the mesh does not know, standing in at 127.0.0.2.
+    let undeclared = tokio::net::TcpListener::bind("127.0.0.2:0").await.expect("bind 127.0.0.2");
+    let undeclared_port = undeclared.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = undeclared.accept().await else { continue };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(full("undeclared")))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let dir = ConfigDir::new();
+    let mesh = service("external.test", "HTTP", &[(declared.addr, &[])]);
+    let sidecar = |mode: &str| {
+        format!("{mesh}apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: istio-system}}\nspec:\n  outboundTrafficPolicy: {{mode: {mode}}}\n")
+    };
+    let cfg = dir.write("mesh.yaml", &sidecar("ALLOW_ANY"));
+    let p =
+        ProxyProc::start(&["--workload", "app", "-c", cfg.to_str().expect("path"), "--outbound", "127.0.0.1:0"]).await;
+    let out = p.listener("outbound").await;
+    let undeclared_url = format!("http://127.0.0.2:{undeclared_port}/");
+
+    // ALLOW_ANY: the declared host through its cluster, the undeclared one passed through.
+    let (code, body) = curl_via_proxy(out, "http://external.test/", &[]).await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = curl_via_proxy(out, &undeclared_url, &[]).await;
+    assert_eq!((code, body.as_str()), (200, "undeclared"), "passed through under ALLOW_ANY");
+
+    // REGISTRY_ONLY: the undeclared host is refused with 502 NR, the declared one still works.
+    let v0 = p.version().await;
+    dir.write("mesh.yaml", &sidecar("REGISTRY_ONLY"));
+    p.wait_version_change(&v0, std::time::Duration::from_secs(5)).await;
+    let (code, body) = curl_via_proxy(out, &undeclared_url, &["-D", "-"]).await;
+    assert_eq!(code, 502, "{body}");
+    assert!(body.to_ascii_lowercase().contains("x-trellis-response-flags: nr"), "{body}");
+    let (code, body) = curl_via_proxy(out, "http://external.test/", &[]).await;
+    assert_eq!(code, 200, "{body}");
+
+    let m = support::mesh::metrics(p.admin).await;
+    let sum = |svc: &str, code: &str| {
+        support::mesh::metric_sum(
+            &m,
+            "istio_requests_total",
+            &[("destination_service_name", svc), ("response_code", code)],
+        )
+    };
+    assert_eq!(sum("PassthroughCluster", "200"), 1.0, "{m}");
+    assert_eq!(sum("BlackHoleCluster", "502"), 1.0, "{m}");
 }

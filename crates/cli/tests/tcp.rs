@@ -192,3 +192,126 @@ async fn redis_through_two_sidecars_over_mtls_counts_every_byte_and_obeys_author
         "the denial is counted:\n{m}"
     );
 }
+
+/// The caller's sidecar port bound to `service`, by the host its listener routes to.
+fn caller_port_for(up: &Up, service: &str) -> (SocketAddr, serde_json::Value) {
+    let out = Command::new(trellis_bin())
+        .args(["proxy-config", "caller", "-o", "json", "--control-plane", &up.cp.to_string()])
+        .output()
+        .expect("proxy-config");
+    let snap: serde_json::Value = serde_json::from_slice(&out.stdout).expect("proxy-config json");
+    let l = snap["listeners"]
+        .as_array()
+        .expect("listeners")
+        .iter()
+        .find(|l| l["routing"].to_string().contains(&format!("\"host\":\"{service}\"")))
+        .unwrap_or_else(|| panic!("no listener for {service}: {snap}"))
+        .clone();
+    (l["address"].as_str().expect("address").parse().expect("addr"), l["routing"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undeclared_port_serves_http_as_http_and_a_server_first_protocol_without_stalling() {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tcp/server_first.py");
+    let dir = ConfigDir::new();
+    // Port names that declare no protocol (`db`, `web`): detected per connection.
+    dir.write(
+        "mesh.yaml",
+        &format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: greeter}}
+spec:
+  selector: {{app: greeter}}
+  ports: [{{name: db, port: 5000}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {{name: greeter, labels: {{app: greeter}}}}
+spec:
+  command: [python3, {script}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec:
+  selector: {{app: web}}
+  ports: [{{name: web, port: 8000}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {{name: web, labels: {{app: web}}}}
+spec:
+  command: [trellis-demo, colorteller]
+  env: {{COLOR: blue}}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {{name: caller, labels: {{app: caller}}}}
+spec:
+  command: [trellis-demo, colorteller]
+  env: {{COLOR: red}}
+  upstreams: [greeter, web]
+"#,
+            script = script.display()
+        ),
+    );
+    let up = Up::start_with(dir.path(), free_port(), &[]).await;
+    let (greeter, routing) = caller_port_for(&up, "greeter");
+    assert!(routing["detect"].is_object(), "an undeclared port is detected: {routing}");
+    let (web, _) = caller_port_for(&up, "web");
+
+    // The server speaks first: its greeting comes through two sidecars (mTLS) while the client
+    // says nothing. The bound is a liveness bound (a proxy waiting for the client would stall
+    // here forever); the time it took is printed, not asserted.
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let started = Instant::now();
+    let s = tokio::net::TcpStream::connect(greeter).await.expect("connect");
+    let mut s = tokio::io::BufReader::new(s);
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_line(&mut line))
+        .await
+        .expect("the greeting arrives while the client is silent")
+        .expect("read");
+    println!("server-first greeting through two sidecars after {:?}", started.elapsed());
+    if line != "220 greeter ready\r\n" {
+        let (_, g, _) = up.trellis(&["logs", "greeter-proxy"]);
+        let (_, c, _) = up.trellis(&["logs", "caller-proxy"]);
+        let out = Command::new(trellis_bin())
+            .args(["proxy-config", "greeter", "-o", "json", "--control-plane", &up.cp.to_string()])
+            .output()
+            .expect("proxy-config");
+        panic!("got {line:?}\ngreeter:\n{g}\ncaller:\n{c}\n{}", String::from_utf8_lossy(&out.stdout));
+    }
+    s.get_mut().write_all(b"hello\n").await.expect("write");
+    line.clear();
+    s.read_line(&mut line).await.expect("echo");
+    assert_eq!(line, "hello\n");
+    drop(s);
+
+    // HTTP on an undeclared port is served as HTTP (request metrics, not TCP ones).
+    let r = get(&format!("http://{web}/color"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let caller = up.admins()["caller"];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = metrics(caller).await;
+        let http =
+            metric_sum(&m, "istio_requests_total", &[("destination_service_name", "web"), ("reporter", "source")]);
+        let tcp = metric_sum(
+            &m,
+            "istio_tcp_connections_closed_total",
+            &[("destination_service_name", "greeter"), ("reporter", "source")],
+        );
+        if http >= 1.0 && tcp >= 1.0 {
+            assert_eq!(
+                metric_sum(&m, "istio_tcp_connections_opened_total", &[("destination_service_name", "web")]),
+                0.0,
+                "HTTP was detected as HTTP:\n{m}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "http {http}, tcp {tcp}:\n{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a wait on /metrics
+    }
+}

@@ -229,6 +229,35 @@ pub fn analyze(resources: &[Resource], extra: &[Workload]) -> Vec<Finding> {
                     }
                 }
             }
+            Spec::Sidecar(sc) => {
+                if let Some(mode) = sc.outbound_traffic_policy.as_ref().and_then(|p| p.mode.as_deref()) {
+                    if mode != "ALLOW_ANY" && mode != "REGISTRY_ONLY" {
+                        cx.push(
+                            Code::Schema,
+                            r,
+                            path!["spec", "outboundTrafficPolicy", "mode"],
+                            format!("unknown mode {mode:?}: use ALLOW_ANY or REGISTRY_ONLY"),
+                        );
+                    }
+                }
+                for (field, set) in [
+                    ("egress", sc.egress.is_some()),
+                    ("ingress", sc.ingress.is_some()),
+                    ("inboundConnectionPool", sc.inbound_connection_pool.is_some()),
+                ] {
+                    if set {
+                        cx.push(Code::NotEnforced, r, path!["spec", field], format!("{field} is not enforced yet"));
+                    }
+                }
+                if sc.outbound_traffic_policy.as_ref().is_some_and(|p| p.egress_proxy.is_some()) {
+                    cx.push(
+                        Code::NotEnforced,
+                        r,
+                        path!["spec", "outboundTrafficPolicy", "egressProxy"],
+                        "egressProxy is not enforced yet".into(),
+                    );
+                }
+            }
             Spec::RateLimit(rl) => {
                 if rl.requests == 0 {
                     cx.push(
@@ -541,7 +570,7 @@ impl<'a> Cx<'a> {
         let tls = s.tls_settings();
         let https = Protocol::parse(&s.port.protocol) == Protocol::Https;
         let mode = tls.as_ref().and_then(|t| t.mode.clone().or_else(|| https.then(|| "SIMPLE".into())));
-        let terminated = matches!(mode.as_deref(), Some("SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL"));
+        let terminated = https && matches!(mode.as_deref(), Some("SIMPLE" | "MUTUAL" | "OPTIONAL_MUTUAL"));
         match Protocol::parse(&s.port.protocol) {
             Protocol::Http | Protocol::Http2 | Protocol::Grpc => {}
             Protocol::Https if terminated => {}

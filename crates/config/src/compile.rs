@@ -288,6 +288,15 @@ impl Generation {
     }
 }
 
+/// What a workload port speaks, as far as config says.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PortKind {
+    Http,
+    Tcp,
+    /// A Service port whose name and `appProtocol` name no protocol: detected per connection.
+    Undeclared,
+}
+
 /// A Gateway server as a port's listener serves it: its resource, hosts, and whether it only
 /// redirects to HTTPS.
 type GatewayServer<'r> = (&'r Resource, Vec<String>, bool);
@@ -378,6 +387,7 @@ impl<'a> Compiler<'a> {
                 routing: ListenerRouting::Tcp(proxy),
                 mtls: None,
                 tls: None,
+                registry_only: false,
             });
         }
         for (port, servers) in by_port {
@@ -390,6 +400,7 @@ impl<'a> Compiler<'a> {
                 routing: ListenerRouting::Table(table_name.clone()),
                 mtls: None,
                 tls: tls_by_port.remove(&port),
+                registry_only: false,
             });
             let mut vhosts: Vec<VirtualHost> = Vec::new();
             let vss: Vec<(&Resource, &VirtualService)> = virtual_services(self.resources).collect();
@@ -556,11 +567,20 @@ impl<'a> Compiler<'a> {
                 },
             );
             let mtls = peer_authentication(self.resources, self.proxy, ib.app.port());
-            if ib.protocol.or_else(|| self.inbound_protocol(ib.app.port())) == Some(UpstreamProtocol::Tcp) {
+            let kind = match ib.protocol {
+                Some(UpstreamProtocol::Tcp) => PortKind::Tcp,
+                Some(_) => PortKind::Http,
+                None => self.inbound_kind(ib),
+            };
+            // Undeclared: TCP when the first bytes are not an HTTP request.
+            let detect = (kind == PortKind::Undeclared)
+                .then(|| TcpProxy { routes: vec![default_tcp_route(cluster.clone())], sni: false });
+            if kind == PortKind::Tcp {
                 let tcp = TcpProxy { routes: vec![default_tcp_route(cluster)], sni: false };
                 if capture.is_some() {
                     let table = format!("inbound|{port}");
-                    captured_inbound.insert(port, CapturedPort { table, mtls: Some(mtls), tcp: Some(tcp) });
+                    captured_inbound
+                        .insert(port, CapturedPort { table, mtls: Some(mtls), tcp: Some(tcp), detect: false });
                     continue;
                 }
                 snap.listeners.push(Listener {
@@ -570,6 +590,7 @@ impl<'a> Compiler<'a> {
                     routing: ListenerRouting::Tcp(tcp),
                     mtls: Some(mtls),
                     tls: None,
+                    registry_only: false,
                 });
                 continue;
             }
@@ -606,16 +627,24 @@ impl<'a> Compiler<'a> {
                 },
             );
             if capture.is_some() {
-                captured_inbound.insert(port, CapturedPort { table, mtls: Some(mtls), tcp: None });
+                captured_inbound.insert(
+                    port,
+                    CapturedPort { table, mtls: Some(mtls), tcp: detect.clone(), detect: detect.is_some() },
+                );
                 continue;
             }
+            let routing = match detect {
+                Some(tcp) => ListenerRouting::Detect { http: Box::new(ListenerRouting::Table(table)), tcp },
+                None => ListenerRouting::Table(table),
+            };
             snap.listeners.push(Listener {
                 name: format!("inbound-{port}"),
                 address: ib.listen,
                 direction: Direction::Inbound,
-                routing: ListenerRouting::Table(table),
+                routing,
                 mtls: Some(mtls),
                 tls: None,
+                registry_only: false,
             });
         }
         if let Some(c) = capture {
@@ -629,11 +658,13 @@ impl<'a> Compiler<'a> {
                 routing: ListenerRouting::OriginalDst { ports: captured_inbound, passthrough_mtls },
                 mtls: None,
                 tls: None,
+                registry_only: false,
             });
         }
         if self.proxy.outbound.is_none() && self.proxy.upstreams.is_empty() && capture.is_none() {
             return;
         }
+        let registry_only = outbound_traffic_policy(self.resources, self.proxy) == "REGISTRY_ONLY";
         // Outbound tables, one per port any service listens on (and 80 for plain `http://name`).
         let mut shared: BTreeSet<u16> =
             self.registry.services.iter().flat_map(|s| s.ports.iter().map(|p| p.number)).collect();
@@ -655,7 +686,7 @@ impl<'a> Compiler<'a> {
                 .collect();
             let mut ports: BTreeMap<u16, CapturedPort> = http_ports
                 .into_iter()
-                .map(|p| (p, CapturedPort { table: outbound_table(p), mtls: None, tcp: None }))
+                .map(|p| (p, CapturedPort { table: outbound_table(p), mtls: None, tcp: None, detect: false }))
                 .collect();
             // Ports a service declares TCP: by the service's ClusterIP (the connection's original
             // destination), each service's own routes; any other address passes through.
@@ -680,6 +711,7 @@ impl<'a> Compiler<'a> {
                         table: outbound_table(p.number),
                         mtls: None,
                         tcp: Some(TcpProxy::default()),
+                        detect: false,
                     });
                     if let Some(t) = &mut entry.tcp {
                         t.routes.extend(proxy.routes);
@@ -693,6 +725,7 @@ impl<'a> Compiler<'a> {
                 routing: ListenerRouting::OriginalDst { ports, passthrough_mtls: None },
                 mtls: None,
                 tls: None,
+                registry_only,
             });
         }
         if let Some(addr) = self.proxy.outbound {
@@ -703,15 +736,21 @@ impl<'a> Compiler<'a> {
                 routing: ListenerRouting::ByRequestPort,
                 mtls: None,
                 tls: None,
+                registry_only,
             });
         }
         for u in &self.proxy.upstreams {
             // A service port declared TCP (or TLS, which the app speaks itself) is proxied as TCP.
             let svc = self.registry.resolve(&u.host, &self.proxy.namespace).cloned();
-            let tcp = svc.as_ref().and_then(|s| s.port(u.port)).is_some_and(|p| p.protocol.is_opaque());
-            let routing = match svc {
-                Some(svc) if tcp => ListenerRouting::Tcp(self.tcp_proxy(&svc, u.port)),
-                _ => ListenerRouting::Fixed { host: u.host.clone(), port: u.port },
+            let protocol = svc.as_ref().and_then(|s| s.port(u.port)).map(|p| p.protocol);
+            let fixed = ListenerRouting::Fixed { host: u.host.clone(), port: u.port };
+            let routing = match (svc, protocol) {
+                (Some(svc), Some(p)) if p.is_opaque() => ListenerRouting::Tcp(self.tcp_proxy(&svc, u.port)),
+                // Undeclared: HTTP if the app speaks it first, else TCP.
+                (Some(svc), Some(Protocol::Unknown)) => {
+                    ListenerRouting::Detect { http: Box::new(fixed), tcp: self.tcp_proxy(&svc, u.port) }
+                }
+                _ => fixed,
             };
             snap.listeners.push(Listener {
                 name: format!("upstream-{}", u.listen.port()),
@@ -720,23 +759,32 @@ impl<'a> Compiler<'a> {
                 routing,
                 mtls: None,
                 tls: None,
+                registry_only,
             });
         }
     }
 
-    /// The protocol of this workload's `app_port` when its proxy was not told: as Istio reads
-    /// it, from the Service ports that select the workload and target that port — TCP when they
-    /// declare an opaque protocol (HTTP otherwise, as before).
-    fn inbound_protocol(&self, app_port: u16) -> Option<UpstreamProtocol> {
+    /// What this workload's `app_port` speaks when its proxy was not told: as Istio reads it,
+    /// from the Service ports that select the workload and target that port — TCP when they
+    /// declare an opaque protocol, undeclared when their name says none, HTTP otherwise (and
+    /// when no Service names the port, as before).
+    fn inbound_kind(&self, ib: &InboundSpec) -> PortKind {
+        // Endpoints name the app's port (a Pod's container port), or, for `trellis up`
+        // workloads, the sidecar's inbound port in front of it.
+        let ports = [ib.app.port(), ib.listen.port()];
         let me = self.proxy;
         let ip = me.bind_address.to_string();
-        self.registry.services.iter().find_map(|svc| {
+        let protocol = self.registry.services.iter().find_map(|svc| {
             let w = svc.endpoints.iter().find(|w| {
                 w.namespace == me.namespace && (w.name == me.name || (!ip.starts_with("127.") && w.address == ip))
             })?;
-            let p = svc.ports.iter().find(|p| w.port_for(p) == app_port)?;
-            p.protocol.is_opaque().then_some(UpstreamProtocol::Tcp)
-        })
+            svc.ports.iter().find(|p| ports.contains(&w.port_for(p))).map(|p| p.protocol)
+        });
+        match protocol {
+            Some(p) if p.is_opaque() => PortKind::Tcp,
+            Some(Protocol::Unknown) => PortKind::Undeclared,
+            _ => PortKind::Http,
+        }
     }
 
     /// TCP to `svc`'s `port` as this sidecar sees it: the `tcp` routes of the first mesh
@@ -1194,6 +1242,35 @@ fn join_host_port(host: &str, port: u16) -> String {
     } else {
         format!("{host}:{port}")
     }
+}
+
+/// The `outboundTrafficPolicy.mode` in force for `proxy`, as Istio picks its Sidecar: one in the
+/// workload's namespace selecting it, else that namespace's without a selector, else the root
+/// namespace's without a selector (the mesh default); `ALLOW_ANY` when none says.
+fn outbound_traffic_policy<'r>(resources: &'r [Resource], proxy: &ProxySpec) -> &'r str {
+    let sidecars = || {
+        resources.iter().filter_map(|r| match &r.spec {
+            Spec::Sidecar(sc) => Some((r, sc)),
+            _ => None,
+        })
+    };
+    let mode =
+        |sc: &'r crate::model::networking::Sidecar| sc.outbound_traffic_policy.as_ref().and_then(|p| p.mode.as_deref());
+    let selecting = sidecars().find(|(r, sc)| {
+        r.namespace() == proxy.namespace
+            && sc.workload_selector.as_ref().is_some_and(|s| !s.labels.is_empty() && selects(&s.labels, &proxy.labels))
+    });
+    let namespace = || {
+        sidecars().find(|(r, sc)| {
+            r.namespace() == proxy.namespace && sc.workload_selector.as_ref().is_none_or(|s| s.labels.is_empty())
+        })
+    };
+    let root = || {
+        sidecars().find(|(r, sc)| {
+            r.namespace() == ROOT_NAMESPACE && sc.workload_selector.as_ref().is_none_or(|s| s.labels.is_empty())
+        })
+    };
+    selecting.or_else(namespace).or_else(root).and_then(|(_, sc)| mode(sc)).unwrap_or("ALLOW_ANY")
 }
 
 /// `httpsRedirect`: every request is sent to the same URL over HTTPS (301), as Envoy's

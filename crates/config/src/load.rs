@@ -206,6 +206,7 @@ fn decode_resource(file: Arc<PathBuf>, doc: Arc<Node>, findings: &mut Vec<Findin
         Kind::Workload => decode_as::<crate::model::trellis::Workload>(&doc, &mut unknown, Spec::Workload),
         Kind::RateLimit => decode_as::<crate::model::trellis::RateLimit>(&doc, &mut unknown, Spec::RateLimit),
         Kind::EnvoyFilter => decode_as::<networking::EnvoyFilter>(&doc, &mut unknown, Spec::EnvoyFilter),
+        Kind::Sidecar => decode_as::<networking::Sidecar>(&doc, &mut unknown, Spec::Sidecar),
         Kind::Telemetry => decode_as::<crate::model::telemetry::Telemetry>(&doc, &mut unknown, Spec::Telemetry),
         Kind::PeerAuthentication => {
             decode_as::<security::PeerAuthentication>(&doc, &mut unknown, Spec::PeerAuthentication)
@@ -305,6 +306,7 @@ fn empty_spec(kind: Kind) -> Spec {
         Kind::Workload => Spec::Workload(Default::default()),
         Kind::RateLimit => Spec::RateLimit(Default::default()),
         Kind::EnvoyFilter => Spec::EnvoyFilter(Default::default()),
+        Kind::Sidecar => Spec::Sidecar(Default::default()),
         Kind::Telemetry => Spec::Telemetry(Default::default()),
         Kind::PeerAuthentication => Spec::PeerAuthentication(Default::default()),
         Kind::AuthorizationPolicy => Spec::AuthorizationPolicy(Default::default()),

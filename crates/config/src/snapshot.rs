@@ -211,6 +211,11 @@ pub struct Listener {
     /// Gateway listeners: the TLS they terminate (HTTPS servers, SIMPLE or MUTUAL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ListenerTls>,
+    /// Outbound listeners: `outboundTrafficPolicy` REGISTRY_ONLY — a destination the registry
+    /// does not know is refused (HTTP 502 `NR`, TCP closed; Istio's BlackHoleCluster) instead
+    /// of passed through (ALLOW_ANY, Istio's PassthroughCluster).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub registry_only: bool,
 }
 
 /// The TLS a gateway port terminates: one entry per server; the first whose hosts match the
@@ -275,6 +280,10 @@ pub enum ListenerRouting {
     },
     /// Every connection is proxied as TCP.
     Tcp(TcpProxy),
+    /// An undeclared protocol: each connection is served as HTTP (by `http`) when its first
+    /// bytes are an HTTP request, else proxied as TCP — a client that waits for the server
+    /// (a server-first protocol) is proxied as TCP after a short window, never stalled.
+    Detect { http: Box<ListenerRouting>, tcp: TcpProxy },
 }
 
 /// A port of a capturing listener that Trellis serves: as HTTP with route table `table`, or,
@@ -286,6 +295,9 @@ pub struct CapturedPort {
     pub mtls: Option<MtlsMode>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp: Option<TcpProxy>,
+    /// Both `table` and `tcp` are set: the protocol is detected per connection.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detect: bool,
 }
 
 /// How connections are proxied as TCP: the first route whose match holds picks a cluster by

@@ -42,7 +42,10 @@ pub enum Error {
 
 /// The Istio and Gateway API kinds Trellis reads, by API group.
 pub const ISTIO_KINDS: &[(&str, &[&str])] = &[
-    ("networking.istio.io", &["Gateway", "VirtualService", "DestinationRule", "ServiceEntry", "WorkloadEntry"]),
+    (
+        "networking.istio.io",
+        &["Gateway", "VirtualService", "DestinationRule", "ServiceEntry", "WorkloadEntry", "Sidecar"],
+    ),
     ("security.istio.io", &["PeerAuthentication", "AuthorizationPolicy", "RequestAuthentication"]),
     ("telemetry.istio.io", &["Telemetry"]),
     ("gateway.networking.k8s.io", &["Gateway", "HTTPRoute", "GRPCRoute"]),

@@ -127,6 +127,16 @@ pub async fn serve(
     }
     c.sni = sni;
     let Some((route, cluster)) = proxy.route(destination_ip, c.sni.as_deref()) else {
+        if conn.original_dst.is_some() && conn.direction == Direction::Outbound && rt.registry_only(&conn.listener) {
+            c.cluster = Some(Arc::from("BlackHoleCluster"));
+            c.service = Arc::new(ServiceLabels::new("BlackHoleCluster", "BlackHoleCluster", ""));
+            c.flags = "NR";
+            let h = handles(&shared, &c);
+            h.opened.inc();
+            h.closed.inc();
+            log(&shared, &rt, &c, &conn, start_time, start.elapsed(), (0, 0), "outboundTrafficPolicy REGISTRY_ONLY");
+            return;
+        }
         if let Some(original) = conn.original_dst.filter(|_| conn.direction == Direction::Outbound) {
             // A captured connection to an address no service of this port has: on to where it
             // was going, as Istio's PassthroughCluster.

@@ -162,6 +162,15 @@ pub fn proxy_config(args: ProxyConfigArgs) -> ExitCode {
                         .join(", ")
                 ),
                 ListenerRouting::Tcp(t) => format!("tcp {}", tcp_routes(t)),
+                ListenerRouting::Detect { http, tcp } => format!(
+                    "detect: HTTP {}, else tcp {}",
+                    match &**http {
+                        ListenerRouting::Table(t) => t.clone(),
+                        ListenerRouting::Fixed { host, port } => format!("as {host}:{port}"),
+                        other => format!("{other:?}"),
+                    },
+                    tcp_routes(tcp)
+                ),
             };
             rows.push(vec![
                 l.name.clone(),

@@ -60,6 +60,8 @@ pub enum Kind {
     EndpointSlice,
     /// `networking.istio.io` EnvoyFilter: only the documented local rate limit is read.
     EnvoyFilter,
+    /// `networking.istio.io` Sidecar: its `outboundTrafficPolicy`.
+    Sidecar,
     /// `trellis.dev` RateLimit: a local rate limit for selected workloads.
     RateLimit,
 }
@@ -80,6 +82,7 @@ impl Kind {
                     ("ServiceEntry", Kind::ServiceEntry),
                     ("WorkloadEntry", Kind::WorkloadEntry),
                     ("EnvoyFilter", Kind::EnvoyFilter),
+                    ("Sidecar", Kind::Sidecar),
                 ],
             ),
             (
@@ -159,6 +162,7 @@ impl Kind {
             Kind::Telemetry => "Telemetry",
             Kind::Workload => "Workload",
             Kind::EnvoyFilter => "EnvoyFilter",
+            Kind::Sidecar => "Sidecar",
             Kind::RateLimit => "RateLimit",
             Kind::Pod => "Pod",
             Kind::Deployment => "Deployment",
@@ -247,6 +251,7 @@ pub enum Spec {
     AuthorizationPolicy(security::AuthorizationPolicy),
     RequestAuthentication(security::RequestAuthentication),
     EnvoyFilter(networking::EnvoyFilter),
+    Sidecar(networking::Sidecar),
     RateLimit(trellis::RateLimit),
 }
 

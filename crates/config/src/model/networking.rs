@@ -570,3 +570,23 @@ pub struct EnvoyFilter {
     pub config_patches: Vec<Json>,
     pub priority: Option<i64>,
 }
+
+/// `Sidecar`: what a workload's sidecar may reach. Trellis reads `outboundTrafficPolicy`; the
+/// `egress` and `ingress` listeners are reported as not enforced.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Sidecar {
+    pub workload_selector: Option<WorkloadSelector>,
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+    pub egress: Option<Json>,
+    pub ingress: Option<Json>,
+    pub inbound_connection_pool: Option<Json>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct OutboundTrafficPolicy {
+    /// `ALLOW_ANY` (the default) or `REGISTRY_ONLY`.
+    pub mode: Option<String>,
+    pub egress_proxy: Option<Json>,
+}

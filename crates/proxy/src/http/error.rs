@@ -94,6 +94,19 @@ impl ProxyError {
         }
     }
 
+    /// `outboundTrafficPolicy: REGISTRY_ONLY` and a host the registry does not know: 502 `NR`
+    /// (Istio's BlackHoleCluster).
+    pub fn blackhole(host: &str) -> Self {
+        ProxyError {
+            flag: Flag::NoRoute,
+            status: StatusCode::BAD_GATEWAY,
+            side: Side::Proxy,
+            retryable: false,
+            refused: false,
+            message: format!("{host:?} is not a service of the mesh, and outboundTrafficPolicy is REGISTRY_ONLY"),
+        }
+    }
+
     pub fn no_healthy_upstream(cluster: &str) -> Self {
         ProxyError {
             flag: Flag::NoHealthyUpstream,

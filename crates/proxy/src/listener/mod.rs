@@ -203,6 +203,7 @@ async fn serve(stream: TcpStream, mut conn: ConnInfo, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let rt = shared.runtime();
     let mut tcp = None;
+    let mut detect = false;
     let mode = if rt.is_capturing(&conn.listener) {
         let Some(original) = conn.original_dst else {
             tracing::debug!(listener = %conn.listener, peer = %conn.peer, "captured connection without an original destination; closed");
@@ -219,6 +220,16 @@ async fn serve(stream: TcpStream, mut conn: ConnInfo, shared: Arc<Shared>) {
                 tcp = rt.tcp(&conn.listener, Some(original.port())).cloned();
                 mode
             }
+            Captured::Detect(mode) => {
+                tcp = rt.tcp(&conn.listener, Some(original.port())).cloned();
+                detect = true;
+                mode
+            }
+            // Outbound: counted as Istio's PassthroughCluster (or refused, REGISTRY_ONLY).
+            Captured::Passthrough if conn.direction == Direction::Outbound => {
+                let empty = Arc::new(crate::runtime::TcpProxy::empty());
+                return crate::tcp::serve(Box::new(stream), conn, shared.clone(), rt, empty, false, None).await;
+            }
             Captured::Passthrough => return passthrough(stream, original, &conn).await,
             Captured::Refuse => {
                 tracing::debug!(listener = %conn.listener, %original, "plaintext to an undeclared port of a STRICT workload; refused");
@@ -227,6 +238,7 @@ async fn serve(stream: TcpStream, mut conn: ConnInfo, shared: Arc<Shared>) {
         }
     } else {
         tcp = rt.tcp(&conn.listener, None).cloned();
+        detect = rt.detects(&conn.listener);
         rt.listener_mtls(&conn.listener)
     };
     let tls = match (mode, &shared.mesh_server) {
@@ -236,16 +248,24 @@ async fn serve(stream: TcpStream, mut conn: ConnInfo, shared: Arc<Shared>) {
         }
         (Some(MtlsMode::Strict), Some(cfg)) => Some(cfg.clone()),
         (Some(MtlsMode::Permissive), Some(cfg)) => {
+            // A TCP port's plaintext client may wait for the server to speak first: after the
+            // detection window it is plaintext, never stalled.
+            let window = if tcp.is_some() { DETECT_WINDOW } else { HANDSHAKE_TIMEOUT };
             let mut first = [0u8; 1];
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+            match tokio::time::timeout(window, stream.peek(&mut first)).await {
                 Ok(Ok(1)) if first[0] == 0x16 => Some(cfg.clone()),
                 Ok(Ok(_)) => None,
+                Err(_) if tcp.is_some() => None,
                 _ => return,
             }
         }
         _ => None,
     };
     let mut mesh_tcp = false;
+    // An undeclared protocol over plaintext: HTTP only if the client's first bytes say so.
+    if detect && tls.is_none() && sniff_http(&stream).await {
+        tcp = None;
+    }
     if let Some(gateway_tls) = rt.gateway_tls(&conn.listener) {
         let gateway_tls = gateway_tls.clone();
         drop(rt);
@@ -284,6 +304,10 @@ async fn serve(stream: TcpStream, mut conn: ConnInfo, shared: Arc<Shared>) {
             }
         }
     };
+    // Over mesh mTLS the client proxy said what it speaks (ALPN `trellis-tcp`, or HTTP).
+    if detect && conn.mtls && !mesh_tcp {
+        tcp = None;
+    }
     match tcp {
         Some(tcp) => crate::tcp::serve(io, conn, shared.clone(), rt, tcp, mesh_tcp, sni).await,
         None => {
@@ -320,6 +344,59 @@ async fn peek_sni(stream: &TcpStream) -> Option<String> {
             return None;
         }
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}
+
+/// How long a connection on a port whose protocol is not declared may stay silent before it is
+/// taken for a server-first protocol (MySQL, SMTP, ...) and proxied as TCP: short enough that
+/// the server's greeting is not noticeably delayed (Linkerd waits 10 s; Istio, without a
+/// timeout, until the client speaks).
+const DETECT_WINDOW: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Whether a plaintext connection's first bytes are an HTTP/1 request line or the HTTP/2
+/// preface (read without consuming them). `false` when the client stays silent for
+/// [`DETECT_WINDOW`].
+async fn sniff_http(stream: &TcpStream) -> bool {
+    let mut buf = [0u8; 16];
+    let first = tokio::time::Instant::now() + DETECT_WINDOW;
+    let done = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    loop {
+        let deadline = if tokio::time::Instant::now() < first { first } else { done };
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return false,
+        };
+        if let Some(http) = looks_like_http(&buf[..n]) {
+            return http;
+        }
+        // A method token cut short: wait for the rest (bounded by the handshake timeout).
+        if tokio::time::Instant::now() >= done {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}
+
+/// `Some(true)`: an HTTP request starts here; `Some(false)`: it cannot; `None`: too few bytes.
+fn looks_like_http(b: &[u8]) -> Option<bool> {
+    const STARTS: [&[u8]; 10] = [
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"DELETE ",
+        b"HEAD ",
+        b"OPTIONS ",
+        b"PATCH ",
+        b"CONNECT ",
+        b"TRACE ",
+        b"PRI * HTTP/2.0",
+    ];
+    if STARTS.iter().any(|s| b.starts_with(s)) {
+        Some(true)
+    } else if STARTS.iter().any(|s| s.starts_with(b)) {
+        None
+    } else {
+        Some(false)
     }
 }
 
@@ -368,5 +445,20 @@ async fn serve_http(io: Io, conn: Arc<ConnInfo>, shared: Arc<Shared>) {
             shared.metrics.header_timeouts.inc();
         }
         tracing::debug!(listener = %conn.listener, peer = %conn.peer, error = %e, "connection ended with error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::looks_like_http;
+
+    #[test]
+    fn http_is_told_from_other_protocols_by_its_first_bytes() {
+        assert_eq!(looks_like_http(b"GET / HTTP/1.1\r\n"), Some(true));
+        assert_eq!(looks_like_http(b"PRI * HTTP/2.0\r\n"), Some(true));
+        assert_eq!(looks_like_http(b"GE"), None, "a method cut short waits for more");
+        assert_eq!(looks_like_http(b"\x00\x00\x00\x08\x04\xd2\x16\x2f"), Some(false), "a PostgreSQL SSLRequest");
+        assert_eq!(looks_like_http(b"*1\r\n$4\r\nPING"), Some(false), "Redis");
+        assert_eq!(looks_like_http(b"GETX"), Some(false));
     }
 }

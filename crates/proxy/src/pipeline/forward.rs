@@ -172,9 +172,23 @@ pub(super) async fn run(
     let mut tried: Vec<usize> = Vec::new();
     let mut req = Request::from_parts(parts, body);
     let mut retries = 0u32;
+    // Passthrough (ALLOW_ANY): the one endpoint is where the request was going.
+    let passthrough = (&*cluster.name == crate::runtime::PASSTHROUGH).then(|| {
+        let target = match conn.original_dst {
+            Some(o) => o.to_string(),
+            None => format!("{}:{}", sel.host, sel.port.unwrap_or(if sel.scheme == "https" { 443 } else { 80 })),
+        };
+        shared.pools.endpoint(&target)
+    });
     loop {
-        let pick = pick(cluster, &req, conn, &tried, policy)?;
-        let (endpoint, _) = &cluster.endpoints[pick.0];
+        let pick = match &passthrough {
+            Some(_) => (usize::MAX, None),
+            None => pick(cluster, &req, conn, &tried, policy)?,
+        };
+        let endpoint = match &passthrough {
+            Some(ep) => ep,
+            None => &cluster.endpoints[pick.0].0,
+        };
         record.upstream = Some(endpoint.clone());
         if direction::client_side(conn.direction) {
             if let Some(id) = cluster.identities.get(pick.0) {

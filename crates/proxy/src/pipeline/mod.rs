@@ -117,7 +117,20 @@ async fn proxy(
     if direction::admits(conn.direction) {
         admit::run(shared, rt, conn, &mut parts, authority.as_ref(), record).await?;
     }
-    let sel = select::route(rt, conn, &mut parts, authority.as_ref())?;
+    let sel = match select::route(rt, conn, &mut parts, authority.as_ref()) {
+        Ok(s) => s,
+        Err(e) => {
+            if e.status == http::StatusCode::BAD_GATEWAY {
+                // Refused by REGISTRY_ONLY: reported as Istio reports it.
+                record.service = Arc::new(trellis_telemetry::identity::ServiceLabels::new(
+                    "BlackHoleCluster",
+                    "BlackHoleCluster",
+                    "",
+                ));
+            }
+            return Err(e);
+        }
+    };
     record.route = Some(sel.route.name.clone());
     if let Some(refused) = sel.route.rate_limit.as_ref().and_then(|l| limit(shared, l, record)) {
         return Ok(refused);

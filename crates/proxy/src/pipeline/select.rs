@@ -40,7 +40,11 @@ pub(super) fn route<'a>(
     };
     let default_port = if scheme == "https" { 443 } else { 80 };
     let no_route = |host: &str, parts: &http::request::Parts| ProxyError::no_route(host, parts.uri.path());
-    let routing = rt.listener(&conn.listener).ok_or_else(|| no_route(&host, parts))?;
+    let routing = match rt.listener(&conn.listener).ok_or_else(|| no_route(&host, parts))? {
+        // Detected as HTTP: routed as the listener's HTTP side says.
+        ListenerRouting::Detect { http, .. } => &**http,
+        r => r,
+    };
     let table: Option<&Arc<RouteTable>> = match routing {
         ListenerRouting::Table(name) => rt.table(name),
         ListenerRouting::ByRequestPort => rt.outbound_table(port.unwrap_or(default_port)),
@@ -56,9 +60,8 @@ pub(super) fn route<'a>(
             rt.outbound_table(*port)
         }
         // Proxied as TCP before any request is read.
-        ListenerRouting::Tcp(_) => None,
+        ListenerRouting::Tcp(_) | ListenerRouting::Detect { .. } => None,
     };
-    let table = table.ok_or_else(|| no_route(&host, parts))?;
     let host_len = host.trim_end_matches('.').len();
     host.truncate(host_len);
     let authority_str = parts
@@ -68,7 +71,17 @@ pub(super) fn route<'a>(
         .map(str::to_string)
         .or_else(|| authority.map(|a| a.to_string()))
         .unwrap_or_default();
-    let vhost = table.virtual_host(&host).ok_or_else(|| no_route(&host, parts))?;
+    let Some(vhost) = table.and_then(|t| t.virtual_host(&host)) else {
+        // A destination the registry does not know.
+        return match () {
+            _ if rt.registry_only(&conn.listener) => Err(ProxyError::blackhole(&host)),
+            // ALLOW_ANY: on to where the request was going (Istio's PassthroughCluster).
+            _ if conn.direction == trellis_config::snapshot::Direction::Outbound && !host.is_empty() => {
+                Ok(Selected { route: &rt.passthrough, prefix: None, host, authority: authority_str, scheme, port })
+            }
+            _ => Err(no_route(&host, parts)),
+        };
+    };
     let view = RequestView {
         method: &parts.method,
         path: parts.uri.path(),

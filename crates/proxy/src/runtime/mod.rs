@@ -23,7 +23,53 @@ use trellis_identity::tls::CredentialStore;
 use crate::balance::Balancer;
 use crate::upstream::{Endpoint, Pools, TlsSetup};
 pub use error::{BuildError, Problem, Resource};
-pub use route::RouteTable;
+pub use route::{Route, RouteTable};
+
+/// The name of the cluster of requests passed through to where they were going.
+pub const PASSTHROUGH: &str = "PassthroughCluster";
+
+/// The route of `ALLOW_ANY` passthrough: to [`PASSTHROUGH`], whose endpoint each request names.
+fn passthrough_route() -> Route {
+    let cluster = Arc::new(Cluster {
+        name: Arc::from(PASSTHROUGH),
+        protocol: UpstreamProtocol::Downstream,
+        connect_timeout: Duration::from_secs(10),
+        endpoints: Vec::new(),
+        identities: Vec::new(),
+        balancer: Balancer::new(&spec::LbPolicy::RoundRobin, &[]),
+        service: Arc::new(ServiceLabels::new(PASSTHROUGH, PASSTHROUGH, "")),
+        peer_header: None,
+        mesh_peers: Vec::new(),
+        authority: String::new(),
+        mtls: false,
+        budget: crate::pipeline::retry::Budget::new(spec::RetryBudget::default()),
+        outlier: None,
+        pool: spec::PoolPolicy::default(),
+    });
+    let spec_route = spec::Route {
+        name: "allow_any".into(),
+        source: None,
+        matches: Vec::new(),
+        action: spec::Action::Forward(spec::Forward {
+            destinations: vec![spec::WeightedCluster {
+                cluster: PASSTHROUGH.into(),
+                weight: 100,
+                request_headers: Default::default(),
+                response_headers: Default::default(),
+            }],
+            rewrite: None,
+        }),
+        request_headers: Default::default(),
+        response_headers: Default::default(),
+        timeout: None,
+        retry: None,
+        fault: None,
+        cors: None,
+        mirrors: Vec::new(),
+    };
+    let clusters = HashMap::from([(PASSTHROUGH.to_string(), cluster)]);
+    route::Route::build_one(&spec_route, &clusters).expect("the passthrough route builds")
+}
 
 pub struct Runtime {
     pub snapshot: Arc<spec::Snapshot>,
@@ -37,13 +83,16 @@ pub struct Runtime {
     tables: HashMap<String, Arc<RouteTable>>,
     /// Outbound tables by port, for `ByRequestPort` and `Fixed` listeners.
     outbound: HashMap<u16, Arc<RouteTable>>,
-    listeners: HashMap<String, (ListenerRouting, Option<spec::MtlsMode>)>,
+    listeners: HashMap<String, (ListenerRouting, Option<spec::MtlsMode>, bool)>,
     pub clusters: HashMap<String, Arc<Cluster>>,
     /// Local rate limits, each with its token bucket.
     pub rate_limits: Vec<crate::pipeline::ratelimit::Limiter>,
     /// TCP proxying, by listener name (and `<listener>|<port>` for a capturing listener's
     /// TCP ports).
     tcp: HashMap<String, Arc<TcpProxy>>,
+    /// Where an outbound request for a host the registry does not know goes under
+    /// `ALLOW_ANY`: Istio's PassthroughCluster (the endpoint is the request's destination).
+    pub passthrough: Route,
     /// TLS that gateway listeners terminate, by listener name.
     gateway_tls: HashMap<String, Arc<crate::listener::tls::GatewayTls>>,
 }
@@ -194,6 +243,7 @@ impl Runtime {
             rate_limits: Vec::new(),
             tcp: HashMap::new(),
             gateway_tls: HashMap::new(),
+            passthrough: passthrough_route(),
         }
     }
 
@@ -305,7 +355,7 @@ impl Runtime {
                 gateway_tls.insert(l.name.clone(), Arc::new(built));
             }
             match &l.routing {
-                ListenerRouting::Tcp(t) => {
+                ListenerRouting::Tcp(t) | ListenerRouting::Detect { tcp: t, .. } => {
                     tcp.insert(l.name.clone(), Arc::new(TcpProxy::build(t, &clusters).map_err(at)?));
                 }
                 ListenerRouting::OriginalDst { ports, .. } => {
@@ -321,8 +371,12 @@ impl Runtime {
             let used: Vec<&String> = match &l.routing {
                 ListenerRouting::Table(t) => vec![t],
                 ListenerRouting::OriginalDst { ports, .. } => {
-                    ports.values().filter(|p| p.tcp.is_none()).map(|p| &p.table).collect()
+                    ports.values().filter(|p| p.tcp.is_none() || p.detect).map(|p| &p.table).collect()
                 }
+                ListenerRouting::Detect { http, .. } => match &**http {
+                    ListenerRouting::Table(t) => vec![t],
+                    _ => Vec::new(),
+                },
                 _ => Vec::new(),
             };
             for t in used {
@@ -330,7 +384,7 @@ impl Runtime {
                     return Err(Problem::UnknownRouteTable(t.clone()).at(Resource::Listener(l.name.clone())));
                 }
             }
-            listeners.insert(l.name.clone(), (l.routing.clone(), l.mtls));
+            listeners.insert(l.name.clone(), (l.routing.clone(), l.mtls, l.registry_only));
         }
         pools.collect();
         let rate_limits = snapshot
@@ -343,6 +397,7 @@ impl Runtime {
             })
             .collect::<Result<Vec<_>, BuildError>>()?;
         Ok(Runtime {
+            passthrough: passthrough_route(),
             snapshot,
             me,
             telemetry,
@@ -366,6 +421,16 @@ impl Runtime {
         self.listeners.get(name).map(|l| &l.0)
     }
 
+    /// Whether a listener detects the protocol of each connection (HTTP, else TCP).
+    pub fn detects(&self, name: &str) -> bool {
+        matches!(self.listeners.get(name).map(|l| &l.0), Some(ListenerRouting::Detect { .. }))
+    }
+
+    /// Whether an outbound listener refuses destinations the registry does not know.
+    pub fn registry_only(&self, name: &str) -> bool {
+        self.listeners.get(name).is_some_and(|l| l.2)
+    }
+
     /// The PeerAuthentication mode of an inbound listener (`None`: not an mTLS-capable port).
     pub fn listener_mtls(&self, name: &str) -> Option<spec::MtlsMode> {
         self.listeners.get(name).and_then(|l| l.1)
@@ -376,6 +441,7 @@ impl Runtime {
     pub fn captured(&self, name: &str, original: u16) -> Captured {
         match self.listeners.get(name).map(|l| &l.0) {
             Some(ListenerRouting::OriginalDst { ports, passthrough_mtls }) => match ports.get(&original) {
+                Some(p) if p.detect => Captured::Detect(p.mtls),
                 Some(p) if p.tcp.is_some() => Captured::Tcp(p.mtls),
                 Some(p) => Captured::Http(p.mtls),
                 None if *passthrough_mtls == Some(spec::MtlsMode::Strict) => Captured::Refuse,
@@ -397,6 +463,8 @@ pub enum Captured {
     Http(Option<spec::MtlsMode>),
     /// Proxied as TCP ([`Runtime::tcp`] with the port).
     Tcp(Option<spec::MtlsMode>),
+    /// HTTP or TCP, by what the connection's first bytes are.
+    Detect(Option<spec::MtlsMode>),
     Passthrough,
     /// Plaintext to an undeclared port of a STRICT workload.
     Refuse,
@@ -419,6 +487,11 @@ pub struct TcpRoute {
 }
 
 impl TcpProxy {
+    /// No routes: every connection goes where it was going (captured), or is refused.
+    pub fn empty() -> TcpProxy {
+        TcpProxy { routes: Vec::new(), sni: false }
+    }
+
     fn build(t: &spec::TcpProxy, clusters: &HashMap<String, Arc<Cluster>>) -> Result<TcpProxy, Problem> {
         let mut routes = Vec::new();
         for r in &t.routes {

@@ -240,6 +240,11 @@ impl VirtualHost {
 }
 
 impl Route {
+    /// One route outside any table (the runtime's passthrough route).
+    pub(crate) fn build_one(r: &spec::Route, clusters: &HashMap<String, Arc<Cluster>>) -> Result<Route, Problem> {
+        Route::build(r, clusters)
+    }
+
     fn build(r: &spec::Route, clusters: &HashMap<String, Arc<Cluster>>) -> Result<Route, Problem> {
         let action = match &r.action {
             spec::Action::Direct { status, body } => Action::Direct {
