@@ -28,7 +28,7 @@ apt_install() {
   [ -z "$placed" ] || $sudo rm -f "$policy"
   # ...and on a machine with systemd they are disabled and stopped, so none starts at boot.
   if [ -d /run/systemd/system ]; then
-    for svc in nginx haproxy prometheus prometheus-node-exporter redis-server; do
+    for svc in nginx haproxy prometheus prometheus-node-exporter redis-server postgresql; do
       $sudo systemctl disable --now "$svc" >/dev/null 2>&1 || true
     done
   fi
@@ -42,8 +42,9 @@ command -v curl >/dev/null || apt_install curl ca-certificates
 # capture in the Kubernetes tests' Pod network namespaces; openssl checks sidecar certificates.
 apt_install prometheus haproxy nginx iptables openssl
 
-# Real TCP servers and clients through the mesh: Redis (redis-server, redis-cli, redis-benchmark).
-apt_install redis-server redis-tools
+# Real TCP servers and clients through the mesh: Redis (redis-server, redis-cli, redis-benchmark)
+# and PostgreSQL (postgres, psql, pgbench).
+apt_install redis-server redis-tools postgresql
 
 # The Kubernetes tests' control plane (etcd, kube-apiserver, kube-controller-manager, kubectl)
 # and helm, built from their Go modules once and cached by version (~20 min the first time on

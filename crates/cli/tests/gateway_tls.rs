@@ -302,6 +302,8 @@ async fn tls_passthrough_routes_by_sni_and_tcp_servers_route_by_port() {
     let mut y = service("a.passthrough.test", "HTTPS", &[(a, &[])]);
     y.push_str(&service("b.passthrough.test", "HTTPS", &[(b, &[])]));
     y.push_str(&service("echo.internal", "TCP", &[(echo_addr, &[])]));
+    // One connection at a time to the echo server.
+    y.push_str("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo}\nspec:\n  host: echo.internal\n  trafficPolicy:\n    connectionPool: {tcp: {maxConnections: 1}}\n---\n");
     y.push_str(&format!(
         r#"apiVersion: networking.istio.io/v1
 kind: Gateway
@@ -374,13 +376,25 @@ spec:
     let mut back = vec![0u8; msg.len()];
     s.read_exact(&mut back).await.expect("echo");
     assert_eq!(back, msg);
+    // maxConnections 1: while this connection is open, a second one is closed (UO), counted.
+    let mut second = tokio::net::TcpStream::connect(("127.0.0.1", tcp_port)).await.expect("connect");
+    let _ = second.write_all(b"over the limit").await;
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), second.read(&mut buf)).await.expect("closed within 10 s");
+    assert!(matches!(n, Ok(0) | Err(_)), "the second connection is closed, not echoed: {n:?}");
+    let m = support::mesh::metrics(proxy.admin).await;
+    assert_eq!(
+        support::mesh::metric_sum(&m, "trellis_proxy_upstream_overflows_total", &[("limit", "connections")]),
+        1.0,
+        "{m}"
+    );
     drop(s);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let m = support::mesh::metrics(proxy.admin).await;
         let f = [("destination_service_name", "echo.internal")];
         let closed = support::mesh::metric_sum(&m, "istio_tcp_connections_closed_total", &f);
-        if closed >= 1.0 {
+        if closed >= 2.0 {
             assert_eq!(support::mesh::metric_sum(&m, "istio_tcp_received_bytes_total", &f), 50_000.0, "{m}");
             assert_eq!(support::mesh::metric_sum(&m, "istio_tcp_sent_bytes_total", &f), 50_000.0, "{m}");
             break;

@@ -204,7 +204,10 @@ fn caller_port_for(up: &Up, service: &str) -> (SocketAddr, serde_json::Value) {
         .as_array()
         .expect("listeners")
         .iter()
-        .find(|l| l["routing"].to_string().contains(&format!("\"host\":\"{service}\"")))
+        .find(|l| {
+            let r = l["routing"].to_string();
+            r.contains(&format!("\"host\":\"{service}\"")) || r.contains(&format!("||{service}."))
+        })
         .unwrap_or_else(|| panic!("no listener for {service}: {snap}"))
         .clone();
     (l["address"].as_str().expect("address").parse().expect("addr"), l["routing"].clone())
@@ -314,4 +317,84 @@ spec:
         assert!(Instant::now() < deadline, "http {http}, tcp {tcp}:\n{m}");
         tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a wait on /metrics
     }
+}
+
+/// PostgreSQL from Debian's packages, as a mesh workload (its own data directory, run as the
+/// `postgres` user when the test runs as root, which PostgreSQL refuses to run as).
+const POSTGRES: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: postgres}
+spec:
+  selector: {app: postgres}
+  ports: [{name: tcp-postgres, port: 5432}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {name: postgres, labels: {app: postgres}}
+spec:
+  command:
+  - sh
+  - -c
+  - |
+    set -e
+    bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+    d=$(mktemp -d)
+    run() { if [ "$(id -u)" = 0 ]; then chown -R postgres "$d"; runuser -u postgres -- "$@"; else "$@"; fi; }
+    run "$bin/initdb" -D "$d/data" -A trust -U postgres >/dev/null
+    if [ "$(id -u)" = 0 ]; then chown -R postgres "$d"; exec runuser -u postgres -- "$bin/postgres" -D "$d/data" -p "$PORT" -k "$d" -c listen_addresses=127.0.0.1 -c fsync=off; fi
+    exec "$bin/postgres" -D "$d/data" -p "$PORT" -k "$d" -c listen_addresses=127.0.0.1 -c fsync=off
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {name: caller, labels: {app: caller}}
+spec:
+  command: [trellis-demo, colorteller]
+  env: {COLOR: blue}
+  upstreams: [postgres]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_psql_and_pgbench_through_two_sidecars_over_mtls() {
+    let dir = ConfigDir::new();
+    dir.write("mesh.yaml", POSTGRES);
+    let up = Up::start_with(dir.path(), free_port(), &[]).await;
+    let (at, routing) = caller_port_for(&up, "postgres");
+    assert!(routing["tcp"].is_object(), "tcp-postgres is proxied as TCP: {routing}");
+    let (host, port) = (at.ip().to_string(), at.port().to_string());
+    let psql = |sql: &str| {
+        let out = Command::new("psql")
+            .args(["-h", &host, "-p", &port, "-U", "postgres", "-d", "postgres", "-tAc", sql])
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .expect("psql (Debian postgresql-client)");
+        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    psql("CREATE TABLE greetings (id serial PRIMARY KEY, message text)");
+    psql("INSERT INTO greetings (message) VALUES ('Shalom (שָׁלוֹם), from Service D!')");
+    assert_eq!(psql("SELECT message FROM greetings"), "Shalom (שָׁלוֹם), from Service D!");
+    let pgbench = |args: &[&str]| {
+        let out = Command::new("pgbench")
+            .args(["-h", &host, "-p", &port, "-U", "postgres"])
+            .args(args)
+            .arg("postgres")
+            .output()
+            .expect("pgbench (Debian postgresql-contrib)");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "pgbench {args:?}: {text}");
+        text
+    };
+    pgbench(&["-i", "-s", "1", "-q"]);
+    let run = pgbench(&["-c", "4", "-t", "200", "-n"]);
+    assert!(run.contains("number of transactions actually processed: 800/800"), "{run}");
+    println!("pgbench through two sidecars:\n{run}");
+    let m = metrics(up.admins()["postgres"]).await;
+    assert!(
+        metric_sum(
+            &m,
+            "istio_tcp_connections_opened_total",
+            &[("reporter", "destination"), ("source_workload", "caller"), ("connection_security_policy", "mutual_tls")]
+        ) >= 5.0,
+        "psql and pgbench connections, over mTLS, from the caller:\n{m}"
+    );
 }

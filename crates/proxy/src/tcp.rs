@@ -193,6 +193,21 @@ pub async fn serve(
             }
         }
     }
+    // `maxConnections`: a connection over the limit is closed (flag UO), and counted.
+    let _slot = match endpoint.tcp_slot() {
+        Ok(s) => s,
+        Err(_) => {
+            c.flags = "UO";
+            let labels =
+                trellis_telemetry::metrics::OverflowLabels { cluster_name: cluster.name.clone(), limit: "connections" };
+            shared.metrics.overflows.get_or_create(&labels).inc();
+            let h = handles(&shared, &c);
+            h.opened.inc();
+            h.closed.inc();
+            log(&shared, &rt, &c, &conn, start_time, start.elapsed(), (0, 0), "maxConnections reached");
+            return;
+        }
+    };
     let upstream = endpoint.connect_opaque(cluster.connect_timeout).await;
     let result = match &upstream {
         Ok(_) => crate::balance::outlier::Result::Status(200),

@@ -173,7 +173,7 @@ pub(super) async fn run(
     let mut req = Request::from_parts(parts, body);
     let mut retries = 0u32;
     // Passthrough (ALLOW_ANY): the one endpoint is where the request was going.
-    let passthrough = (&*cluster.name == crate::runtime::PASSTHROUGH).then(|| {
+    let passthrough = cluster.passthrough.then(|| {
         let target = match conn.original_dst {
             Some(o) => o.to_string(),
             None => format!("{}:{}", sel.host, sel.port.unwrap_or(if sel.scheme == "https" { 443 } else { 80 })),

@@ -45,6 +45,7 @@ fn passthrough_route() -> Route {
         budget: crate::pipeline::retry::Budget::new(spec::RetryBudget::default()),
         outlier: None,
         pool: spec::PoolPolicy::default(),
+        passthrough: true,
     });
     let spec_route = spec::Route {
         name: "allow_any".into(),
@@ -126,6 +127,8 @@ pub struct Cluster {
     /// Connection-pool limits: per endpoint (put in force by [`Runtime::activate`]) and for the
     /// cluster (`max_requests`, `max_retries`, checked by the pipeline).
     pub pool: spec::PoolPolicy,
+    /// Istio's PassthroughCluster: each request names its own endpoint.
+    pub passthrough: bool,
 }
 
 /// The TLS client configurations for a cluster, and a key naming that variant for the pools.
@@ -327,6 +330,7 @@ impl Runtime {
                     budget: crate::pipeline::retry::Budget::new(c.retry_budget),
                     outlier: c.outlier.clone().map(|p| crate::balance::outlier::Outlier::new(p, c.endpoints.len())),
                     pool: c.pool.clone(),
+                    passthrough: false,
                 }),
             );
         }

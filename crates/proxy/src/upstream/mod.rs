@@ -74,6 +74,15 @@ pub struct Endpoint {
     latency: std::sync::Mutex<Ewma>,
 }
 
+/// See [`Endpoint::tcp_slot`].
+pub struct TcpSlot(Arc<Endpoint>);
+
+impl Drop for TcpSlot {
+    fn drop(&mut self) {
+        self.0.release_h1();
+    }
+}
+
 /// An exponentially weighted moving average that jumps to a higher sample at once (the peak)
 /// and decays towards lower ones with time constant [`EWMA_DECAY`].
 #[derive(Clone, Copy, Debug)]
@@ -232,6 +241,26 @@ impl Endpoint {
     }
 
     /// Connects (and, for TLS endpoints, handshakes with ALPN for `wire`) within `timeout`.
+    /// A place for one opaque TCP connection under the DestinationRule's `maxConnections`
+    /// (which TCP and HTTP/1.1 connections to this endpoint share, as in Envoy); held while the
+    /// connection is open. `Err`: the limit is reached (flag `UO`).
+    pub fn tcp_slot(self: &Arc<Self>) -> Result<TcpSlot, ProxyError> {
+        match self.limits.load().max_connections {
+            Some(max) => {
+                let max = max as usize;
+                let taken =
+                    self.open_h1.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
+                if taken.is_err() {
+                    return Err(ProxyError::overflow(&self.address, "connections"));
+                }
+            }
+            None => {
+                self.open_h1.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        Ok(TcpSlot(self.clone()))
+    }
+
     /// A connection for opaque TCP: plain, or TLS as the cluster says; `true` when it is mesh
     /// mTLS to a Trellis peer (ALPN `trellis-tcp`: the peer expects this side's metadata first).
     pub async fn connect_opaque(&self, timeout: Duration) -> Result<(Io, bool), ProxyError> {
