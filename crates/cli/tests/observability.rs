@@ -396,7 +396,8 @@ async fn a_real_prometheus_scrapes_istio_metrics_and_every_dashboard_query_has_d
         .expect("prometheus-config");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let config = String::from_utf8(out.stdout).expect("utf8");
-    assert_eq!(config.matches("- targets:").count(), 9, "{config}");
+    // Eight apps' sidecars, the gateway, and Redis's sidecar (the asynchronous legs).
+    assert_eq!(config.matches("- targets:").count(), 10, "{config}");
     let pdir = tempfile::tempdir().expect("tempdir");
     std::fs::write(pdir.path().join("prometheus.yml"), &config).expect("write");
     let paddr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
@@ -439,7 +440,7 @@ async fn a_real_prometheus_scrapes_istio_metrics_and_every_dashboard_query_has_d
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let up_count = prom_query(paddr, "sum(up)").await;
-        if up_count[0]["value"][1].as_str() == Some("9") {
+        if up_count[0]["value"][1].as_str() == Some("10") {
             break;
         }
         assert!(Instant::now() < deadline, "targets not up: {up_count}");
@@ -488,6 +489,28 @@ async fn a_real_prometheus_scrapes_istio_metrics_and_every_dashboard_query_has_d
     let sources: Vec<&str> =
         src.as_array().expect("vector").iter().filter_map(|r| r["metric"]["source_workload"].as_str()).collect();
     assert_eq!(sources, vec!["service-b"]);
+    // The asynchronous legs over TCP: Redis's sidecar sees D publish, F consume, and C, F, G, H
+    // store, each from its own workload, over mTLS.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let tcp_sources = loop {
+        let res = prom_query(
+            paddr,
+            "sum by (source_workload) (istio_tcp_connections_opened_total{reporter=\"destination\",destination_service_name=\"redis\",connection_security_policy=\"mutual_tls\"})",
+        )
+        .await;
+        let mut s: Vec<String> = res
+            .as_array()
+            .expect("vector")
+            .iter()
+            .filter_map(|r| r["metric"]["source_workload"].as_str().map(str::to_string))
+            .collect();
+        s.sort();
+        if s.len() >= 5 || Instant::now() >= deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await; // poll interval of a wait on a Prometheus query
+    };
+    assert_eq!(tcp_sources, ["service-c", "service-d", "service-f", "service-g", "service-h"]);
 
     let dashboards = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/grafana");
     // Each series needs two scrapes of its own before its rate has data, and a series born a

@@ -355,3 +355,22 @@ fn closed_pipe_exit(args: &[&str]) {
     assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{args:?}: {err}");
     assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_optional_workload_whose_program_is_not_installed_is_left_out_saying_so() {
+    let dir = ConfigDir::new();
+    dir.write(
+        "mesh.yaml",
+        "apiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {name: app, labels: {app: app}}\nspec:\n  command: [trellis-demo, colorteller]\n  env: {COLOR: blue}\n---\napiVersion: trellis.dev/v1alpha1\nkind: Workload\nmetadata: {name: extra, labels: {app: extra}}\nspec:\n  command: [trellis-no-such-program, --port, \"$(PORT)\"]\n  optional: true\n",
+    );
+    let up = Up::start_with(dir.path(), free_port(), &[]).await;
+    assert!(
+        up.output().contains("trellis-no-such-program is not installed: workload extra is optional and left out"),
+        "{}",
+        up.output()
+    );
+    let status = up.status();
+    let names: Vec<&str> =
+        status["proxies"].as_array().expect("proxies").iter().filter_map(|p| p["workload"].as_str()).collect();
+    assert_eq!(names, ["app"], "{status}");
+}

@@ -6,5 +6,6 @@
 pub mod color;
 pub mod dj;
 pub mod echo;
+pub mod redis;
 pub mod reference;
 pub mod web;

@@ -41,6 +41,12 @@ struct App {
     hostname: String,
     requests: Family<RequestLabels, Counter>,
     registry: Registry,
+    /// The service's letter (`A`..`H`): which asynchronous legs it has.
+    letter: char,
+    /// D publishes here; F consumes from here.
+    queue: Option<Arc<crate::redis::Redis>>,
+    /// C, F, G and H store their greetings here.
+    datastore: Option<Arc<crate::redis::Redis>>,
 }
 
 /// Runs one reference service until SIGTERM.
@@ -58,6 +64,26 @@ pub async fn run() -> std::io::Result<()> {
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
+    // The asynchronous legs (../REFERENCE-APPS.md §1): D publishes to a queue F consumes; C,
+    // F, G and H store their greetings. Redis serves both (`QUEUE_URL`, `DATASTORE_URL`, or the
+    // `REDIS_ADDR` of a `redis` upstream under `trellis up`).
+    let letter = name.trim_start_matches("Service ").chars().next().unwrap_or('?').to_ascii_uppercase();
+    let queue = matches!(letter, 'D' | 'F')
+        .then(|| crate::redis::Redis::from_env("QUEUE_URL", "REDIS_ADDR"))
+        .flatten()
+        .map(Arc::new);
+    let datastore = matches!(letter, 'C' | 'F' | 'G' | 'H')
+        .then(|| crate::redis::Redis::from_env("DATASTORE_URL", "REDIS_ADDR"))
+        .flatten()
+        .map(Arc::new);
+    for (leg, wanted, set) in [
+        ("QUEUE_URL", matches!(letter, 'D' | 'F'), queue.is_some()),
+        ("DATASTORE_URL", matches!(letter, 'C' | 'F' | 'G' | 'H'), datastore.is_some()),
+    ] {
+        if wanted && !set {
+            web::log(&name, "info", &format!("{leg} not set; the asynchronous leg is skipped"), serde_json::json!({}));
+        }
+    }
     let app = Arc::new(App {
         name: name.clone(),
         greeting,
@@ -66,11 +92,12 @@ pub async fn run() -> std::io::Result<()> {
         hostname,
         requests,
         registry,
+        letter,
+        queue,
+        datastore,
     });
-    for leg in ["QUEUE_URL", "DATASTORE_URL"] {
-        if std::env::var(leg).is_err() {
-            web::log(&name, "info", &format!("{leg} not set; the asynchronous leg is skipped"), serde_json::json!({}));
-        }
+    if app.letter == 'F' && app.queue.is_some() {
+        tokio::spawn(consume(app.clone()));
     }
     let port = web::port(8080);
     web::serve(&name, port, move |req| {
@@ -156,13 +183,86 @@ impl App {
                 }
             }
         }
-        greetings.push(serde_json::json!({
+        let own = self.own_greeting();
+        // The asynchronous legs never hold up the answer.
+        if let Some(q) = self.queue.as_ref().filter(|_| self.letter == 'D') {
+            let message = own.to_string();
+            leg(
+                &self.name,
+                "queue",
+                q,
+                |r| async move { r.push(crate::redis::QUEUE, message.as_bytes(), 10_000).await },
+            );
+        }
+        if let Some(d) = &self.datastore {
+            let message = own.to_string();
+            leg(
+                &self.name,
+                "datastore",
+                d,
+                |r| async move { r.push(crate::redis::STORE, message.as_bytes(), 1000).await },
+            );
+        }
+        greetings.push(own);
+        web::json(StatusCode::OK, &serde_json::Value::Array(greetings))
+    }
+
+    fn own_greeting(&self) -> serde_json::Value {
+        serde_json::json!({
             "id": uuid::Uuid::new_v4().to_string(),
             "service": self.name,
             "message": self.greeting,
             "created": web::now_rfc3339(),
             "hostname": self.hostname,
-        }));
-        web::json(StatusCode::OK, &serde_json::Value::Array(greetings))
+        })
+    }
+}
+
+/// Runs one operation on the queue or the datastore off the request path; a failure is logged
+/// (at most every 30 s) and dropped.
+fn leg<F, Fut>(name: &str, which: &'static str, redis: &Arc<crate::redis::Redis>, op: F)
+where
+    F: FnOnce(Arc<crate::redis::Redis>) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+{
+    let (name, redis, fut) = (name.to_string(), redis.clone(), op(redis.clone()));
+    tokio::spawn(async move {
+        if let Err(e) = fut.await {
+            if redis.should_log() {
+                let fields = serde_json::json!({"addr": redis.addr(), "error": e.to_string()});
+                web::log(&name, "error", &format!("{which} unreachable"), fields);
+            }
+        }
+    });
+}
+
+/// Service F: consumes the queue D publishes to, storing its own greeting for each message.
+async fn consume(app: Arc<App>) {
+    let (Some(queue), Some(store)) = (app.queue.clone(), app.datastore.clone()) else { return };
+    web::log(&app.name, "info", "consuming the greetings queue", serde_json::json!({"addr": queue.addr()}));
+    loop {
+        match queue.pop(crate::redis::QUEUE, 5).await {
+            Ok(Some(message)) => {
+                let mut own = app.own_greeting();
+                own["received"] = serde_json::from_slice(&message).unwrap_or(serde_json::Value::Null);
+                if let Err(e) = store.push(crate::redis::STORE, own.to_string().as_bytes(), 1000).await {
+                    if store.should_log() {
+                        web::log(
+                            &app.name,
+                            "error",
+                            "datastore unreachable",
+                            serde_json::json!({"error": e.to_string()}),
+                        );
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                if queue.should_log() {
+                    web::log(&app.name, "error", "queue unreachable", serde_json::json!({"error": e.to_string()}));
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
     }
 }

@@ -99,8 +99,18 @@ pub async fn up(opts: UpOptions) -> Result<(), String> {
     if !errors.is_empty() {
         return Err(format!("config has {} error(s); not starting (see `trellis analyze`)", errors.len()));
     }
-    let plan =
+    let mut plan =
         Plan::build(&loaded.resources, opts.admin_port_base).map_err(|e| format!("cannot allocate ports: {e}"))?;
+    // Optional workloads whose program is not installed are left out, saying so.
+    let trellis_dir = opts.trellis.parent().map(PathBuf::from).unwrap_or_default();
+    plan.workloads.retain(|w| {
+        let installed = w.command(&trellis_dir).is_some_and(|(program, _)| installed(&program));
+        if w.spec.optional && !installed {
+            let program = w.spec.command.first().cloned().unwrap_or_default();
+            eprintln!("trellis up: {program} is not installed: workload {} is optional and left out", w.name);
+        }
+        installed || !w.spec.optional
+    });
     if plan.workloads.is_empty() && plan.gateways.is_empty() {
         return Err("nothing to run: the config declares no Workload and no Gateway".into());
     }
@@ -184,6 +194,47 @@ enum Stop {
 
 fn unix_signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal, String> {
     tokio::signal::unix::signal(kind).map_err(|e| format!("cannot handle signals: {e}"))
+}
+
+/// `$(VAR)` in a command argument replaced by the workload's environment, as Kubernetes expands
+/// a container's `command` and `args`; `$$(VAR)` stays literal `$(VAR)`, unknown names stay.
+fn expand(arg: &str, env: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(i) = rest.find("$(") {
+        if rest[..i].ends_with('$') {
+            out.push_str(&rest[..i - 1]);
+            out.push_str("$(");
+            rest = &rest[i + 2..];
+            continue;
+        }
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 2..];
+        match after.find(')') {
+            Some(j) => {
+                let name = &after[..j];
+                match env.iter().rev().find(|(k, _)| k == name) {
+                    Some((_, v)) => out.push_str(v),
+                    None => out.push_str(&rest[i..i + 2 + j + 1]),
+                }
+                rest = &after[j + 1..];
+            }
+            None => {
+                out.push_str(&rest[i..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Whether `program` can be run: a path that exists, or a name found on `$PATH`.
+fn installed(program: &std::path::Path) -> bool {
+    if program.components().count() > 1 {
+        return program.is_file();
+    }
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(program).is_file()))
 }
 
 /// Ports the mesh needs exactly (the rest are picked free): the control plane's, the gateways'
@@ -356,6 +407,7 @@ async fn start(
         let (program, args) = w.command(&trellis_dir).ok_or_else(|| format!("workload {} has no command", w.name))?;
         let mut env = w.env();
         env.extend(mesh_env.iter().cloned());
+        let args = args.iter().map(|a| expand(a, &env)).collect();
         let spec = ChildSpec {
             name: w.name.clone(),
             program,
@@ -518,5 +570,19 @@ fn push_table(out: &mut String, rows: &[Vec<String>]) {
         let cells: Vec<String> = r.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand;
+
+    #[test]
+    fn arguments_expand_the_environment_as_kubernetes_does() {
+        let env = vec![("PORT".to_string(), "6380".to_string())];
+        assert_eq!(expand("--port=$(PORT)", &env), "--port=6380");
+        assert_eq!(expand("$(PORT)$(PORT)", &env), "63806380");
+        assert_eq!(expand("$$(PORT)", &env), "$(PORT)");
+        assert_eq!(expand("$(NOPE) $(", &env), "$(NOPE) $(");
     }
 }

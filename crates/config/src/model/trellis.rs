@@ -26,6 +26,9 @@ pub struct Workload {
     /// Services this workload calls: each gets `<NAME>_URL=http://<name>` and
     /// `<NAME>_ADDR=127.0.0.1:<port>` (a local port of the sidecar bound to that service).
     pub upstreams: Vec<String>,
+    /// When the program is not installed, `trellis up` says so and runs the mesh without this
+    /// workload (its callers find it unreachable) instead of failing.
+    pub optional: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
