@@ -127,7 +127,7 @@ fn read_reply(
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Reply>> + Send + '_>> {
     Box::pin(async move {
         let line = read_line(r).await?;
-        let (kind, rest) = line.split_at(line.is_empty().then_some(0).unwrap_or(1));
+        let (kind, rest) = line.split_at(if line.is_empty() { 0 } else { 1 });
         let n = || rest.parse::<i64>().map_err(|_| bad(&format!("reply {line:?}")));
         match kind {
             "+" => Ok(Reply::Ok),
