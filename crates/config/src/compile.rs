@@ -688,7 +688,8 @@ impl<'a> Compiler<'a> {
                 .into_iter()
                 .map(|p| (p, CapturedPort { table: outbound_table(p), mtls: None, tcp: None, detect: false }))
                 .collect();
-            // Ports a service declares TCP: by the service's ClusterIP (the connection's original
+            // Ports a service declares TCP, or declares no protocol for (detected per connection:
+            // HTTP by its table, else TCP): by the service's ClusterIP (the connection's original
             // destination), each service's own routes; any other address passes through.
             let registry = self.registry;
             for svc in &registry.services {
@@ -697,7 +698,7 @@ impl<'a> Compiler<'a> {
                 if ips.is_empty() {
                     continue;
                 }
-                for p in svc.ports.iter().filter(|p| p.protocol.is_opaque()) {
+                for p in svc.ports.iter().filter(|p| p.protocol.is_opaque() || p.protocol == Protocol::Unknown) {
                     if ports.get(&p.number).is_some_and(|c| c.tcp.is_none()) {
                         continue; // Another service serves HTTP on this port number.
                     }
@@ -716,6 +717,7 @@ impl<'a> Compiler<'a> {
                     if let Some(t) = &mut entry.tcp {
                         t.routes.extend(proxy.routes);
                     }
+                    entry.detect |= p.protocol == Protocol::Unknown;
                 }
             }
             snap.listeners.push(Listener {
@@ -1906,5 +1908,21 @@ mod tcp_tests {
             ]
         );
         assert!(client.clusters.contains_key("outbound|6379|primary|redis.shop.svc.cluster.local"));
+    }
+
+    #[test]
+    fn a_port_no_service_declares_a_protocol_for_is_detected_on_both_sides() {
+        let mut y = K8S.to_string();
+        y.push_str("---\napiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec:\n  selector: {app: db}\n  clusterIP: 10.96.0.30\n  ports: [{port: 3306, targetPort: 3306}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: db-0, namespace: shop, labels: {app: db}}\nspec:\n  containers: [{name: db, ports: [{containerPort: 3306}]}]\nstatus: {podIP: 10.0.0.8}\n");
+        let resources = load(&y);
+        let server = compile(&resources, &[], &captured("db-0", "10.0.0.8", &[("app", "db")], &[3306]));
+        let inbound = &ports(&server, "inbound-capture")[&3306];
+        assert!(inbound.detect && inbound.tcp.is_some(), "the Pod's port: HTTP or TCP per connection: {inbound:?}");
+        let client = compile(&resources, &[], &captured("web-0", "10.0.0.9", &[("app", "web")], &[]));
+        let outbound = &ports(&client, "outbound-capture")[&3306];
+        assert!(outbound.detect, "{outbound:?}");
+        let tcp = outbound.tcp.as_ref().expect("tcp side");
+        assert_eq!(tcp.routes[0].destination_subnets, ["10.96.0.30/32"]);
+        assert_eq!(outbound.table, "outbound|3306");
     }
 }
