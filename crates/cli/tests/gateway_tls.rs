@@ -110,11 +110,13 @@ async fn https_servers_by_sni_mutual_tls_certificate_reload_and_https_redirect()
     let (b_cert, b_key, _) = ca.issue(&["b.example.test"], false);
     let (c_cert, c_key, c_der) = ca.issue(&["c.example.test"], false);
     let (client_cert, client_key, _) = ca.issue(&["client.example.test"], true);
+    let (other_cert, other_key, _) = ca.issue(&["intruder.example.test"], true);
     let d = dir.path();
     let ca_file = write(d, "ca.pem", &ca.pem);
     let a_files = (write(d, "a.crt", &a_cert), write(d, "a.key", &a_key));
     let b_files = (write(d, "b.crt", &b_cert), write(d, "b.key", &b_key));
     let client = (write(d, "client.crt", &client_cert), write(d, "client.key", &client_key));
+    let other = (write(d, "other.crt", &other_cert), write(d, "other.key", &other_key));
     // c.example.test's certificate is a `credentialName`, in the credentials directory.
     let creds = tempfile::tempdir().expect("credentials dir");
     std::fs::create_dir(creds.path().join("c-cert")).expect("mkdir");
@@ -138,7 +140,7 @@ spec:
     tls: {{mode: SIMPLE, serverCertificate: {a_cert}, privateKey: {a_key}, minProtocolVersion: TLSV1_2}}
   - port: {{number: {HTTPS}, name: https-b, protocol: HTTPS}}
     hosts: [b.example.test]
-    tls: {{mode: MUTUAL, serverCertificate: {b_cert}, privateKey: {b_key}, caCertificates: {ca}}}
+    tls: {{mode: MUTUAL, serverCertificate: {b_cert}, privateKey: {b_key}, caCertificates: {ca}, subjectAltNames: [client.example.test]}}
   - port: {{number: {HTTPS}, name: https-c, protocol: HTTPS}}
     hosts: [c.example.test]
     tls: {{mode: SIMPLE, credentialName: c-cert}}
@@ -200,6 +202,19 @@ spec:
         &url("b.example.test"),
     ]);
     assert!(ok, "MUTUAL with a client certificate: {err}");
+    // Signed by the CA but not one of subjectAltNames: refused.
+    let (ok, _, _) = curl(&[
+        "--cacert",
+        &cacert,
+        "--cert",
+        &p(&other.0),
+        "--key",
+        &p(&other.1),
+        "--resolve",
+        &resolve("b.example.test"),
+        &url("b.example.test"),
+    ]);
+    assert!(!ok, "a client certificate outside subjectAltNames must be refused");
 
     // TLS 1.3 and ALPN, as openssl s_client sees them.
     let out = Command::new("openssl")

@@ -58,6 +58,31 @@ pub fn spiffe_ids(cert: &CertificateDer<'_>) -> Result<Vec<SpiffeId>, Error> {
     Ok(out)
 }
 
+/// Every DNS name, URI and email subject alternative name of a certificate, as text (IP
+/// addresses in their usual notation).
+pub fn subject_alt_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, Error> {
+    let (_, x509) = X509Certificate::from_der(cert).map_err(|e| Error::Invalid(format!("bad certificate: {e}")))?;
+    let mut out = Vec::new();
+    if let Ok(Some(san)) = x509.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(n) | GeneralName::URI(n) | GeneralName::RFC822Name(n) => out.push(n.to_string()),
+                GeneralName::IPAddress(b) => match b.len() {
+                    4 => out.push(std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string()),
+                    16 => {
+                        let mut a = [0u8; 16];
+                        a.copy_from_slice(b);
+                        out.push(std::net::Ipv6Addr::from(a).to_string());
+                    }
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// `(not_before, not_after)` of a certificate.
 pub fn validity(cert: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), Error> {
     let (_, x509) = X509Certificate::from_der(cert).map_err(|e| Error::Invalid(format!("bad certificate: {e}")))?;

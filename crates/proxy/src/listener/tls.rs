@@ -113,7 +113,24 @@ impl GatewayTls {
         let sni = start.client_hello().server_name().map(str::to_string);
         let server = self.pick(sni.as_deref()).ok_or("no TLS server")?;
         server.refresh();
-        start.into_stream(server.config.load_full()).await.map_err(|e| format!("TLS handshake: {e}"))
+        let tls = start.into_stream(server.config.load_full()).await.map_err(|e| format!("TLS handshake: {e}"))?;
+        // MUTUAL with `subjectAltNames`: the client certificate must carry one of them.
+        if server.spec.mutual && !server.spec.subject_alt_names.is_empty() {
+            let sans = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| trellis_identity::cert::subject_alt_names(c).ok())
+                .unwrap_or_default();
+            if !sans.iter().any(|s| server.spec.subject_alt_names.contains(s)) {
+                return Err(format!(
+                    "client certificate names {sans:?}, none of subjectAltNames {:?}",
+                    server.spec.subject_alt_names
+                ));
+            }
+        }
+        Ok(tls)
     }
 }
 
