@@ -715,6 +715,7 @@ impl<'a> Compiler<'a> {
                         detect: false,
                     });
                     if let Some(t) = &mut entry.tcp {
+                        t.sni |= proxy.sni;
                         t.routes.extend(proxy.routes);
                     }
                     entry.detect |= p.protocol == Protocol::Unknown;
@@ -796,14 +797,43 @@ impl<'a> Compiler<'a> {
         let claimed = virtual_services(self.resources).find(|(r, vs)| {
             let for_mesh = vs.gateways.is_empty() || vs.gateways.iter().any(|g| g == MESH_GATEWAY);
             for_mesh
-                && !vs.tcp.is_empty()
+                && (!vs.tcp.is_empty() || !vs.tls.is_empty())
                 && vs
                     .hosts
                     .iter()
                     .any(|h| self.registry.resolve(h, r.namespace()).is_some_and(|s| s.hostname == svc.hostname))
         });
         let mut routes = Vec::new();
+        let mut sni = false;
         if let Some((r, vs)) = claimed {
+            // TLS the app speaks itself: `tls` routes by the ClientHello's SNI, before `tcp` ones.
+            for (i, tr) in vs.tls.iter().enumerate() {
+                let names: Vec<String> = tr
+                    .matches
+                    .iter()
+                    .filter(|m| {
+                        (m.gateways.is_empty() || m.gateways.iter().any(|g| g == MESH_GATEWAY))
+                            && selects(&m.source_labels, &self.proxy.labels)
+                            && m.source_namespace.as_ref().is_none_or(|n| n == &self.proxy.namespace)
+                            && m.port.is_none_or(|p| p == u32::from(port))
+                    })
+                    .flat_map(|m| m.sni_hosts.iter().map(|h| h.to_ascii_lowercase()))
+                    .collect();
+                if names.is_empty() {
+                    continue;
+                }
+                let destinations = self.l4_destinations(r, &tr.route, port);
+                if destinations.is_empty() {
+                    continue;
+                }
+                sni = true;
+                routes.push(TcpRoute {
+                    name: format!("{} tls[{i}]", r.id()),
+                    destination_subnets: Vec::new(),
+                    sni_hosts: names,
+                    destinations,
+                });
+            }
             for (i, tr) in vs.tcp.iter().enumerate() {
                 let applies: Vec<&crate::model::networking::L4MatchAttributes> = tr
                     .matches
@@ -836,10 +866,11 @@ impl<'a> Compiler<'a> {
                 });
             }
         }
-        if routes.is_empty() {
+        if routes.is_empty() || sni {
+            // Connections no `tls` route names (or without SNI) go to the service itself.
             routes.push(default_tcp_route(self.cluster(&svc.hostname, &svc.namespace, port, None)));
         }
-        TcpProxy { routes, sni: false }
+        TcpProxy { routes, sni }
     }
 
     fn outbound_table(&mut self, port: u16) -> RouteTable {
@@ -1712,7 +1743,7 @@ mod tests {
     use super::*;
     use crate::snapshot::{Action, Direction, MtlsMode};
 
-    fn load(yaml: &str) -> Vec<Resource> {
+    pub(super) fn load(yaml: &str) -> Vec<Resource> {
         let loaded = crate::load::load_str(Path::new("mesh.yaml"), yaml);
         assert!(loaded.findings.iter().all(|f| !f.is_error()), "{:?}", loaded.findings);
         loaded.resources
@@ -1833,15 +1864,10 @@ mod tests {
 
 #[cfg(test)]
 mod tcp_tests {
-    use std::path::Path;
 
     use super::*;
 
-    fn load(yaml: &str) -> Vec<Resource> {
-        let loaded = crate::load::load_str(Path::new("mesh.yaml"), yaml);
-        assert!(loaded.findings.iter().all(|f| !f.is_error()), "{:?}", loaded.findings);
-        loaded.resources
-    }
+    use super::tests::load;
 
     /// Kubernetes objects as the cluster shows them: a Redis Service (ClusterIP) over a Pod.
     const K8S: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: redis, namespace: shop}\nspec:\n  selector: {app: redis}\n  clusterIP: 10.96.0.20\n  ports: [{name: tcp-redis, port: 6379, targetPort: 6379}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: redis-0, namespace: shop, labels: {app: redis}}\nspec:\n  containers: [{name: redis, ports: [{containerPort: 6379}]}]\nstatus: {podIP: 10.0.0.7}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: redis, namespace: shop}\nspec:\n  host: redis\n  subsets: [{name: primary, labels: {app: redis}}]\n";
@@ -1908,6 +1934,24 @@ mod tcp_tests {
             ]
         );
         assert!(client.clusters.contains_key("outbound|6379|primary|redis.shop.svc.cluster.local"));
+    }
+
+    #[test]
+    fn sidecar_tls_routes_pick_by_sni_and_fall_back_to_the_service() {
+        let mut y = K8S
+            .replace("name: tcp-redis, port: 6379, targetPort: 6379", "name: tls-redis, port: 6379, targetPort: 6379");
+        y.push_str("---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: redis, namespace: shop}\nspec:\n  hosts: [redis]\n  tls:\n  - match: [{sniHosts: [Primary.Redis.Test], port: 6379}]\n    route: [{destination: {host: redis, subset: primary}}]\n");
+        let resources = load(&y);
+        let client = compile(&resources, &[], &captured("web-0", "10.0.0.9", &[("app", "web")], &[]));
+        let tcp = ports(&client, "outbound-capture")[&6379].tcp.clone().expect("tcp");
+        assert!(tcp.sni, "the sidecar reads the SNI first: {tcp:?}");
+        assert_eq!(tcp.routes[0].sni_hosts, ["primary.redis.test"]);
+        assert_eq!(
+            tcp.routes[0].destinations,
+            [("outbound|6379|primary|redis.shop.svc.cluster.local".to_string(), 100)]
+        );
+        assert!(tcp.routes[1].sni_hosts.is_empty(), "then the service itself");
+        assert_eq!(tcp.routes[1].destinations, [("outbound|6379||redis.shop.svc.cluster.local".to_string(), 100)]);
     }
 
     #[test]

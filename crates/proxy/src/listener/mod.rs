@@ -321,11 +321,15 @@ async fn serve(stream: TcpStream, mut conn: ConnInfo, shared: Arc<Shared>) {
 /// (the client's bytes stay unread for the upstream). `None`: not TLS, no SNI, or no
 /// ClientHello within the handshake timeout.
 async fn peek_sni(stream: &TcpStream) -> Option<String> {
+    // A TLS client speaks first; one silent past the detection window is not TLS (a
+    // server-first protocol sharing the port), and is not held up.
+    let first = tokio::time::Instant::now() + DETECT_WINDOW;
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let mut buf = vec![0u8; 16 * 1024];
     let mut seen = 0;
     loop {
-        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await.ok()?.ok()?;
+        let until = if seen == 0 { first } else { deadline };
+        let n = tokio::time::timeout_at(until, stream.peek(&mut buf)).await.ok()?.ok()?;
         if n == 0 {
             return None;
         }
