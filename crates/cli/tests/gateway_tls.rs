@@ -418,3 +418,248 @@ spec:
         tokio::time::sleep(Duration::from_millis(20)).await; // poll interval of a wait on /metrics
     }
 }
+
+/// An HTTPS server standing in for an external API: it answers with the SNI the client sent,
+/// the Host it asked for, and whether a mesh-internal header reached it.
+async fn external_api(cert_pem: &str, key_pem: &str) -> std::net::SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls_pemfile_certs(cert_pem);
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else { continue };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else { return };
+                let sni = tls.get_ref().1.server_name().unwrap_or("-").to_string();
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("-").to_string();
+                    let peer = req.headers().contains_key("x-trellis-peer");
+                    let body = format!("external sni={sni} host={host} mesh-header={peer}");
+                    async move { Ok::<_, std::convert::Infallible>(http::Response::new(full(body))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Istio's "TLS origination at an egress gateway", with Istio's own manifests: the app calls
+/// `http://api.external.test/`; its sidecar sends the call over mesh mTLS (DestinationRule
+/// ISTIO_MUTUAL) to the egress gateway's ISTIO_MUTUAL server, which originates TLS
+/// (DestinationRule SIMPLE) to the external host, found by DNS (ServiceEntry `resolution: DNS`).
+/// Under REGISTRY_ONLY an undeclared host is refused, and the gateway's port admits only mesh
+/// peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_gateway_originates_tls_to_a_declared_host_and_registry_only_refuses_the_rest() {
+    let ca = Ca::new();
+    let dir = ConfigDir::new();
+    let ca_file = write(dir.path(), "external-ca.pem", &ca.pem);
+    let (cert, key, _) = ca.issue(&["api.external.test", "tls.external.test"], false);
+    let external = external_api(&cert, &key).await;
+    // A host the mesh does not declare, at 127.0.0.2.
+    let undeclared = tokio::net::TcpListener::bind("127.0.0.2:0").await.expect("bind 127.0.0.2");
+    let undeclared_addr = undeclared.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = undeclared.accept().await else { continue };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(full("undeclared")))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let egress = free_port();
+    let ext_port = external.port();
+    let ca_path = ca_file.display();
+    dir.write(
+        "mesh.yaml",
+        &format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: app}}
+spec:
+  selector: {{app: app}}
+  ports: [{{name: http, port: 80}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Workload
+metadata: {{name: app, labels: {{app: app}}}}
+spec:
+  command: [trellis-demo, colorteller]
+  env: {{COLOR: blue}}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: default, namespace: istio-system}}
+spec:
+  outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}
+---
+# The external API, resolved by DNS (here the name `localhost` stands in for its address).
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: external-api}}
+spec:
+  hosts: [api.external.test]
+  ports:
+  - {{number: 80, name: http-port, protocol: HTTP}}
+  - {{number: 443, name: https, protocol: HTTPS}}
+  resolution: DNS
+  endpoints: [{{address: localhost, ports: {{https: {ext_port}}}}}]
+---
+# Another, which the app speaks TLS to itself.
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: external-tls}}
+spec:
+  hosts: [tls.external.test]
+  ports: [{{number: 443, name: tls, protocol: TLS}}]
+  resolution: DNS
+  endpoints: [{{address: localhost, ports: {{tls: {ext_port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: istio-egressgateway}}
+spec:
+  selector: {{istio: egressgateway}}
+  servers:
+  - port: {{number: {egress}, name: https-port-for-tls-origination, protocol: HTTPS}}
+    hosts: [api.external.test]
+    tls: {{mode: ISTIO_MUTUAL}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: egressgateway-for-api}}
+spec:
+  host: istio-egressgateway.istio-system.svc.cluster.local
+  subsets:
+  - name: api
+    trafficPolicy:
+      portLevelSettings:
+      - port: {{number: {egress}}}
+        tls: {{mode: ISTIO_MUTUAL, sni: api.external.test}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: direct-api-through-egress-gateway}}
+spec:
+  hosts: [api.external.test]
+  gateways: [istio-egressgateway, mesh]
+  http:
+  - match: [{{gateways: [mesh], port: 80}}]
+    route:
+    - destination: {{host: istio-egressgateway.istio-system.svc.cluster.local, subset: api, port: {{number: {egress}}}}}
+  - match: [{{gateways: [istio-egressgateway], port: {egress}}}]
+    route:
+    - destination: {{host: api.external.test, port: {{number: 443}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: originate-tls-for-api}}
+spec:
+  host: api.external.test
+  trafficPolicy:
+    portLevelSettings:
+    - port: {{number: 443}}
+      tls: {{mode: SIMPLE, caCertificates: {ca_path}}}
+"#
+        ),
+    );
+    let analyzed = Command::new(trellis_bin()).arg("analyze").arg(dir.path()).output().expect("analyze");
+    let text = String::from_utf8_lossy(&analyzed.stdout);
+    assert!(!text.contains("TRL0005"), "an ISTIO_MUTUAL server is enforced: {text}");
+    let up = support::mesh::Up::start_with(dir.path(), free_port(), &[]).await;
+    let admins = up.admins();
+    let (app, gateway) = (admins["app"], admins["istio-egressgateway"]);
+    let (_, dump) = admin_get(app, "/config_dump").await.expect("config dump");
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("json");
+    let outbound: std::net::SocketAddr = dump["active_listeners"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["name"] == "outbound"))
+        .and_then(|l| l["bound"].as_str()?.parse().ok())
+        .unwrap_or_else(|| panic!("no outbound listener: {dump}"));
+    let via_sidecar = |url: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "10", "-D", "-", url])
+            .env("http_proxy", format!("http://{outbound}"))
+            .env("https_proxy", format!("http://{outbound}"))
+            .env_remove("no_proxy")
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    // Through the egress gateway: TLS originated there, verified against the external CA, with
+    // the external name as SNI; the mesh's own header stays inside the mesh.
+    let reply = via_sidecar("http://api.external.test/");
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.ends_with("external sni=api.external.test host=api.external.test mesh-header=false"), "{reply}");
+    let m = support::mesh::metrics(gateway).await;
+    let at_gateway = support::mesh::metric_sum(
+        &m,
+        "istio_requests_total",
+        &[
+            ("destination_service_name", "api.external.test"),
+            ("response_code", "200"),
+            ("source_workload", "istio-egressgateway"),
+        ],
+    );
+    assert_eq!(at_gateway, 1.0, "the gateway forwarded the call:\n{m}");
+    let m = support::mesh::metrics(app).await;
+    let from_app = support::mesh::metric_sum(
+        &m,
+        "istio_requests_total",
+        &[
+            ("destination_workload", "istio-egressgateway"),
+            // Set only when the peer proved this identity in the mTLS handshake.
+            ("destination_principal", "spiffe://cluster.local/ns/istio-system/sa/istio-egressgateway"),
+        ],
+    );
+    assert_eq!(from_app, 1.0, "the app's sidecar reached the gateway over mTLS:\n{m}");
+
+    // The app's own TLS to a declared TLS host (CONNECT through its sidecar), the name resolved
+    // by DNS from the ServiceEntry, the certificate verified by the app end to end.
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert", &ca_file.display().to_string(), "https://tls.external.test/"])
+        .env("https_proxy", format!("http://{outbound}"))
+        .env_remove("no_proxy")
+        .output()
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "external sni=tls.external.test host=tls.external.test mesh-header=false",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // REGISTRY_ONLY: an undeclared host is refused with 502 NR.
+    let reply = via_sidecar(&format!("http://{undeclared_addr}/"));
+    assert!(reply.starts_with("HTTP/1.1 502"), "{reply}");
+    assert!(reply.to_ascii_lowercase().contains("x-trellis-response-flags: nr"), "{reply}");
+
+    // The gateway's port speaks only mesh mTLS: a plaintext client gets nothing.
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://127.0.0.1:{egress}/"))
+        .arg("-H")
+        .arg("Host: api.external.test")
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "000", "a client without a mesh certificate is refused");
+}

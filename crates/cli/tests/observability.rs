@@ -22,7 +22,7 @@ fn assert_greeting_tree(spans: &[SeenSpan]) {
     let by_id: BTreeMap<&str, &SeenSpan> = spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
     let roots: Vec<&&SeenSpan> = by_id.values().filter(|s| s.parent_id.is_none()).collect();
     assert_eq!(roots.len(), 1, "one root");
-    assert_eq!(roots[0].service, "istio-ingressgateway.default");
+    assert_eq!(roots[0].service, "istio-ingressgateway.istio-system");
     assert_eq!(roots[0].kind, "SERVER");
     let parent = |s: &SeenSpan| s.parent_id.as_deref().and_then(|p| by_id.get(p)).copied();
     let server = |svc: &str| {

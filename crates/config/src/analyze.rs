@@ -574,7 +574,7 @@ impl<'a> Cx<'a> {
         match Protocol::parse(&s.port.protocol) {
             Protocol::Http | Protocol::Http2 | Protocol::Grpc => {}
             Protocol::Https if terminated => {}
-            Protocol::Https | Protocol::Tls if mode.as_deref() == Some("PASSTHROUGH") => {}
+            Protocol::Https | Protocol::Tls if matches!(mode.as_deref(), Some("PASSTHROUGH" | "ISTIO_MUTUAL")) => {}
             Protocol::Tcp => {}
             Protocol::Https | Protocol::Tls => self.push(
                 Code::NotEnforced,
@@ -629,7 +629,7 @@ impl<'a> Cx<'a> {
                     );
                 }
             }
-        } else if mode.is_some() && mode.as_deref() != Some("PASSTHROUGH") {
+        } else if mode.is_some() && !matches!(mode.as_deref(), Some("PASSTHROUGH" | "ISTIO_MUTUAL")) {
             self.push(
                 Code::NotEnforced,
                 r,

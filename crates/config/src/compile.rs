@@ -340,6 +340,8 @@ impl<'a> Compiler<'a> {
         let mut tls_by_port: BTreeMap<u16, ListenerTls> = BTreeMap::new();
         // TCP and TLS-passthrough servers by port: (gateway, server hosts, passthrough).
         let mut l4_by_port: BTreeMap<u16, Vec<GatewayServer<'_>>> = BTreeMap::new();
+        // Ports with an ISTIO_MUTUAL server: their listener requires mesh mTLS.
+        let mut mesh_ports: BTreeSet<u16> = BTreeSet::new();
         for r in self.resources {
             let Spec::Gateway(Gateway { selector, servers }) = &r.spec else {
                 continue;
@@ -353,16 +355,24 @@ impl<'a> Compiler<'a> {
                     continue;
                 };
                 let tls = s.tls_settings();
-                let terminated =
-                    tls.as_ref().filter(|_| proto == Protocol::Https).and_then(|t| server_tls(r, i, &s.hosts, t));
-                let http = proto.is_http() || (proto == Protocol::Https && terminated.is_some());
+                let mode = tls.as_ref().and_then(|t| t.mode.as_deref());
+                // ISTIO_MUTUAL: the server ends the mesh's own mTLS (the egress-gateway pattern:
+                // sidecars reach it with their workload certificates, as they reach each other).
+                let mesh = matches!(proto, Protocol::Https | Protocol::Tls) && mode == Some("ISTIO_MUTUAL");
+                let terminated = tls
+                    .as_ref()
+                    .filter(|_| proto == Protocol::Https && !mesh)
+                    .and_then(|t| server_tls(r, i, &s.hosts, t));
+                let http = proto.is_http() || (proto == Protocol::Https && (terminated.is_some() || mesh));
                 if port == 0 {
                     continue;
                 }
+                if mesh {
+                    mesh_ports.insert(port);
+                }
                 if !http {
-                    let passthrough = matches!(proto, Protocol::Https | Protocol::Tls)
-                        && tls.as_ref().and_then(|t| t.mode.as_deref()) == Some("PASSTHROUGH");
-                    if proto == Protocol::Tcp || passthrough {
+                    let passthrough = matches!(proto, Protocol::Https | Protocol::Tls) && mode == Some("PASSTHROUGH");
+                    if proto == Protocol::Tcp || passthrough || mesh {
                         l4_by_port.entry(port).or_default().push((r, s.hosts.clone(), passthrough));
                     }
                     continue;
@@ -385,7 +395,7 @@ impl<'a> Compiler<'a> {
                 address: SocketAddr::new(self.proxy.bind_address, local),
                 direction: Direction::Gateway,
                 routing: ListenerRouting::Tcp(proxy),
-                mtls: None,
+                mtls: mesh_ports.contains(&port).then_some(MtlsMode::Strict),
                 tls: None,
                 registry_only: false,
             });
@@ -398,7 +408,8 @@ impl<'a> Compiler<'a> {
                 address: SocketAddr::new(self.proxy.bind_address, local),
                 direction: Direction::Gateway,
                 routing: ListenerRouting::Table(table_name.clone()),
-                mtls: None,
+                // Certificates the gateway serves win over the mesh's on a port that has both.
+                mtls: (mesh_ports.contains(&port) && !tls_by_port.contains_key(&port)).then_some(MtlsMode::Strict),
                 tls: tls_by_port.remove(&port),
                 registry_only: false,
             });

@@ -150,6 +150,72 @@ fn slice_endpoints(resources: &[Resource], namespace: &str, service: &str) -> Ve
     out
 }
 
+/// How the mesh reaches a Gateway server's port: the protocol a sidecar speaks to it and the
+/// scheme it is shown with (`http`, `https`, `tls`, `tcp`, or `mesh-mtls` for an ISTIO_MUTUAL
+/// server, which sidecars reach with HTTP inside mesh mTLS). `None`: an unknown protocol.
+pub fn gateway_server_scheme(s: &crate::model::networking::Server) -> Option<(Protocol, &'static str)> {
+    let mode = s.tls_settings().and_then(|t| t.mode);
+    Some(match Protocol::parse(&s.port.protocol) {
+        p @ (Protocol::Http | Protocol::Http2 | Protocol::Grpc) => (p, "http"),
+        Protocol::Https | Protocol::Tls if mode.as_deref() == Some("ISTIO_MUTUAL") => (Protocol::Http, "mesh-mtls"),
+        Protocol::Https if mode.as_deref() != Some("PASSTHROUGH") => (Protocol::Https, "https"),
+        p @ (Protocol::Https | Protocol::Tls) => (p, "tls"),
+        Protocol::Tcp => (Protocol::Tcp, "tcp"),
+        Protocol::Unknown => return None,
+    })
+}
+
+/// The Services a mesh install provides for its gateways, as Istio's does: a Gateway selecting
+/// `istio: <x>` is reached at `istio-<x>.istio-system.svc.cluster.local` on its servers' ports,
+/// served by the gateway instances in `istio-system` (a declared Service of that name wins).
+fn gateway_services(resources: &[Resource], workloads: &[Workload], reg: &mut Registry) {
+    let root = crate::compile::ROOT_NAMESPACE;
+    let mut by_name: BTreeMap<String, (Labels, BTreeMap<u16, Protocol>, String)> = BTreeMap::new();
+    for r in resources {
+        let Spec::Gateway(g) = &r.spec else { continue };
+        let Some(x) = g.selector.get("istio") else { continue };
+        let entry =
+            by_name.entry(format!("istio-{x}")).or_insert_with(|| (g.selector.clone(), BTreeMap::new(), r.id()));
+        for s in &g.servers {
+            if let (Some((proto, _)), Ok(port)) = (gateway_server_scheme(s), u16::try_from(s.port.number)) {
+                // One listener serves one protocol; HTTP wins a port (as the compiler decides).
+                let p = entry.1.entry(port).or_insert(proto);
+                if proto.is_http() {
+                    *p = proto;
+                }
+            }
+        }
+    }
+    for (name, (selector, ports, defined_by)) in by_name {
+        if ports.is_empty() {
+            continue;
+        }
+        let ports = ports
+            .into_iter()
+            .map(|(number, protocol)| ServicePort {
+                number,
+                name: format!("{}-{number}", format!("{protocol:?}").to_ascii_lowercase()),
+                protocol,
+                target_port: None,
+            })
+            .collect();
+        reg.add(Service {
+            hostname: format!("{name}.{root}.{CLUSTER_DOMAIN}"),
+            namespace: root.to_string(),
+            aliases: vec![format!("{name}.{root}"), format!("{name}.{root}.svc")],
+            short_name: Some(name),
+            ports,
+            endpoints: workloads
+                .iter()
+                .filter(|w| w.namespace == root && selects(&selector, &w.labels))
+                .cloned()
+                .collect(),
+            resolve_dns: false,
+            defined_by,
+        });
+    }
+}
+
 /// `true` when every label of `selector` is on `labels`.
 pub fn selects(selector: &Labels, labels: &Labels) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
@@ -350,6 +416,7 @@ impl Registry {
                 _ => {}
             }
         }
+        gateway_services(resources, &workloads, &mut reg);
         reg
     }
 

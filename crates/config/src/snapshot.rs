@@ -205,7 +205,8 @@ pub struct Listener {
     pub direction: Direction,
     /// How a request picks its route table.
     pub routing: ListenerRouting,
-    /// Inbound listeners: PeerAuthentication's mode for this port.
+    /// Inbound listeners: PeerAuthentication's mode for this port. Gateway listeners: STRICT
+    /// for a port whose servers say `tls.mode: ISTIO_MUTUAL` (sidecars reach it over mesh mTLS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MtlsMode>,
     /// Gateway listeners: the TLS they terminate (HTTPS servers, SIMPLE or MUTUAL).

@@ -326,7 +326,8 @@ async fn start(
     };
     let sidecar_tokens: Vec<String> =
         plan.workloads.iter().map(|w| token_for(&w.namespace, &w.service_account())).collect();
-    let gateway_tokens: Vec<String> = plan.gateways.iter().map(|g| token_for("default", &g.name)).collect();
+    let gateway_tokens: Vec<String> =
+        plan.gateways.iter().map(|g| token_for(crate::plan::GATEWAY_NAMESPACE, &g.name)).collect();
     let tokens_file = run.join("tokens.json");
     write_private(&tokens_file, &serde_json::json!({ "tokens": tokens }).to_string())
         .map_err(|e| format!("cannot write {}: {e}", tokens_file.display()))?;
@@ -550,7 +551,7 @@ fn print_table(plan: &Plan, cp: SocketAddr, took: Duration, logs: &std::path::Pa
         out.push('\n');
         let mut rows = vec![vec!["GATEWAY".to_string(), "URLS".into(), "ADMIN".into()]];
         for g in &plan.gateways {
-            let urls = g.ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect::<Vec<_>>().join(" ");
+            let urls = g.schemes.iter().map(|(p, s)| format!("{s}://127.0.0.1:{p}")).collect::<Vec<_>>().join(" ");
             rows.push(vec![g.name.clone(), urls, format!("http://{}", g.admin)]);
         }
         push_table(&mut out, &rows);

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use trellis_config::model::trellis::Workload as WorkloadSpec;
-use trellis_config::registry::{Protocol, Registry};
+use trellis_config::registry::{gateway_server_scheme, selects, Protocol, Registry};
 use trellis_config::{Resource, Spec};
 
 /// Hands out ports from one contiguous block that was free when chosen. The block lies below
@@ -68,6 +68,10 @@ pub struct WorkloadPlan {
     pub opaque: bool,
 }
 
+/// The namespace local gateways run in, as Istio installs its gateways (their identities,
+/// telemetry and the Services that reach them, e.g. `istio-egressgateway.istio-system`).
+pub const GATEWAY_NAMESPACE: &str = trellis_config::compile::ROOT_NAMESPACE;
+
 /// One gateway deployment (all Gateways with the same selector share it).
 #[derive(Clone, Debug)]
 pub struct GatewayPlan {
@@ -76,6 +80,9 @@ pub struct GatewayPlan {
     pub admin: SocketAddr,
     /// Gateway server ports it will listen on.
     pub ports: Vec<u16>,
+    /// How each port is spoken to (`http`, `https`, `tls`, `tcp`, or `mesh-mtls` for an
+    /// ISTIO_MUTUAL server), by port: what the summary shows and the Service's port names.
+    pub schemes: BTreeMap<u16, &'static str>,
 }
 
 #[derive(Clone, Debug)]
@@ -156,27 +163,31 @@ impl Plan {
                 opaque,
             });
         }
-        let mut by_selector: BTreeMap<BTreeMap<String, String>, Vec<u16>> = BTreeMap::new();
+        let mut by_selector: BTreeMap<BTreeMap<String, String>, BTreeMap<u16, &'static str>> = BTreeMap::new();
         for r in resources {
             let Spec::Gateway(g) = &r.spec else { continue };
             let ports = by_selector.entry(g.selector.clone()).or_default();
             for s in &g.servers {
-                if Protocol::parse(&s.port.protocol).is_http() {
-                    ports.push(s.port.number as u16);
+                let (Some((_, scheme)), Ok(port)) = (gateway_server_scheme(s), u16::try_from(s.port.number)) else {
+                    continue;
+                };
+                // One listener serves one protocol; HTTP wins a port (as the compiler decides).
+                let e = ports.entry(port).or_insert(scheme);
+                if scheme == "http" {
+                    *e = scheme;
                 }
             }
         }
         let mut gateways = Vec::new();
-        for (labels, mut ports) in by_selector {
-            ports.sort_unstable();
-            ports.dedup();
+        for (labels, schemes) in by_selector {
+            let ports: Vec<u16> = schemes.keys().copied().collect();
             let name = match labels.get("istio") {
                 Some(v) => format!("istio-{v}"),
                 None if labels.is_empty() => "gateway".to_string(),
                 None => format!("gateway-{}", labels.values().cloned().collect::<Vec<_>>().join("-")),
             };
             let admin = gateway_admins.get(gateways.len()).copied().map(Ok).unwrap_or_else(&free_port)?;
-            gateways.push(GatewayPlan { name, labels, admin: local(admin), ports });
+            gateways.push(GatewayPlan { name, labels, admin: local(admin), ports, schemes });
         }
         Ok(Plan { workloads, gateways })
     }
@@ -211,7 +222,37 @@ impl Plan {
             ));
             out.push_str(&format!("  serviceAccount: {}\n", yaml_str(&w.service_account())));
         }
+        for g in &self.gateways {
+            out.push_str(&g.registry_entry(resources));
+        }
         out
+    }
+}
+
+impl GatewayPlan {
+    /// The gateway as an instance of the Services in `istio-system` that select it (the one the
+    /// registry provides for `istio: <x>` gateways, and any the config declares): a WorkloadEntry
+    /// at 127.0.0.1. A local gateway listens on its servers' port numbers, which are those
+    /// Services' ports, so each named port maps to its own number.
+    fn registry_entry(&self, resources: &[Resource]) -> String {
+        let mut ports: Vec<String> = Vec::new();
+        for r in resources.iter().filter(|r| r.namespace() == GATEWAY_NAMESPACE) {
+            let Spec::Service(svc) = &r.spec else { continue };
+            if svc.selector.is_empty() || !selects(&svc.selector, &self.labels) {
+                continue;
+            }
+            ports
+                .extend(svc.ports.iter().map(|p| format!("{}: {}", yaml_str(p.name.as_deref().unwrap_or("")), p.port)));
+        }
+        let labels: Vec<String> =
+            self.labels.iter().map(|(k, v)| format!("{}: {}", yaml_str(k), yaml_str(v))).collect();
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {}, namespace: {GATEWAY_NAMESPACE}}}\nspec:\n  address: 127.0.0.1\n  ports: {{{}}}\n  labels: {{{}}}\n  serviceAccount: {}\n",
+            yaml_str(&self.name),
+            ports.join(", "),
+            labels.join(", "),
+            yaml_str(&self.name),
+        )
     }
 }
 
@@ -335,6 +376,8 @@ impl GatewayPlan {
             control_plane.to_string(),
             "--workload".into(),
             self.name.clone(),
+            "--namespace".into(),
+            GATEWAY_NAMESPACE.into(),
             "--service-account".into(),
             self.name.clone(),
             "--admin".into(),

@@ -26,9 +26,10 @@ use crate::runtime::Runtime;
 use crate::state::Shared;
 use crate::telemetry::{Details, RequestRecord, TraceState};
 
-/// Inbound: an HTTP/1 request the peer proxy carried over HTTP/2 becomes HTTP/1 again.
+/// Inbound (or a gateway reached over mesh mTLS, ISTIO_MUTUAL): an HTTP/1 request the peer
+/// proxy carried over HTTP/2 becomes HTTP/1 again.
 pub(super) fn restore_version(conn: &ConnInfo, req: &mut Request<Incoming>) {
-    if conn.direction == Direction::Inbound && req.version() == Version::HTTP_2 {
+    if (conn.direction == Direction::Inbound || conn.mtls) && req.version() == Version::HTTP_2 {
         if let Some(v) = req.headers_mut().remove(headers::ORIG_PROTO) {
             *req.version_mut() = match v.as_bytes() {
                 b"HTTP/1.0" => Version::HTTP_10,
@@ -49,8 +50,13 @@ pub(super) fn client_side(direction: Direction) -> bool {
     direction != Direction::Inbound
 }
 
-/// Headers this side adds to every forwarded request.
+/// Headers this side adds to (and takes from) every forwarded request.
 pub(super) fn on_request(conn: &ConnInfo, h: &mut HeaderMap) {
+    // Peer metadata is this proxy's to send (to mesh peers only): one that came with the
+    // request (a client's, or a mesh peer's ending at a gateway) goes no further.
+    if conn.direction != Direction::Inbound {
+        h.remove(trellis_telemetry::peer::PEER_HEADER);
+    }
     if conn.direction == Direction::Gateway {
         let client = conn.forwarded_for.get_or_init(|| headers::address_value(conn.peer.ip()));
         headers::set_forwarded(h, client, if conn.tls { "https" } else { "http" });
