@@ -38,9 +38,9 @@ apt_install() {
 command -v curl >/dev/null || apt_install curl ca-certificates
 
 # A real Prometheus scrapes a running mesh in the observability tests; HAProxy and nginx are
-# the benchmark harness's peers (its quick run below proves it works). iptables: transparent
+# the benchmark harness's peers and wrk its closed-loop tool (its quick run below proves it works). iptables: transparent
 # capture in the Kubernetes tests' Pod network namespaces; openssl checks sidecar certificates.
-apt_install prometheus haproxy nginx iptables openssl
+apt_install prometheus haproxy nginx wrk iptables openssl
 
 # Real TCP servers and clients through the mesh: Redis (redis-server, redis-cli, redis-benchmark)
 # and PostgreSQL (postgres, psql, pgbench).

@@ -12,6 +12,7 @@ mod cpscale;
 mod linkerd;
 mod load;
 mod peers;
+mod wrk;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -63,6 +64,15 @@ struct SatRow {
     cpu_ms_per_1000: Option<f64>,
 }
 
+/// One run of an external load tool (`wrk` closed loop, `oha` open loop) against a scenario.
+#[derive(Clone, Debug, serde::Serialize)]
+struct ToolRow {
+    scenario: String,
+    status: String,
+    result: Option<wrk::ToolRun>,
+    cpu_ms_per_1000: Option<f64>,
+}
+
 #[derive(Clone, Debug, serde::Serialize)]
 struct ResRow {
     scenario: String,
@@ -87,6 +97,8 @@ struct Report {
     method: serde_json::Value,
     latency: Vec<Row>,
     saturation: Vec<SatRow>,
+    /// `wrk -c50` closed loop and `oha` open loop, HTTP/1.1.
+    tools: Vec<ToolRow>,
     resources: Vec<ResRow>,
     control_plane: Option<cpscale::CpScale>,
 }
@@ -111,6 +123,56 @@ struct Plan {
     concurrency: usize,
     extra_protocols: bool,
     cp: (usize, usize),
+    /// How long each `wrk` / `oha` run lasts.
+    tool_run: Duration,
+}
+
+/// The external tools' runs against `target` (HTTP/1.1): `wrk -t1 -c50`, then `oha` at each of
+/// `rates` when installed; the proxies' CPU per request over each run.
+async fn tool_rows(scenario: &str, target: &Target, pids: &[u32], plan: &Plan) -> Vec<ToolRow> {
+    let Target::Http1(url) = target else { return Vec::new() };
+    let mut rows = Vec::new();
+    let measured = |r: anyhow::Result<wrk::ToolRun>, c0: u64| {
+        let c1 = peers::cpu_ns(pids);
+        match r {
+            Ok(run) => ToolRow {
+                scenario: scenario.to_string(),
+                status: "ok".into(),
+                cpu_ms_per_1000: (!pids.is_empty() && run.requests > 0)
+                    .then(|| (c1 - c0) as f64 / 1e6 / run.requests as f64 * 1000.0),
+                result: Some(run),
+            },
+            Err(e) => ToolRow {
+                scenario: scenario.to_string(),
+                status: format!("failed: {e}"),
+                result: None,
+                cpu_ms_per_1000: None,
+            },
+        }
+    };
+    match wrk::wrk_bin() {
+        Some(bin) => {
+            eprintln!("bench: {scenario} wrk -c50");
+            let c0 = peers::cpu_ns(pids);
+            let r = wrk::wrk(&bin, url, 50, plan.tool_run).await;
+            rows.push(measured(r, c0));
+        }
+        None => rows.push(ToolRow {
+            scenario: scenario.to_string(),
+            status: "not run: wrk not installed".into(),
+            result: None,
+            cpu_ms_per_1000: None,
+        }),
+    }
+    if let Some(bin) = wrk::oha_bin() {
+        for &rate in &plan.rates {
+            eprintln!("bench: {scenario} oha @ {rate} rps");
+            let c0 = peers::cpu_ns(pids);
+            let r = wrk::oha(&bin, url, rate, 50, plan.tool_run).await;
+            rows.push(measured(r, c0));
+        }
+    }
+    rows
 }
 
 fn main() -> anyhow::Result<()> {
@@ -164,6 +226,7 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
             concurrency: 32,
             extra_protocols: false,
             cp: (100, 100),
+            tool_run: Duration::from_secs(2),
         }
     } else {
         Plan {
@@ -175,6 +238,7 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
             concurrency: 64,
             extra_protocols: true,
             cp: (1000, 1000),
+            tool_run: Duration::from_secs(5),
         }
     };
     let be = Backends { http: backend::http().await?, grpc: backend::grpc().await?, sink: backend::sink().await? };
@@ -183,6 +247,7 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
     let mut latency: Vec<Row> = Vec::new();
     let mut saturation: Vec<SatRow> = Vec::new();
     let mut resources: Vec<ResRow> = Vec::new();
+    let mut tools: Vec<ToolRow> = Vec::new();
 
     // The baseline: straight to the backends.
     let direct = [
@@ -207,6 +272,7 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
             result: Some(s),
             cpu_ms_per_1000: None,
         });
+        tools.extend(tool_rows("direct", target, &[], &plan).await);
     }
 
     let hap = peers::haproxy_bin().ok_or_else(|| "not run: haproxy not installed".to_string());
@@ -320,6 +386,7 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
                 result: Some(s),
                 cpu_ms_per_1000: cpu,
             });
+            tools.extend(tool_rows(&format!("{name} ({shape})"), target, &pids, &plan).await);
         }
         resources.push(ResRow {
             scenario: format!("{name} ({shape})"),
@@ -351,6 +418,8 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
             "haproxy": peers::haproxy_bin().map(|b| cmd_version(&b.display().to_string(), "-v")).unwrap_or_else(|| "not installed".into()),
             "nginx": peers::nginx_bin().map(|b| cmd_version(&b.display().to_string(), "-v")).unwrap_or_else(|| "not installed".into()),
             "linkerd2-proxy": linkerd::version(),
+            "wrk": wrk::wrk_bin().map(|b| wrk::version(&b, "-v")).unwrap_or_else(|| "not installed".into()),
+            "oha": wrk::oha_bin().map(|b| wrk::version(&b, "--version")).unwrap_or_else(|| "not installed".into()),
             "rustc": cmd_version("rustc", "--version"),
         }),
         pinning: pin.describe(),
@@ -362,6 +431,7 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
         }),
         latency,
         saturation,
+        tools,
         resources,
         control_plane: cp,
     };
@@ -444,6 +514,24 @@ fn markdown(r: &Report) -> String {
                 s.cpu_ms_per_1000.map(|c| format!("{c:.1}")).unwrap_or_else(|| "—".into())
             )),
             None => out.push_str(&format!("| {} | {} | {} | |\n", s.scenario, s.protocol, s.status)),
+        }
+    }
+    out.push_str("\n### External tools (HTTP/1.1): `wrk -t1 -c50` closed loop, `oha` open loop at fixed rates\n\n| scenario | tool | rate | throughput (rps) | p50 | p99 | errors | proxy CPU ms / 1000 req |\n|---|---|---:|---:|---:|---:|---:|---:|\n");
+    for t in &r.tools {
+        match &t.result {
+            Some(x) => out.push_str(&format!(
+                "| {} | {} -c{} | {} | {:.0} | {} | {} | {} | {} |\n",
+                t.scenario,
+                x.tool,
+                x.connections,
+                x.rate.map(|r| r.to_string()).unwrap_or_else(|| "closed".into()),
+                x.throughput_rps,
+                ms(x.p50_us),
+                ms(x.p99_us),
+                x.errors,
+                t.cpu_ms_per_1000.map(|c| format!("{c:.1}")).unwrap_or_else(|| "—".into())
+            )),
+            None => out.push_str(&format!("| {} | | | {} | | | | |\n", t.scenario, t.status)),
         }
     }
     out.push_str("\n### Resources\n\n| scenario | processes | start → ready (ms) | idle RSS, all processes (MiB) | of which anonymous (MiB) | peak RSS, largest process (MiB) |\n|---|---:|---|---:|---:|---:|\n");

@@ -162,9 +162,16 @@ async fn trellis(
 ) -> anyhow::Result<(Proc, f64, SocketAddr)> {
     let admin = local(free_port());
     let t = Instant::now();
-    let mut cmd = pin.command(bin);
-    cmd.arg("proxy")
-        .args(args)
+    // What sidecars and gateways run: `trellis-proxy` beside `trellis` (else `trellis proxy`).
+    let alone = bin.with_file_name("trellis-proxy");
+    let mut cmd = if alone.is_file() {
+        pin.command(&alone)
+    } else {
+        let mut c = pin.command(bin);
+        c.arg("proxy");
+        c
+    };
+    cmd.args(args)
         .args(["--admin", &admin.to_string(), "--concurrency", "1"])
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())

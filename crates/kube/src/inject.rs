@@ -196,7 +196,6 @@ impl Injector {
 
         let env = |name: &str, field: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": field}}});
         let mut args = vec![
-            "proxy".to_string(),
             "--kubernetes".to_string(),
             "--control-plane".to_string(),
             self.control_plane.clone(),
@@ -214,7 +213,8 @@ impl Injector {
         let proxy = json!({
             "name": "trellis-proxy",
             "image": self.image,
-            "command": ["trellis"],
+            // The proxy alone (`trellis proxy` without the rest linked in): fewer pages per pod.
+            "command": ["trellis-proxy"],
             "args": args,
             "restartPolicy": "Always",
             "env": [

@@ -237,6 +237,17 @@ fn installed(program: &std::path::Path) -> bool {
     std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(program).is_file()))
 }
 
+/// What runs a proxy: `trellis-proxy` beside `trellis` (the data plane alone: fewer pages of
+/// executable mapped and relocated per process), else `trellis proxy`.
+fn proxy_program(trellis: &std::path::Path) -> (PathBuf, Vec<String>) {
+    let alone = trellis.with_file_name("trellis-proxy");
+    if alone.is_file() {
+        (alone, Vec::new())
+    } else {
+        (trellis.to_path_buf(), vec!["proxy".to_string()])
+    }
+}
+
 /// Ports the mesh needs exactly (the rest are picked free): the control plane's, the gateways'
 /// server ports, and workloads' declared `appPort`s.
 fn fixed_ports(plan: &Plan, opts: &UpOptions) -> Vec<(SocketAddr, String)> {
@@ -369,13 +380,14 @@ async fn start(
     .map_err(|e| e.to_string())?;
     lock(all).control = Some(control);
 
+    let (proxy_program, proxy_args) = proxy_program(&opts.trellis);
     for (w, token) in plan.workloads.iter().zip(&sidecar_tokens) {
         let mut env = proxy_env.clone();
         env.push(("TRELLIS_BOOTSTRAP_TOKEN".into(), token.clone()));
         let spec = ChildSpec {
             name: format!("{}-proxy", w.name),
-            program: opts.trellis.clone(),
-            args: [w.sidecar_args(opts.control_plane), opts.proxy_telemetry_args()].concat(),
+            program: proxy_program.clone(),
+            args: [proxy_args.clone(), w.sidecar_args(opts.control_plane), opts.proxy_telemetry_args()].concat(),
             env,
             cwd: None,
             restart_delay: Duration::from_millis(100),
@@ -388,8 +400,8 @@ async fn start(
         env.push(("TRELLIS_BOOTSTRAP_TOKEN".into(), token.clone()));
         let spec = ChildSpec {
             name: g.name.clone(),
-            program: opts.trellis.clone(),
-            args: [g.args(opts.control_plane), opts.proxy_telemetry_args()].concat(),
+            program: proxy_program.clone(),
+            args: [proxy_args.clone(), g.args(opts.control_plane), opts.proxy_telemetry_args()].concat(),
             env,
             cwd: None,
             restart_delay: Duration::from_millis(100),

@@ -291,7 +291,7 @@ impl WorkloadPlan {
         env
     }
 
-    /// The sidecar's command-line arguments.
+    /// The sidecar's command-line arguments (after `trellis proxy`, or for `trellis-proxy`).
     pub fn sidecar_args(&self, control_plane: SocketAddr) -> Vec<String> {
         let proto = match self.spec.protocol.as_deref().map(Protocol::parse) {
             _ if self.opaque => ",tcp",
@@ -299,8 +299,7 @@ impl WorkloadPlan {
             _ => "",
         };
         let mut args = vec![
-            "proxy".to_string(),
-            "--control-plane".into(),
+            "--control-plane".to_string(),
             control_plane.to_string(),
             "--workload".into(),
             self.name.clone(),
@@ -369,8 +368,7 @@ impl WorkloadPlan {
 impl GatewayPlan {
     pub fn args(&self, control_plane: SocketAddr) -> Vec<String> {
         let mut args = vec![
-            "proxy".to_string(),
-            "--role".into(),
+            "--role".to_string(),
             "gateway".into(),
             "--control-plane".into(),
             control_plane.to_string(),

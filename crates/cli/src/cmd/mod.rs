@@ -13,6 +13,7 @@ macro_rules! out {
 }
 
 mod analyze;
+mod common;
 mod control;
 mod kube;
 mod proxy;
@@ -22,6 +23,7 @@ mod up;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+pub(crate) use common::{init_logging, parse_duration};
 
 /// Trellis: a light service mesh that reads Istio config.
 #[derive(Parser, Debug)]
@@ -92,11 +94,6 @@ pub(crate) fn print_or_quit(text: &str) {
     }
 }
 
-/// Parses `10s`, `1h30m`, `250ms`.
-pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    trellis_config::model::duration::parse_duration(s)
-}
-
 /// Runs `fut` on a multi-threaded runtime; errors are printed and become exit code 1.
 pub(crate) fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -113,17 +110,4 @@ pub(crate) fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>
             ExitCode::FAILURE
         }
     }
-}
-
-/// Logs to stderr; `RUST_LOG` overrides `default`.
-pub(crate) fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .with_target(false)
-        .try_init();
 }

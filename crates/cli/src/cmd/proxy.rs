@@ -167,16 +167,17 @@ fn parse_upstream(s: &str) -> Result<UpstreamSpec, String> {
 
 pub fn run(args: Args) -> ExitCode {
     super::init_logging("info");
-    // One worker: a current-thread runtime (no work stealing, no cross-thread wakeups);
-    // more: the multi-threaded one.
-    let mut rt = match args.concurrency {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
+    // One worker (asked for, or all the CPU this process may use: its affinity mask and cgroup
+    // quota, which `available_parallelism` reads): a current-thread runtime — no work stealing,
+    // no cross-thread wake-ups, no idle worker parking; more: the multi-threaded one.
+    let workers = args.concurrency.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut rt = match workers {
+        0 | 1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n.max(1));
+            b.worker_threads(n);
             b
         }
-        None => tokio::runtime::Builder::new_multi_thread(),
     };
     rt.enable_all();
     let rt = match rt.build() {
