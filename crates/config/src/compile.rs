@@ -1845,6 +1845,25 @@ mod tests {
     }
 
     #[test]
+    fn istio_mutual_gateway_servers_require_mesh_mtls_and_the_mesh_provides_the_gateway_service() {
+        let y = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: egress}\nspec:\n  selector: {istio: egressgateway}\n  servers:\n  - {port: {number: 80, name: https, protocol: HTTPS}, hosts: [api.example.com], tls: {mode: ISTIO_MUTUAL}}\n  - {port: {number: 443, name: tls, protocol: TLS}, hosts: [db.example.com], tls: {mode: ISTIO_MUTUAL}}\n  - {port: {number: 8080, name: http, protocol: HTTP}, hosts: [\"*\"]}\n";
+        let resources = load(y);
+        let snap = compile(&resources, &[], &gateway(&[("istio", "egressgateway")]));
+        let by_port = |p: u16| snap.listeners.iter().find(|l| l.address.port() == p).expect("listener");
+        assert_eq!(by_port(18080).mtls, Some(MtlsMode::Strict), "HTTPS ISTIO_MUTUAL (port 80, mapped)");
+        assert!(matches!(by_port(18080).routing, ListenerRouting::Table(_)), "then routed as HTTP");
+        assert_eq!(by_port(443).mtls, Some(MtlsMode::Strict), "TLS ISTIO_MUTUAL");
+        assert!(matches!(by_port(443).routing, ListenerRouting::Tcp(_)), "then by tcp routes");
+        assert_eq!(by_port(8080).mtls, None, "a plain HTTP server stays plain");
+        // Sidecars reach it as Istio's install names it, on its servers' ports: HTTP (HTTPS
+        // server) or TCP (TLS server) inside mTLS.
+        let reg = Registry::build(&resources, &[]);
+        let svc = reg.resolve("istio-egressgateway.istio-system.svc.cluster.local", "default").expect("the gateway's Service");
+        let ports: Vec<(u16, Protocol)> = svc.ports.iter().map(|p| (p.number, p.protocol)).collect();
+        assert_eq!(ports, [(80, Protocol::Http), (443, Protocol::Tcp), (8080, Protocol::Http)]);
+    }
+
+    #[test]
     fn peer_authentication_is_workload_then_namespace_then_mesh_with_port_overrides() {
         let y = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: ns, namespace: legacy}\nspec: {mtls: {mode: PERMISSIVE}}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: app, namespace: legacy}\nspec:\n  selector: {matchLabels: {app: old}}\n  mtls: {mode: UNSET}\n  portLevelMtls: {\"9090\": {mode: DISABLE}}\n";
         let resources = load(y);

@@ -152,12 +152,14 @@ fn slice_endpoints(resources: &[Resource], namespace: &str, service: &str) -> Ve
 
 /// How the mesh reaches a Gateway server's port: the protocol a sidecar speaks to it and the
 /// scheme it is shown with (`http`, `https`, `tls`, `tcp`, or `mesh-mtls` for an ISTIO_MUTUAL
-/// server, which sidecars reach with HTTP inside mesh mTLS). `None`: an unknown protocol.
+/// server, which sidecars reach with HTTP (an HTTPS server) or TCP (a TLS server) inside mesh
+/// mTLS). `None`: an unknown protocol.
 pub fn gateway_server_scheme(s: &crate::model::networking::Server) -> Option<(Protocol, &'static str)> {
     let mode = s.tls_settings().and_then(|t| t.mode);
     Some(match Protocol::parse(&s.port.protocol) {
         p @ (Protocol::Http | Protocol::Http2 | Protocol::Grpc) => (p, "http"),
-        Protocol::Https | Protocol::Tls if mode.as_deref() == Some("ISTIO_MUTUAL") => (Protocol::Http, "mesh-mtls"),
+        Protocol::Https if mode.as_deref() == Some("ISTIO_MUTUAL") => (Protocol::Http, "mesh-mtls"),
+        Protocol::Tls if mode.as_deref() == Some("ISTIO_MUTUAL") => (Protocol::Tcp, "mesh-mtls"),
         Protocol::Https if mode.as_deref() != Some("PASSTHROUGH") => (Protocol::Https, "https"),
         p @ (Protocol::Https | Protocol::Tls) => (p, "tls"),
         Protocol::Tcp => (Protocol::Tcp, "tcp"),
