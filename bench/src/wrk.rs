@@ -145,8 +145,11 @@ pub async fn oha(bin: &str, url: &str, rate: u32, connections: u32, duration: Du
         .unwrap_or(0);
     let all: u64 =
         j["statusCodeDistribution"].as_object().map(|m| m.values().filter_map(|n| n.as_u64()).sum()).unwrap_or(0);
-    let failed: u64 =
-        j["errorDistribution"].as_object().map(|m| m.values().filter_map(|n| n.as_u64()).sum()).unwrap_or(0);
+    // Requests still in flight when the run's time is up are cut, not failed.
+    let failed: u64 = j["errorDistribution"]
+        .as_object()
+        .map(|m| m.iter().filter(|(e, _)| !e.contains("aborted due to deadline")).filter_map(|(_, n)| n.as_u64()).sum())
+        .unwrap_or(0);
     Ok(ToolRun {
         tool: "oha".into(),
         connections,

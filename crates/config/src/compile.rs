@@ -1858,7 +1858,9 @@ mod tests {
         // Sidecars reach it as Istio's install names it, on its servers' ports: HTTP (HTTPS
         // server) or TCP (TLS server) inside mTLS.
         let reg = Registry::build(&resources, &[]);
-        let svc = reg.resolve("istio-egressgateway.istio-system.svc.cluster.local", "default").expect("the gateway's Service");
+        let svc = reg
+            .resolve("istio-egressgateway.istio-system.svc.cluster.local", "default")
+            .expect("the gateway's Service");
         let ports: Vec<(u16, Protocol)> = svc.ports.iter().map(|p| (p.number, p.protocol)).collect();
         assert_eq!(ports, [(80, Protocol::Http), (443, Protocol::Tcp), (8080, Protocol::Http)]);
     }

@@ -99,13 +99,37 @@ impl TraceState {
 pub struct Details {
     pub start_time: SystemTime,
     pub method: http::Method,
-    pub path: String,
-    pub authority: String,
+    /// The request's URI and header values, shared with the request's buffers (cloning them
+    /// counts a reference; nothing is copied for the record).
+    pub uri: http::Uri,
+    /// The `Host` header, when the URI has no authority.
+    pub host: Option<http::HeaderValue>,
     pub scheme: &'static str,
     pub version: http::Version,
-    pub user_agent: Option<String>,
-    pub request_id: Option<String>,
+    pub user_agent: Option<http::HeaderValue>,
+    pub request_id: Option<http::HeaderValue>,
     pub downstream: std::net::SocketAddr,
+}
+
+impl Details {
+    pub fn path(&self) -> &str {
+        self.uri.path()
+    }
+
+    pub fn authority(&self) -> &str {
+        match self.uri.authority() {
+            Some(a) => a.as_str(),
+            None => self.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or_default(),
+        }
+    }
+
+    pub fn user_agent(&self) -> Option<&str> {
+        self.user_agent.as_ref().and_then(|v| v.to_str().ok())
+    }
+
+    pub fn request_id(&self) -> Option<&str> {
+        self.request_id.as_ref().and_then(|v| v.to_str().ok())
+    }
 }
 
 /// What one request will be recorded as.
@@ -247,9 +271,9 @@ impl RequestRecord {
         };
         let mut attributes: Vec<(&'static str, Attr)> = vec![
             ("http.request.method", Attr::from(d.method.as_str())),
-            ("url.path", Attr::from(d.path.as_str())),
+            ("url.path", Attr::from(d.path())),
             ("url.scheme", Attr::from(d.scheme)),
-            ("server.address", Attr::from(d.authority.as_str())),
+            ("server.address", Attr::from(d.authority())),
             ("network.protocol.version", Attr::from(version_str(d.version))),
             ("http.response.status_code", Attr::Int(i64::from(self.status))),
             ("response_flags", Attr::from(self.flags)),
@@ -263,11 +287,11 @@ impl RequestRecord {
         if let Some(u) = &self.upstream {
             attributes.push(("upstream.address", Attr::from(u.address.as_str())));
         }
-        if let Some(ua) = &d.user_agent {
-            attributes.push(("user_agent.original", Attr::from(ua.as_str())));
+        if let Some(ua) = d.user_agent() {
+            attributes.push(("user_agent.original", Attr::from(ua)));
         }
-        if let Some(id) = &d.request_id {
-            attributes.push(("guid:x-request-id", Attr::from(id.as_str())));
+        if let Some(id) = d.request_id() {
+            attributes.push(("guid:x-request-id", Attr::from(id)));
         }
         if let Some(g) = self.grpc_status {
             attributes.push(("rpc.grpc.status_code", Attr::Int(i64::from(g))));
@@ -290,40 +314,95 @@ impl RequestRecord {
         }
     }
 
+    /// The access-log line: one JSON object, keys in alphabetical order (as it always was), the
+    /// keys and punctuation written as they stand and only the values escaped, straight into
+    /// the line (no intermediate map, no per-field allocation).
     fn log_line(&self, d: &Details, ms: f64, request_bytes: u64) -> String {
-        let line = serde_json::json!({
-            "start_time": rfc3339(d.start_time),
-            "method": d.method.as_str(),
-            "path": d.path,
-            "authority": d.authority,
-            "protocol": version_name(d.version),
-            "response_code": self.status,
-            "grpc_status": self.grpc_status,
-            "response_flags": self.flags,
-            "duration": (ms * 1000.0).round() / 1000.0,
-            "bytes_received": request_bytes,
-            "bytes_sent": self.response_bytes,
-            "upstream_host": self.upstream.as_ref().map(|u| u.address.clone()),
-            "upstream_cluster": self.cluster.as_deref(),
-            "upstream_request_attempt_count": self.attempts,
-            "route_name": self.route.as_deref(),
-            "authz_policy": self.authz_policy.as_deref(),
-            "authz_audit_policy": self.authz_audit.as_deref(),
-            "request_principal": self.request_principal,
-            "source_principal": &*self.source_principal,
-            "reporter": if self.reporter == Reporter::Source { "source" } else { "destination" },
-            "source_workload": &*self.source.workload,
-            "source_namespace": &*self.source.namespace,
-            "destination_workload": &*self.destination.workload,
-            "destination_namespace": &*self.destination.namespace,
-            "destination_service": &*self.service.host,
-            "downstream_remote_address": d.downstream.to_string(),
-            "user_agent": d.user_agent,
-            "x_request_id": d.request_id,
-            "trace_id": trace::trace_hex(&self.trace.trace_id),
-            "span_id": trace::span_hex(&self.trace.span_id),
-        });
-        line.to_string()
+        let mut l = JsonLine(String::with_capacity(768));
+        l.str("{\"authority\":", Some(d.authority()));
+        l.str(",\"authz_audit_policy\":", self.authz_audit.as_deref());
+        l.str(",\"authz_policy\":", self.authz_policy.as_deref());
+        l.num(",\"bytes_received\":", request_bytes);
+        l.num(",\"bytes_sent\":", self.response_bytes);
+        l.str(",\"destination_namespace\":", Some(&self.destination.namespace));
+        l.str(",\"destination_service\":", Some(&self.service.host));
+        l.str(",\"destination_workload\":", Some(&self.destination.workload));
+        l.shown(",\"downstream_remote_address\":", d.downstream);
+        l.num(",\"duration\":", format_args!("{:?}", (ms * 1000.0).round() / 1000.0));
+        match self.grpc_status {
+            Some(g) => l.num(",\"grpc_status\":", g),
+            None => l.str(",\"grpc_status\":", None),
+        }
+        l.str(",\"method\":", Some(d.method.as_str()));
+        l.str(",\"path\":", Some(d.path()));
+        l.str(",\"protocol\":", Some(version_name(d.version)));
+        l.str(",\"reporter\":", Some(if self.reporter == Reporter::Source { "source" } else { "destination" }));
+        l.str(",\"request_principal\":", self.request_principal.as_deref());
+        l.num(",\"response_code\":", self.status);
+        l.str(",\"response_flags\":", Some(self.flags));
+        l.str(",\"route_name\":", self.route.as_deref());
+        l.str(",\"source_namespace\":", Some(&self.source.namespace));
+        l.str(",\"source_principal\":", Some(&self.source_principal));
+        l.str(",\"source_workload\":", Some(&self.source.workload));
+        l.shown(",\"span_id\":", trace::Hex(&self.trace.span_id));
+        l.shown(",\"start_time\":", Rfc3339(d.start_time));
+        l.shown(",\"trace_id\":", trace::Hex(&self.trace.trace_id));
+        l.str(",\"upstream_cluster\":", self.cluster.as_deref());
+        l.str(",\"upstream_host\":", self.upstream.as_ref().map(|u| u.address.as_str()));
+        l.num(",\"upstream_request_attempt_count\":", self.attempts);
+        l.str(",\"user_agent\":", d.user_agent());
+        l.str(",\"x_request_id\":", d.request_id());
+        l.0.push('}');
+        l.0
+    }
+}
+
+/// A JSON object written field by field: `key` is the literal text before the value (the
+/// separator, the quoted key and the colon).
+struct JsonLine(String);
+
+impl JsonLine {
+    /// A string value, escaped as JSON requires (`"`, `\\`, control characters), or `null`.
+    fn str(&mut self, key: &str, v: Option<&str>) {
+        self.0.push_str(key);
+        let Some(v) = v else {
+            self.0.push_str("null");
+            return;
+        };
+        self.0.push('"');
+        let mut start = 0;
+        for (i, b) in v.bytes().enumerate() {
+            let esc = match b {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                0..=0x1f => "",
+                _ => continue,
+            };
+            self.0.push_str(&v[start..i]);
+            if esc.is_empty() {
+                let _ = std::fmt::Write::write_fmt(&mut self.0, format_args!("\\u{b:04x}"));
+            } else {
+                self.0.push_str(esc);
+            }
+            start = i + 1;
+        }
+        self.0.push_str(&v[start..]);
+        self.0.push('"');
+    }
+
+    /// A number.
+    fn num(&mut self, key: &str, v: impl std::fmt::Display) {
+        self.0.push_str(key);
+        let _ = std::fmt::Write::write_fmt(&mut self.0, format_args!("{v}"));
+    }
+
+    /// A value whose text needs no escaping (hex ids, times, addresses), quoted.
+    fn shown(&mut self, key: &str, v: impl std::fmt::Display) {
+        self.0.push_str(key);
+        let _ = std::fmt::Write::write_fmt(&mut self.0, format_args!("\"{v}\""));
     }
 }
 
@@ -351,25 +430,35 @@ fn version_name(v: http::Version) -> &'static str {
 
 /// RFC 3339 UTC with milliseconds.
 pub fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    Rfc3339(t).to_string()
+}
+
+/// A time shown as RFC 3339 UTC with milliseconds.
+struct Rfc3339(SystemTime);
+
+impl std::fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = self.0.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let secs = d.as_secs() as i64;
+        let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        write!(
+            f,
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60,
+            d.subsec_millis()
+        )
+    }
 }
 
 /// Request metric handles by label identity: the addresses of the `Arc`s the labels come from
@@ -659,5 +748,30 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_log_values_are_escaped_as_json_and_parse_back() {
+        let nasty = "a\"b\\c\nd\re\tf\u{1}g\u{1f}h é ✓";
+        let mut l = JsonLine(String::new());
+        l.str("{\"s\":", Some(nasty));
+        l.str(",\"n\":", None);
+        l.num(",\"i\":", 42u16);
+        l.num(",\"f\":", format_args!("{:?}", 5.0f64));
+        l.shown(",\"t\":", Rfc3339(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123)));
+        l.shown(",\"h\":", trace::Hex(&[0x01, 0xab, 0xff]));
+        l.0.push('}');
+        let v: serde_json::Value = serde_json::from_str(&l.0).expect("valid JSON");
+        assert_eq!(v["s"], nasty);
+        assert_eq!(v["n"], serde_json::Value::Null);
+        assert_eq!(v["i"], 42);
+        assert_eq!(v["f"], 5.0);
+        assert_eq!(v["t"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(v["h"], "01abff");
     }
 }

@@ -83,6 +83,22 @@ fn hex_to<const N: usize>(s: &str) -> Option<[u8; N]> {
     (out != [0u8; N]).then_some(out)
 }
 
+/// Bytes as lower-case hex, written where they are displayed (no `String` of their own).
+pub struct Hex<'a>(pub &'a [u8]);
+
+impl std::fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const D: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; 64];
+        let n = self.0.len().min(32);
+        for (i, b) in self.0[..n].iter().enumerate() {
+            buf[2 * i] = D[(b >> 4) as usize];
+            buf[2 * i + 1] = D[(b & 15) as usize];
+        }
+        f.write_str(std::str::from_utf8(&buf[..2 * n]).map_err(|_| std::fmt::Error)?)
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     const D: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);

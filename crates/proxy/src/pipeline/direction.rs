@@ -20,7 +20,7 @@ use trellis_config::snapshot::Direction;
 use trellis_telemetry::identity::{unknown_identity, unknown_service};
 use trellis_telemetry::metrics::Reporter;
 
-use super::{header_str, is_grpc, ConnInfo};
+use super::{is_grpc, ConnInfo};
 use crate::http::headers;
 use crate::runtime::Runtime;
 use crate::state::Shared;
@@ -77,17 +77,13 @@ pub(super) fn record(
         Box::new(Details {
             start_time: SystemTime::now(),
             method: req.method().clone(),
-            path: req.uri().path().to_string(),
-            authority: req
-                .uri()
-                .authority()
-                .map(|a| a.to_string())
-                .or_else(|| header_str(req.headers(), header::HOST))
-                .unwrap_or_default(),
+            uri: req.uri().clone(),
+            host: req.uri().authority().is_none().then(|| req.headers().get(header::HOST).cloned()).flatten(),
             scheme: if req.uri().scheme_str() == Some("https") { "https" } else { "http" },
             version: req.version(),
-            user_agent: header_str(req.headers(), header::USER_AGENT),
-            request_id: header_str(req.headers(), headers::X_REQUEST_ID),
+            user_agent: req.headers().get(header::USER_AGENT).cloned(),
+            // Replaced by the id the request leaves with (its own, or generated) when it is sent.
+            request_id: req.headers().get(headers::X_REQUEST_ID).cloned(),
             downstream: conn.peer,
         })
     });

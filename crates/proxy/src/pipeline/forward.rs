@@ -115,7 +115,7 @@ pub(super) async fn run(
         }
     };
     if let Some(d) = record.details.as_mut() {
-        d.request_id = super::header_str(&parts.headers, headers::X_REQUEST_ID);
+        d.request_id = parts.headers.get(headers::X_REQUEST_ID).cloned();
     }
 
     // Tries. A request whose body may have reached the upstream is sent again only when the

@@ -180,10 +180,6 @@ fn count_limited(shared: &Shared, l: &ratelimit::Limiter, outcome: &'static str)
     shared.metrics.rate_limited.get_or_create(&labels).inc();
 }
 
-fn header_str(h: &http::HeaderMap, name: impl http::header::AsHeaderName) -> Option<String> {
-    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
-}
-
 fn is_grpc(h: &http::HeaderMap) -> bool {
     h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/grpc"))
 }
