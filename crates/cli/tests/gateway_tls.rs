@@ -261,6 +261,16 @@ spec:
 
 /// An HTTPS server (its own certificate) answering every request with `name`.
 async fn tls_backend(name: &'static str, cert_pem: &str, key_pem: &str) -> std::net::SocketAddr {
+    tls_server(cert_pem, key_pem, move |_, _| name.to_string()).await
+}
+
+/// An HTTPS server (HTTP/1.1 over TLS with its own certificate) answering every request with
+/// `respond(the SNI the client sent, the request)`.
+async fn tls_server(
+    cert_pem: &str,
+    key_pem: &str,
+    respond: impl Fn(&str, &http::Request<hyper::body::Incoming>) -> String + Send + Sync + Copy + 'static,
+) -> std::net::SocketAddr {
     use rustls::pki_types::pem::PemObject;
     let certs = rustls_pemfile_certs(cert_pem);
     let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
@@ -279,8 +289,10 @@ async fn tls_backend(name: &'static str, cert_pem: &str, key_pem: &str) -> std::
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(s).await else { return };
-                let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| async move {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(full(name)))
+                let sni = tls.get_ref().1.server_name().unwrap_or("-").to_string();
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let body = respond(&sni, &req);
+                    async move { Ok::<_, std::convert::Infallible>(http::Response::new(full(body))) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
@@ -422,38 +434,12 @@ spec:
 /// An HTTPS server standing in for an external API: it answers with the SNI the client sent,
 /// the Host it asked for, and whether a mesh-internal header reached it.
 async fn external_api(cert_pem: &str, key_pem: &str) -> std::net::SocketAddr {
-    use rustls::pki_types::pem::PemObject;
-    let certs = rustls_pemfile_certs(cert_pem);
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .expect("server config");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = listener.accept().await else { continue };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(s).await else { return };
-                let sni = tls.get_ref().1.server_name().unwrap_or("-").to_string();
-                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("-").to_string();
-                    let peer = req.headers().contains_key("x-trellis-peer");
-                    let body = format!("external sni={sni} host={host} mesh-header={peer}");
-                    async move { Ok::<_, std::convert::Infallible>(http::Response::new(full(body))) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    tls_server(cert_pem, key_pem, |sni, req| {
+        let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("-");
+        let peer = req.headers().contains_key("x-trellis-peer");
+        format!("external sni={sni} host={host} mesh-header={peer}")
+    })
+    .await
 }
 
 /// Istio's "TLS origination at an egress gateway", with Istio's own manifests: the app calls
@@ -470,21 +456,7 @@ async fn egress_gateway_originates_tls_to_a_declared_host_and_registry_only_refu
     let (cert, key, _) = ca.issue(&["api.external.test", "tls.external.test"], false);
     let external = external_api(&cert, &key).await;
     // A host the mesh does not declare, at 127.0.0.2.
-    let undeclared = tokio::net::TcpListener::bind("127.0.0.2:0").await.expect("bind 127.0.0.2");
-    let undeclared_addr = undeclared.local_addr().expect("addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = undeclared.accept().await else { continue };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(full("undeclared")))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
+    let undeclared_addr = fixed_http_server("127.0.0.2:0", "undeclared").await;
     let egress = free_port();
     let ext_port = external.port();
     let ca_path = ca_file.display();

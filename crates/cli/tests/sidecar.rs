@@ -140,21 +140,7 @@ async fn upstream_ports_and_inbound_listener_connect_two_sidecars() {
 async fn outbound_traffic_policy_allow_any_passes_through_and_registry_only_refuses() {
     let declared = Backend::start("declared").await;
     // An external host the mesh does not know, standing in at 127.0.0.2.
-    let undeclared = tokio::net::TcpListener::bind("127.0.0.2:0").await.expect("bind 127.0.0.2");
-    let undeclared_port = undeclared.local_addr().expect("addr").port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = undeclared.accept().await else { continue };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(full("undeclared")))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
+    let undeclared_port = fixed_http_server("127.0.0.2:0", "undeclared").await.port();
     let dir = ConfigDir::new();
     let mesh = service("external.test", "HTTP", &[(declared.addr, &[])]);
     let sidecar = |mode: &str| {
