@@ -64,8 +64,11 @@ pub struct ConfigStore {
     rejection: Mutex<Option<Rejection>>,
 }
 
-/// Coalesces an editor's burst of writes into one reload.
-const DEBOUNCE: Duration = Duration::from_millis(30);
+/// A burst of writes (an editor's write and rename, a copy of many files) is one reload: it
+/// starts once the files have been quiet this long...
+const QUIET: Duration = Duration::from_millis(10);
+/// ...or this long after the burst's first change, if the files never go quiet.
+const MAX_WAIT: Duration = Duration::from_millis(250);
 
 impl ConfigStore {
     pub fn new(paths: Vec<PathBuf>, recursive: bool) -> Arc<ConfigStore> {
@@ -191,8 +194,14 @@ impl ConfigStore {
         Ok(tokio::spawn(async move {
             let _watcher = watcher;
             while rx.recv().await.is_some() {
-                tokio::time::sleep(DEBOUNCE).await;
-                while rx.try_recv().is_ok() {}
+                let deadline = tokio::time::Instant::now() + MAX_WAIT;
+                while tokio::time::Instant::now() < deadline {
+                    match tokio::time::timeout(QUIET, rx.recv()).await {
+                        Ok(Some(())) => continue, // still changing
+                        Ok(None) => return,
+                        Err(_) => break, // quiet
+                    }
+                }
                 let _ = store.reload();
             }
         }))
