@@ -81,7 +81,7 @@ pub struct GatewayPlan {
     /// Gateway server ports it will listen on.
     pub ports: Vec<u16>,
     /// How each port is spoken to (`http`, `https`, `tls`, `tcp`, or `mesh-mtls` for an
-    /// ISTIO_MUTUAL server), by port: what the summary shows and the Service's port names.
+    /// ISTIO_MUTUAL server), by port: the URLs `trellis up` prints for the gateway.
     pub schemes: BTreeMap<u16, &'static str>,
 }
 
