@@ -61,6 +61,14 @@ if ! python3 -c 'import grpc, websockets, opentelemetry.sdk, opentelemetry.propa
     opentelemetry-exporter-otlp-proto-http opentelemetry-propagator-b3
 fi
 
+# The console's browser tests: Debian's Chromium, driven by playwright-core (pinned in
+# crates/cli/tests/console/package-lock.json; npm caches it, so a second run downloads nothing).
+apt_install chromium
+if [ ! -d crates/cli/tests/console/node_modules/playwright-core ]; then
+  log "installing the console tests' browser driver (playwright-core)"
+  npm ci --prefix crates/cli/tests/console --no-audit --no-fund --loglevel=error
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"
   cargo install --locked --quiet cargo-nextest

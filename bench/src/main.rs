@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+mod console;
 mod cpscale;
 mod linkerd;
 mod load;
@@ -33,7 +34,9 @@ struct Args {
     /// Where to write `<date>.json`.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
-    /// `all` (default) or `profile` (perf profile of one Trellis gateway at 5000 rps).
+    /// `all` (default), `profile` (perf profile of one Trellis gateway at 5000 rps) or `console`
+    /// (the console's stores over a 5-minute run at 1000 requests per second, and its cost to
+    /// requests; unpinned: the whole mesh shares the machine).
     #[arg(default_value = "all")]
     what: String,
     /// Only scenarios whose name contains this (for investigating one; the direct baseline always runs).
@@ -183,7 +186,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let pin = Pinning::detect();
-    if let Some(core) = pin.harness_core {
+    if let (Some(core), false) = (pin.harness_core, args.what == "console") {
         let mut set = nix::sched::CpuSet::new();
         set.set(core)?;
         nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
@@ -215,6 +218,52 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
     anyhow::ensure!(trellis.is_file(), "{} not found: build it first (scripts/bench.sh does)", trellis.display());
     if args.what == "profile" {
         return profile(&pin, &trellis, args.only.as_deref()).await;
+    }
+    if args.what == "console" {
+        let (rate, total, window) = if args.quick {
+            (200, Duration::from_secs(20), Duration::from_secs(10))
+        } else {
+            (1000, Duration::from_secs(300), Duration::from_secs(30))
+        };
+        let r = console::run(&trellis, rate, total, window).await?;
+        println!("### The console over {} s at {rate} req/s (examples/slow-fast, /fast)\n", total.as_secs());
+        println!("| at s | p50 ms | p99 ms | errors | spans MiB (bound) | logs MiB (bound) | metrics MiB (bound) | evicted spans / lines / samples | control plane MiB |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for s in &r.samples {
+            let store = |n: &str| s.stores.iter().find(|x| x.0 == n).cloned().unwrap_or_default();
+            let (sp, lg, mt) = (store("spans"), store("logs"), store("metrics"));
+            let mib = |b: u64| b as f64 / 1048576.0;
+            println!(
+                "| {:.0} | {:.3} | {:.3} | {} | {:.1} ({:.0}) | {:.1} ({:.0}) | {:.2} ({:.0}) | {} / {} / {} | {:.1} |",
+                s.at_s,
+                s.window.p50_us as f64 / 1000.0,
+                s.window.p99_us as f64 / 1000.0,
+                s.window.errors,
+                mib(sp.1),
+                mib(sp.2),
+                mib(lg.1),
+                mib(lg.2),
+                mib(mt.1),
+                mib(mt.2),
+                sp.4,
+                lg.4,
+                mt.4,
+                s.control_plane_rss_mib
+            );
+        }
+        let w = &r.without_console;
+        println!(
+            "| no console | {:.3} | {:.3} | {} | | | | | {:.1} |",
+            w.p50_us as f64 / 1000.0,
+            w.p99_us as f64 / 1000.0,
+            w.errors,
+            r.without_console_rss_mib
+        );
+        std::fs::create_dir_all(&args.out)?;
+        let file = args.out.join(format!("{}-console{}.json", today(), if args.quick { "-quick" } else { "" }));
+        std::fs::write(&file, serde_json::to_string_pretty(&r)?)?;
+        eprintln!("wrote {}", file.display());
+        return Ok(());
     }
     let plan = if args.quick {
         Plan {

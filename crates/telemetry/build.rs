@@ -1,7 +1,7 @@
-//! Compiles the OTLP trace messages with protox (pure Rust), so building needs no `protoc`.
+//! Compiles the OTLP trace and log messages with protox (pure Rust), so building needs no `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/otlp_trace.proto"];
+    let protos = ["proto/otlp_trace.proto", "proto/otlp_logs.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -33,14 +33,7 @@ fn assert_greeting_tree(spans: &[SeenSpan]) {
     };
     // A's inbound span is a child of the gateway's.
     assert_eq!(parent(server("service-a")).map(|p| p.span_id.as_str()), Some(roots[0].span_id.as_str()));
-    for (caller, callee) in [
-        ("service-a", "service-b"),
-        ("service-a", "service-c"),
-        ("service-b", "service-d"),
-        ("service-b", "service-e"),
-        ("service-e", "service-g"),
-        ("service-e", "service-h"),
-    ] {
+    for (caller, callee) in support::mesh::REFERENCE_CALLS {
         let callee_span = server(callee);
         let client = parent(callee_span).unwrap_or_else(|| panic!("{callee}'s SERVER span has no parent"));
         assert_eq!(

@@ -235,8 +235,11 @@ async fn quiet_terminal_full_logs_per_process_and_apply_without_editing_files() 
         let r = get(&up.url("/color"), &[]).await;
         assert_eq!(r.json()["color"], "green", "{}", r.body);
     }
-    // An applied file with an error is refused with its file:line, and nothing changes.
-    let bad = dir
+    // An applied file with an error is refused with its file:line, and nothing changes. (Files
+    // to apply are written outside the mesh's config directory, which the control plane
+    // watches: there, they would be config of their own.)
+    let scratch = ConfigDir::new();
+    let bad = scratch
         .write("bad-step.yaml", &std::fs::read_to_string(&step).expect("step").replace("weight: 100", "weight: 150"));
     let (ok, _, err) = up.trellis(&["apply", "-f", bad.to_str().expect("utf-8")]);
     assert!(!ok && err.contains("bad-step.yaml:") && err.contains("nothing applied"), "{err}");
@@ -255,7 +258,7 @@ async fn quiet_terminal_full_logs_per_process_and_apply_without_editing_files() 
     // A change the control plane accepts but proxies cannot build (a CA file that is not on
     // their machine) is NACKed: `apply` names the proxies, what failed, and the file and line of
     // the DestinationRule it came from; the last good config keeps serving.
-    let tls = dir.write(
+    let tls = scratch.write(
         "needs-ca.yaml",
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: colorteller\nspec:\n  host: colorteller\n  trafficPolicy:\n    tls: {mode: SIMPLE, caCertificates: /nonexistent/trellis-ca.pem}\n  subsets:\n  - {name: blue, labels: {version: blue}}\n  - {name: green, labels: {version: green}}\n",
     );

@@ -16,19 +16,17 @@ pub mod server;
 pub mod store;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 pub use server::ControlService;
 pub use store::ConfigStore;
 
-/// Serves the control-plane API on `listener` until `shutdown` resolves.
+/// Serves the control-plane API (`ControlService::new(store, certificates)`) on `listener`
+/// until `shutdown` resolves.
 pub async fn serve(
-    store: Arc<ConfigStore>,
-    certificates: Option<Arc<ca::CertificateService>>,
+    svc: ControlService,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let svc = ControlService::new(store, certificates);
     tonic::transport::Server::builder()
         .add_service(svc.into_server())
         // TCP_NODELAY, as tonic's own `serve` sets: a push is written when it is ready, not

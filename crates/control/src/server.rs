@@ -35,6 +35,11 @@ impl ControlService {
         ControlService { store, proxies: Arc::new(Proxies::default()), certificates }
     }
 
+    /// What this service knows of its proxies (the console reads it).
+    pub fn proxies(&self) -> Arc<Proxies> {
+        self.proxies.clone()
+    }
+
     /// A proxy stream is admitted only with a token that proves the namespace and service
     /// account the proxy claims (when this control plane can check tokens at all: with a tokens
     /// file, or on Kubernetes). Without, a stranger could register as any workload, overwrite

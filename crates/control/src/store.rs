@@ -22,6 +22,9 @@ pub struct ConfigState {
     /// 0 until a good config has been loaded; proxies get nothing before that.
     pub generation: u64,
     pub resources: Vec<Resource>,
+    /// The findings short of errors (warnings, notes) on these resources, as `trellis analyze`
+    /// reports them.
+    pub warnings: Vec<Finding>,
     /// What every proxy's compilation of these resources shares.
     pub compiled: Generation,
 }
@@ -157,7 +160,8 @@ impl ConfigStore {
         };
         let generation = self.tx.borrow().generation + 1;
         let compiled = Generation::new(&loaded.resources);
-        self.tx.send_replace(Arc::new(ConfigState { generation, resources: loaded.resources, compiled }));
+        let warnings = loaded.findings.into_iter().filter(|f| !f.is_error()).collect();
+        self.tx.send_replace(Arc::new(ConfigState { generation, resources: loaded.resources, warnings, compiled }));
         tracing::info!(
             generation,
             resources = self.tx.borrow().resources.len(),

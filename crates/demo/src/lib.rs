@@ -1,5 +1,5 @@
 //! The demo workloads Trellis ships (the `trellis-demo` binary): the reference platform
-//! (Services A–H), the color app, the DJ app and a gRPC echo service. They know nothing of the
+//! (Services A–H), the color app, the DJ app, the slow/fast tracing demo and a gRPC echo service. They know nothing of the
 //! mesh beyond forwarding trace headers; tests and benchmarks use them as real workloads.
 #![forbid(unsafe_code)]
 
@@ -8,4 +8,5 @@ pub mod dj;
 pub mod echo;
 pub mod redis;
 pub mod reference;
+pub mod slowfast;
 pub mod web;

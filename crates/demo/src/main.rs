@@ -27,6 +27,10 @@ enum App {
         #[arg(long)]
         genre: String,
     },
+    /// The tracing demo's front: `/fast` and `/slow` ask `business-logic`.
+    Frontend,
+    /// The tracing demo's backend: `/slow` spends ~3 s in a span named `data_transformation`.
+    BusinessLogic,
     /// A gRPC echo server (`trellis.demo.v1.Echo`) on `$PORT`.
     GrpcEcho {
         #[arg(long, default_value = "echo")]
@@ -42,6 +46,8 @@ async fn main() -> std::process::ExitCode {
         App::Colorteller => trellis_demo::color::teller().await,
         App::Colorgateway => trellis_demo::color::gateway().await,
         App::Dj => trellis_demo::dj::dj().await,
+        App::Frontend => trellis_demo::slowfast::frontend().await,
+        App::BusinessLogic => trellis_demo::slowfast::business_logic().await,
         App::Artists { genre } => trellis_demo::dj::genre(genre).await,
         App::GrpcEcho { name } => {
             let port = trellis_demo::web::port(50051);

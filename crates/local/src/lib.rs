@@ -37,6 +37,8 @@ pub struct UpOptions {
     pub ca_dir: PathBuf,
     /// Lifetime of workload certificates.
     pub cert_ttl: Duration,
+    /// The console (served by the control plane); every proxy sends it spans and access logs.
+    pub console: Option<SocketAddr>,
     /// Span exporters for every proxy.
     pub otlp_endpoint: Option<String>,
     pub zipkin_endpoint: Option<String>,
@@ -51,6 +53,14 @@ impl UpOptions {
     /// exporters asked for.
     fn proxy_telemetry_args(&self) -> Vec<String> {
         let mut args = vec!["--trace-sampling".to_string(), "100".into(), "--access-log".into(), "stdout".into()];
+        if let Some(c) = self.console {
+            args.extend([
+                "--otlp-endpoint".to_string(),
+                format!("http://{c}/v1/traces"),
+                "--access-log-otlp-endpoint".into(),
+                format!("http://{c}/v1/logs"),
+            ]);
+        }
         if let Some(e) = &self.otlp_endpoint {
             args.extend(["--otlp-endpoint".to_string(), e.clone()]);
         }
@@ -248,10 +258,16 @@ fn proxy_program(trellis: &std::path::Path) -> (PathBuf, Vec<String>) {
     }
 }
 
+/// What `up.json` calls the console's port (`trellis dashboard` looks for it).
+pub const CONSOLE_PORT: &str = "console, --console";
+
 /// Ports the mesh needs exactly (the rest are picked free): the control plane's, the gateways'
 /// server ports, and workloads' declared `appPort`s.
 fn fixed_ports(plan: &Plan, opts: &UpOptions) -> Vec<(SocketAddr, String)> {
     let mut out = vec![(opts.control_plane, "control plane, --control-plane".to_string())];
+    if let Some(c) = opts.console {
+        out.push((c, CONSOLE_PORT.to_string()));
+    }
     for g in &plan.gateways {
         for p in &g.ports {
             out.push((SocketAddr::from(([127, 0, 0, 1], *p)), format!("gateway {}", g.name)));
@@ -356,6 +372,9 @@ async fn start(
         "--overlay".into(),
         mesh.applied_dir().display().to_string(),
     ];
+    if let Some(c) = opts.console {
+        cp_args.extend(["--console".to_string(), c.to_string()]);
+    }
     if opts.recursive {
         cp_args.push("-R".into());
     }
@@ -420,6 +439,10 @@ async fn start(
         let (program, args) = w.command(&trellis_dir).ok_or_else(|| format!("workload {} has no command", w.name))?;
         let mut env = w.env();
         env.extend(mesh_env.iter().cloned());
+        // The app's own spans (OpenTelemetry SDKs read this variable) go to the console too.
+        if let (Some(c), false) = (opts.console, env.iter().any(|(k, _)| k == OTEL_TRACES_ENDPOINT)) {
+            env.push((OTEL_TRACES_ENDPOINT.into(), format!("http://{c}/v1/traces")));
+        }
         let args = args.iter().map(|a| expand(a, &env)).collect();
         let spec = ChildSpec {
             name: w.name.clone(),
@@ -448,9 +471,12 @@ async fn start(
         .iter()
         .map(|g| wait_http(g.admin, "/ready", Duration::from_secs(30), format!("gateway {}", g.name)));
     futures_join(gw_waits).await?;
-    print_table(plan, opts.control_plane, started.elapsed(), &mesh.logs_dir());
+    print_table(plan, opts.control_plane, opts.console, started.elapsed(), &mesh.logs_dir());
     Ok(())
 }
+
+/// Where OpenTelemetry SDKs send spans over OTLP/HTTP.
+const OTEL_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
 
 /// Stops everything within ~5 s, in the order that completes in-flight requests: gateways
 /// drain (no new requests enter), apps stop (finishing what they serve, calling out through
@@ -538,7 +564,7 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     f.write_all(text.as_bytes())
 }
 
-fn print_table(plan: &Plan, cp: SocketAddr, took: Duration, logs: &std::path::Path) {
+fn print_table(plan: &Plan, cp: SocketAddr, console: Option<SocketAddr>, took: Duration, logs: &std::path::Path) {
     let mut rows = vec![vec![
         "WORKLOAD".to_string(),
         "SERVICES".into(),
@@ -569,6 +595,9 @@ fn print_table(plan: &Plan, cp: SocketAddr, took: Duration, logs: &std::path::Pa
         push_table(&mut out, &rows);
     }
     out.push_str(&format!("\ncontrol plane {cp} (`trellis status`, `trellis proxy-config WORKLOAD`)\n"));
+    if let Some(c) = console {
+        out.push_str(&format!("console http://{c}/ (`trellis dashboard`): graph, traces, metrics, config\n"));
+    }
     out.push_str(&format!("logs in {} (`trellis logs NAME -f`)\n", logs.display()));
     out.push_str(&format!("mesh ready in {} ms; Ctrl-C stops it\n", took.as_millis()));
     println!("\n{out}");

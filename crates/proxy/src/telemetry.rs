@@ -39,7 +39,10 @@ pub struct TelemetryOptions {
     pub export: ExportConfig,
     /// Access logs on unless `Telemetry` says otherwise.
     pub access_log: bool,
-    pub access_log_sink: trellis_telemetry::access_log::Sink,
+    /// Where access-log lines are written, if anywhere (they may only be exported).
+    pub access_log_sink: Option<trellis_telemetry::access_log::Sink>,
+    /// Where access-log lines are exported as OTLP log records, if anywhere.
+    pub access_log_otlp: Option<http::Uri>,
 }
 
 impl Default for TelemetryOptions {
@@ -49,7 +52,8 @@ impl Default for TelemetryOptions {
             formats: Formats::default(),
             export: ExportConfig::default(),
             access_log: false,
-            access_log_sink: trellis_telemetry::access_log::Sink::Stdout,
+            access_log_sink: Some(trellis_telemetry::access_log::Sink::Stdout),
+            access_log_otlp: None,
         }
     }
 }
@@ -622,7 +626,11 @@ pub fn start_sinks(
 ) -> std::io::Result<(Option<SpanSink>, Option<AccessLog>)> {
     let spans =
         opts.export.is_enabled().then(|| SpanSink::start(opts.export.clone(), shared_metrics.spans_dropped.clone()));
-    let log = AccessLog::start(opts.access_log_sink.clone(), shared_metrics.access_log_dropped.clone())?;
+    let log = AccessLog::start(
+        opts.access_log_sink.clone(),
+        opts.access_log_otlp.clone(),
+        shared_metrics.access_log_dropped.clone(),
+    )?;
     Ok((spans, Some(log)))
 }
 

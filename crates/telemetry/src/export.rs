@@ -18,15 +18,16 @@ use crate::trace::{span_hex, trace_hex, Attr, SpanData, SpanKind};
 /// Where spans go.
 #[derive(Clone, Debug, Default)]
 pub struct ExportConfig {
-    /// OTLP/HTTP endpoint, e.g. `http://127.0.0.1:4318/v1/traces`.
-    pub otlp: Option<http::Uri>,
+    /// OTLP/HTTP endpoints, e.g. `http://127.0.0.1:4318/v1/traces` (a team's collector and
+    /// the console's receiver at once).
+    pub otlp: Vec<http::Uri>,
     /// Zipkin v2 endpoint, e.g. `http://127.0.0.1:9411/api/v2/spans`.
     pub zipkin: Option<http::Uri>,
 }
 
 impl ExportConfig {
     pub fn is_enabled(&self) -> bool {
-        self.otlp.is_some() || self.zipkin.is_some()
+        !self.otlp.is_empty() || self.zipkin.is_some()
     }
 }
 
@@ -76,8 +77,11 @@ async fn run(config: ExportConfig, mut rx: mpsc::Receiver<SpanData>, dropped: Co
         }
         let n = batch.len() as u64;
         let mut ok = true;
-        if let Some(uri) = &config.otlp {
-            ok &= post(&client, uri, "application/x-protobuf", encode_otlp(&batch)).await;
+        if !config.otlp.is_empty() {
+            let body = Bytes::from(encode_otlp(&batch));
+            for uri in &config.otlp {
+                ok &= post(&client, uri, "application/x-protobuf", body.clone()).await;
+            }
         }
         if let Some(uri) = &config.zipkin {
             ok &= post(&client, uri, "application/json", encode_zipkin(&batch)).await;
@@ -89,14 +93,14 @@ async fn run(config: ExportConfig, mut rx: mpsc::Receiver<SpanData>, dropped: Co
     }
 }
 
-async fn post(
+pub(crate) async fn post(
     client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
     uri: &http::Uri,
     ctype: &'static str,
-    body: Vec<u8>,
+    body: impl Into<Bytes>,
 ) -> bool {
-    let Ok(req) =
-        http::Request::post(uri.clone()).header(http::header::CONTENT_TYPE, ctype).body(Full::new(Bytes::from(body)))
+    let body: Bytes = body.into();
+    let Ok(req) = http::Request::post(uri.clone()).header(http::header::CONTENT_TYPE, ctype).body(Full::new(body))
     else {
         return false;
     };
@@ -137,6 +141,7 @@ pub fn encode_otlp(spans: &[SpanData]) -> Vec<u8> {
             kind: match s.kind {
                 SpanKind::Server => otlp::span::SpanKind::Server as i32,
                 SpanKind::Client => otlp::span::SpanKind::Client as i32,
+                SpanKind::Internal => otlp::span::SpanKind::Internal as i32,
             },
             start_time_unix_nano: nanos(s.start),
             end_time_unix_nano: nanos(s.end),
@@ -206,12 +211,17 @@ pub fn encode_zipkin(spans: &[SpanData]) -> Vec<u8> {
                 "traceId": trace_hex(&s.trace_id),
                 "id": span_hex(&s.span_id),
                 "name": s.name,
-                "kind": match s.kind { SpanKind::Server => "SERVER", SpanKind::Client => "CLIENT" },
                 "timestamp": start,
                 "duration": (nanos(s.end) / 1000).saturating_sub(start).max(1),
                 "localEndpoint": {"serviceName": &*s.service},
                 "tags": tags,
             });
+            // Zipkin has no kind for an internal span: it is left out.
+            match s.kind {
+                SpanKind::Server => span["kind"] = "SERVER".into(),
+                SpanKind::Client => span["kind"] = "CLIENT".into(),
+                SpanKind::Internal => {}
+            }
             if let Some(p) = &s.parent_id {
                 span["parentId"] = serde_json::Value::String(span_hex(p));
             }

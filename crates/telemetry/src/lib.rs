@@ -21,7 +21,8 @@ pub mod metrics;
 pub mod peer;
 pub mod trace;
 
-/// OTLP trace messages (a wire-compatible subset), generated from `proto/otlp_trace.proto`.
+/// OTLP trace and log messages (a wire-compatible subset), generated from `proto/otlp_trace.proto`
+/// and `proto/otlp_logs.proto`; the console's receiver decodes them too.
 pub mod otlp {
     #![allow(clippy::all, rust_2018_idioms, unreachable_pub)]
     include!(concat!(env!("OUT_DIR"), "/trellis.otlp.v1.rs"));

@@ -117,6 +117,16 @@ pub fn span_hex(s: &SpanId) -> String {
     hex(s)
 }
 
+/// A trace id from its hex form (as in `traceparent`; a 64-bit B3 id is left-padded).
+pub fn parse_trace_hex(s: &str) -> Option<TraceId> {
+    hex_to(s)
+}
+
+/// A span id from its hex form.
+pub fn parse_span_hex(s: &str) -> Option<SpanId> {
+    hex_to(s)
+}
+
 fn header<'a>(h: &'a HeaderMap, n: &HeaderName) -> Option<&'a str> {
     h.get(n).and_then(|v| v.to_str().ok())
 }
@@ -250,6 +260,8 @@ pub fn sample(percent: f64) -> bool {
 pub enum SpanKind {
     Server,
     Client,
+    /// An operation inside a process (an app's own span, as `data_transformation`).
+    Internal,
 }
 
 /// An attribute value.

@@ -71,6 +71,23 @@ pub struct Args {
     /// Outbound CIDRs injected sidecars never capture (comma-separated).
     #[arg(long, value_delimiter = ',')]
     exclude_outbound_cidrs: Vec<String>,
+    /// Serve the console (service graph, traces, golden metrics, config) here; proxies send
+    /// it spans (`--otlp-endpoint http://ADDR/v1/traces`) and access logs
+    /// (`--access-log-otlp-endpoint http://ADDR/v1/logs`), and it reads their metrics.
+    #[arg(long)]
+    console: Option<SocketAddr>,
+    /// The console's bound on stored spans, in MiB.
+    #[arg(long, default_value_t = 64)]
+    console_spans_mib: usize,
+    /// The console's bound on stored access-log lines, in MiB.
+    #[arg(long, default_value_t = 32)]
+    console_logs_mib: usize,
+    /// The console's bound on stored metric samples, in MiB.
+    #[arg(long, default_value_t = 16)]
+    console_metrics_mib: usize,
+    /// How often the console reads every connected proxy's metrics.
+    #[arg(long, default_value = "2s", value_parser = super::parse_duration)]
+    console_scrape_interval: std::time::Duration,
 }
 
 pub fn run(args: Args) -> ExitCode {
@@ -170,6 +187,32 @@ async fn serve(args: Args) -> Result<()> {
             _ = term.recv() => {}
         }
     };
-    trellis_control::serve(store, Some(certificates), listener, shutdown).await?;
+    let service = trellis_control::ControlService::new(store.clone(), Some(certificates));
+    let _console = match args.console {
+        Some(addr) => {
+            let limits = trellis_console::Limits {
+                spans_bytes: args.console_spans_mib << 20,
+                logs_bytes: args.console_logs_mib << 20,
+                metrics_bytes: args.console_metrics_mib << 20,
+                scrape_interval: args.console_scrape_interval,
+                ..Default::default()
+            };
+            let console = trellis_console::Console::new(store.clone(), service.proxies(), &limits);
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (console)"))?;
+            tracing::info!(
+                address = %addr,
+                spans_mib = args.console_spans_mib,
+                logs_mib = args.console_logs_mib,
+                metrics_mib = args.console_metrics_mib,
+                "console serving (http://{addr}/)"
+            );
+            let scraper = console.spawn_scraper();
+            Some((scraper, tokio::spawn(trellis_console::api::serve(console, listener, std::future::pending()))))
+        }
+        None => None,
+    };
+    trellis_control::serve(service, listener, shutdown).await?;
     Ok(())
 }

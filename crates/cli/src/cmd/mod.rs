@@ -53,6 +53,9 @@ enum Command {
     Logs(up::LogsArgs),
     /// Apply config files to the mesh `trellis up` runs, as `kubectl apply -f` (until it stops).
     Apply(up::ApplyArgs),
+    /// Print (or open) the address of the console of the mesh `trellis up` runs: service
+    /// graph, traces, golden metrics and config findings.
+    Dashboard(up::DashboardArgs),
     /// Add the Trellis sidecar to the Pod templates of Kubernetes manifests (as `istioctl
     /// kube-inject`); prints the result.
     Inject(kube::InjectArgs),
@@ -76,6 +79,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::ProxyInit(a) => kube::proxy_init(a),
         Command::Logs(a) => up::logs(a),
         Command::Apply(a) => up::apply(a),
+        Command::Dashboard(a) => up::dashboard(a),
         Command::ExecSupervised(a) => up::exec_supervised(a),
     }
 }

@@ -87,9 +87,9 @@ pub struct Args {
     /// Trace context formats to write: w3c, b3, b3-single, xray (all are read).
     #[arg(long, default_value = "w3c,b3", value_parser = trellis_telemetry::trace::Formats::parse)]
     trace_formats: trellis_telemetry::trace::Formats,
-    /// Export spans over OTLP/HTTP, e.g. http://127.0.0.1:4318/v1/traces.
+    /// Export spans over OTLP/HTTP, e.g. http://127.0.0.1:4318/v1/traces (repeatable).
     #[arg(long)]
-    otlp_endpoint: Option<http::Uri>,
+    otlp_endpoint: Vec<http::Uri>,
     /// Export spans as Zipkin v2 JSON, e.g. http://127.0.0.1:9411/api/v2/spans.
     #[arg(long)]
     zipkin_endpoint: Option<http::Uri>,
@@ -97,6 +97,10 @@ pub struct Args {
     /// on or off.
     #[arg(long)]
     access_log: Option<String>,
+    /// Also export access-log lines as OTLP log records over OTLP/HTTP, e.g.
+    /// http://127.0.0.1:4318/v1/logs (turns access logs on, as --access-log does).
+    #[arg(long)]
+    access_log_otlp_endpoint: Option<http::Uri>,
     /// File holding the bootstrap token that proves this workload's identity to the control
     /// plane (default: $TRELLIS_BOOTSTRAP_TOKEN). With one, the proxy gets a certificate and
     /// speaks mesh mTLS. Re-read at every certificate request (a projected token rotates).
@@ -334,8 +338,13 @@ async fn serve(args: Args) -> Result<()> {
             otlp: args.otlp_endpoint.clone(),
             zipkin: args.zipkin_endpoint.clone(),
         },
-        access_log: args.access_log.is_some(),
-        access_log_sink: trellis_telemetry::access_log::Sink::parse(args.access_log.as_deref().unwrap_or("stdout")),
+        access_log: args.access_log.is_some() || args.access_log_otlp_endpoint.is_some(),
+        access_log_sink: match (&args.access_log, &args.access_log_otlp_endpoint) {
+            (Some(s), _) => Some(trellis_telemetry::access_log::Sink::parse(s)),
+            (None, Some(_)) => None,
+            (None, None) => Some(trellis_telemetry::access_log::Sink::Stdout),
+        },
+        access_log_otlp: args.access_log_otlp_endpoint.clone(),
     };
     // An identity (mesh mTLS) when a bootstrap token proves one to the control plane.
     let token = match &args.token_file {
@@ -384,6 +393,12 @@ async fn serve(args: Args) -> Result<()> {
             .await
             .with_context(|| format!("cannot bind admin address {}", args.admin))?;
         proxy.shared().update_status(|s| s.source = "control-plane".into());
+        // An admin port the kernel chose (`--admin 127.0.0.1:0`): tell the control plane the
+        // one bound, so `trellis status` and the console reach it.
+        let mut spec = spec;
+        if let Some(a) = spec.admin.as_mut().filter(|a| a.port() == 0) {
+            a.set_port(admin.port());
+        }
         tracing::info!(admin = %admin, control_plane = %cp, proxy = %trellis_proxy::control_client::proxy_id(&spec), "proxy started; waiting for config");
         tokio::spawn(trellis_proxy::control_client::run(proxy.clone(), cp.clone(), spec, stream_token));
     } else {

@@ -29,6 +29,13 @@ pub struct Args {
     /// Lifetime of workload certificates (rotated at ~80%).
     #[arg(long, default_value = "24h", value_parser = super::parse_duration)]
     cert_ttl: std::time::Duration,
+    /// Where the console listens (graph, traces, metrics, config; `trellis dashboard`).
+    /// Default: 127.0.0.1:15014 with the default control plane, else a free port.
+    #[arg(long)]
+    console: Option<SocketAddr>,
+    /// Run without the console (proxies then export spans and access logs only where told).
+    #[arg(long, conflicts_with = "console")]
+    no_console: bool,
     /// Export every proxy's spans over OTLP/HTTP, e.g. http://127.0.0.1:4318/v1/traces.
     #[arg(long)]
     otlp_endpoint: Option<String>,
@@ -45,6 +52,9 @@ pub struct Args {
     verbose: bool,
 }
 
+/// The console's port beside the default control plane's (15010).
+const DEFAULT_CONSOLE_PORT: u16 = 15014;
+
 fn default_ca_dir() -> PathBuf {
     state::state_base().join("ca")
 }
@@ -57,7 +67,22 @@ pub fn run(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let console = match (args.no_console, args.console) {
+        (true, _) => None,
+        (false, Some(c)) => Some(c),
+        (false, None) if args.control_plane == trellis_control::default_addr() => {
+            Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_CONSOLE_PORT)))
+        }
+        (false, None) => match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                eprintln!("error: cannot find a free port for the console: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let opts = trellis_local::UpOptions {
+        console,
         paths: args.paths,
         recursive: args.recursive,
         control_plane: args.control_plane,
@@ -183,22 +208,28 @@ pub struct ApplyArgs {
     mesh: Option<PathBuf>,
 }
 
+/// The running mesh (`--mesh`, else the one running) and what `up.json` says of it; `None`
+/// when there is none, having said why.
+fn running_mesh(mesh: Option<&Path>) -> Option<(PathBuf, state::UpInfo)> {
+    match state::pick_mesh(mesh, false) {
+        Ok((d, Some(i))) => Some((d, i)),
+        Ok((d, None)) => {
+            eprintln!("error: the mesh of {} is not running (start it with `trellis up`)", d.display());
+            None
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            None
+        }
+    }
+}
+
 /// `trellis apply -f FILE`: checks the mesh's config with the file applied (refusing on
 /// errors, with file:line), then hands it to the running mesh's control plane and waits until
 /// the control plane serves the new config. Nothing in the config directory is edited; the
 /// change lasts until the mesh stops (apply the original file to undo it).
 pub fn apply(args: ApplyArgs) -> ExitCode {
-    let (dir, info) = match state::pick_mesh(args.mesh.as_deref(), false) {
-        Ok((d, Some(i))) => (d, i),
-        Ok((d, None)) => {
-            eprintln!("error: the mesh of {} is not running (start it with `trellis up`)", d.display());
-            return ExitCode::FAILURE;
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let Some((dir, info)) = running_mesh(args.mesh.as_deref()) else { return ExitCode::FAILURE };
     let applied = state::applied_dir(&dir);
     let mut layers = trellis_config::load::list_files(std::slice::from_ref(&applied), false).unwrap_or_default();
     layers.extend(args.files.iter().cloned());
@@ -299,4 +330,32 @@ pub fn exec_supervised(args: ExecArgs) -> ExitCode {
     let e = std::process::Command::new(program).args(rest).exec();
     eprintln!("error: cannot start {}: {e}", Path::new(program).display());
     ExitCode::from(127)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DashboardArgs {
+    /// The mesh: its config directory or state directory (default: the one running, if one is).
+    #[arg(long)]
+    mesh: Option<PathBuf>,
+    /// Open it in the desktop's browser (xdg-open) as well as printing its address.
+    #[arg(long)]
+    open: bool,
+}
+
+/// `trellis dashboard`: the address of the console of the mesh `trellis up` runs.
+pub fn dashboard(args: DashboardArgs) -> ExitCode {
+    let Some((_, info)) = running_mesh(args.mesh.as_deref()) else { return ExitCode::FAILURE };
+    let Some((port, _)) = info.ports.iter().find(|(_, what)| what == trellis_local::CONSOLE_PORT) else {
+        eprintln!("error: the mesh in {} runs without the console (started with --no-console)", info.dir.display());
+        return ExitCode::FAILURE;
+    };
+    let url = format!("http://127.0.0.1:{port}/");
+    outln!("{url}");
+    if args.open {
+        if let Err(e) = std::process::Command::new("xdg-open").arg(&url).status() {
+            eprintln!("error: cannot open a browser (xdg-open: {e}); open {url} yourself");
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
 }

@@ -11,6 +11,16 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
+/// The reference platform's HTTP calls, caller → callee (Service F only reads Redis).
+pub const REFERENCE_CALLS: [(&str, &str); 6] = [
+    ("service-a", "service-b"),
+    ("service-a", "service-c"),
+    ("service-b", "service-d"),
+    ("service-b", "service-e"),
+    ("service-e", "service-g"),
+    ("service-e", "service-h"),
+];
+
 /// A copy of `examples/<name>` with the gateway on `port`.
 pub fn example(name: &str, port: u16) -> ConfigDir {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(name);

@@ -1,0 +1,292 @@
+//! The console's HTTP server: the page, its JSON API (documented in `docs/console.md`), the
+//! OTLP/HTTP receivers (`POST /v1/traces`, `POST /v1/logs`, protobuf) and the console's own
+//! `/metrics`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+
+use crate::Console;
+
+/// The largest OTLP request accepted (an exporter's batch is far smaller).
+const MAX_BODY: usize = 16 << 20;
+
+type Resp = Response<Full<Bytes>>;
+
+/// Serves the console on `listener` until `shutdown` resolves.
+pub async fn serve(
+    console: Arc<Console>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("console: accept failed: {e}");
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let console = console.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let console = console.clone();
+                async move { Ok::<_, Infallible>(handle(&console, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    r
+}
+
+fn error(status: StatusCode, msg: &str) -> Resp {
+    json_response(status, &json!({ "error": msg }))
+}
+
+fn params(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri().query().map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
+}
+
+async fn handle(console: &Console, req: Request<Incoming>) -> Resp {
+    let path = req.uri().path().to_string();
+    let p = params(&req);
+    let num = |k: &str| p.get(k).and_then(|v| v.parse::<f64>().ok());
+    let text = |k: &str| p.get(k).cloned().unwrap_or_default();
+    match (req.method(), path.as_str()) {
+        (&Method::POST, "/v1/traces") => receive(req, |b| console.spans.receive(b)).await,
+        (&Method::POST, "/v1/logs") => receive(req, |b| console.logs.receive(b)).await,
+        (&Method::GET, "/api/graph") => {
+            json_response(StatusCode::OK, &console.metrics.graph(num("window").unwrap_or(60.0).clamp(5.0, 86400.0)))
+        }
+        (&Method::GET, "/api/services") => json_response(StatusCode::OK, &console.spans.services()),
+        (&Method::GET, "/api/traces") => {
+            let q = crate::traces::Query {
+                service: text("service"),
+                operation: text("operation"),
+                status: text("status"),
+                min_duration_ms: num("min_duration_ms"),
+                start_us: num("start_us").map(|v| v as u64),
+                end_us: num("end_us").map(|v| v as u64),
+                limit: num("limit").map(|v| v as usize),
+                sort: text("sort"),
+            };
+            json_response(StatusCode::OK, &console.spans.search(&q))
+        }
+        (&Method::GET, p) if p.starts_with("/api/traces/") => match console.spans.trace(&p["/api/traces/".len()..]) {
+            Some(t) => json_response(StatusCode::OK, &t),
+            None => error(StatusCode::NOT_FOUND, "no such trace in the store (never received, or evicted)"),
+        },
+        (&Method::GET, "/api/logs") => {
+            let q = crate::logs::Query {
+                trace_id: text("trace_id"),
+                span_id: text("span_id"),
+                limit: num("limit").map(|v| v as usize),
+            };
+            json_response(StatusCode::OK, &console.logs.query(&q))
+        }
+        (&Method::GET, "/api/metrics/targets") => json_response(StatusCode::OK, &console.metrics.targets()),
+        (&Method::GET, "/api/metrics") => {
+            let kind = text("kind");
+            let name = text("name");
+            if name.is_empty() {
+                return error(StatusCode::BAD_REQUEST, "name is required (a service host or a workload name)");
+            }
+            let window = num("window").unwrap_or(900.0).clamp(60.0, 86400.0);
+            json_response(
+                StatusCode::OK,
+                &console.metrics.golden(&kind, &name, &text("namespace"), &text("direction"), window),
+            )
+        }
+        (&Method::GET, "/api/config") => json_response(StatusCode::OK, &config(console)),
+        (&Method::GET, "/api/status") => {
+            let (targets, failing) = console.metrics.scrape_status();
+            json_response(
+                StatusCode::OK,
+                &json!({
+                    "stores": console.usage(),
+                    "scrape": {
+                        "interval_seconds": console.metrics.interval.as_secs_f64(),
+                        "targets": targets,
+                        "failing": failing,
+                    },
+                }),
+            )
+        }
+        (&Method::GET, "/metrics") => own_metrics(console),
+        (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"ok": true})),
+        (&Method::GET, "/") => asset("index.html"),
+        (&Method::GET, p) if p.starts_with("/assets/") => asset(&p["/assets/".len()..]),
+        (&Method::GET, _) => error(StatusCode::NOT_FOUND, "not found"),
+        _ => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+    }
+}
+
+fn asset(path: &str) -> Resp {
+    match crate::assets::get(path) {
+        Some((body, ctype)) => {
+            let mut r = Response::new(Full::new(Bytes::from_static(body)));
+            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ctype));
+            r.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
+            r
+        }
+        None => error(StatusCode::NOT_FOUND, "no such file"),
+    }
+}
+
+/// An OTLP/HTTP export (protobuf): 200 with an empty protobuf response, 400 with the decode
+/// error, 415 for JSON or compressed bodies, which this receiver does not read.
+async fn receive(req: Request<Incoming>, store: impl FnOnce(&[u8]) -> Result<usize, prost::DecodeError>) -> Resp {
+    let ctype = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !ctype.starts_with("application/x-protobuf") {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "send OTLP as application/x-protobuf");
+    }
+    if req.headers().get(header::CONTENT_ENCODING).is_some_and(|v| v != "identity") {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "send OTLP uncompressed");
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string()),
+    };
+    match store(&body) {
+        Ok(_) => {
+            let mut r = Response::new(Full::new(Bytes::new()));
+            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/x-protobuf"));
+            r
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, &format!("not an OTLP export request: {e}")),
+    }
+}
+
+/// The config in force, each proxy's sync state, and the findings.
+fn config(console: &Console) -> Value {
+    let state = console.config.current();
+    let rejection = console.config.rejection();
+    let resources: Vec<Value> = state
+        .resources
+        .iter()
+        .map(|r| {
+            json!({
+                "kind": r.kind.to_string(),
+                "namespace": r.namespace(),
+                "name": r.name(),
+                "file": r.source.file.display().to_string(),
+                "line": r.pos(&[]).line,
+            })
+        })
+        .collect();
+    let findings: Vec<Value> = rejection
+        .iter()
+        .flat_map(|r| &r.findings)
+        .chain(&state.warnings)
+        .map(|f| {
+            json!({
+                "code": f.code.to_string(),
+                "severity": f.severity.to_string(),
+                "message": f.message,
+                "file": f.file.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                "line": f.line,
+                "column": f.column,
+                "resource": f.resource,
+                "field": f.path,
+                "istio_code": f.istio_code,
+            })
+        })
+        .collect();
+    let proxies: Vec<Value> = console
+        .proxies
+        .list()
+        .into_iter()
+        .map(|(id, e)| {
+            let state = if !e.connected {
+                "disconnected"
+            } else if !e.nacked.is_empty() && e.nacked == e.sent {
+                "nacked"
+            } else if !e.sent.is_empty() && e.acked == e.sent {
+                "synced"
+            } else {
+                "pending"
+            };
+            json!({
+                "id": id,
+                "name": e.spec.name,
+                "namespace": e.spec.namespace,
+                "role": format!("{:?}", e.spec.role).to_lowercase(),
+                "state": state,
+                "connected": e.connected,
+                "since_seconds": (e.since.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                "sent": e.sent,
+                "acked": e.acked,
+                "nacked": e.nacked,
+                "nack_reason": e.nack_reason,
+                "nack_source": e.nack_source,
+                "generation": e.generation,
+            })
+        })
+        .collect();
+    json!({
+        "generation": state.generation,
+        "rejected": rejection.map(|r| r.reason),
+        "resources": resources,
+        "proxies": proxies,
+        "findings": findings,
+    })
+}
+
+/// The console's own metrics: each store's size, bound and evictions, and the scrape's state.
+fn own_metrics(console: &Console) -> Resp {
+    use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+    type Labels = Vec<(&'static str, &'static str)>;
+    let mut reg = prometheus_client::registry::Registry::default();
+    let bytes = Family::<Labels, Gauge>::default();
+    let limit = Family::<Labels, Gauge>::default();
+    let items = Family::<Labels, Gauge>::default();
+    let evicted = Family::<Labels, Counter>::default();
+    for u in console.usage() {
+        let l = vec![("store", u.name)];
+        bytes.get_or_create(&l).set(u.bytes as i64);
+        limit.get_or_create(&l).set(u.limit_bytes as i64);
+        items.get_or_create(&l).set(u.items as i64);
+        evicted.get_or_create(&l).inc_by(u.evicted);
+    }
+    let (targets, failing) = console.metrics.scrape_status();
+    let scrape_targets = Gauge::<i64>::default();
+    scrape_targets.set(targets as i64);
+    let scrape_failing = Gauge::<i64>::default();
+    scrape_failing.set(failing as i64);
+    reg.register("trellis_console_store_bytes", "Bytes a console store holds", bytes);
+    reg.register("trellis_console_store_limit_bytes", "The bound of a console store, in bytes", limit);
+    reg.register("trellis_console_store_items", "Spans, log lines or metric samples a console store holds", items);
+    reg.register("trellis_console_store_evicted", "Items dropped to keep a console store within its bound", evicted);
+    reg.register("trellis_console_scrape_targets", "Proxies whose metrics the console reads", scrape_targets);
+    reg.register("trellis_console_scrape_failing", "Proxies whose last metrics read failed", scrape_failing);
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, &reg).is_err() {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed");
+    }
+    let mut r = Response::new(Full::new(Bytes::from(out)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    r
+}

@@ -1,0 +1,149 @@
+//! The Trellis console: a web console served by the control plane, answering "what is wrong,
+//! and where" from the signals the mesh already produces, with nothing else to install.
+//!
+//! - [`traces`]: spans received over OTLP/HTTP (`POST /v1/traces`) into a bounded store;
+//! - [`logs`]: access-log lines received as OTLP log records (`POST /v1/logs`), bounded;
+//! - [`metrics`]: every connected proxy's `istio_*` metrics, read from its admin port at an
+//!   interval into a bounded time-series buffer: the service graph and golden signals;
+//! - [`api`]: the HTTP server: the page (`assets/`, embedded in the binary), its JSON API, the
+//!   OTLP receivers, and the console's own `/metrics` (its stores' sizes and bounds).
+//!
+//! Each store has a bound in bytes, stated at start, shown in the console and exported as
+//! metrics; a full store drops its oldest data, never new data and never a request: proxies
+//! export off their request path, and a console that is slow or gone costs requests nothing.
+#![forbid(unsafe_code)]
+
+pub mod api;
+mod assets;
+pub mod logs;
+pub mod metrics;
+pub mod traces;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use trellis_control::proxies::Proxies;
+use trellis_control::ConfigStore;
+
+/// The stores' bounds and the scrape settings.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub spans_bytes: usize,
+    pub logs_bytes: usize,
+    pub metrics_bytes: usize,
+    /// How often proxies' metrics are read.
+    pub scrape_interval: Duration,
+    /// How long metric samples are kept (within `metrics_bytes`).
+    pub retention: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            spans_bytes: 64 << 20,
+            logs_bytes: 32 << 20,
+            metrics_bytes: 16 << 20,
+            scrape_interval: Duration::from_secs(2),
+            retention: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// What a store holds against its bound.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StoreUsage {
+    pub name: &'static str,
+    pub items: u64,
+    pub bytes: u64,
+    pub limit_bytes: u64,
+    /// Items dropped to stay within the bound, since start.
+    pub evicted: u64,
+}
+
+pub struct Console {
+    pub config: Arc<ConfigStore>,
+    pub proxies: Arc<Proxies>,
+    pub spans: traces::SpanStore,
+    pub logs: logs::LogStore,
+    pub metrics: metrics::MetricsStore,
+}
+
+impl Console {
+    pub fn new(config: Arc<ConfigStore>, proxies: Arc<Proxies>, limits: &Limits) -> Arc<Console> {
+        Arc::new(Console {
+            config,
+            proxies,
+            spans: traces::SpanStore::new(limits.spans_bytes),
+            logs: logs::LogStore::new(limits.logs_bytes),
+            metrics: metrics::MetricsStore::new(limits.metrics_bytes, limits.scrape_interval, limits.retention),
+        })
+    }
+
+    pub fn usage(&self) -> Vec<StoreUsage> {
+        vec![self.spans.usage(), self.logs.usage(), self.metrics.usage()]
+    }
+
+    /// Reads every connected proxy's metrics once per interval, for as long as the task runs.
+    pub fn spawn_scraper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let console = self.clone();
+        tokio::spawn(async move {
+            let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+            let interval = console.metrics.interval;
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let targets: Vec<(Arc<str>, SocketAddr)> = console
+                    .proxies
+                    .list()
+                    .into_iter()
+                    .filter(|(_, e)| e.connected)
+                    .filter_map(|(id, e)| {
+                        let mut admin = e.spec.admin?;
+                        if admin.ip().is_unspecified() {
+                            admin.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                        }
+                        Some((Arc::from(id), admin))
+                    })
+                    .collect();
+                let timeout = interval.min(Duration::from_secs(2));
+                let scraped = futures_util::future::join_all(targets.into_iter().map(|(id, admin)| {
+                    let client = client.clone();
+                    async move { (id, scrape(&client, admin, timeout).await) }
+                }))
+                .await;
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0);
+                console.metrics.record(t, scraped);
+            }
+        })
+    }
+}
+
+async fn scrape(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Empty<bytes::Bytes>,
+    >,
+    admin: SocketAddr,
+    timeout: Duration,
+) -> Result<String, String> {
+    use http_body_util::BodyExt;
+    let req = http::Request::get(format!("http://{admin}/metrics"))
+        .header(http::header::ACCEPT, "text/plain")
+        .body(http_body_util::Empty::new())
+        .map_err(|e| e.to_string())?;
+    let fetch = async {
+        let resp = client.request(req).await.map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("{admin}: {}", resp.status()));
+        }
+        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        String::from_utf8(body.to_vec()).map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(timeout, fetch).await.map_err(|_| format!("{admin}: timed out"))?
+}
