@@ -38,6 +38,7 @@ pub struct UpOptions {
     /// Lifetime of workload certificates.
     pub cert_ttl: Duration,
     /// The console (served by the control plane); every proxy sends it spans and access logs.
+    /// Port 0: a free port of the mesh's block.
     pub console: Option<SocketAddr>,
     /// Span exporters for every proxy.
     pub otlp_endpoint: Option<String>,
@@ -87,7 +88,7 @@ fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Started> {
 }
 
 /// Runs the mesh until Ctrl-C or SIGTERM.
-pub async fn up(opts: UpOptions) -> Result<(), String> {
+pub async fn up(mut opts: UpOptions) -> Result<(), String> {
     let started = Instant::now();
     // Signals first: from here on, Ctrl-C or SIGTERM at any moment stops whatever has started
     // (tokio keeps a signal that arrives before it is awaited).
@@ -111,6 +112,10 @@ pub async fn up(opts: UpOptions) -> Result<(), String> {
     }
     let mut plan =
         Plan::build(&loaded.resources, opts.admin_port_base).map_err(|e| format!("cannot allocate ports: {e}"))?;
+    // The console on port 0: one of the mesh's own block.
+    if let Some(c) = opts.console.as_mut().filter(|c| c.port() == 0) {
+        c.set_port(plan.spare_port().map_err(|e| format!("cannot allocate the console's port: {e}"))?);
+    }
     // Optional workloads whose program is not installed are left out, saying so.
     let trellis_dir = opts.trellis.parent().map(PathBuf::from).unwrap_or_default();
     plan.workloads.retain(|w| {

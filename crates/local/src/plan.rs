@@ -11,11 +11,14 @@ use trellis_config::{Resource, Spec};
 
 /// Hands out ports from one contiguous block that was free when chosen. The block lies below
 /// the kernel's ephemeral range (32768 and up on Linux), so outgoing connections, which draw
-/// from that range, cannot take a port between now and the moment its process binds it; and
-/// one random block per mesh makes two meshes started at once unlikely to pick the same ports.
+/// from that range, cannot take a port between now and the moment its process binds it. Each
+/// mesh holds an advisory lock on its block (a file in the temporary directory, `flock`ed for
+/// as long as the plan lives), so two meshes started at once never pick the same block.
+#[derive(Debug)]
 pub struct Ports {
     next: u16,
     end: u16,
+    _lock: Option<std::fs::File>,
 }
 
 const BLOCK: u16 = 256;
@@ -24,8 +27,14 @@ impl Ports {
     pub fn reserve() -> std::io::Result<Ports> {
         for _ in 0..200 {
             let start = 20_000 + fastrand::u16(0..(12_000 / BLOCK)) * BLOCK;
+            let lock = std::env::temp_dir().join(format!("trellis-ports-{start}.lock"));
+            let lock = match std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock) {
+                Ok(f) if f.try_lock().is_ok() => Some(f),
+                Ok(_) => continue, // another mesh holds this block
+                Err(_) => None,    // no temporary directory to lock in: the bind check alone
+            };
             if (start..start + BLOCK).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
-                return Ok(Ports { next: start, end: start + BLOCK });
+                return Ok(Ports { next: start, end: start + BLOCK, _lock: lock });
             }
         }
         Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "no free block of 256 ports between 20000 and 32000"))
@@ -89,16 +98,23 @@ pub struct GatewayPlan {
 pub struct Plan {
     pub workloads: Vec<WorkloadPlan>,
     pub gateways: Vec<GatewayPlan>,
+    /// The mesh's block of ports (its lock held while the plan lives).
+    block: std::sync::Arc<std::sync::Mutex<Ports>>,
 }
 
 impl Plan {
+    /// One more port from the mesh's block (the console's, when none is given).
+    pub fn spare_port(&self) -> std::io::Result<u16> {
+        self.block.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
     /// Plans the mesh. Admin ports are `admin_base`, `admin_base + 1`, ... (gateways first, then
     /// workloads in config order) so a scrape config stays valid across runs; a port in use, or
     /// `admin_base` 0, falls back to a free one.
     pub fn build(resources: &[Resource], admin_base: u16) -> std::io::Result<Plan> {
         let registry = Registry::build(resources, &[]);
-        let ports = std::cell::RefCell::new(Ports::reserve()?);
-        let free_port = || ports.borrow_mut().take();
+        let ports = std::sync::Arc::new(std::sync::Mutex::new(Ports::reserve()?));
+        let free_port = || ports.lock().unwrap_or_else(|p| p.into_inner()).take();
         let mut next_admin = admin_base;
         let mut admin_port = || -> std::io::Result<u16> {
             if next_admin != 0 {
@@ -189,7 +205,7 @@ impl Plan {
             let admin = gateway_admins.get(gateways.len()).copied().map(Ok).unwrap_or_else(&free_port)?;
             gateways.push(GatewayPlan { name, labels, admin: local(admin), ports, schemes });
         }
-        Ok(Plan { workloads, gateways })
+        Ok(Plan { workloads, gateways, block: ports })
     }
 
     /// WorkloadEntries declaring where each local workload is reachable (its sidecar's inbound

@@ -73,13 +73,8 @@ pub fn run(args: Args) -> ExitCode {
         (false, None) if args.control_plane == trellis_control::default_addr() => {
             Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_CONSOLE_PORT)))
         }
-        (false, None) => match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
-            Ok(a) => Some(a),
-            Err(e) => {
-                eprintln!("error: cannot find a free port for the console: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
+        // A free port of the mesh's own block, chosen with the others.
+        (false, None) => Some(SocketAddr::from(([127, 0, 0, 1], 0))),
     };
     let opts = trellis_local::UpOptions {
         console,
