@@ -4,9 +4,14 @@
 //! gateway for the run's length (5 minutes at 1000 requests per second in the full run), every
 //! proxy tracing at 100% and sending its spans and access-log lines to the console, which reads
 //! every proxy's metrics every 2 s. Every 30 s the harness reads the stores' sizes
-//! (`/api/status`) and the control plane's resident memory. Then the same mesh runs without the
-//! console (`--no-console`) for one more window at the same rate: the latency of the console's
-//! last window beside it is what the console costs requests.
+//! (`/api/status`) and the control plane's resident memory.
+//!
+//! Then what the console costs requests, as paired windows: the same mesh with the console and
+//! without it (`--no-console`) run side by side, idle but for the window being measured, which
+//! alternates between them (with, without; without, with; ...) so drift in the machine falls on
+//! both alike. Each window records the latency and the CPU of every process of its mesh by role
+//! (gateway, sidecars, apps, control plane). The console costs nothing measurable when its
+//! windows' latencies lie within the spread of the windows without it.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -14,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::load::{self, OpenLoop, Target};
-use crate::peers::{free_port, http_get, local, rss_kib};
+use crate::peers::{cpu_ns, free_port, http_get, local, rss_kib};
 
 #[derive(Debug, serde::Serialize)]
 pub struct Sample {
@@ -29,9 +34,123 @@ pub struct Sample {
 pub struct ConsoleRun {
     pub rate: u32,
     pub samples: Vec<Sample>,
-    /// The same rate and window length, the mesh without the console.
-    pub without_console: OpenLoop,
+    /// The paired windows, in the order they ran.
+    pub windows: Vec<Window>,
     pub without_console_rss_mib: f64,
+}
+
+/// One window of the paired comparison.
+#[derive(Debug, serde::Serialize)]
+pub struct Window {
+    pub console: bool,
+    pub load: OpenLoop,
+    /// CPU of the mesh's processes by role over the window, in milliseconds a second.
+    pub cpu_ms_per_s: Vec<(String, f64)>,
+    /// With the console: spans and access-log lines it took in over the window (that every
+    /// request's spans and lines arrived, not only that requests stayed fast)...
+    pub received: Option<(u64, u64)>,
+    /// ...and spans and lines the proxies dropped over the window.
+    pub dropped: Option<u64>,
+}
+
+/// Spans and lines the console has taken in since it started (stored and evicted).
+fn received(console: SocketAddr) -> (u64, u64) {
+    let s = stores(console);
+    let n = |name: &str| s.iter().find(|x| x.0 == name).map(|x| x.3 + x.4).unwrap_or(0);
+    (n("spans"), n("logs"))
+}
+
+/// Spans and access-log lines the mesh's proxies have dropped since they started.
+fn dropped(up: u32) -> u64 {
+    let mut total = 0;
+    for pid in roles(up).into_iter().take(2).flat_map(|(_, p)| p) {
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<&str> = cmdline.split('\0').collect();
+        let Some(admin) = args.windows(2).find(|w| w[0] == "--admin").and_then(|w| w[1].parse::<SocketAddr>().ok())
+        else {
+            continue;
+        };
+        let text = http_get(admin, "/metrics").unwrap_or_default();
+        total += text
+            .lines()
+            .filter(|l| {
+                l.starts_with("trellis_proxy_spans_dropped_total")
+                    || l.starts_with("trellis_proxy_access_log_dropped_total")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64;
+    }
+    total
+}
+
+/// The processes of a running `trellis up` by role (`gateway`, `sidecars`, `apps`,
+/// `control plane`), from its process tree.
+fn roles(up: u32) -> Vec<(String, Vec<u32>)> {
+    let mut out: Vec<(String, Vec<u32>)> =
+        ["gateway", "sidecars", "apps", "control plane"].iter().map(|r| (r.to_string(), Vec::new())).collect();
+    let mut stack = vec![up];
+    while let Some(p) = stack.pop() {
+        let tasks = std::fs::read_dir(format!("/proc/{p}/task")).into_iter().flatten().flatten();
+        for t in tasks {
+            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            stack.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+        }
+        if p == up {
+            continue;
+        }
+        let cmdline = std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        let args: Vec<&str> = cmdline.split('\0').collect();
+        let exe = args.first().and_then(|a| a.rsplit('/').next()).unwrap_or_default();
+        let role = match exe {
+            "trellis-proxy" if args.windows(2).any(|w| w == ["--role", "gateway"]) => 0,
+            "trellis-proxy" => 1,
+            "trellis-demo" => 2,
+            "trellis" if args.get(1) == Some(&"control") => 3,
+            _ => continue,
+        };
+        out[role].1.push(p);
+    }
+    out
+}
+
+/// One measured window against one mesh: its latency and its processes' CPU by role.
+async fn window(mesh: &Mesh, console: bool, rate: u32, length: Duration) -> anyhow::Result<Window> {
+    let target = Target::Http1(format!("http://127.0.0.1:{}/fast", mesh.gateway));
+    let roles = roles(mesh.child.id());
+    // The first second warms the connections and is not counted, in latency or in CPU.
+    let warmup = Duration::from_secs(1);
+    let roles2 = roles.clone();
+    let (up, console_addr) = (mesh.child.id(), mesh.console);
+    let cpu_at = tokio::spawn(async move {
+        tokio::time::sleep(warmup).await;
+        let counts = console_addr.map(|c| (received(c), dropped(up)));
+        (Instant::now(), roles2.iter().map(|(_, p)| cpu_ns(p)).collect::<Vec<_>>(), counts)
+    });
+    let load = load::open_loop(&target, rate, warmup, length).await?;
+    let (t0, cpu0, counts0) = cpu_at.await?;
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu_ms_per_s = roles
+        .iter()
+        .zip(cpu0)
+        .map(|((r, p), c0)| (r.clone(), cpu_ns(p).saturating_sub(c0) as f64 / 1e6 / secs))
+        .collect();
+    // What the last requests sent is still on its way (proxies send every 200 ms): read the
+    // counts once the console's totals stop moving.
+    let (mut received_, mut dropped_) = (None, None);
+    if let (Some(c), Some(((s0, l0), d0))) = (mesh.console, counts0) {
+        let mut last = received(c);
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let now = received(c);
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        received_ = Some((last.0 - s0, last.1 - l0));
+        dropped_ = Some(dropped(up) - d0);
+    }
+    Ok(Window { console, load, cpu_ms_per_s, received: received_, dropped: dropped_ })
 }
 
 struct Mesh {
@@ -39,6 +158,7 @@ struct Mesh {
     _state: tempfile::TempDir,
     _config: tempfile::TempDir,
     gateway: u16,
+    console: Option<SocketAddr>,
 }
 
 impl Drop for Mesh {
@@ -80,7 +200,7 @@ fn up(trellis: &Path, console: Option<SocketAddr>) -> anyhow::Result<Mesh> {
             }
         }
     });
-    let mesh = Mesh { child, _state: state, _config: config, gateway };
+    let mesh = Mesh { child, _state: state, _config: config, gateway, console };
     rx.recv_timeout(Duration::from_secs(60)).map_err(|_| anyhow::anyhow!("trellis up: no `mesh ready` in 60 s"))?;
     Ok(mesh)
 }
@@ -109,7 +229,14 @@ fn stores(console: SocketAddr) -> Vec<(String, u64, u64, u64, u64)> {
         .collect()
 }
 
-pub async fn run(trellis: &Path, rate: u32, total: Duration, window: Duration) -> anyhow::Result<ConsoleRun> {
+pub async fn run(
+    trellis: &Path,
+    rate: u32,
+    total: Duration,
+    sample_every: Duration,
+    pairs: usize,
+    window_len: Duration,
+) -> anyhow::Result<ConsoleRun> {
     let console = local(free_port());
     let mesh = up(trellis, Some(console))?;
     let target = Target::Http1(format!("http://127.0.0.1:{}/fast", mesh.gateway));
@@ -117,7 +244,7 @@ pub async fn run(trellis: &Path, rate: u32, total: Duration, window: Duration) -
     let started = Instant::now();
     let mut samples = Vec::new();
     while started.elapsed() < total {
-        let w = load::open_loop(&target, rate, Duration::ZERO, window).await?;
+        let w = load::open_loop(&target, rate, Duration::ZERO, sample_every).await?;
         let s = Sample {
             at_s: started.elapsed().as_secs_f64(),
             stores: stores(console),
@@ -143,18 +270,28 @@ pub async fn run(trellis: &Path, rate: u32, total: Duration, window: Duration) -
         );
         samples.push(s);
     }
-    drop(mesh);
-    let mesh = up(trellis, None)?;
-    let target = Target::Http1(format!("http://127.0.0.1:{}/fast", mesh.gateway));
-    let cp = control_plane_pid(mesh.child.id());
-    let without_console = load::open_loop(&target, rate, Duration::ZERO, window).await?;
-    let without_console_rss_mib = cp.map(|p| rss_kib(&[p]) as f64 / 1024.0).unwrap_or(0.0);
-    eprintln!(
-        "no console: p50 {:.3} ms p99 {:.3} ms  errors {}  control plane {:.1} MiB",
-        without_console.p50_us as f64 / 1000.0,
-        without_console.p99_us as f64 / 1000.0,
-        without_console.errors,
-        without_console_rss_mib
-    );
-    Ok(ConsoleRun { rate, samples, without_console, without_console_rss_mib })
+    // The paired windows: the mesh without the console beside it, each idle but for the window
+    // being measured, alternating which goes first.
+    let without = up(trellis, None)?;
+    let mut windows = Vec::new();
+    for pair in 0..pairs {
+        let order = if pair % 2 == 0 { [true, false] } else { [false, true] };
+        for console in order {
+            let w = window(if console { &mesh } else { &without }, console, rate, window_len).await?;
+            eprintln!(
+                "{:<10} p50 {:.3} ms p99 {:.3} ms  errors {}  CPU ms/s: {}  received {:?} dropped {:?}",
+                if console { "console" } else { "no console" },
+                w.load.p50_us as f64 / 1000.0,
+                w.load.p99_us as f64 / 1000.0,
+                w.load.errors,
+                w.cpu_ms_per_s.iter().map(|(r, c)| format!("{r} {c:.0}")).collect::<Vec<_>>().join(", "),
+                w.received,
+                w.dropped
+            );
+            windows.push(w);
+        }
+    }
+    let without_console_rss_mib =
+        control_plane_pid(without.child.id()).map(|p| rss_kib(&[p]) as f64 / 1024.0).unwrap_or(0.0);
+    Ok(ConsoleRun { rate, samples, windows, without_console_rss_mib })
 }

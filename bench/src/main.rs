@@ -220,15 +220,21 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
         return profile(&pin, &trellis, args.only.as_deref()).await;
     }
     if args.what == "console" {
-        let (rate, total, window) = if args.quick {
-            (200, Duration::from_secs(20), Duration::from_secs(10))
+        let (rate, mut total, every, pairs, window) = if args.quick {
+            (200, Duration::from_secs(20), Duration::from_secs(10), 1, Duration::from_secs(5))
         } else {
-            (1000, Duration::from_secs(300), Duration::from_secs(30))
+            (1000, Duration::from_secs(300), Duration::from_secs(30), 8, Duration::from_secs(20))
         };
-        let r = console::run(&trellis, rate, total, window).await?;
-        println!("### The console over {} s at {rate} req/s (examples/slow-fast, /fast)\n", total.as_secs());
-        println!("| at s | p50 ms | p99 ms | errors | spans MiB (bound) | logs MiB (bound) | metrics MiB (bound) | evicted spans / lines / samples | control plane MiB |");
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        // `--only cost`: the paired windows alone.
+        if args.only.as_deref() == Some("cost") {
+            total = Duration::ZERO;
+        }
+        let r = console::run(&trellis, rate, total, every, pairs, window).await?;
+        if !r.samples.is_empty() {
+            println!("### The console over {} s at {rate} req/s (examples/slow-fast, /fast)\n", total.as_secs());
+            println!("| at s | p50 ms | p99 ms | errors | spans MiB (bound) | logs MiB (bound) | metrics MiB (bound) | evicted spans / lines / samples | control plane MiB |");
+            println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        }
         for s in &r.samples {
             let store = |n: &str| s.stores.iter().find(|x| x.0 == n).cloned().unwrap_or_default();
             let (sp, lg, mt) = (store("spans"), store("logs"), store("metrics"));
@@ -251,14 +257,51 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
                 s.control_plane_rss_mib
             );
         }
-        let w = &r.without_console;
         println!(
-            "| no console | {:.3} | {:.3} | {} | | | | | {:.1} |",
-            w.p50_us as f64 / 1000.0,
-            w.p99_us as f64 / 1000.0,
-            w.errors,
-            r.without_console_rss_mib
+            "\n### What the console costs requests: {pairs} pairs of {} s windows at {rate} req/s, alternating\n",
+            window.as_secs()
         );
+        let roles: Vec<String> =
+            r.windows.first().map(|w| w.cpu_ms_per_s.iter().map(|c| c.0.clone()).collect()).unwrap_or_default();
+        println!(
+            "| window | console | p50 ms | p99 ms | errors | CPU ms/s: {} | spans / lines received per request | dropped |",
+            roles.join(" / ")
+        );
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+        for (i, w) in r.windows.iter().enumerate() {
+            let per = |n: u64| n as f64 / w.load.requests.max(1) as f64;
+            println!(
+                "| {} | {} | {:.3} | {:.3} | {} | {} | {} | {} |",
+                i + 1,
+                if w.console { "on" } else { "off" },
+                w.load.p50_us as f64 / 1000.0,
+                w.load.p99_us as f64 / 1000.0,
+                w.load.errors,
+                w.cpu_ms_per_s.iter().map(|c| format!("{:.0}", c.1)).collect::<Vec<_>>().join(" / "),
+                w.received.map(|(s, l)| format!("{:.2} / {:.2}", per(s), per(l))).unwrap_or_default(),
+                w.dropped.map(|d| d.to_string()).unwrap_or_default()
+            );
+        }
+        for on in [true, false] {
+            let ws: Vec<_> = r.windows.iter().filter(|w| w.console == on).collect();
+            let mut p50: Vec<f64> = ws.iter().map(|w| w.load.p50_us as f64 / 1000.0).collect();
+            let mut p99: Vec<f64> = ws.iter().map(|w| w.load.p99_us as f64 / 1000.0).collect();
+            let cpu: f64 = ws.iter().map(|w| w.cpu_ms_per_s.iter().map(|c| c.1).sum::<f64>()).sum::<f64>()
+                / ws.len().max(1) as f64;
+            let range = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                (
+                    v.first().copied().unwrap_or(0.0),
+                    v.get(v.len() / 2).copied().unwrap_or(0.0),
+                    v.last().copied().unwrap_or(0.0),
+                )
+            };
+            let ((a, b, c), (d, e, f)) = (range(&mut p50), range(&mut p99));
+            println!(
+                "\nconsole {}: p50 median {b:.3} ms (range {a:.3}-{c:.3}), p99 median {e:.3} ms (range {d:.3}-{f:.3}), mesh CPU {cpu:.0} ms/s",
+                if on { "on" } else { "off" }
+            );
+        }
         std::fs::create_dir_all(&args.out)?;
         let file = args.out.join(format!("{}-console{}.json", today(), if args.quick { "-quick" } else { "" }));
         std::fs::write(&file, serde_json::to_string_pretty(&r)?)?;

@@ -67,14 +67,14 @@ fn params(req: &Request<Incoming>) -> HashMap<String, String> {
     req.uri().query().map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
 }
 
-async fn handle(console: &Console, req: Request<Incoming>) -> Resp {
+async fn handle(console: &Arc<Console>, req: Request<Incoming>) -> Resp {
     let path = req.uri().path().to_string();
     let p = params(&req);
     let num = |k: &str| p.get(k).and_then(|v| v.parse::<f64>().ok());
     let text = |k: &str| p.get(k).cloned().unwrap_or_default();
     match (req.method(), path.as_str()) {
-        (&Method::POST, "/v1/traces") => receive(req, |b| console.spans.receive(b)).await,
-        (&Method::POST, "/v1/logs") => receive(req, |b| console.logs.receive(b)).await,
+        (&Method::POST, "/v1/traces") => receive(console, req, |c, b| c.spans.receive(b)).await,
+        (&Method::POST, "/v1/logs") => receive(console, req, |c, b| c.logs.receive(b)).await,
         (&Method::GET, "/api/graph") => {
             json_response(StatusCode::OK, &console.metrics.graph(num("window").unwrap_or(60.0).clamp(5.0, 86400.0)))
         }
@@ -153,9 +153,14 @@ fn asset(path: &str) -> Resp {
     }
 }
 
-/// An OTLP/HTTP export (protobuf): 200 with an empty protobuf response, 400 with the decode
-/// error, 415 for JSON or compressed bodies, which this receiver does not read.
-async fn receive(req: Request<Incoming>, store: impl FnOnce(&[u8]) -> Result<usize, prost::DecodeError>) -> Resp {
+/// An OTLP/HTTP export (protobuf), stored by the ingest thread before the answer: 200 with an
+/// empty protobuf response, 400 with the decode error, 415 for JSON or compressed bodies, which
+/// this receiver does not read, 503 (retryable, as OTLP says) when the ingest thread is behind.
+async fn receive(
+    console: &Arc<Console>,
+    req: Request<Incoming>,
+    store: impl FnOnce(&Console, &[u8]) -> Result<usize, prost::DecodeError> + Send + 'static,
+) -> Resp {
     let ctype = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !ctype.starts_with("application/x-protobuf") {
         return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "send OTLP as application/x-protobuf");
@@ -167,13 +172,18 @@ async fn receive(req: Request<Incoming>, store: impl FnOnce(&[u8]) -> Result<usi
         Ok(b) => b.to_bytes(),
         Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string()),
     };
-    match store(&body) {
-        Ok(_) => {
+    match console.ingest(body.len(), move |c| store(c, &body)).await {
+        None => {
+            let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "the console is behind; retry later");
+            r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            r
+        }
+        Some(Ok(_)) => {
             let mut r = Response::new(Full::new(Bytes::new()));
             r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/x-protobuf"));
             r
         }
-        Err(e) => error(StatusCode::BAD_REQUEST, &format!("not an OTLP export request: {e}")),
+        Some(Err(e)) => error(StatusCode::BAD_REQUEST, &format!("not an OTLP export request: {e}")),
     }
 }
 

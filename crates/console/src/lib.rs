@@ -67,17 +67,47 @@ pub struct Console {
     pub spans: traces::SpanStore,
     pub logs: logs::LogStore,
     pub metrics: metrics::MetricsStore,
+    /// Where what arrives is decoded and stored: one thread at idle priority, so the console's
+    /// work never takes a CPU from requests (or from the control plane's own) when they share a
+    /// machine ([`trellis_telemetry::idle`]).
+    ingest: trellis_telemetry::idle::Worker,
+    /// Bytes received and waiting for the ingest thread; past [`INGEST_QUEUE_BYTES`] an export
+    /// is refused (503), as a collector that cannot keep up refuses.
+    queued: std::sync::atomic::AtomicUsize,
 }
 
+/// What may wait for the ingest thread, in bytes of OTLP bodies.
+pub const INGEST_QUEUE_BYTES: usize = 32 << 20;
+
 impl Console {
-    pub fn new(config: Arc<ConfigStore>, proxies: Arc<Proxies>, limits: &Limits) -> Arc<Console> {
-        Arc::new(Console {
+    pub fn new(config: Arc<ConfigStore>, proxies: Arc<Proxies>, limits: &Limits) -> std::io::Result<Arc<Console>> {
+        Ok(Arc::new(Console {
             config,
             proxies,
             spans: traces::SpanStore::new(limits.spans_bytes),
             logs: logs::LogStore::new(limits.logs_bytes),
             metrics: metrics::MetricsStore::new(limits.metrics_bytes, limits.scrape_interval, limits.retention),
-        })
+            ingest: trellis_telemetry::idle::Worker::start("console-ingest", 1024)?,
+            queued: Default::default(),
+        }))
+    }
+
+    /// Runs `f` on the ingest thread, holding `bytes` of the queue's budget meanwhile; `None`
+    /// when the budget or the queue is full.
+    pub(crate) async fn ingest<R: Send + 'static>(
+        self: &Arc<Self>,
+        bytes: usize,
+        f: impl FnOnce(&Console) -> R + Send + 'static,
+    ) -> Option<R> {
+        use std::sync::atomic::Ordering;
+        if self.queued.fetch_add(bytes, Ordering::AcqRel) + bytes > INGEST_QUEUE_BYTES && bytes > 0 {
+            self.queued.fetch_sub(bytes, Ordering::AcqRel);
+            return None;
+        }
+        let console = self.clone();
+        let r = self.ingest.run(move || f(&console)).await;
+        self.queued.fetch_sub(bytes, Ordering::AcqRel);
+        r
     }
 
     pub fn usage(&self) -> Vec<StoreUsage> {
@@ -118,7 +148,7 @@ impl Console {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs_f64())
                     .unwrap_or(0.0);
-                console.metrics.record(t, scraped);
+                console.ingest(0, move |c| c.metrics.record(t, scraped)).await;
             }
         })
     }

@@ -27,17 +27,29 @@ pub struct Span {
     pub start_ns: u64,
     pub end_ns: u64,
     pub error: bool,
-    pub attributes: Vec<(String, Value)>,
+    /// The span's attributes as received, an OTLP `KeyValueList` in one heap block: decoded
+    /// only when the span is shown. (Kept decoded, a span's dozen attributes were some thirty
+    /// blocks to allocate on arrival and to free on eviction, thousands of times a second.)
+    pub attributes: Box<[u8]>,
 }
 
 impl Span {
     /// What the span costs the store, as the allocator sees it: itself, and each of its heap
-    /// blocks (name, attribute list, keys and values) at its allocated size.
+    /// blocks (name, attributes) at its allocated size.
     fn bytes(&self) -> usize {
-        std::mem::size_of::<Span>()
-            + heap(self.name.capacity())
-            + heap(self.attributes.capacity() * std::mem::size_of::<(String, Value)>())
-            + self.attributes.iter().map(|(k, v)| heap(k.capacity()) + value_bytes(v)).sum::<usize>()
+        std::mem::size_of::<Span>() + heap(self.name.capacity()) + heap(self.attributes.len())
+    }
+
+    /// The attributes, decoded.
+    pub fn attributes(&self) -> serde_json::Map<String, Value> {
+        otlp::KeyValueList::decode(&self.attributes[..])
+            .map(|l| {
+                l.values
+                    .into_iter()
+                    .map(|kv| (kv.key, kv.value.as_ref().map(any_to_json).unwrap_or(Value::Null)))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -54,15 +66,6 @@ pub(crate) fn heap(n: usize) -> usize {
 
 /// Per trace: its map entry, its place in the eviction order, its span list's own block.
 const TRACE_OVERHEAD: usize = 128;
-
-fn value_bytes(v: &Value) -> usize {
-    match v {
-        Value::String(s) => heap(s.capacity()),
-        Value::Array(a) => a.iter().map(value_bytes).sum::<usize>() + heap(a.capacity() * std::mem::size_of::<Value>()),
-        Value::Object(o) => o.iter().map(|(k, v)| heap(k.capacity()) + value_bytes(v) + 64).sum(),
-        _ => 0,
-    }
-}
 
 struct Trace {
     spans: Vec<Span>,
@@ -132,7 +135,7 @@ impl SpanStore {
     /// Decodes an OTLP `ExportTraceServiceRequest` and stores its spans; returns how many.
     pub fn receive(&self, body: &[u8]) -> Result<usize, prost::DecodeError> {
         let req = otlp::ExportTraceServiceRequest::decode(body)?;
-        let mut n = 0;
+        let mut spans = Vec::new();
         for rs in req.resource_spans {
             let service: Arc<str> = rs
                 .resource
@@ -155,31 +158,26 @@ impl SpanStore {
                         parent: SpanId::try_from(&s.parent_span_id[..]).unwrap_or_default(),
                         kind: kind_name(s.kind),
                         error: s.status.as_ref().is_some_and(|st| st.code == otlp::status::StatusCode::Error as i32),
-                        attributes: s
-                            .attributes
-                            .into_iter()
-                            .map(|kv| {
-                                let v = kv.value.as_ref().map(any_to_json).unwrap_or(Value::Null);
-                                (kv.key, v)
-                            })
-                            .collect(),
+                        attributes: otlp::KeyValueList { values: s.attributes }.encode_to_vec().into_boxed_slice(),
                         name: s.name,
                         service: service.clone(),
                         start_ns: s.start_time_unix_nano,
                         end_ns: s.end_time_unix_nano.max(s.start_time_unix_nano),
                     };
-                    self.insert(trace_id, span);
-                    n += 1;
+                    spans.push((trace_id, span));
                 }
             }
+        }
+        let n = spans.len();
+        let mut g = self.lock();
+        for (trace_id, span) in spans {
+            self.insert(&mut g, trace_id, span);
         }
         Ok(n)
     }
 
-    fn insert(&self, trace_id: TraceId, span: Span) {
+    fn insert(&self, inner: &mut Inner, trace_id: TraceId, span: Span) {
         let bytes = span.bytes();
-        let mut g = self.lock();
-        let inner = &mut *g;
         let ops = inner.operations.entry(span.service.clone()).or_default();
         if ops.len() < MAX_OPERATIONS && !ops.contains(&span.name) {
             ops.insert(span.name.clone());
@@ -269,7 +267,7 @@ impl SpanStore {
             .spans
             .iter()
             .map(|s| {
-                let attributes: serde_json::Map<String, Value> = s.attributes.iter().cloned().collect();
+                let attributes = s.attributes();
                 json!({
                     "span_id": hex(&s.span_id),
                     "parent_span_id": if s.parent == [0; 8] { String::new() } else { hex(&s.parent) },

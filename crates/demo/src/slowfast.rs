@@ -39,13 +39,14 @@ pub async fn frontend() -> std::io::Result<()> {
 pub async fn business_logic() -> std::io::Result<()> {
     let slow = std::env::var("SLOW_SECONDS").ok().and_then(|s| s.parse::<f64>().ok()).unwrap_or(3.0);
     let service = format!("business-logic.{}", std::env::var("TRELLIS_NAMESPACE").unwrap_or_else(|_| "default".into()));
-    let spans =
-        std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").ok().and_then(|e| e.parse::<http::Uri>().ok()).map(|uri| {
-            trellis_telemetry::export::SpanSink::start(
-                trellis_telemetry::export::ExportConfig { otlp: vec![uri], zipkin: None },
-                prometheus_client::metrics::counter::Counter::default(),
-            )
-        });
+    let spans = match std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").ok().and_then(|e| e.parse::<http::Uri>().ok())
+    {
+        Some(uri) => Some(trellis_telemetry::export::SpanSink::start(
+            trellis_telemetry::export::ExportConfig { otlp: vec![uri], zipkin: None },
+            prometheus_client::metrics::counter::Counter::default(),
+        )?),
+        None => None,
+    };
     let service: std::sync::Arc<str> = service.into();
     web::serve("business-logic", web::port(8080), move |req| {
         let (spans, service) = (spans.clone(), service.clone());

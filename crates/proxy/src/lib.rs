@@ -173,6 +173,9 @@ impl Proxy {
         if let Some(log) = &self.shared.access_log {
             log.flush(Duration::from_secs(1)).await;
         }
+        if let Some(spans) = &self.shared.spans {
+            spans.flush(Duration::from_secs(1)).await;
+        }
         left
     }
 }

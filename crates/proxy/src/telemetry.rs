@@ -624,8 +624,10 @@ pub fn start_sinks(
     opts: &TelemetryOptions,
     shared_metrics: &trellis_telemetry::metrics::ProxyMetrics,
 ) -> std::io::Result<(Option<SpanSink>, Option<AccessLog>)> {
-    let spans =
-        opts.export.is_enabled().then(|| SpanSink::start(opts.export.clone(), shared_metrics.spans_dropped.clone()));
+    let spans = match opts.export.is_enabled() {
+        true => Some(SpanSink::start(opts.export.clone(), shared_metrics.spans_dropped.clone())?),
+        false => None,
+    };
     let log = AccessLog::start(
         opts.access_log_sink.clone(),
         opts.access_log_otlp.clone(),

@@ -2,7 +2,8 @@
 //! queue (a full queue drops the line and counts it), to stdout or a file, by a thread that
 //! writes in batches every 50 ms and on shutdown; and, when an endpoint is given, exported as
 //! OTLP log records (`POST /v1/logs`: the line as the body, its trace and span ids as the
-//! record's), as Istio's OpenTelemetry access-log provider does, by a task of its own.
+//! record's), as Istio's OpenTelemetry access-log provider does, by a task of its own on a
+//! thread at idle priority ([`crate::idle`]).
 
 use std::path::PathBuf;
 
@@ -48,7 +49,7 @@ pub struct AccessLog {
 
 impl AccessLog {
     /// Starts the writer thread (writing to `sink`, if any) and, with an `otlp` endpoint, the
-    /// export task (on the current Tokio runtime).
+    /// export task (on a thread of its own at idle priority).
     pub fn start(sink: Option<Sink>, otlp: Option<http::Uri>, dropped: Counter) -> std::io::Result<AccessLog> {
         let (tx, rx) = sync_channel::<Msg>(QUEUE);
         let out: Box<dyn Write + Send> = match &sink {
@@ -56,11 +57,15 @@ impl AccessLog {
             Some(Sink::File(p)) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p)?),
             None => Box::new(std::io::sink()),
         };
-        let export = otlp.map(|uri| {
-            let (etx, erx) = tokio::sync::mpsc::channel(EXPORT_BATCHES);
-            tokio::spawn(export(uri, erx, dropped.clone()));
-            etx
-        });
+        let export = match otlp {
+            Some(uri) => {
+                let (etx, erx) = tokio::sync::mpsc::channel(EXPORT_BATCHES);
+                let d = dropped.clone();
+                crate::idle::spawn("access-log-export", move || export(uri, erx, d))?;
+                Some(etx)
+            }
+            None => None,
+        };
         let d = dropped.clone();
         std::thread::Builder::new().name("access-log".into()).spawn(move || writer(rx, out, export, d))?;
         Ok(AccessLog { tx, dropped })

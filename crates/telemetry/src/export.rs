@@ -1,7 +1,14 @@
 //! Span export, off the request path: spans go into a bounded queue (a full queue drops the
-//! span and counts it), a task sends them in batches over OTLP/HTTP (protobuf) and/or Zipkin v2
+//! span and counts it); a task sends them in batches over OTLP/HTTP (protobuf) and/or Zipkin v2
 //! JSON. A receiver that is down costs requests nothing; its spans are counted as dropped.
+//!
+//! Requests never wake the task: it wakes every 200 ms and takes what queued up, and only a
+//! backlog of a full batch nudges it sooner. (A wake-up per span, at thousands of requests a
+//! second, cost the mesh more CPU than the spans themselves: `bench console`.) The task runs on
+//! a thread of its own at idle priority ([`crate::idle`]): encoding and sending never take a
+//! CPU from requests.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -10,7 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use prometheus_client::metrics::counter::Counter;
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::otlp;
 use crate::trace::{span_hex, trace_hex, Attr, SpanData, SpanKind};
@@ -40,56 +47,108 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct SpanSink {
     tx: mpsc::Sender<SpanData>,
+    /// Wakes the task before its tick: a full batch waiting, or a flush asked for.
+    nudge: Arc<Notify>,
+    flushes: Arc<Mutex<Vec<oneshot::Sender<()>>>>,
     dropped: Counter,
 }
 
 impl SpanSink {
-    /// Starts the export task (on the current Tokio runtime).
-    pub fn start(config: ExportConfig, dropped: Counter) -> SpanSink {
+    /// Starts the export task, on its own thread at idle priority; it ends when the last
+    /// handle is dropped.
+    pub fn start(config: ExportConfig, dropped: Counter) -> std::io::Result<SpanSink> {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(config, rx, dropped.clone()));
-        SpanSink { tx, dropped }
+        let sink = SpanSink { tx, nudge: Arc::default(), flushes: Arc::default(), dropped: dropped.clone() };
+        let (nudge, flushes) = (sink.nudge.clone(), sink.flushes.clone());
+        crate::idle::spawn("span-export", move || run(config, rx, nudge, flushes, dropped))?;
+        Ok(sink)
     }
 
-    /// Queues a span; never waits. A full queue drops it (counted).
+    /// Queues a span; never waits, and wakes nothing unless a full batch is waiting. A full
+    /// queue drops it (counted).
     pub fn submit(&self, span: SpanData) {
         if self.tx.try_send(span).is_err() {
             self.dropped.inc();
+        } else if self.tx.capacity() <= QUEUE - BATCH {
+            self.nudge.notify_one();
+        }
+    }
+
+    /// Sends what is queued now (on shutdown), waiting at most `timeout`.
+    pub async fn flush(&self, timeout: Duration) {
+        let (ack, done) = oneshot::channel();
+        if let Ok(mut f) = self.flushes.lock() {
+            f.push(ack);
+        }
+        self.nudge.notify_one();
+        let _ = tokio::time::timeout(timeout, done).await;
+    }
+}
+
+async fn run(
+    config: ExportConfig,
+    mut rx: mpsc::Receiver<SpanData>,
+    nudge: Arc<Notify>,
+    flushes: Arc<Mutex<Vec<oneshot::Sender<()>>>>,
+    dropped: Counter,
+) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = nudge.notified() => {}
+        }
+        let acks = flushes.lock().map(|mut f| std::mem::take(&mut *f)).unwrap_or_default();
+        let mut closed = false;
+        loop {
+            match rx.try_recv() {
+                Ok(s) => batch.push(s),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+            if batch.len() == BATCH {
+                send(&client, &config, &batch, &dropped).await;
+                batch.clear();
+            }
+        }
+        if !batch.is_empty() {
+            send(&client, &config, &batch, &dropped).await;
+            batch.clear();
+        }
+        for a in acks {
+            let _ = a.send(());
+        }
+        if closed {
+            return;
         }
     }
 }
 
-async fn run(config: ExportConfig, mut rx: mpsc::Receiver<SpanData>, dropped: Counter) {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut batch = Vec::with_capacity(BATCH);
-    loop {
-        let first = match rx.recv().await {
-            Some(s) => s,
-            None => return,
-        };
-        batch.push(first);
-        let deadline = tokio::time::Instant::now() + FLUSH_EVERY;
-        while batch.len() < BATCH {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(s)) => batch.push(s),
-                Ok(None) | Err(_) => break,
-            }
+/// One batch to every endpoint; a batch an endpoint does not take is counted as dropped.
+async fn send(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    config: &ExportConfig,
+    batch: &[SpanData],
+    dropped: &Counter,
+) {
+    let mut ok = true;
+    if !config.otlp.is_empty() {
+        let body = Bytes::from(encode_otlp(batch));
+        for uri in &config.otlp {
+            ok &= post(client, uri, "application/x-protobuf", body.clone()).await;
         }
-        let n = batch.len() as u64;
-        let mut ok = true;
-        if !config.otlp.is_empty() {
-            let body = Bytes::from(encode_otlp(&batch));
-            for uri in &config.otlp {
-                ok &= post(&client, uri, "application/x-protobuf", body.clone()).await;
-            }
-        }
-        if let Some(uri) = &config.zipkin {
-            ok &= post(&client, uri, "application/json", encode_zipkin(&batch)).await;
-        }
-        if !ok {
-            dropped.inc_by(n);
-        }
-        batch.clear();
+    }
+    if let Some(uri) = &config.zipkin {
+        ok &= post(client, uri, "application/json", encode_zipkin(batch)).await;
+    }
+    if !ok {
+        dropped.inc_by(batch.len() as u64);
     }
 }
 

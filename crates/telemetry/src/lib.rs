@@ -17,6 +17,7 @@ pub mod access_log;
 pub mod export;
 pub mod grpc;
 pub mod identity;
+pub mod idle;
 pub mod metrics;
 pub mod peer;
 pub mod trace;

@@ -197,7 +197,8 @@ async fn serve(args: Args) -> Result<()> {
                 scrape_interval: args.console_scrape_interval,
                 ..Default::default()
             };
-            let console = trellis_console::Console::new(store.clone(), service.proxies(), &limits);
+            let console = trellis_console::Console::new(store.clone(), service.proxies(), &limits)
+                .context("cannot start the console's ingest thread")?;
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr} (console)"))?;
