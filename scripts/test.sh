@@ -61,10 +61,14 @@ if ! python3 -c 'import grpc, websockets, opentelemetry.sdk, opentelemetry.propa
     opentelemetry-exporter-otlp-proto-http opentelemetry-propagator-b3
 fi
 
-# The console's browser tests: Debian's Chromium, driven by playwright-core (pinned in
-# crates/cli/tests/console/package-lock.json; npm caches it, so a second run downloads nothing).
-apt_install chromium
-if [ ! -d crates/cli/tests/console/node_modules/playwright-core ]; then
+# The console's browser tests: Debian's Chromium and Firefox ESR (the stock browser, over
+# WebDriver BiDi), driven by playwright-core (pinned in crates/cli/tests/console/package-lock.json
+# to a version whose BiDi commands Firefox ESR implements; npm caches it, so a second run
+# downloads nothing).
+apt_install chromium firefox-esr
+if ! (cd crates/cli/tests/console && node -e '
+  const locked = require("./package-lock.json").packages["node_modules/playwright-core"].version;
+  process.exit(require("./node_modules/playwright-core/package.json").version === locked ? 0 : 1)' 2>/dev/null); then
   log "installing the console tests' browser driver (playwright-core)"
   npm ci --prefix crates/cli/tests/console --no-audit --no-fund --loglevel=error
 fi

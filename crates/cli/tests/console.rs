@@ -1,6 +1,8 @@
-//! The console, through a real browser: headless Chromium (Debian's `chromium`) driven by
-//! `playwright-core` (`tests/console/driver.mjs`, installed by `scripts/test.sh`), against meshes
-//! under load. Screenshots of every view are kept in `target/tmp/console/` as the run's artifacts.
+//! The console, through real browsers: headless Chromium (Debian's `chromium`) and Firefox
+//! (Debian's `firefox-esr`, over WebDriver BiDi) driven by `playwright-core`
+//! (`tests/console/driver.mjs`, installed by `scripts/test.sh`), against meshes under load.
+//! Screenshots of every view are kept in `target/tmp/console/` (Firefox's in
+//! `target/tmp/console/firefox/`) as the run's artifacts.
 
 mod support;
 
@@ -17,29 +19,70 @@ fn driver_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/console")
 }
 
-fn shots_dir() -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("console");
-    std::fs::create_dir_all(&d).expect("screenshots dir");
-    d
+/// A browser the console is tested in: its name for the driver, the variable naming its
+/// executable, the Debian package's executable, and where its screenshots go under
+/// `target/tmp/console/`.
+#[derive(Clone, Copy)]
+enum Browser {
+    Chromium,
+    Firefox,
 }
 
-/// Runs `node driver.mjs SCENARIO` against the console at `console` and returns the JSON it
-/// prints; a scenario that fails (its wait timed out, an assertion in the page failed) fails the
-/// test with the driver's output.
+impl Browser {
+    fn driver_name(self) -> &'static str {
+        match self {
+            Browser::Chromium => "chromium",
+            Browser::Firefox => "firefox",
+        }
+    }
+
+    /// (the driver's variable, the executable): `CHROMIUM` / `FIREFOX` from the environment, or
+    /// the Debian package's path.
+    fn executable(self) -> (&'static str, String) {
+        let (var, default) = match self {
+            Browser::Chromium => ("CHROMIUM", "/usr/bin/chromium"),
+            Browser::Firefox => ("FIREFOX", "/usr/bin/firefox-esr"),
+        };
+        (var, std::env::var(var).unwrap_or_else(|_| default.into()))
+    }
+
+    fn shots_dir(self) -> PathBuf {
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("console");
+        let d = match self {
+            Browser::Chromium => base,
+            Browser::Firefox => base.join("firefox"),
+        };
+        std::fs::create_dir_all(&d).expect("screenshots dir");
+        d
+    }
+}
+
+/// Runs `node driver.mjs SCENARIO` in Chromium against the console at `console` and returns the
+/// JSON it prints; a scenario that fails (its wait timed out, an assertion in the page failed)
+/// fails the test with the driver's output.
 async fn drive(console: SocketAddr, scenario: &str, env: &[(&str, String)]) -> serde_json::Value {
+    drive_in(Browser::Chromium, console, scenario, env).await
+}
+
+/// [`drive`], in the browser given.
+async fn drive_in(browser: Browser, console: SocketAddr, scenario: &str, env: &[(&str, String)]) -> serde_json::Value {
     assert!(
         driver_dir().join("node_modules/playwright-core").is_dir(),
         "playwright-core is not installed in {}: run scripts/test.sh (it runs `npm ci` there)",
         driver_dir().display()
     );
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    assert!(Path::new(&chromium).is_file(), "{chromium} is missing: install Debian's chromium (scripts/test.sh does)");
+    let (var, exe) = browser.executable();
+    assert!(
+        Path::new(&exe).is_file(),
+        "{exe} is missing: set {var}, or install the Debian package (scripts/test.sh does)"
+    );
     let mut cmd = Command::new("node");
     cmd.arg(driver_dir().join("driver.mjs"))
         .arg(scenario)
         .env("CONSOLE_URL", format!("http://{console}"))
-        .env("SHOTS_DIR", shots_dir())
-        .env("CHROMIUM", chromium);
+        .env("SHOTS_DIR", browser.shots_dir())
+        .env("BROWSER", browser.driver_name())
+        .env(var, exe);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -195,6 +238,56 @@ async fn from_the_slow_edge_to_the_slowest_trace_its_longest_span_and_its_log_li
         .find(|s| s["name"] == "data_transformation")
         .unwrap_or_else(|| panic!("no data_transformation span in {trace:#}"));
     assert!(dt["duration_us"].as_u64().unwrap_or(0) >= 2_900_000, "{dt}");
+    drop(up);
+}
+
+/// The same walk in Firefox (Debian's `firefox-esr`, the stock browser over WebDriver BiDi): the
+/// slow edge to its log line in three clicks, then every view, each rendered and screenshotted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_view_and_the_three_clicks_work_in_firefox() {
+    // Screenshots of an earlier run must not stand in for this one's.
+    let _ = std::fs::remove_dir_all(Browser::Firefox.shots_dir());
+    let port = free_port();
+    let console: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let dir = example("slow-fast", port);
+    let up = Up::start_with(dir.path(), port, &["--console", &console.to_string()]).await;
+    let fast = Load::open_loop(&up.url("/fast"), 20, 1200);
+    let slow = Load::open_loop(&up.url("/slow"), 1, 40);
+    slow.wait_received(3, Duration::from_secs(30)).await;
+
+    let r = drive_in(
+        Browser::Firefox,
+        console,
+        "slow",
+        &[
+            ("EDGE_SOURCE", "frontend".into()),
+            ("EDGE_TARGET", "business-logic".into()),
+            ("SPAN_NAME", "data_transformation".into()),
+        ],
+    )
+    .await;
+    println!("{r:#}");
+    assert!(r["browser"].as_str().unwrap_or("").starts_with("firefox "), "driven in Firefox: {r}");
+    assert_eq!(r["clicks"], 3, "three clicks from the edge to the log line");
+    assert!(r["trace_duration_ms"].as_f64().unwrap_or(0.0) >= 3000.0, "the slowest trace is a slow one");
+    let lines = r["log_lines"].as_array().cloned().unwrap_or_default();
+    assert!(lines.iter().any(|l| l["path"] == "/slow"), "the slow request's line is shown: {r:#}");
+
+    let views = drive_in(Browser::Firefox, console, "views", &[]).await;
+    println!("views: {views}");
+    for (what, n) in [("span attributes", "span_attributes"), ("rps points", "rps_points"), ("resources", "resources")]
+    {
+        assert!(views[n].as_u64().unwrap_or(0) > 0, "Firefox shows {what}: {views}");
+    }
+    fast.stop();
+    slow.stop();
+    let (fast, _) = (fast.finish().await, slow.finish().await);
+    assert!(fast.iter().all(|s| s.status == 200), "every request under the console's watch succeeded");
+    for shot in ["slow-1.png", "slow-2.png", "slow-3.png", "traces.png", "trace.png", "metrics.png", "config.png"] {
+        let path = Browser::Firefox.shots_dir().join(shot);
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        assert!(size > 10_000, "{} is a rendered page ({size} bytes)", path.display());
+    }
     drop(up);
 }
 

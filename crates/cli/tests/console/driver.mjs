@@ -1,12 +1,16 @@
 #!/usr/bin/env node
-// Drives headless Chromium through the Trellis console for the end-to-end tests.
+// Drives a headless browser (Chromium, or Firefox over WebDriver BiDi) through the Trellis
+// console for the end-to-end tests.
 //
 //   node driver.mjs <scenario>
 //
 // Environment:
 //   CONSOLE_URL  the console's base URL (default http://127.0.0.1:15014)
 //   SHOTS_DIR    where screenshots go (default $TMPDIR/console-shots)
-//   CHROMIUM     the browser executable (default /usr/bin/chromium)
+//   BROWSER      chromium (default) or firefox
+//   CHROMIUM     Chromium's executable (default /usr/bin/chromium)
+//   FIREFOX      Firefox's executable (default /usr/bin/firefox-esr), driven over WebDriver
+//                BiDi (playwright's "moz-firefox" channel: the stock browser, no patched build)
 //   TIMEOUT_MS   how long a scenario's main wait may take (default per scenario)
 //   and the scenario's own variables (below).
 //
@@ -35,7 +39,7 @@
 // Waits are only on what the page exposes: body[data-ready], elements appearing,
 // and bounded waitForFunction polls. Never a fixed sleep.
 
-import { chromium } from 'playwright-core';
+import { chromium, firefox } from 'playwright-core';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -43,7 +47,9 @@ import path from 'node:path';
 const scenario = process.argv[2] || '';
 const BASE = (process.env.CONSOLE_URL || 'http://127.0.0.1:15014').replace(/\/+$/, '');
 const SHOTS = process.env.SHOTS_DIR || path.join(os.tmpdir(), 'console-shots');
+const BROWSER = process.env.BROWSER || 'chromium';
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+const FIREFOX = process.env.FIREFOX || '/usr/bin/firefox-esr';
 const DEFAULT_TIMEOUT = { graph: 60000, views: 30000, slow: 60000, finding: 10000, proxy: 30000 };
 /** The variables each scenario cannot do without (checked before the browser starts). */
 const REQUIRED_ENV = { graph: ['EXPECT_NODES'], views: [], slow: ['EDGE_SOURCE', 'EDGE_TARGET'], finding: ['EXPECT_FILE', 'EXPECT_PRESENT'], proxy: ['PROXY_NAME', 'EXPECT_STATE'] };
@@ -433,6 +439,15 @@ const scenarios = {
 // Main
 // ---------------------------------------------------------------------------
 
+/** The browser BROWSER names, headless. */
+async function launch() {
+  if (BROWSER === 'chromium') {
+    return chromium.launch({ executablePath: CHROMIUM, args: ['--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu'] });
+  }
+  if (BROWSER === 'firefox') return firefox.launch({ channel: 'moz-firefox', executablePath: FIREFOX });
+  throw new Failure(`BROWSER must be chromium or firefox, not "${BROWSER}"`);
+}
+
 async function main() {
   if (!scenarios[scenario]) {
     console.error(`usage: node driver.mjs <${Object.keys(scenarios).join('|')}>`);
@@ -451,7 +466,7 @@ async function main() {
   let browser;
   let page;
   try {
-    browser = await chromium.launch({ executablePath: CHROMIUM, args: ['--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu'] });
+    browser = await launch();
     const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
     page = await context.newPage();
     page.setDefaultTimeout(STEP_TIMEOUT);
@@ -474,6 +489,7 @@ async function main() {
     const uncaught = consoleErrors.filter((m) => m.startsWith('uncaught: '));
     if (uncaught.length) throw new Failure(`the page threw: ${uncaught[0]}`, { uncaught });
     result.requests = requests;
+    result.browser = `${BROWSER} ${browser.version()}`;
     process.stdout.write(JSON.stringify(result) + '\n');
     return 0;
   } catch (e) {
