@@ -10,8 +10,11 @@
 //! without it (`--no-console`) run side by side, idle but for the window being measured, which
 //! alternates between them (with, without; without, with; ...) so drift in the machine falls on
 //! both alike. Each window records the latency and the CPU of every process of its mesh by role
-//! (gateway, sidecars, apps, control plane). The console costs nothing measurable when its
-//! windows' latencies lie within the spread of the windows without it.
+//! (gateway, sidecars, apps, control plane). Each pair gives one difference (with − without)
+//! at p50, p90 and p99; [`Paired`] sums them up: the median difference, its distribution-free
+//! interval (order statistics of the differences, as the sign test gives them) and the sign
+//! test's p-value. The console costs nothing measurable when that interval holds zero at every
+//! percentile.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -36,7 +39,99 @@ pub struct ConsoleRun {
     pub samples: Vec<Sample>,
     /// The paired windows, in the order they ran.
     pub windows: Vec<Window>,
+    /// The pairs' differences at p50, p90 and p99, summed up.
+    pub paired: Vec<Paired>,
     pub without_console_rss_mib: f64,
+}
+
+/// One percentile's differences over the pairs (with the console − without), in microseconds.
+#[derive(Debug, serde::Serialize)]
+pub struct Paired {
+    pub percentile: &'static str,
+    /// Each pair's difference, in the order the pairs ran.
+    pub differences_us: Vec<i64>,
+    pub median_us: f64,
+    /// The distribution-free interval for the median difference: the k-th smallest and k-th
+    /// largest difference, with k the largest for which the interval's coverage (by the
+    /// binomial distribution, as the sign test) is at least 95%; `None` with fewer than 6 pairs.
+    pub interval_us: Option<(i64, i64)>,
+    pub coverage: Option<f64>,
+    /// Pairs where the console's window was slower / faster (ties left out).
+    pub slower: usize,
+    pub faster: usize,
+    /// The two-sided sign test's p-value for "the console changes this percentile".
+    pub sign_test_p: f64,
+}
+
+/// `C(n, k) / 2^n` summed over k ≤ `upto`: the binomial(n, ½) distribution function.
+fn binomial_cdf(n: usize, upto: usize) -> f64 {
+    let mut term = 0.5f64.powi(n as i32); // C(n, 0) / 2^n
+    let mut sum = 0.0;
+    for k in 0..=upto.min(n) {
+        sum += term;
+        term = term * (n - k) as f64 / (k + 1) as f64;
+    }
+    sum
+}
+
+impl Paired {
+    pub fn new(percentile: &'static str, differences_us: Vec<i64>) -> Paired {
+        let mut d = differences_us.clone();
+        d.sort_unstable();
+        let n = d.len();
+        let median_us = match n {
+            0 => 0.0,
+            _ if n % 2 == 1 => d[n / 2] as f64,
+            _ => (d[n / 2 - 1] + d[n / 2]) as f64 / 2.0,
+        };
+        // [d(k), d(n+1-k)] covers the median with probability 1 − 2·P(B ≤ k−1), B ~ Bin(n, ½).
+        let mut interval = None;
+        for k in (1..=n / 2).rev() {
+            let coverage = 1.0 - 2.0 * binomial_cdf(n, k - 1);
+            if coverage >= 0.95 {
+                interval = Some(((d[k - 1], d[n - k]), coverage));
+                break;
+            }
+        }
+        let slower = d.iter().filter(|x| **x > 0).count();
+        let faster = d.iter().filter(|x| **x < 0).count();
+        let m = slower + faster;
+        let sign_test_p = (2.0 * binomial_cdf(m, slower.min(faster))).min(1.0);
+        Paired {
+            percentile,
+            differences_us,
+            median_us,
+            interval_us: interval.map(|i| i.0),
+            coverage: interval.map(|i| i.1),
+            slower,
+            faster,
+            sign_test_p,
+        }
+    }
+
+    /// Whether the interval holds zero (no difference the pairs can tell from none).
+    pub fn holds_zero(&self) -> bool {
+        self.interval_us.is_some_and(|(lo, hi)| lo <= 0 && hi >= 0)
+    }
+}
+
+/// The pairs' differences at p50, p90 and p99 (windows in the order they ran, two a pair).
+fn paired(windows: &[Window]) -> Vec<Paired> {
+    type Percentile = fn(&OpenLoop) -> u64;
+    let pick: [(&'static str, Percentile); 3] = [("p50", |l| l.p50_us), ("p90", |l| l.p90_us), ("p99", |l| l.p99_us)];
+    pick.iter()
+        .map(|(name, f)| {
+            let diffs = windows
+                .chunks_exact(2)
+                .filter_map(|pair| {
+                    let on = pair.iter().find(|w| w.console)?;
+                    let off = pair.iter().find(|w| !w.console)?;
+                    Some(f(&on.load) as i64 - f(&off.load) as i64)
+                })
+                .collect();
+            Paired::new(name, diffs)
+        })
+        .collect()
 }
 
 /// One window of the paired comparison.
@@ -172,7 +267,10 @@ impl Drop for Mesh {
 }
 
 /// `trellis up` of a copy of `examples/slow-fast` with its gateway on a free port.
-fn up(trellis: &Path, console: Option<SocketAddr>) -> anyhow::Result<Mesh> {
+/// `trellis up examples/slow-fast` with the console at `console`, or without it and with
+/// `extra` arguments (`--without-console-args`: e.g. span export to a closed port, to tell the
+/// proxies' share of the cost from the console's).
+fn up(trellis: &Path, console: Option<SocketAddr>, extra: &[String]) -> anyhow::Result<Mesh> {
     let config = tempfile::tempdir()?;
     let gateway = free_port();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/slow-fast");
@@ -189,6 +287,9 @@ fn up(trellis: &Path, console: Option<SocketAddr>) -> anyhow::Result<Mesh> {
         Some(c) => cmd.args(["--console", &c.to_string()]),
         None => cmd.arg("--no-console"),
     };
+    if console.is_none() {
+        cmd.args(extra);
+    }
     let mut child = cmd.env("XDG_STATE_HOME", state.path()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
     let out = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -236,9 +337,10 @@ pub async fn run(
     sample_every: Duration,
     pairs: usize,
     window_len: Duration,
+    without_args: &[String],
 ) -> anyhow::Result<ConsoleRun> {
     let console = local(free_port());
-    let mesh = up(trellis, Some(console))?;
+    let mesh = up(trellis, Some(console), &[])?;
     let target = Target::Http1(format!("http://127.0.0.1:{}/fast", mesh.gateway));
     let cp = control_plane_pid(mesh.child.id());
     let started = Instant::now();
@@ -272,7 +374,7 @@ pub async fn run(
     }
     // The paired windows: the mesh without the console beside it, each idle but for the window
     // being measured, alternating which goes first.
-    let without = up(trellis, None)?;
+    let without = up(trellis, None, without_args)?;
     let mut windows = Vec::new();
     for pair in 0..pairs {
         let order = if pair % 2 == 0 { [true, false] } else { [false, true] };
@@ -293,5 +395,31 @@ pub async fn run(
     }
     let without_console_rss_mib =
         control_plane_pid(without.child.id()).map(|p| rss_kib(&[p]) as f64 / 1024.0).unwrap_or(0.0);
-    Ok(ConsoleRun { rate, samples, windows, without_console_rss_mib })
+    let paired = paired(&windows);
+    Ok(ConsoleRun { rate, samples, windows, paired, without_console_rss_mib })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sign_test_and_its_interval() {
+        // 8 pairs: the 96.1% interval is the smallest to the largest difference.
+        let p = Paired::new("p99", vec![-8, -9, 173, 190, 176, 161, -175, 306]);
+        assert_eq!(p.interval_us, Some((-175, 306)));
+        assert!((p.coverage.unwrap_or(0.0) - 0.9922).abs() < 0.001, "{p:?}");
+        assert_eq!((p.slower, p.faster), (5, 3));
+        assert!((p.sign_test_p - 0.7266).abs() < 0.001, "{p:?}");
+        assert!(p.holds_zero());
+        // All 8 one way: p = 2/256.
+        let q = Paired::new("p90", vec![93, 1, 112, 123, 89, 138, 10, 150]);
+        assert!((q.sign_test_p - 0.0078).abs() < 0.0001, "{q:?}");
+        assert!(!q.holds_zero());
+        assert_eq!(q.median_us, 102.5);
+        // 16 pairs: k = 4, [d(4), d(13)], coverage 97.9%.
+        let r = Paired::new("p50", (1..=16).collect());
+        assert_eq!(r.interval_us, Some((4, 13)));
+        assert!(Paired::new("p50", vec![1, 2, 3]).interval_us.is_none());
+    }
 }

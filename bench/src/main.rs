@@ -42,6 +42,15 @@ struct Args {
     /// Only scenarios whose name contains this (for investigating one; the direct baseline always runs).
     #[arg(long)]
     only: Option<String>,
+    /// `console`: how many pairs of windows (with and without the console) to run (default 8;
+    /// 1 with --quick).
+    #[arg(long)]
+    pairs: Option<usize>,
+    /// `console`: more `trellis up` arguments for the mesh without the console, e.g.
+    /// `--without-console-args=--otlp-endpoint=http://127.0.0.1:1/v1/traces` (its proxies then
+    /// write and send spans that no one takes: the proxies' share of the console's cost).
+    #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
+    without_console_args: Vec<String>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -220,16 +229,17 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
         return profile(&pin, &trellis, args.only.as_deref()).await;
     }
     if args.what == "console" {
-        let (rate, mut total, every, pairs, window) = if args.quick {
+        let (rate, mut total, every, mut pairs, window) = if args.quick {
             (200, Duration::from_secs(20), Duration::from_secs(10), 1, Duration::from_secs(5))
         } else {
             (1000, Duration::from_secs(300), Duration::from_secs(30), 8, Duration::from_secs(20))
         };
+        pairs = args.pairs.unwrap_or(pairs);
         // `--only cost`: the paired windows alone.
         if args.only.as_deref() == Some("cost") {
             total = Duration::ZERO;
         }
-        let r = console::run(&trellis, rate, total, every, pairs, window).await?;
+        let r = console::run(&trellis, rate, total, every, pairs, window, &args.without_console_args).await?;
         if !r.samples.is_empty() {
             println!("### The console over {} s at {rate} req/s (examples/slow-fast, /fast)\n", total.as_secs());
             println!("| at s | p50 ms | p99 ms | errors | spans MiB (bound) | logs MiB (bound) | metrics MiB (bound) | evicted spans / lines / samples | control plane MiB |");
@@ -302,6 +312,34 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
                 if on { "on" } else { "off" }
             );
         }
+        println!(
+            "\n| paired, with − without | median µs | interval µs (coverage) | slower / faster pairs | sign test p |"
+        );
+        println!("|---|---:|---:|---:|---:|");
+        for p in &r.paired {
+            println!(
+                "| {} | {:+.1} | {} | {} / {} | {:.3} |",
+                p.percentile,
+                p.median_us,
+                match (p.interval_us, p.coverage) {
+                    (Some((lo, hi)), Some(c)) => format!("{lo:+} to {hi:+} ({:.1}%)", c * 100.0),
+                    _ => "too few pairs".into(),
+                },
+                p.slower,
+                p.faster,
+                p.sign_test_p
+            );
+        }
+        println!(
+            "\nthe console's cost to requests: {}",
+            if r.paired.iter().any(|p| p.interval_us.is_none()) {
+                "too few pairs to tell (6 or more give a 95% interval)"
+            } else if r.paired.iter().all(|p| p.holds_zero()) {
+                "not measurable (every interval holds zero)"
+            } else {
+                "measurable (an interval excludes zero)"
+            }
+        );
         std::fs::create_dir_all(&args.out)?;
         let file = args.out.join(format!("{}-console{}.json", today(), if args.quick { "-quick" } else { "" }));
         std::fs::write(&file, serde_json::to_string_pretty(&r)?)?;

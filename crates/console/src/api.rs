@@ -159,7 +159,7 @@ fn asset(path: &str) -> Resp {
 async fn receive(
     console: &Arc<Console>,
     req: Request<Incoming>,
-    store: impl FnOnce(&Console, &[u8]) -> Result<usize, prost::DecodeError> + Send + 'static,
+    store: impl FnOnce(&Console, Bytes) -> Result<usize, prost::DecodeError> + Send + 'static,
 ) -> Resp {
     let ctype = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !ctype.starts_with("application/x-protobuf") {
@@ -172,7 +172,7 @@ async fn receive(
         Ok(b) => b.to_bytes(),
         Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string()),
     };
-    match console.ingest(body.len(), move |c| store(c, &body)).await {
+    match console.ingest(body.len(), move |c| store(c, body)).await {
         None => {
             let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "the console is behind; retry later");
             r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));

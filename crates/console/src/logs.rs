@@ -65,16 +65,18 @@ impl LogStore {
     }
 
     /// Decodes an OTLP `ExportLogsServiceRequest` and stores its records; returns how many.
-    pub fn receive(&self, body: &[u8]) -> Result<usize, prost::DecodeError> {
-        let req = otlp::ExportLogsServiceRequest::decode(body)?;
+    /// Stores the lines of an OTLP logs export request, decoded as `otlp::receive` reads it (ids
+    /// as slices of `body`, attributes skipped: the line is the body).
+    pub fn receive(&self, body: bytes::Bytes) -> Result<usize, prost::DecodeError> {
+        let req = otlp::receive::ExportLogsServiceRequest::decode(body)?;
         let mut n = 0;
         for rl in req.resource_logs {
             for sl in rl.scope_logs {
                 for r in sl.log_records {
-                    let body = match r.body.as_ref().map(crate::traces::any_to_json) {
-                        Some(Value::String(s)) => s,
-                        Some(other) => other.to_string(),
+                    let body = match otlp::AnyValue::decode(r.body)?.value {
                         None => continue,
+                        Some(otlp::any_value::Value::StringValue(s)) => s,
+                        value => crate::traces::any_to_json(&otlp::AnyValue { value }).to_string(),
                     };
                     let time_ns = if r.time_unix_nano != 0 { r.time_unix_nano } else { r.observed_time_unix_nano };
                     self.insert(
@@ -173,7 +175,7 @@ mod tests {
         let body =
             trellis_telemetry::access_log::encode_otlp_logs(vec![line(1), line(2), "{\"path\":\"/other\"}".into()]);
         let store = LogStore::new(usize::MAX);
-        assert_eq!(store.receive(&body).expect("test value"), 3);
+        assert_eq!(store.receive(body.clone().into()).expect("test value"), 3);
         let q = |span: &str| Query { trace_id: hex(&[7; 16]), span_id: span.into(), limit: None };
         assert_eq!(store.query(&q(""))["lines"].as_array().expect("test value").len(), 2);
         let one = store.query(&q(&hex(&[2; 8])));
@@ -183,7 +185,7 @@ mod tests {
 
         let per_line = store.usage().bytes as usize / 3;
         let small = LogStore::new(2 * per_line + 10);
-        small.receive(&body).expect("test value");
+        small.receive(body.clone().into()).expect("test value");
         let u = small.usage();
         assert_eq!((u.items, u.evicted), (2, 1));
         // The trace's first line went; its second is still found.

@@ -133,14 +133,17 @@ impl SpanStore {
     }
 
     /// Decodes an OTLP `ExportTraceServiceRequest` and stores its spans; returns how many.
-    pub fn receive(&self, body: &[u8]) -> Result<usize, prost::DecodeError> {
-        let req = otlp::ExportTraceServiceRequest::decode(body)?;
+    /// Stores the spans of an OTLP export request. Decoded as `otlp::receive` reads it: ids are
+    /// slices of `body`, and each span's attributes are copied as received into its one block,
+    /// not built attribute by attribute.
+    pub fn receive(&self, body: bytes::Bytes) -> Result<usize, prost::DecodeError> {
+        let req = otlp::receive::ExportTraceServiceRequest::decode(body)?;
         let mut spans = Vec::new();
         for rs in req.resource_spans {
-            let service: Arc<str> = rs
-                .resource
+            let resource = otlp::Resource::decode(rs.resource)?;
+            let service: Arc<str> = resource
+                .attributes
                 .iter()
-                .flat_map(|r| &r.attributes)
                 .find(|kv| kv.key == "service.name")
                 .and_then(|kv| kv.value.as_ref())
                 .map(any_to_string)
@@ -158,7 +161,7 @@ impl SpanStore {
                         parent: SpanId::try_from(&s.parent_span_id[..]).unwrap_or_default(),
                         kind: kind_name(s.kind),
                         error: s.status.as_ref().is_some_and(|st| st.code == otlp::status::StatusCode::Error as i32),
-                        attributes: otlp::KeyValueList { values: s.attributes }.encode_to_vec().into_boxed_slice(),
+                        attributes: key_value_list(&s.attributes),
                         name: s.name,
                         service: service.clone(),
                         start_ns: s.start_time_unix_nano,
@@ -338,6 +341,18 @@ pub(crate) fn any_to_json(v: &otlp::AnyValue) -> Value {
     }
 }
 
+/// Encoded `KeyValue`s as one encoded `KeyValueList` (each as its field 1), in one block.
+fn key_value_list(encoded: &[bytes::Bytes]) -> Box<[u8]> {
+    let len: usize = encoded.iter().map(|kv| 1 + prost::length_delimiter_len(kv.len()) + kv.len()).sum();
+    let mut out = Vec::with_capacity(len);
+    for kv in encoded {
+        prost::encoding::encode_key(1, prost::encoding::WireType::LengthDelimited, &mut out);
+        prost::encoding::encode_varint(kv.len() as u64, &mut out);
+        out.extend_from_slice(kv);
+    }
+    out.into_boxed_slice()
+}
+
 fn any_to_string(v: &otlp::AnyValue) -> String {
     match any_to_json(v) {
         Value::String(s) => s,
@@ -390,9 +405,9 @@ mod tests {
     fn traces_are_searched_by_duration_and_evicted_whole_oldest_first() {
         let store = SpanStore::new(usize::MAX);
         store
-            .receive(&export(1, &[(1, 0, "GET /fast", 0, 2_000_000), (2, 1, "GET backend", 100, 1_000_000)]))
+            .receive(export(1, &[(1, 0, "GET /fast", 0, 2_000_000), (2, 1, "GET backend", 100, 1_000_000)]).into())
             .expect("test value");
-        store.receive(&export(2, &[(3, 0, "GET /slow", 10, 3_000_000_010)])).expect("test value");
+        store.receive(export(2, &[(3, 0, "GET /slow", 10, 3_000_000_010)]).into()).expect("test value");
         let r = store.search(&Query { sort: "duration".into(), ..Default::default() });
         assert_eq!(r["total_matched"], 2);
         assert_eq!(r["traces"][0]["root_name"], "GET /slow");
@@ -407,12 +422,83 @@ mod tests {
         let bytes = store.usage().bytes as usize;
         let small = SpanStore::new(bytes - 1);
         small
-            .receive(&export(1, &[(1, 0, "GET /fast", 0, 2_000_000), (2, 1, "GET backend", 100, 1_000_000)]))
+            .receive(export(1, &[(1, 0, "GET /fast", 0, 2_000_000), (2, 1, "GET backend", 100, 1_000_000)]).into())
             .expect("test value");
-        small.receive(&export(2, &[(3, 0, "GET /slow", 10, 3_000_000_010)])).expect("test value");
+        small.receive(export(2, &[(3, 0, "GET /slow", 10, 3_000_000_010)]).into()).expect("test value");
         let u = small.usage();
         assert_eq!((u.items, u.evicted), (1, 2));
         assert!(u.bytes <= u.limit_bytes);
         assert!(small.trace(&hex(&[1; 16])).is_none());
+    }
+
+    #[test]
+    fn attributes_status_and_kind_arrive_as_sent_and_a_bad_name_is_refused() {
+        let kv = |key: &str, value: otlp::any_value::Value| otlp::KeyValue {
+            key: key.into(),
+            value: Some(otlp::AnyValue { value: Some(value) }),
+        };
+        use otlp::any_value::Value as V;
+        let span = otlp::Span {
+            trace_id: vec![9; 16],
+            span_id: vec![1; 8],
+            name: "GET /checkout".into(),
+            kind: otlp::span::SpanKind::Client as i32,
+            start_time_unix_nano: 1_000,
+            end_time_unix_nano: 5_000,
+            attributes: vec![
+                kv("http.request.method", V::StringValue("GET".into())),
+                kv("http.response.status_code", V::IntValue(503)),
+                kv("retried", V::BoolValue(true)),
+                kv("weight", V::DoubleValue(0.25)),
+                kv(
+                    "tags",
+                    V::ArrayValue(otlp::ArrayValue {
+                        values: vec![otlp::AnyValue { value: Some(V::StringValue("a".into())) }],
+                    }),
+                ),
+            ],
+            status: Some(otlp::Status {
+                message: "upstream failed".into(),
+                code: otlp::status::StatusCode::Error as i32,
+            }),
+            ..Default::default()
+        };
+        let request = |span: otlp::Span| {
+            otlp::ExportTraceServiceRequest {
+                resource_spans: vec![otlp::ResourceSpans {
+                    resource: Some(otlp::Resource {
+                        attributes: vec![kv("service.name", V::StringValue("checkout.shop".into()))],
+                        dropped_attributes_count: 0,
+                    }),
+                    scope_spans: vec![otlp::ScopeSpans {
+                        scope: Some(otlp::InstrumentationScope { name: "trellis".into(), ..Default::default() }),
+                        spans: vec![span],
+                        schema_url: "https://opentelemetry.io/schemas/1.21.0".into(),
+                    }],
+                    schema_url: String::new(),
+                }],
+            }
+            .encode_to_vec()
+        };
+        let store = SpanStore::new(usize::MAX);
+        assert_eq!(store.receive(request(span.clone()).into()).expect("test value"), 1);
+        let t = store.trace(&hex(&[9; 16])).expect("test value");
+        let s = &t["spans"][0];
+        assert_eq!(
+            (s["name"].as_str(), s["service"].as_str(), s["kind"].as_str()),
+            (Some("GET /checkout"), Some("checkout.shop"), Some("client"))
+        );
+        assert_eq!((s["error"].as_bool(), s["duration_us"].as_u64()), (Some(true), Some(4)));
+        assert_eq!(
+            s["attributes"],
+            json!({"http.request.method": "GET", "http.response.status_code": 503, "retried": true, "weight": 0.25, "tags": ["a"]})
+        );
+
+        // A name that is not UTF-8 fails the request (a 400), as the full message's decoder does.
+        let mut bad = request(otlp::Span { name: "GET /ch\u{e9}ckout".into(), ..span });
+        let at = bad.windows(3).position(|w| w == "ch\u{e9}".as_bytes()[..3].as_ref()).expect("test value");
+        bad[at + 2] = 0xff;
+        assert!(otlp::ExportTraceServiceRequest::decode(&bad[..]).is_err());
+        assert!(store.receive(bad.into()).is_err());
     }
 }

@@ -17,11 +17,11 @@ use http::HeaderMap;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use trellis_config::filter::Filter;
 use trellis_telemetry::access_log::AccessLog;
-use trellis_telemetry::export::{ExportConfig, SpanSink};
+use trellis_telemetry::export::{EncodedSpan, ExportConfig, SpanSink, SpanWriter};
 use trellis_telemetry::grpc::MessageCounter;
 use trellis_telemetry::identity::ServiceLabels;
 use trellis_telemetry::metrics::{Reporter, RequestHandles, RequestLabels};
-use trellis_telemetry::trace::{self, Attr, Formats, SpanData, SpanId, SpanKind, TraceId};
+use trellis_telemetry::trace::{self, Formats, SpanId, SpanKind, TraceId};
 use trellis_telemetry::Identity;
 
 use crate::http::{Body, BoxError};
@@ -255,7 +255,7 @@ impl RequestRecord {
         let Some(d) = self.details.take() else { return };
         if self.trace.export {
             if let Some(spans) = &self.shared.spans {
-                spans.submit(self.span(&d, elapsed));
+                spans.submit_encoded(self.span(&d, elapsed));
             }
         }
         if self.log {
@@ -268,54 +268,49 @@ impl RequestRecord {
         }
     }
 
-    fn span(&self, d: &Details, elapsed: std::time::Duration) -> SpanData {
+    /// The span, written straight into the buffer the exporter sends (one allocation; the
+    /// attributes are copied from the request's details, not built as strings of their own).
+    fn span(&self, d: &Details, elapsed: std::time::Duration) -> EncodedSpan {
         let peer = match self.reporter {
             Reporter::Source => &self.destination.workload,
             Reporter::Destination => &self.source.workload,
         };
-        let mut attributes: Vec<(&'static str, Attr)> = vec![
-            ("http.request.method", Attr::from(d.method.as_str())),
-            ("url.path", Attr::from(d.path())),
-            ("url.scheme", Attr::from(d.scheme)),
-            ("server.address", Attr::from(d.authority())),
-            ("network.protocol.version", Attr::from(version_str(d.version))),
-            ("http.response.status_code", Attr::Int(i64::from(self.status))),
-            ("response_flags", Attr::from(self.flags)),
-            ("peer.workload", Attr::Str(peer.clone())),
-            ("istio.canonical_service", Attr::Str(self.service.name.clone())),
-            ("istio.namespace", Attr::Str(self.service.namespace.clone())),
-        ];
+        let kind =
+            if self.gateway || self.reporter == Reporter::Destination { SpanKind::Server } else { SpanKind::Client };
+        let mut w = SpanWriter::new(
+            self.span_service.clone(),
+            (self.trace.trace_id, self.trace.span_id, self.trace.parent_id),
+            &[d.method.as_str(), " ", &self.service.name],
+            kind,
+            d.start_time,
+            d.start_time + elapsed,
+        );
+        w.str("http.request.method", d.method.as_str())
+            .str("url.path", d.path())
+            .str("url.scheme", d.scheme)
+            .str("server.address", d.authority())
+            .str("network.protocol.version", version_str(d.version))
+            .int("http.response.status_code", i64::from(self.status))
+            .str("response_flags", self.flags)
+            .str("peer.workload", peer)
+            .str("istio.canonical_service", &self.service.name)
+            .str("istio.namespace", &self.service.namespace);
         if let Some(c) = &self.cluster {
-            attributes.push(("upstream_cluster", Attr::Str(c.clone())));
+            w.str("upstream_cluster", c);
         }
         if let Some(u) = &self.upstream {
-            attributes.push(("upstream.address", Attr::from(u.address.as_str())));
+            w.str("upstream.address", u.address.as_str());
         }
         if let Some(ua) = d.user_agent() {
-            attributes.push(("user_agent.original", Attr::from(ua)));
+            w.str("user_agent.original", ua);
         }
         if let Some(id) = d.request_id() {
-            attributes.push(("guid:x-request-id", Attr::from(id)));
+            w.str("guid:x-request-id", id);
         }
         if let Some(g) = self.grpc_status {
-            attributes.push(("rpc.grpc.status_code", Attr::Int(i64::from(g))));
+            w.int("rpc.grpc.status_code", i64::from(g));
         }
-        SpanData {
-            trace_id: self.trace.trace_id,
-            span_id: self.trace.span_id,
-            parent_id: self.trace.parent_id,
-            name: format!("{} {}", d.method, self.service.name),
-            kind: if self.gateway || self.reporter == Reporter::Destination {
-                SpanKind::Server
-            } else {
-                SpanKind::Client
-            },
-            start: d.start_time,
-            end: d.start_time + elapsed,
-            attributes,
-            error: self.status >= 500 || self.grpc_status.is_some_and(|g| g != 0),
-            service: self.span_service.clone(),
-        }
+        w.finish(self.status >= 500 || self.grpc_status.is_some_and(|g| g != 0))
     }
 
     /// The access-log line: one JSON object, keys in alphabetical order (as it always was), the

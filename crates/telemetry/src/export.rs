@@ -1,6 +1,8 @@
-//! Span export, off the request path: spans go into a bounded queue (a full queue drops the
-//! span and counts it); a task sends them in batches over OTLP/HTTP (protobuf) and/or Zipkin v2
-//! JSON. A receiver that is down costs requests nothing; its spans are counted as dropped.
+//! Span export, off the request path: a span is written where it ends as an OTLP `Span`
+//! message in one buffer ([`SpanWriter`]: no strings built for the exporter to encode and free),
+//! and goes into a bounded queue (a full queue drops the span and counts it); a task sends them
+//! in batches over OTLP/HTTP (protobuf: the buffers copied behind their lengths) and/or Zipkin
+//! v2 JSON. A receiver that is down costs requests nothing; its spans are counted as dropped.
 //!
 //! Requests never wake the task: it wakes every 200 ms and takes what queued up, and only a
 //! backlog of a full batch nudges it sooner. (A wake-up per span, at thousands of requests a
@@ -20,7 +22,7 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::otlp;
-use crate::trace::{span_hex, trace_hex, Attr, SpanData, SpanKind};
+use crate::trace::{span_hex, trace_hex, Attr, SpanData, SpanId, SpanKind, TraceId};
 
 /// Where spans go.
 #[derive(Clone, Debug, Default)]
@@ -46,7 +48,7 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// The request path's handle on the exporter.
 #[derive(Clone)]
 pub struct SpanSink {
-    tx: mpsc::Sender<SpanData>,
+    tx: mpsc::Sender<EncodedSpan>,
     /// Wakes the task before its tick: a full batch waiting, or a flush asked for.
     nudge: Arc<Notify>,
     flushes: Arc<Mutex<Vec<oneshot::Sender<()>>>>,
@@ -67,6 +69,11 @@ impl SpanSink {
     /// Queues a span; never waits, and wakes nothing unless a full batch is waiting. A full
     /// queue drops it (counted).
     pub fn submit(&self, span: SpanData) {
+        self.submit_encoded(EncodedSpan::from(&span));
+    }
+
+    /// [`SpanSink::submit`], for a span written with a [`SpanWriter`].
+    pub fn submit_encoded(&self, span: EncodedSpan) {
         if self.tx.try_send(span).is_err() {
             self.dropped.inc();
         } else if self.tx.capacity() <= QUEUE - BATCH {
@@ -87,7 +94,7 @@ impl SpanSink {
 
 async fn run(
     config: ExportConfig,
-    mut rx: mpsc::Receiver<SpanData>,
+    mut rx: mpsc::Receiver<EncodedSpan>,
     nudge: Arc<Notify>,
     flushes: Arc<Mutex<Vec<oneshot::Sender<()>>>>,
     dropped: Counter,
@@ -134,7 +141,7 @@ async fn run(
 async fn send(
     client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
     config: &ExportConfig,
-    batch: &[SpanData],
+    batch: &[EncodedSpan],
     dropped: &Counter,
 ) {
     let mut ok = true;
@@ -173,119 +180,385 @@ fn nanos(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
-fn any(v: &Attr) -> otlp::AnyValue {
-    use otlp::any_value::Value;
-    otlp::AnyValue {
-        value: Some(match v {
-            Attr::Str(s) => Value::StringValue(s.to_string()),
-            Attr::Int(i) => Value::IntValue(*i),
-        }),
+/// Protobuf wire format, written field by field.
+mod wire {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+
+    pub fn bytes(tag: u32, v: &[u8], out: &mut Vec<u8>) {
+        len_prefix(tag, v.len(), out);
+        out.extend_from_slice(v);
+    }
+
+    /// The key and length of a length-delimited field whose `len` bytes follow.
+    pub fn len_prefix(tag: u32, len: usize, out: &mut Vec<u8>) {
+        encode_key(tag, WireType::LengthDelimited, out);
+        encode_varint(len as u64, out);
+    }
+
+    /// The size of a length-delimited field of `len` bytes (tags below 16: a one-byte key).
+    pub fn len_field(len: usize) -> usize {
+        1 + encoded_len_varint(len as u64) + len
+    }
+
+    pub fn varint(tag: u32, v: u64, out: &mut Vec<u8>) {
+        encode_key(tag, WireType::Varint, out);
+        encode_varint(v, out);
+    }
+
+    pub fn fixed64(tag: u32, v: u64, out: &mut Vec<u8>) {
+        encode_key(tag, WireType::SixtyFourBit, out);
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+
+    pub fn fixed32(tag: u32, v: u32, out: &mut Vec<u8>) {
+        encode_key(tag, WireType::ThirtyTwoBit, out);
+        out.extend_from_slice(&v.to_le_bytes());
     }
 }
 
-fn kv(k: &str, v: &Attr) -> otlp::KeyValue {
-    otlp::KeyValue { key: k.to_string(), value: Some(any(v)) }
+/// A `KeyValue { key = 1, value = 2: AnyValue { string_value = 1 | int_value = 3 } }` as field
+/// `tag` of the message being written to `out`.
+fn write_kv(tag: u32, key: &str, value: &Attr, out: &mut Vec<u8>) {
+    let any = match value {
+        Attr::Str(s) => wire::len_field(s.len()),
+        Attr::Int(i) => 1 + prost::encoding::encoded_len_varint(*i as u64),
+    };
+    wire::len_prefix(tag, wire::len_field(key.len()) + wire::len_field(any), out);
+    wire::bytes(1, key.as_bytes(), out);
+    wire::len_prefix(2, any, out);
+    match value {
+        Attr::Str(s) => wire::bytes(1, s.as_bytes(), out),
+        Attr::Int(i) => wire::varint(3, *i as u64, out),
+    }
 }
 
-/// Encodes spans as an OTLP `ExportTraceServiceRequest`, one resource per reporting service.
-pub fn encode_otlp(spans: &[SpanData]) -> Vec<u8> {
-    let mut by_service: Vec<(&str, Vec<otlp::Span>)> = Vec::new();
-    for s in spans {
-        let span = otlp::Span {
-            trace_id: s.trace_id.to_vec(),
-            span_id: s.span_id.to_vec(),
-            trace_state: String::new(),
-            parent_span_id: s.parent_id.map(|p| p.to_vec()).unwrap_or_default(),
-            name: s.name.clone(),
-            kind: match s.kind {
-                SpanKind::Server => otlp::span::SpanKind::Server as i32,
-                SpanKind::Client => otlp::span::SpanKind::Client as i32,
-                SpanKind::Internal => otlp::span::SpanKind::Internal as i32,
-            },
-            start_time_unix_nano: nanos(s.start),
-            end_time_unix_nano: nanos(s.end),
-            attributes: s.attributes.iter().map(|(k, v)| kv(k, v)).collect(),
-            dropped_attributes_count: 0,
-            status: Some(otlp::Status {
-                message: String::new(),
-                code: if s.error {
-                    otlp::status::StatusCode::Error as i32
-                } else {
-                    otlp::status::StatusCode::Unset as i32
-                },
-            }),
-            flags: 0x100, // SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK, is_remote = 0
+/// One span as an OTLP `Span` message, with the service reporting it.
+#[derive(Clone, Debug)]
+pub struct EncodedSpan {
+    service: Arc<str>,
+    bytes: Vec<u8>,
+}
+
+impl From<&SpanData> for EncodedSpan {
+    fn from(s: &SpanData) -> EncodedSpan {
+        let mut w = SpanWriter::new(
+            s.service.clone(),
+            (s.trace_id, s.span_id, s.parent_id),
+            &[&s.name],
+            s.kind,
+            s.start,
+            s.end,
+        );
+        for (k, v) in &s.attributes {
+            w.attr(k, v);
+        }
+        w.finish(s.error)
+    }
+}
+
+/// Writes a span as an OTLP `Span` message, field by field, into one buffer: what the request
+/// path does when a span ends (one allocation, handed whole to the exporter), instead of
+/// building a dozen strings for the exporter to encode and to free.
+pub struct SpanWriter {
+    service: Arc<str>,
+    buf: Vec<u8>,
+}
+
+impl SpanWriter {
+    /// The span's ids, name (the concatenation of `name`'s parts), kind and times; its
+    /// attributes follow, then [`SpanWriter::finish`].
+    pub fn new(
+        service: Arc<str>,
+        (trace_id, span_id, parent): (TraceId, SpanId, Option<SpanId>),
+        name: &[&str],
+        kind: SpanKind,
+        start: SystemTime,
+        end: SystemTime,
+    ) -> SpanWriter {
+        let mut buf = Vec::with_capacity(512);
+        wire::bytes(1, &trace_id, &mut buf);
+        wire::bytes(2, &span_id, &mut buf);
+        if let Some(p) = parent {
+            wire::bytes(4, &p, &mut buf);
+        }
+        wire::len_prefix(5, name.iter().map(|p| p.len()).sum(), &mut buf);
+        for p in name {
+            buf.extend_from_slice(p.as_bytes());
+        }
+        let kind = match kind {
+            SpanKind::Server => otlp::span::SpanKind::Server,
+            SpanKind::Client => otlp::span::SpanKind::Client,
+            SpanKind::Internal => otlp::span::SpanKind::Internal,
         };
-        match by_service.iter_mut().find(|(svc, _)| *svc == &*s.service) {
-            Some((_, v)) => v.push(span),
-            None => by_service.push((&s.service, vec![span])),
+        wire::varint(6, kind as u64, &mut buf);
+        wire::fixed64(7, nanos(start), &mut buf);
+        wire::fixed64(8, nanos(end), &mut buf);
+        SpanWriter { service, buf }
+    }
+
+    pub fn attr(&mut self, key: &str, value: &Attr) -> &mut Self {
+        write_kv(9, key, value, &mut self.buf);
+        self
+    }
+
+    /// A string attribute (no [`Attr`] built for it).
+    pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
+        wire::len_prefix(9, wire::len_field(key.len()) + wire::len_field(wire::len_field(value.len())), &mut self.buf);
+        wire::bytes(1, key.as_bytes(), &mut self.buf);
+        wire::len_prefix(2, wire::len_field(value.len()), &mut self.buf);
+        wire::bytes(1, value.as_bytes(), &mut self.buf);
+        self
+    }
+
+    pub fn int(&mut self, key: &str, value: i64) -> &mut Self {
+        self.attr(key, &Attr::Int(value))
+    }
+
+    /// The span's status (error or unset) and flags: the span is complete.
+    pub fn finish(mut self, error: bool) -> EncodedSpan {
+        // Status { code = 3 }; unset is the empty message.
+        if error {
+            wire::len_prefix(15, 2, &mut self.buf);
+            wire::varint(3, otlp::status::StatusCode::Error as u64, &mut self.buf);
+        } else {
+            wire::len_prefix(15, 0, &mut self.buf);
+        }
+        wire::fixed32(16, 0x100, &mut self.buf); // SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK, is_remote = 0
+        EncodedSpan { service: self.service, bytes: self.buf }
+    }
+}
+
+/// Spans grouped by the service reporting them, in the order services first appear.
+fn by_service(spans: &[EncodedSpan]) -> Vec<(&str, Vec<&EncodedSpan>)> {
+    let mut groups: Vec<(&str, Vec<&EncodedSpan>)> = Vec::new();
+    for s in spans {
+        match groups.iter_mut().find(|(svc, _)| *svc == &*s.service) {
+            Some((_, v)) => v.push(s),
+            None => groups.push((&s.service, vec![s])),
         }
     }
-    let req = otlp::ExportTraceServiceRequest {
-        resource_spans: by_service
-            .into_iter()
-            .map(|(svc, spans)| otlp::ResourceSpans {
-                resource: Some(otlp::Resource {
-                    attributes: vec![
-                        kv("service.name", &Attr::from(svc)),
-                        kv("telemetry.sdk.name", &Attr::from("trellis")),
-                    ],
-                    dropped_attributes_count: 0,
-                }),
-                scope_spans: vec![otlp::ScopeSpans {
-                    scope: Some(otlp::InstrumentationScope {
-                        name: "trellis-proxy".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        ..Default::default()
-                    }),
-                    spans,
-                    schema_url: String::new(),
-                }],
-                schema_url: String::new(),
-            })
-            .collect(),
-    };
-    req.encode_to_vec()
+    groups
 }
 
-/// Encodes spans as a Zipkin v2 JSON array.
-pub fn encode_zipkin(spans: &[SpanData]) -> Vec<u8> {
+/// Encodes spans as an OTLP `ExportTraceServiceRequest`, one resource per reporting service:
+/// each span's buffer is copied behind its length.
+pub fn encode_otlp(spans: &[EncodedSpan]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(spans.iter().map(|s| s.bytes.len() + 4).sum::<usize>() + 256);
+    let mut resource = Vec::with_capacity(128);
+    let mut scope = Vec::with_capacity(64);
+    wire::bytes(1, b"trellis-proxy", &mut scope);
+    wire::bytes(2, env!("CARGO_PKG_VERSION").as_bytes(), &mut scope);
+    for (svc, spans) in by_service(spans) {
+        // Resource { attributes = 1 }
+        resource.clear();
+        write_kv(1, "service.name", &Attr::Str(svc.into()), &mut resource);
+        write_kv(1, "telemetry.sdk.name", &Attr::Str("trellis".into()), &mut resource);
+        // ScopeSpans { scope = 1, spans = 2 }
+        let scope_spans =
+            wire::len_field(scope.len()) + spans.iter().map(|s| wire::len_field(s.bytes.len())).sum::<usize>();
+        // ExportTraceServiceRequest { resource_spans = 1: ResourceSpans { resource = 1, scope_spans = 2 } }
+        wire::len_prefix(1, wire::len_field(resource.len()) + wire::len_field(scope_spans), &mut out);
+        wire::bytes(1, &resource, &mut out);
+        wire::len_prefix(2, scope_spans, &mut out);
+        wire::bytes(1, &scope, &mut out);
+        for s in spans {
+            wire::bytes(2, &s.bytes, &mut out);
+        }
+    }
+    out
+}
+
+/// Encodes spans as a Zipkin v2 JSON array (each span's message decoded again: Zipkin is the
+/// rarer export, and this runs on the exporter's idle thread).
+pub fn encode_zipkin(spans: &[EncodedSpan]) -> Vec<u8> {
+    use otlp::any_value::Value as V;
     let list: Vec<serde_json::Value> = spans
         .iter()
-        .map(|s| {
-            let start = nanos(s.start) / 1000;
+        .filter_map(|e| {
+            let s = otlp::Span::decode(&e.bytes[..]).ok()?;
+            let start = s.start_time_unix_nano / 1000;
+            let error = s.status.as_ref().is_some_and(|st| st.code == otlp::status::StatusCode::Error as i32);
             let tags: serde_json::Map<String, serde_json::Value> = s
                 .attributes
-                .iter()
-                .map(|(k, v)| {
-                    let v = match v {
-                        Attr::Str(s) => s.to_string(),
-                        Attr::Int(i) => i.to_string(),
+                .into_iter()
+                .map(|kv| {
+                    let v = match kv.value.and_then(|v| v.value) {
+                        Some(V::StringValue(s)) => s,
+                        Some(V::IntValue(i)) => i.to_string(),
+                        _ => String::new(),
                     };
-                    (k.to_string(), serde_json::Value::String(v))
+                    (kv.key, serde_json::Value::String(v))
                 })
-                .chain(s.error.then(|| ("error".to_string(), serde_json::Value::String("true".into()))))
+                .chain(error.then(|| ("error".to_string(), serde_json::Value::String("true".into()))))
                 .collect();
             let mut span = serde_json::json!({
-                "traceId": trace_hex(&s.trace_id),
-                "id": span_hex(&s.span_id),
+                "traceId": trace_hex(&TraceId::try_from(&s.trace_id[..]).ok()?),
+                "id": span_hex(&SpanId::try_from(&s.span_id[..]).ok()?),
                 "name": s.name,
                 "timestamp": start,
-                "duration": (nanos(s.end) / 1000).saturating_sub(start).max(1),
-                "localEndpoint": {"serviceName": &*s.service},
+                "duration": (s.end_time_unix_nano / 1000).saturating_sub(start).max(1),
+                "localEndpoint": {"serviceName": &*e.service},
                 "tags": tags,
             });
             // Zipkin has no kind for an internal span: it is left out.
-            match s.kind {
-                SpanKind::Server => span["kind"] = "SERVER".into(),
-                SpanKind::Client => span["kind"] = "CLIENT".into(),
-                SpanKind::Internal => {}
+            match otlp::span::SpanKind::try_from(s.kind) {
+                Ok(otlp::span::SpanKind::Server) => span["kind"] = "SERVER".into(),
+                Ok(otlp::span::SpanKind::Client) => span["kind"] = "CLIENT".into(),
+                _ => {}
             }
-            if let Some(p) = &s.parent_id {
-                span["parentId"] = serde_json::Value::String(span_hex(p));
+            if let Ok(p) = SpanId::try_from(&s.parent_span_id[..]) {
+                span["parentId"] = serde_json::Value::String(span_hex(&p));
             }
-            span
+            Some(span)
         })
         .collect();
     serde_json::to_vec(&list).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same request built as prost's message structs (as this module once did).
+    fn reference(spans: &[SpanData]) -> otlp::ExportTraceServiceRequest {
+        let kv = |k: &str, v: &Attr| otlp::KeyValue {
+            key: k.to_string(),
+            value: Some(otlp::AnyValue {
+                value: Some(match v {
+                    Attr::Str(s) => otlp::any_value::Value::StringValue(s.to_string()),
+                    Attr::Int(i) => otlp::any_value::Value::IntValue(*i),
+                }),
+            }),
+        };
+        let mut by_service: Vec<(&str, Vec<otlp::Span>)> = Vec::new();
+        for s in spans {
+            let span = otlp::Span {
+                trace_id: s.trace_id.to_vec(),
+                span_id: s.span_id.to_vec(),
+                trace_state: String::new(),
+                parent_span_id: s.parent_id.map(|p| p.to_vec()).unwrap_or_default(),
+                name: s.name.clone(),
+                kind: match s.kind {
+                    SpanKind::Server => otlp::span::SpanKind::Server as i32,
+                    SpanKind::Client => otlp::span::SpanKind::Client as i32,
+                    SpanKind::Internal => otlp::span::SpanKind::Internal as i32,
+                },
+                start_time_unix_nano: nanos(s.start),
+                end_time_unix_nano: nanos(s.end),
+                attributes: s.attributes.iter().map(|(k, v)| kv(k, v)).collect(),
+                dropped_attributes_count: 0,
+                status: Some(otlp::Status {
+                    message: String::new(),
+                    code: if s.error { otlp::status::StatusCode::Error as i32 } else { 0 },
+                }),
+                flags: 0x100,
+            };
+            match by_service.iter_mut().find(|(svc, _)| *svc == &*s.service) {
+                Some((_, v)) => v.push(span),
+                None => by_service.push((&s.service, vec![span])),
+            }
+        }
+        otlp::ExportTraceServiceRequest {
+            resource_spans: by_service
+                .into_iter()
+                .map(|(svc, spans)| otlp::ResourceSpans {
+                    resource: Some(otlp::Resource {
+                        attributes: vec![
+                            kv("service.name", &Attr::from(svc)),
+                            kv("telemetry.sdk.name", &Attr::from("trellis")),
+                        ],
+                        dropped_attributes_count: 0,
+                    }),
+                    scope_spans: vec![otlp::ScopeSpans {
+                        scope: Some(otlp::InstrumentationScope {
+                            name: "trellis-proxy".into(),
+                            version: env!("CARGO_PKG_VERSION").into(),
+                            ..Default::default()
+                        }),
+                        spans,
+                        schema_url: String::new(),
+                    }],
+                    schema_url: String::new(),
+                })
+                .collect(),
+        }
+    }
+
+    fn span(id: u8, service: &str, parent: Option<u8>, error: bool, attributes: Vec<(&'static str, Attr)>) -> SpanData {
+        let start = UNIX_EPOCH + Duration::from_micros(1_700_000_000_000_000 + u64::from(id));
+        SpanData {
+            trace_id: [7; 16],
+            span_id: [id; 8],
+            parent_id: parent.map(|p| [p; 8]),
+            name: format!("GET {service}"),
+            kind: if parent.is_some() { SpanKind::Client } else { SpanKind::Server },
+            start,
+            end: start + Duration::from_millis(3),
+            attributes,
+            error,
+            service: service.into(),
+        }
+    }
+
+    #[test]
+    fn written_straight_it_decodes_as_the_message_built_from_structs() {
+        let long = "x".repeat(300); // a length that takes two varint bytes
+        let spans = vec![
+            span(
+                1,
+                "frontend.default",
+                None,
+                false,
+                vec![("http.request.method", "GET".into()), ("http.response.status_code", Attr::Int(200))],
+            ),
+            span(
+                2,
+                "business-logic.default",
+                Some(1),
+                true,
+                vec![("url.path", Attr::from(long.as_str())), ("neg", Attr::Int(-5))],
+            ),
+            span(3, "frontend.default", Some(1), false, vec![]),
+        ];
+        let encoded: Vec<EncodedSpan> = spans.iter().map(EncodedSpan::from).collect();
+        let written = encode_otlp(&encoded);
+        let decoded = otlp::ExportTraceServiceRequest::decode(&written[..]).expect("test value");
+        assert_eq!(decoded, reference(&spans));
+        // Byte for byte what prost writes, too.
+        assert_eq!(written, reference(&spans).encode_to_vec());
+        assert!(encode_otlp(&[]).is_empty());
+
+        // The writer's own string attributes and a name in parts: the same span.
+        let mut w = SpanWriter::new(
+            "frontend.default".into(),
+            ([7; 16], [1; 8], None),
+            &["GET", " ", "frontend.default"],
+            SpanKind::Server,
+            spans[0].start,
+            spans[0].end,
+        );
+        w.str("http.request.method", "GET").int("http.response.status_code", 200);
+        assert_eq!(w.finish(false).bytes, encoded[0].bytes);
+    }
+
+    #[test]
+    fn zipkin_json_from_the_encoded_spans() {
+        let spans = [
+            span(1, "frontend.default", None, false, vec![("http.response.status_code", Attr::Int(200))]),
+            span(2, "business-logic.default", Some(1), true, vec![("url.path", "/slow".into())]),
+        ];
+        let encoded: Vec<EncodedSpan> = spans.iter().map(EncodedSpan::from).collect();
+        let json: serde_json::Value = serde_json::from_slice(&encode_zipkin(&encoded)).expect("test value");
+        assert_eq!(json[0]["traceId"], trace_hex(&[7; 16]));
+        assert_eq!(json[0]["id"], span_hex(&[1; 8]));
+        assert_eq!(json[0]["kind"], "SERVER");
+        assert_eq!(json[0]["name"], "GET frontend.default");
+        assert_eq!(json[0]["duration"], 3000);
+        assert_eq!(json[0]["tags"], serde_json::json!({"http.response.status_code": "200"}));
+        assert!(json[0].get("parentId").is_none());
+        assert_eq!(json[1]["parentId"], span_hex(&[1; 8]));
+        assert_eq!(json[1]["kind"], "CLIENT");
+        assert_eq!(json[1]["localEndpoint"]["serviceName"], "business-logic.default");
+        assert_eq!(json[1]["tags"], serde_json::json!({"url.path": "/slow", "error": "true"}));
+    }
 }

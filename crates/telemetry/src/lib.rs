@@ -23,10 +23,17 @@ pub mod peer;
 pub mod trace;
 
 /// OTLP trace and log messages (a wire-compatible subset), generated from `proto/otlp_trace.proto`
-/// and `proto/otlp_logs.proto`; the console's receiver decodes them too.
+/// and `proto/otlp_logs.proto`.
 pub mod otlp {
     #![allow(clippy::all, rust_2018_idioms, unreachable_pub)]
     include!(concat!(env!("OUT_DIR"), "/trellis.otlp.v1.rs"));
+
+    /// The same requests as a receiver (the console) reads them, building only what it stores
+    /// (`proto/otlp_receive.proto`): decode them from a `bytes::Bytes` body.
+    pub mod receive {
+        #![allow(clippy::all, rust_2018_idioms, unreachable_pub)]
+        include!(concat!(env!("OUT_DIR"), "/trellis.otlp.receive.v1.rs"));
+    }
 }
 
 pub use identity::Identity;

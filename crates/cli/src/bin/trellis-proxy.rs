@@ -5,6 +5,13 @@
 //! sits next to `trellis`.
 #![forbid(unsafe_code)]
 
+/// mimalloc, not glibc's malloc: telemetry's idle-priority threads free what request threads
+/// allocated (spans, log lines, received bodies), and a glibc `free` of another thread's block
+/// takes that thread's arena lock: an idle thread preempted while holding it stalls the requests
+/// behind it. mimalloc frees across threads without a lock (docs/ARCHITECTURE.md, "Memory").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "../cmd/common.rs"]
 mod common;
 #[path = "../cmd/proxy.rs"]
