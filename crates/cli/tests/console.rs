@@ -195,8 +195,17 @@ async fn a_90_10_canary_shows_as_edge_shares() {
     drop(up);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn from_the_slow_edge_to_the_slowest_trace_its_longest_span_and_its_log_line_in_three_clicks() {
+/// `examples/slow-fast` with its console, under load: `/fast` at 20 requests a second and `/slow`
+/// at 1, until three slow requests have come back.
+struct SlowFast {
+    console: SocketAddr,
+    up: Up,
+    fast: Load,
+    slow: Load,
+    _dir: ConfigDir,
+}
+
+async fn slow_fast() -> SlowFast {
     let port = free_port();
     let console: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let dir = example("slow-fast", port);
@@ -204,7 +213,12 @@ async fn from_the_slow_edge_to_the_slowest_trace_its_longest_span_and_its_log_li
     let fast = Load::open_loop(&up.url("/fast"), 20, 1200);
     let slow = Load::open_loop(&up.url("/slow"), 1, 40);
     slow.wait_received(3, Duration::from_secs(30)).await;
+    SlowFast { console, up, fast, slow, _dir: dir }
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_the_slow_edge_to_the_slowest_trace_its_longest_span_and_its_log_line_in_three_clicks() {
+    let SlowFast { console, up, fast, slow, _dir } = slow_fast().await;
     let r = drive(
         console,
         "slow",
@@ -247,14 +261,7 @@ async fn from_the_slow_edge_to_the_slowest_trace_its_longest_span_and_its_log_li
 async fn every_view_and_the_three_clicks_work_in_firefox() {
     // Screenshots of an earlier run must not stand in for this one's.
     let _ = std::fs::remove_dir_all(Browser::Firefox.shots_dir());
-    let port = free_port();
-    let console: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let dir = example("slow-fast", port);
-    let up = Up::start_with(dir.path(), port, &["--console", &console.to_string()]).await;
-    let fast = Load::open_loop(&up.url("/fast"), 20, 1200);
-    let slow = Load::open_loop(&up.url("/slow"), 1, 40);
-    slow.wait_received(3, Duration::from_secs(30)).await;
-
+    let SlowFast { console, up, fast, slow, _dir } = slow_fast().await;
     let r = drive_in(
         Browser::Firefox,
         console,
