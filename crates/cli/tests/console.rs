@@ -216,19 +216,19 @@ async fn slow_fast() -> SlowFast {
     SlowFast { console, up, fast, slow, _dir: dir }
 }
 
+/// The `slow` scenario's variables: frontend → business-logic, down to `data_transformation`.
+fn slow_walk() -> Vec<(&'static str, String)> {
+    vec![
+        ("EDGE_SOURCE", "frontend".into()),
+        ("EDGE_TARGET", "business-logic".into()),
+        ("SPAN_NAME", "data_transformation".into()),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn from_the_slow_edge_to_the_slowest_trace_its_longest_span_and_its_log_line_in_three_clicks() {
     let SlowFast { console, up, fast, slow, _dir } = slow_fast().await;
-    let r = drive(
-        console,
-        "slow",
-        &[
-            ("EDGE_SOURCE", "frontend".into()),
-            ("EDGE_TARGET", "business-logic".into()),
-            ("SPAN_NAME", "data_transformation".into()),
-        ],
-    )
-    .await;
+    let r = drive(console, "slow", &slow_walk()).await;
     fast.stop();
     slow.stop();
     let _ = (fast.finish().await, slow.finish().await);
@@ -262,17 +262,7 @@ async fn every_view_and_the_three_clicks_work_in_firefox() {
     // Screenshots of an earlier run must not stand in for this one's.
     let _ = std::fs::remove_dir_all(Browser::Firefox.shots_dir());
     let SlowFast { console, up, fast, slow, _dir } = slow_fast().await;
-    let r = drive_in(
-        Browser::Firefox,
-        console,
-        "slow",
-        &[
-            ("EDGE_SOURCE", "frontend".into()),
-            ("EDGE_TARGET", "business-logic".into()),
-            ("SPAN_NAME", "data_transformation".into()),
-        ],
-    )
-    .await;
+    let r = drive_in(Browser::Firefox, console, "slow", &slow_walk()).await;
     println!("{r:#}");
     assert!(r["browser"].as_str().unwrap_or("").starts_with("firefox "), "driven in Firefox: {r}");
     assert_eq!(r["clicks"], 3, "three clicks from the edge to the log line");
