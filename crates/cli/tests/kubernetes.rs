@@ -451,7 +451,12 @@ async fn the_mesh_follows_pods_and_istio_resources_applied_with_kubectl() {
     // The same with the Gateway API: an HTTPRoute with weights 9:1, then 0:1.
     cluster.apply_ok(&format!("{GATEWAY_API}---\n{}", http_route(9, 1)));
     let host = [("host", "colors.example")];
-    until("the HTTPRoute to serve", Duration::from_secs(10), || async { get(&url, &host).await.status == 200 }).await;
+    // In force once a blue answer comes: the VirtualService above sends every request to green.
+    until("the HTTPRoute to serve (a blue answer)", Duration::from_secs(10), || async {
+        let r = get(&url, &host).await;
+        r.status == 200 && r.body.trim() == "blue"
+    })
+    .await;
     let mut colors: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..200 {
         let r = get(&url, &host).await;
