@@ -22,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::load::{self, OpenLoop, Target};
-use crate::peers::{cpu_ns, free_port, http_get, local, rss_kib};
+use crate::peers::{cpu_ns, free_port, http_get, local, rss_kib, threads_cpu_ns};
 
 #[derive(Debug, serde::Serialize)]
 pub struct Sample {
@@ -141,6 +141,9 @@ pub struct Window {
     pub load: OpenLoop,
     /// CPU of the mesh's processes by role over the window, in milliseconds a second.
     pub cpu_ms_per_s: Vec<(String, f64)>,
+    /// Of the gateway's and sidecars' CPU, what their telemetry threads took (writing and
+    /// sending exports, at idle priority): the rest is their request threads'.
+    pub proxies_telemetry_threads_ms_per_s: f64,
     /// With the console: spans and access-log lines it took in over the window (that every
     /// request's spans and lines arrived, not only that requests stayed fast)...
     pub received: Option<(u64, u64)>,
@@ -219,11 +222,14 @@ async fn window(mesh: &Mesh, console: bool, rate: u32, length: Duration) -> anyh
     let cpu_at = tokio::spawn(async move {
         tokio::time::sleep(warmup).await;
         let counts = console_addr.map(|c| (received(c), dropped(up)));
-        (Instant::now(), roles2.iter().map(|(_, p)| cpu_ns(p)).collect::<Vec<_>>(), counts)
+        let telemetry = threads_cpu_ns(&proxies(&roles2), is_telemetry_thread);
+        (Instant::now(), roles2.iter().map(|(_, p)| cpu_ns(p)).collect::<Vec<_>>(), counts, telemetry)
     });
     let load = load::open_loop(&target, rate, warmup, length).await?;
-    let (t0, cpu0, counts0) = cpu_at.await?;
+    let (t0, cpu0, counts0, telemetry0) = cpu_at.await?;
     let secs = t0.elapsed().as_secs_f64();
+    let proxies_telemetry_threads_ms_per_s =
+        threads_cpu_ns(&proxies(&roles), is_telemetry_thread).saturating_sub(telemetry0) as f64 / 1e6 / secs;
     let cpu_ms_per_s = roles
         .iter()
         .zip(cpu0)
@@ -245,7 +251,24 @@ async fn window(mesh: &Mesh, console: bool, rate: u32, length: Duration) -> anyh
         received_ = Some((last.0 - s0, last.1 - l0));
         dropped_ = Some(dropped(up) - d0);
     }
-    Ok(Window { console, load, cpu_ms_per_s, received: received_, dropped: dropped_ })
+    Ok(Window {
+        console,
+        load,
+        cpu_ms_per_s,
+        proxies_telemetry_threads_ms_per_s,
+        received: received_,
+        dropped: dropped_,
+    })
+}
+
+/// The gateway's and the sidecars' processes.
+fn proxies(roles: &[(String, Vec<u32>)]) -> Vec<u32> {
+    roles.iter().filter(|(r, _)| r == "gateway" || r == "sidecars").flat_map(|(_, p)| p.iter().copied()).collect()
+}
+
+/// The threads a proxy runs its exporters on (`trellis_telemetry::idle`).
+fn is_telemetry_thread(comm: &str) -> bool {
+    comm == "span-export" || comm == "access-log-expo"
 }
 
 struct Mesh {
@@ -381,12 +404,13 @@ pub async fn run(
         for console in order {
             let w = window(if console { &mesh } else { &without }, console, rate, window_len).await?;
             eprintln!(
-                "{:<10} p50 {:.3} ms p99 {:.3} ms  errors {}  CPU ms/s: {}  received {:?} dropped {:?}",
+                "{:<10} p50 {:.3} ms p99 {:.3} ms  errors {}  CPU ms/s: {} (proxies' telemetry threads {:.1})  received {:?} dropped {:?}",
                 if console { "console" } else { "no console" },
                 w.load.p50_us as f64 / 1000.0,
                 w.load.p99_us as f64 / 1000.0,
                 w.load.errors,
                 w.cpu_ms_per_s.iter().map(|(r, c)| format!("{r} {c:.0}")).collect::<Vec<_>>().join(", "),
+                w.proxies_telemetry_threads_ms_per_s,
                 w.received,
                 w.dropped
             );

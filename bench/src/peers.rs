@@ -417,10 +417,18 @@ pub async fn nginx(pin: &Pinning, bin: &Path, be: Backends, chain: usize) -> any
 
 /// CPU time of processes (all threads), in nanoseconds, from /proc/<pid>/task/*/schedstat.
 pub fn cpu_ns(pids: &[u32]) -> u64 {
+    threads_cpu_ns(pids, |_| true)
+}
+
+/// CPU time (ns) of the processes' threads whose name (`comm`) `which` accepts, summed.
+pub fn threads_cpu_ns(pids: &[u32], which: impl Fn(&str) -> bool) -> u64 {
     let mut total = 0;
     for pid in pids {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
         for t in tasks.flatten() {
+            if !which(std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim_end()) {
+                continue;
+            }
             if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
                 total += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
             }

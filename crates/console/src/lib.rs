@@ -67,9 +67,11 @@ pub struct Console {
     pub spans: traces::SpanStore,
     pub logs: logs::LogStore,
     pub metrics: metrics::MetricsStore,
-    /// Where what arrives is decoded and stored: one thread at idle priority, so the console's
-    /// work never takes a CPU from requests (or from the control plane's own) when they share a
-    /// machine ([`trellis_telemetry::idle`]).
+    /// Where scrapes, and exports arriving on connections served on the control plane's runtime,
+    /// are decoded and stored: one thread at idle priority, so the console's work never takes a
+    /// CPU from requests (or from the control plane's own) when they share a machine
+    /// ([`trellis_telemetry::idle`]). Connections that open with an export are served whole on
+    /// a thread of their own, also at idle priority ([`api::serve`]).
     ingest: trellis_telemetry::idle::Worker,
     /// Bytes received and waiting for the ingest thread; past [`INGEST_QUEUE_BYTES`] an export
     /// is refused (503), as a collector that cannot keep up refuses.
