@@ -22,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::load::{self, OpenLoop, Target};
-use crate::peers::{cpu_ns, free_port, http_get, local, rss_kib, threads_cpu_ns};
+use crate::peers::{cpu_ns, free_port, http_get, local, rss_kib, threads_cpu_ns, threads_schedstat};
 
 #[derive(Debug, serde::Serialize)]
 pub struct Sample {
@@ -144,6 +144,12 @@ pub struct Window {
     /// Of the gateway's and sidecars' CPU, what their telemetry threads took (writing and
     /// sending exports, at idle priority): the rest is their request threads'.
     pub proxies_telemetry_threads_ms_per_s: f64,
+    /// The threads that serve requests (the gateway's, the sidecars' and the apps', but for
+    /// the telemetry threads), per request: the CPU they ran (µs)...
+    pub request_threads_cpu_us: f64,
+    /// ...and the time they were ready to run but waited for a CPU (µs): where a request's
+    /// latency grows when something else holds the CPU it was woken on.
+    pub request_threads_waiting_us: f64,
     /// With the console: spans and access-log lines it took in over the window (that every
     /// request's spans and lines arrived, not only that requests stayed fast)...
     pub received: Option<(u64, u64)>,
@@ -223,27 +229,33 @@ async fn window(mesh: &Mesh, console: bool, rate: u32, length: Duration) -> anyh
         tokio::time::sleep(warmup).await;
         let counts = console_addr.map(|c| (received(c), dropped(up)));
         let telemetry = threads_cpu_ns(&proxies(&roles2), is_telemetry_thread);
-        (Instant::now(), roles2.iter().map(|(_, p)| cpu_ns(p)).collect::<Vec<_>>(), counts, telemetry)
+        let serving = threads_schedstat(&serving(&roles2), |t| !is_telemetry_thread(t));
+        (Instant::now(), roles2.iter().map(|(_, p)| cpu_ns(p)).collect::<Vec<_>>(), counts, telemetry, serving)
     });
     let load = load::open_loop(&target, rate, warmup, length).await?;
-    let (t0, cpu0, counts0, telemetry0) = cpu_at.await?;
+    let (t0, cpu0, counts0, telemetry0, serving0) = cpu_at.await?;
     let secs = t0.elapsed().as_secs_f64();
     let proxies_telemetry_threads_ms_per_s =
         threads_cpu_ns(&proxies(&roles), is_telemetry_thread).saturating_sub(telemetry0) as f64 / 1e6 / secs;
+    let serving1 = threads_schedstat(&serving(&roles), |t| !is_telemetry_thread(t));
+    let per_request = |ns: u64| ns as f64 / 1e3 / load.requests.max(1) as f64;
+    let request_threads_cpu_us = per_request(serving1.0.saturating_sub(serving0.0));
+    let request_threads_waiting_us = per_request(serving1.1.saturating_sub(serving0.1));
     let cpu_ms_per_s = roles
         .iter()
         .zip(cpu0)
         .map(|((r, p), c0)| (r.clone(), cpu_ns(p).saturating_sub(c0) as f64 / 1e6 / secs))
         .collect();
     // What the last requests sent is still on its way (proxies send every 200 ms): read the
-    // counts once the console's totals stop moving.
+    // counts once the console's totals have not moved for over a second.
     let (mut received_, mut dropped_) = (None, None);
     if let (Some(c), Some(((s0, l0), d0))) = (mesh.console, counts0) {
-        let mut last = received(c);
-        for _ in 0..20 {
-            tokio::time::sleep(Duration::from_millis(250)).await;
+        let (mut last, mut still) = (received(c), 0);
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(250)).await; // poll interval of a wait on the console's totals
             let now = received(c);
-            if now == last {
+            still = if now == last { still + 1 } else { 0 };
+            if still == 6 {
                 break;
             }
             last = now;
@@ -256,6 +268,8 @@ async fn window(mesh: &Mesh, console: bool, rate: u32, length: Duration) -> anyh
         load,
         cpu_ms_per_s,
         proxies_telemetry_threads_ms_per_s,
+        request_threads_cpu_us,
+        request_threads_waiting_us,
         received: received_,
         dropped: dropped_,
     })
@@ -264,6 +278,11 @@ async fn window(mesh: &Mesh, console: bool, rate: u32, length: Duration) -> anyh
 /// The gateway's and the sidecars' processes.
 fn proxies(roles: &[(String, Vec<u32>)]) -> Vec<u32> {
     roles.iter().filter(|(r, _)| r == "gateway" || r == "sidecars").flat_map(|(_, p)| p.iter().copied()).collect()
+}
+
+/// The processes that serve requests: the gateway's, the sidecars' and the apps'.
+fn serving(roles: &[(String, Vec<u32>)]) -> Vec<u32> {
+    roles.iter().filter(|(r, _)| r != "control plane").flat_map(|(_, p)| p.iter().copied()).collect()
 }
 
 /// The threads a proxy runs its exporters on (`trellis_telemetry::idle`).
@@ -404,13 +423,15 @@ pub async fn run(
         for console in order {
             let w = window(if console { &mesh } else { &without }, console, rate, window_len).await?;
             eprintln!(
-                "{:<10} p50 {:.3} ms p99 {:.3} ms  errors {}  CPU ms/s: {} (proxies' telemetry threads {:.1})  received {:?} dropped {:?}",
+                "{:<10} p50 {:.3} ms p99 {:.3} ms  errors {}  CPU ms/s: {} (proxies' telemetry threads {:.1})  request threads µs/request: CPU {:.1}, waiting {:.1}  received {:?} dropped {:?}",
                 if console { "console" } else { "no console" },
                 w.load.p50_us as f64 / 1000.0,
                 w.load.p99_us as f64 / 1000.0,
                 w.load.errors,
                 w.cpu_ms_per_s.iter().map(|(r, c)| format!("{r} {c:.0}")).collect::<Vec<_>>().join(", "),
                 w.proxies_telemetry_threads_ms_per_s,
+                w.request_threads_cpu_us,
+                w.request_threads_waiting_us,
                 w.received,
                 w.dropped
             );

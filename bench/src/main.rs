@@ -274,20 +274,22 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
         let roles: Vec<String> =
             r.windows.first().map(|w| w.cpu_ms_per_s.iter().map(|c| c.0.clone()).collect()).unwrap_or_default();
         println!(
-            "| window | console | p50 ms | p99 ms | errors | CPU ms/s: {} | spans / lines received per request | dropped |",
+            "| window | console | p50 ms | p99 ms | errors | CPU ms/s: {} | request threads µs/request: CPU / waiting | spans / lines received per request | dropped |",
             roles.join(" / ")
         );
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
         for (i, w) in r.windows.iter().enumerate() {
             let per = |n: u64| n as f64 / w.load.requests.max(1) as f64;
             println!(
-                "| {} | {} | {:.3} | {:.3} | {} | {} | {} | {} |",
+                "| {} | {} | {:.3} | {:.3} | {} | {} | {:.1} / {:.1} | {} | {} |",
                 i + 1,
                 if w.console { "on" } else { "off" },
                 w.load.p50_us as f64 / 1000.0,
                 w.load.p99_us as f64 / 1000.0,
                 w.load.errors,
                 w.cpu_ms_per_s.iter().map(|c| format!("{:.0}", c.1)).collect::<Vec<_>>().join(" / "),
+                w.request_threads_cpu_us,
+                w.request_threads_waiting_us,
                 w.received.map(|(s, l)| format!("{:.2} / {:.2}", per(s), per(l))).unwrap_or_default(),
                 w.dropped.map(|d| d.to_string()).unwrap_or_default()
             );
@@ -306,9 +308,12 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
                     v.last().copied().unwrap_or(0.0),
                 )
             };
+            let mut run: Vec<f64> = ws.iter().map(|w| w.request_threads_cpu_us).collect();
+            let mut wait: Vec<f64> = ws.iter().map(|w| w.request_threads_waiting_us).collect();
             let ((a, b, c), (d, e, f)) = (range(&mut p50), range(&mut p99));
+            let ((g, h, i), (j, k, l)) = (range(&mut run), range(&mut wait));
             println!(
-                "\nconsole {}: p50 median {b:.3} ms (range {a:.3}-{c:.3}), p99 median {e:.3} ms (range {d:.3}-{f:.3}), mesh CPU {cpu:.0} ms/s",
+                "\nconsole {}: p50 median {b:.3} ms (range {a:.3}-{c:.3}), p99 median {e:.3} ms (range {d:.3}-{f:.3}), mesh CPU {cpu:.0} ms/s, request threads per request: CPU {h:.1} µs ({g:.1}-{i:.1}), waiting for a CPU {k:.1} µs ({j:.1}-{l:.1})",
                 if on { "on" } else { "off" }
             );
         }

@@ -422,7 +422,14 @@ pub fn cpu_ns(pids: &[u32]) -> u64 {
 
 /// CPU time (ns) of the processes' threads whose name (`comm`) `which` accepts, summed.
 pub fn threads_cpu_ns(pids: &[u32], which: impl Fn(&str) -> bool) -> u64 {
-    let mut total = 0;
+    threads_schedstat(pids, which).0
+}
+
+/// Of the processes' threads whose name (`comm`) `which` accepts, summed, in nanoseconds: the
+/// time they ran, and the time they were ready to run but waited for a CPU (the first two
+/// fields of /proc/<pid>/task/<tid>/schedstat).
+pub fn threads_schedstat(pids: &[u32], which: impl Fn(&str) -> bool) -> (u64, u64) {
+    let (mut run, mut wait) = (0, 0);
     for pid in pids {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
         for t in tasks.flatten() {
@@ -430,11 +437,13 @@ pub fn threads_cpu_ns(pids: &[u32], which: impl Fn(&str) -> bool) -> u64 {
                 continue;
             }
             if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
-                total += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                let mut f = s.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
+                run += f.next().unwrap_or(0);
+                wait += f.next().unwrap_or(0);
             }
         }
     }
-    total
+    (run, wait)
 }
 
 fn status_kib(pid: u32, field: &str) -> u64 {
