@@ -53,12 +53,13 @@ log "test cluster binaries"
 TRELLIS_TESTCLUSTER_BIN="$(scripts/testcluster.sh)"
 export TRELLIS_TESTCLUSTER_BIN
 
-# Python peers: grpcio (gRPC interop), the OpenTelemetry SDK (tracing interop) and websockets
-# (WebSocket through the proxies).
-if ! python3 -c 'import grpc, websockets, opentelemetry.sdk, opentelemetry.propagators.b3, opentelemetry.exporter.otlp.proto.http' 2>/dev/null; then
+# Python peers: grpcio (gRPC interop), the OpenTelemetry SDK and its OTLP exporters (tracing
+# interop; the console's OTLP/gRPC and OTLP/HTTP receivers) and websockets (WebSocket through the
+# proxies).
+if ! python3 -c 'import grpc, websockets, opentelemetry.sdk, opentelemetry.propagators.b3, opentelemetry.exporter.otlp.proto.http, opentelemetry.exporter.otlp.proto.grpc' 2>/dev/null; then
   log "installing Python test peers"
   python3 -m pip install --quiet --disable-pip-version-check grpcio websockets opentelemetry-sdk \
-    opentelemetry-exporter-otlp-proto-http opentelemetry-propagator-b3
+    opentelemetry-exporter-otlp-proto-http opentelemetry-exporter-otlp-proto-grpc opentelemetry-propagator-b3
 fi
 
 # The console's browser tests: Debian's Chromium and Firefox ESR (the stock browser, over

@@ -587,10 +587,15 @@ async fn injected_sidecars_capture_traffic_and_prove_service_account_identities(
     let webhook_port = free_port();
     cluster.apply_ok(&webhooks(webhook_port));
     let cp_addr = format!("{bridge_ip}:{}", free_port());
+    let console_addr = format!("{bridge_ip}:{}", free_port());
     let cp = ControlPlane::start_with(
         &cluster,
         &cp_addr,
         &[
+            "--console",
+            &console_addr,
+            "--injected-console",
+            &console_addr,
             "--webhook-listen",
             &format!("127.0.0.1:{webhook_port}"),
             "--webhook-name",
@@ -639,6 +644,11 @@ async fn injected_sidecars_capture_traffic_and_prove_service_account_identities(
     })
     .await;
     let _ = applied;
+    // Every request traced (Istio's way: a Telemetry resource; the default is 1%), for the
+    // console's traces below.
+    cluster.apply_ok(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: trace-all}\nspec:\n  tracing:\n  - randomSamplingPercentage: 100\n",
+    );
 
     // Validation at apply time: an error is refused with its field named; a warning is admitted
     // and kubectl prints it.
@@ -892,6 +902,77 @@ endpoints: [{{addresses: ["{}"], conditions: {{ready: true}}}}]
         );
         tokio::time::sleep(Duration::from_millis(100)).await; // poll interval of a wait on a signal
     }
+
+    // The console, served by the control plane (as `kubectl port-forward svc/trellis-control
+    // 15014` reaches it): the graph from the metrics it read at the sidecars' Pod IPs, and the
+    // traces and access-log lines the injected sidecars sent it.
+    let console = |path: &str| {
+        let url = format!("http://{console_addr}{path}");
+        async move {
+            let r = get(&url, &[]).await;
+            assert_eq!(r.status, 200, "{url}: {}", r.body);
+            r.json()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        get(&url, &[]).await;
+        let graph = console("/api/graph?window=300").await;
+        let edges = graph["edges"].as_array().cloned().unwrap_or_default();
+        let missing: Vec<_> = support::mesh::REFERENCE_CALLS
+            .iter()
+            .filter(|(from, to)| {
+                !edges.iter().any(|e| {
+                    e["source"] == format!("workload:default/{from}")
+                        && e["target"] == format!("workload:default/{to}")
+                        && e["rps"].as_f64().unwrap_or(0.0) > 0.0
+                })
+            })
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the console's graph lacks {missing:?}: {graph:#}\nscrape: {:#}\ntargets: {:#}",
+            console("/api/status").await["scrape"],
+            console("/api/metrics/targets").await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await; // poll interval of a wait on a signal
+    }
+    let graph = console("/api/graph?window=300").await;
+    assert!(
+        graph["edges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["source"] == "workload:default/service-a" && e["mtls"] == true),
+        "the graph shows mTLS: {graph:#}"
+    );
+    // A greeting's trace, across the sidecars of A, B and E.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let trace_id = loop {
+        get(&url, &[]).await;
+        let found = console("/api/traces?limit=100").await;
+        let across = found["traces"].as_array().into_iter().flatten().find_map(|t| {
+            let services: Vec<&str> = t["services"].as_array()?.iter().filter_map(|s| s.as_str()).collect();
+            ["service-a.default", "service-b.default", "service-e.default"]
+                .iter()
+                .all(|s| services.contains(s))
+                .then(|| t["trace_id"].as_str().map(str::to_string))?
+        });
+        if let Some(t) = across {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "no trace across service-a, -b and -e in the console: {found:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await; // poll interval of a wait on a signal
+    };
+    let lines = console(&format!("/api/logs?trace_id={trace_id}")).await;
+    let lines = lines["lines"].as_array().cloned().unwrap_or_default();
+    assert!(
+        lines.iter().any(|l| l["fields"]["path"] == "/api/greeting" && l["trace_id"] == trace_id.as_str()),
+        "the trace's access-log lines reached the console: {lines:#?}"
+    );
 }
 
 /// `helm` from the test cluster's directory (built by scripts/testcluster.sh).
@@ -939,6 +1020,15 @@ async fn the_helm_chart_and_offline_injection_apply_to_a_real_api_server() {
     );
     assert!(rendered.status.success(), "helm template: {}", String::from_utf8_lossy(&rendered.stderr));
     let rendered = String::from_utf8_lossy(&rendered.stdout).into_owned();
+    // The console on by default: served by the control plane on its Service, and injected
+    // sidecars pointed at it.
+    for wanted in [
+        "--console=0.0.0.0:15014",
+        "--injected-console=trellis-control.trellis-system.svc:15014",
+        "{name: http-console, port: 15014, targetPort: 15014}",
+    ] {
+        assert!(rendered.contains(wanted), "the chart renders {wanted}");
+    }
     cluster.kubectl_ok(&["create", "namespace", "trellis-system"]);
     // CRDs first (the mesh default PeerAuthentication needs its kind), as Helm installs them.
     let (crds, rest): (Vec<&str>, Vec<&str>) =
@@ -1021,6 +1111,15 @@ async fn the_helm_chart_and_offline_injection_apply_to_a_real_api_server() {
     assert!(String::from_utf8_lossy(&injected.stderr).contains("8 pod template(s) injected"));
     let text = String::from_utf8_lossy(&injected.stdout).into_owned();
     assert_eq!(text.matches("\"name\": \"trellis-proxy\"").count(), 8, "the gateway opts out");
+    assert_eq!(text.matches("\"http://trellis-control.trellis-system.svc:15014/v1/traces\"").count(), 8, "{text}");
+    assert_eq!(text.matches("\"http://trellis-control.trellis-system.svc:15014/v1/logs\"").count(), 8, "{text}");
+    let without = Command::new(trellis_bin())
+        .args(["inject", "--no-console", "-f", "../../examples/kubernetes/reference-platform.yaml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("trellis inject --no-console");
+    assert!(without.status.success(), "{}", String::from_utf8_lossy(&without.stderr));
+    assert!(!String::from_utf8_lossy(&without.stdout).contains("--otlp-endpoint"), "--no-console sends nothing");
     // A server-side dry run does not create the namespaces it would create: make that one first.
     cluster.kubectl_ok(&["create", "namespace", "istio-system"]);
     let (ok, out) = cluster.apply(&text, &["--dry-run=server"]);

@@ -1,6 +1,6 @@
 //! The console's HTTP server: the page, its JSON API (documented in `docs/console.md`), the
-//! OTLP/HTTP receivers (`POST /v1/traces`, `POST /v1/logs`, protobuf) and the console's own
-//! `/metrics`.
+//! OTLP receivers (OTLP/HTTP `POST /v1/traces` and `POST /v1/logs`, protobuf or JSON, plain or
+//! gzip; OTLP/gRPC on the same port, [`crate::otlp_grpc`]) and the console's own `/metrics`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -15,14 +15,15 @@ use serde_json::{json, Value};
 use crate::Console;
 
 /// The largest OTLP request accepted (an exporter's batch is far smaller).
-const MAX_BODY: usize = 16 << 20;
+pub(crate) const MAX_BODY: usize = 16 << 20;
 
 type Resp = Response<Full<Bytes>>;
 
 /// Serves the console on `listener` until `shutdown` resolves.
 ///
-/// Connections that bring OTLP exports (their first request is a `POST /v1/`, seen without
-/// consuming it, as a proxy detects a protocol) are handed to a thread of their own at idle
+/// Connections that bring OTLP exports (their first request is a `POST /v1/`, or they open with
+/// HTTP/2's preface, as OTLP/gRPC exporters do; seen without consuming it, as a proxy detects a
+/// protocol) are handed to a thread of their own at idle
 /// priority ([`trellis_telemetry::idle`]), which reads, decodes and stores what they send: the
 /// mesh's telemetry arriving never takes a CPU from requests, nor from the control plane. The
 /// page and its API stay on the control plane's runtime, so the console answers promptly even
@@ -48,28 +49,29 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let (console, receivers) = (console.clone(), receivers.clone());
         tokio::spawn(async move {
-            if let Some(r) = receivers {
-                if brings_exports(&stream).await {
-                    match stream.into_std().map(|s| r.try_send(s)) {
-                        Ok(Ok(())) => return,
-                        // The receiving thread is gone or behind on connections: this one is
-                        // served here (and its exports stored by the ingest thread).
-                        Ok(Err(e)) => match tokio::net::TcpStream::from_std(e.into_inner()) {
-                            Ok(s) => return connection(console, s, Ingest::Queued).await,
-                            Err(_) => return,
-                        },
-                        Err(_) => return,
+            let Some(transport) = exports_transport(&stream).await else {
+                return connection(console, stream, Ingest::Queued).await;
+            };
+            let Some(r) = receivers else { return transport.serve(console, stream, Ingest::Queued).await };
+            match stream.into_std().map(|s| r.try_send((s, transport))) {
+                Ok(Ok(())) => {}
+                // The receiving thread is gone or behind on connections: this one is served
+                // here (and its exports stored by the ingest thread).
+                Ok(Err(e)) => {
+                    let (s, transport) = e.into_inner();
+                    if let Ok(s) = tokio::net::TcpStream::from_std(s) {
+                        transport.serve(console, s, Ingest::Queued).await
                     }
                 }
+                Err(_) => {}
             }
-            connection(console, stream, Ingest::Queued).await
         });
     }
 }
 
 /// Where a connection's exports are decoded and stored.
 #[derive(Clone, Copy)]
-enum Ingest {
+pub(crate) enum Ingest {
     /// By the ingest thread, through its bounded queue (connections on the control plane's
     /// runtime).
     Queued,
@@ -91,13 +93,13 @@ const RECEIVER_BACKLOG: usize = 64;
 
 /// Starts the thread that serves connections bringing exports; `None` if it cannot start (they
 /// are then served on the control plane's runtime).
-fn start_receivers(console: &Arc<Console>) -> Option<tokio::sync::mpsc::Sender<std::net::TcpStream>> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::net::TcpStream>(RECEIVER_BACKLOG);
+fn start_receivers(console: &Arc<Console>) -> Option<tokio::sync::mpsc::Sender<(std::net::TcpStream, Transport)>> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(std::net::TcpStream, Transport)>(RECEIVER_BACKLOG);
     let console = console.clone();
     let started = trellis_telemetry::idle::spawn("console-receive", move || async move {
-        while let Some(s) = rx.recv().await {
+        while let Some((s, transport)) = rx.recv().await {
             if let Ok(s) = tokio::net::TcpStream::from_std(s) {
-                tokio::spawn(connection(console.clone(), s, Ingest::Here));
+                tokio::spawn(transport.serve(console.clone(), s, Ingest::Here));
             }
         }
     });
@@ -116,19 +118,43 @@ fn start_receivers(console: &Arc<Console>) -> Option<tokio::sync::mpsc::Sender<s
 /// was accepted.
 const DETECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Whether the connection's first request is an OTLP export (`POST /v1/...`), from its first
-/// bytes, read without consuming them. A client silent past [`DETECT_TIMEOUT`] is not one.
-async fn brings_exports(stream: &tokio::net::TcpStream) -> bool {
-    const EXPORT: &[u8] = b"POST /v1/";
+/// How a connection that brings exports speaks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Transport {
+    /// OTLP/HTTP: HTTP/1.1 `POST /v1/traces` or `/v1/logs`.
+    Http,
+    /// OTLP/gRPC: HTTP/2 with prior knowledge (the page is never asked for that way: browsers
+    /// speak HTTP/2 only over TLS).
+    Grpc,
+}
+
+impl Transport {
+    async fn serve(self, console: Arc<Console>, stream: tokio::net::TcpStream, ingest: Ingest) {
+        match self {
+            Transport::Http => connection(console, stream, ingest).await,
+            Transport::Grpc => crate::otlp_grpc::connection(console, stream, ingest).await,
+        }
+    }
+}
+
+/// Whether the connection brings OTLP exports, and how, from its first bytes, read without
+/// consuming them: a first request `POST /v1/...`, or HTTP/2's preface. A client silent past
+/// [`DETECT_TIMEOUT`] brings none.
+async fn exports_transport(stream: &tokio::net::TcpStream) -> Option<Transport> {
+    const OPENINGS: [(&[u8; 9], Transport); 2] = [(b"POST /v1/", Transport::Http), (b"PRI * HTT", Transport::Grpc)];
     let deadline = tokio::time::Instant::now() + DETECT_TIMEOUT;
-    let mut buf = [0u8; EXPORT.len()];
+    let mut buf = [0u8; 9];
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
             Ok(Ok(n)) if n > 0 => n,
-            _ => return false,
+            _ => return None,
         };
-        if n == EXPORT.len() || !EXPORT.starts_with(&buf[..n]) {
-            return buf[..n] == *EXPORT;
+        let seen = &buf[..n];
+        if !OPENINGS.iter().any(|(o, _)| o.starts_with(seen)) {
+            return None;
+        }
+        if n == buf.len() {
+            return OPENINGS.iter().find(|(o, _)| o[..] == *seen).map(|(_, t)| *t);
         }
         // A request line cut short (rare): look again shortly, within the timeout.
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
@@ -157,8 +183,11 @@ async fn handle(console: &Arc<Console>, req: Request<Incoming>, ingest: Ingest) 
     let num = |k: &str| p.get(k).and_then(|v| v.parse::<f64>().ok());
     let text = |k: &str| p.get(k).cloned().unwrap_or_default();
     match (req.method(), path.as_str()) {
-        (&Method::POST, "/v1/traces") => receive(console, req, ingest, |c, b| c.spans.receive(b)).await,
-        (&Method::POST, "/v1/logs") => receive(console, req, ingest, |c, b| c.logs.receive(b)).await,
+        (&Method::POST, "/v1/traces") => receive(console, req, ingest, Signal::Traces).await,
+        (&Method::POST, "/v1/logs") => receive(console, req, ingest, Signal::Logs).await,
+        (&Method::POST, "/v1/metrics") => {
+            error(StatusCode::NOT_FOUND, "the console takes traces and logs; it reads proxies' metrics itself")
+        }
         (&Method::GET, "/api/graph") => {
             json_response(StatusCode::OK, &console.metrics.graph(num("window").unwrap_or(60.0).clamp(5.0, 86400.0)))
         }
@@ -237,42 +266,103 @@ fn asset(path: &str) -> Resp {
     }
 }
 
-/// An OTLP/HTTP export (protobuf), stored before the answer: 200 with an empty protobuf
-/// response, 400 with the decode error, 415 for JSON or compressed bodies, which this receiver
-/// does not read, 503 (retryable, as OTLP says) when the ingest thread is behind.
-async fn receive(
+/// What an export carries.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Signal {
+    Traces,
+    Logs,
+}
+
+/// How an export's body is written.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Encoding {
+    pub json: bool,
+    pub gzip: bool,
+}
+
+/// Why an export was refused: the status to answer, and what was wrong.
+pub(crate) type Refusal = (StatusCode, String);
+
+/// Reads an export's body (inflated, and from JSON when so written) into its store; the number
+/// of items stored.
+fn decode_and_store(console: &Console, signal: Signal, body: Bytes, encoding: Encoding) -> Result<usize, Refusal> {
+    let bad = |e: String| (StatusCode::BAD_REQUEST, e);
+    let body = if encoding.gzip { inflate(&body)? } else { body };
+    let body = match (encoding.json, signal) {
+        (false, _) => body,
+        (true, Signal::Traces) => Bytes::from(crate::otlp_json::traces(&body).map_err(bad)?),
+        (true, Signal::Logs) => Bytes::from(crate::otlp_json::logs(&body).map_err(bad)?),
+    };
+    match signal {
+        Signal::Traces => console.spans.receive(body),
+        Signal::Logs => console.logs.receive(body),
+    }
+    .map_err(|e| bad(format!("not an OTLP export request: {e}")))
+}
+
+/// A gzip body, inflated up to [`MAX_BODY`].
+fn inflate(body: &[u8]) -> Result<Bytes, Refusal> {
+    use std::io::Read;
+    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(MAX_BODY));
+    flate2::read::MultiGzDecoder::new(body)
+        .take(MAX_BODY as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("not gzip: {e}")))?;
+    if out.len() > MAX_BODY {
+        return Err((StatusCode::PAYLOAD_TOO_LARGE, format!("over {} MiB once inflated", MAX_BODY >> 20)));
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Stores an export where `ingest` says: `None` when the ingest thread is behind.
+pub(crate) async fn store(
     console: &Arc<Console>,
-    req: Request<Incoming>,
     ingest: Ingest,
-    store: impl FnOnce(&Console, Bytes) -> Result<usize, prost::DecodeError> + Send + 'static,
-) -> Resp {
+    signal: Signal,
+    body: Bytes,
+    encoding: Encoding,
+) -> Option<Result<usize, Refusal>> {
+    match ingest {
+        Ingest::Queued => console.ingest(body.len(), move |c| decode_and_store(c, signal, body, encoding)).await,
+        Ingest::Here => Some(decode_and_store(console, signal, body, encoding)),
+    }
+}
+
+/// An OTLP/HTTP export, stored before the answer: 200 with an empty response in the request's
+/// encoding (protobuf or JSON), 400 with what is malformed, 413 past [`MAX_BODY`], 415 for other
+/// content types or encodings, 503 (retryable, as OTLP says) when the ingest thread is behind.
+async fn receive(console: &Arc<Console>, req: Request<Incoming>, ingest: Ingest, signal: Signal) -> Resp {
     let ctype = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if !ctype.starts_with("application/x-protobuf") {
-        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "send OTLP as application/x-protobuf");
-    }
-    if req.headers().get(header::CONTENT_ENCODING).is_some_and(|v| v != "identity") {
-        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "send OTLP uncompressed");
-    }
+    let json = if ctype.starts_with("application/x-protobuf") {
+        false
+    } else if ctype.starts_with("application/json") {
+        true
+    } else {
+        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "send OTLP as application/x-protobuf or application/json");
+    };
+    let gzip = match req.headers().get(header::CONTENT_ENCODING).map(|v| v.as_bytes()) {
+        None | Some(b"identity") => false,
+        Some(b"gzip") => true,
+        Some(_) => return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "send OTLP uncompressed or with gzip"),
+    };
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string()),
     };
-    let stored = match ingest {
-        Ingest::Queued => console.ingest(body.len(), move |c| store(c, body)).await,
-        Ingest::Here => Some(store(console, body)),
-    };
-    match stored {
+    match store(console, ingest, signal, body, Encoding { json, gzip }).await {
         None => {
             let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "the console is behind; retry later");
             r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
             r
         }
         Some(Ok(_)) => {
-            let mut r = Response::new(Full::new(Bytes::new()));
-            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/x-protobuf"));
+            // An empty Export*ServiceResponse: no bytes in protobuf, `{}` in JSON.
+            let (body, ctype) = if json { ("{}", "application/json") } else { ("", "application/x-protobuf") };
+            let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ctype));
             r
         }
-        Some(Err(e)) => error(StatusCode::BAD_REQUEST, &format!("not an OTLP export request: {e}")),
+        Some(Err((status, e))) => error(status, &e),
     }
 }
 
@@ -456,15 +546,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn exports_are_received_at_idle_priority_and_the_page_where_it_was_accepted() {
-        let console = Console::new(
-            trellis_control::store::ConfigStore::new(Vec::new(), false),
-            Arc::default(),
-            &crate::Limits::default(),
-        )
-        .expect("console");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(serve(console.clone(), listener, std::future::pending()));
+        let (console, addr) = console_on_a_port().await;
 
         let spans = export(2000);
         let head = format!(
@@ -495,10 +577,123 @@ mod tests {
         assert_eq!(status, "HTTP/1.1 200 OK");
         assert!(body.contains("\"spans\""), "{body}");
         // Not an export's first bytes, and a bad export: both answered as before.
-        let (status, _) = send(addr, "POST /v1/traces HTTP/1.1\r\nhost: c\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n", b"{}", 1).await;
+        let (status, _) = send(addr, "POST /v1/traces HTTP/1.1\r\nhost: c\r\ncontent-type: text/plain\r\ncontent-length: 2\r\nconnection: close\r\n\r\n", b"{}", 1).await;
         assert_eq!(status, "HTTP/1.1 415 Unsupported Media Type");
         let bad = head.replace(&format!("content-length: {}", spans.len()), "content-length: 3");
         let (status, _) = send(addr, &bad, b"\xff\xff\xff", 10).await;
         assert_eq!(status, "HTTP/1.1 400 Bad Request");
+    }
+
+    async fn console_on_a_port() -> (Arc<Console>, std::net::SocketAddr) {
+        let console = Console::new(
+            trellis_control::store::ConfigStore::new(Vec::new(), false),
+            Arc::default(),
+            &crate::Limits::default(),
+        )
+        .expect("console");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(serve(console.clone(), listener, std::future::pending()));
+        (console, addr)
+    }
+
+    /// The OpenTelemetry SDK's own exporters (Python), over gRPC (plain and gzip) and OTLP/HTTP
+    /// with gzip: each trace arrives whole, with its log line, by the console's port alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_opentelemetry_sdks_exporters_reach_the_console_over_grpc_and_gzip() {
+        let (console, addr) = console_on_a_port().await;
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/otlp_client.py");
+        for transport in ["grpc", "grpc-gzip", "http-gzip"] {
+            let out = tokio::time::timeout(
+                Duration::from_secs(60),
+                tokio::process::Command::new("python3")
+                    .arg(&script)
+                    .arg(format!("http://{addr}"))
+                    .arg(transport)
+                    .kill_on_drop(true)
+                    .output(),
+            )
+            .await
+            .expect("the client is done in 60 s")
+            .expect("python3 runs");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{transport}: {stderr}");
+            let trace_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+
+            let trace =
+                console.spans.trace(&trace_id).unwrap_or_else(|| panic!("{transport}: trace {trace_id} stored"));
+            let mut names: Vec<_> =
+                trace["spans"].as_array().expect("spans").iter().map(|s| s["name"].clone()).collect();
+            names.sort_by_key(|n| n.to_string());
+            assert_eq!(names, [json!("charge-card"), json!("checkout")], "{transport}");
+            let checkout =
+                trace["spans"].as_array().expect("spans").iter().find(|s| s["name"] == "checkout").expect("checkout");
+            assert_eq!(checkout["service"], format!("python-{transport}"));
+            assert_eq!(checkout["kind"], "server");
+            assert_eq!(checkout["attributes"]["transport"], transport);
+            let lines = console.logs.query(&crate::logs::Query { trace_id, span_id: String::new(), limit: None });
+            assert_eq!(lines["lines"][0]["fields"]["line"], format!("charged the card over {transport}"), "{lines}");
+        }
+        let (_, policy) = thread("console-receive").expect("the receiving thread runs");
+        assert_eq!(policy, 5);
+    }
+
+    /// OTLP/JSON, plain and gzip, as the JavaScript SDK's `otlp-http` exporters send it; a
+    /// malformed one gets 400 naming the field; gzip that is not gzip gets 400, and other
+    /// encodings 415.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn otlp_json_and_gzip_bodies_are_read() {
+        let (console, addr) = console_on_a_port().await;
+        let trace = r#"{"resourceSpans":[{"resource":{"attributes":[{"key":"service.name","value":{"stringValue":"web"}}]},
+            "scopeSpans":[{"spans":[{"traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b174",
+            "name":"GET /","kind":2,"startTimeUnixNano":"1544712660000000000","endTimeUnixNano":"1544712661000000000",
+            "attributes":[{"key":"http.response.status_code","value":{"intValue":"503"}}],"status":{"code":2}}]}]}]}"#;
+        let post = |path: &str, ctype: &str, encoding: &str, body: &[u8]| {
+            format!(
+                "POST {path} HTTP/1.1\r\nhost: c\r\ncontent-type: {ctype}\r\n{encoding}content-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            )
+        };
+        let (status, body) =
+            send(addr, &post("/v1/traces", "application/json", "", trace.as_bytes()), trace.as_bytes(), 20).await;
+        assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "{}"));
+        let t = console.spans.trace("5b8efff798038103d269b633813fc60c").expect("stored");
+        assert_eq!(t["spans"][0]["service"], "web");
+        assert_eq!(t["spans"][0]["error"], true);
+        assert_eq!(t["spans"][0]["attributes"]["http.response.status_code"], 503);
+
+        let log = r#"{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"timeUnixNano":"1544712660000000000",
+            "body":{"stringValue":"{\"path\":\"/\",\"status\":503}"},"traceId":"5b8efff798038103d269b633813fc60c",
+            "spanId":"eee19b7ec3c1b174"}]}]}]}"#;
+        let gz = {
+            use std::io::Write;
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(log.as_bytes()).expect("gzip");
+            e.finish().expect("gzip")
+        };
+        let (status, _) =
+            send(addr, &post("/v1/logs", "application/json", "content-encoding: gzip\r\n", &gz), &gz, 20).await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        let lines = console.logs.query(&crate::logs::Query {
+            trace_id: "5b8efff798038103d269b633813fc60c".into(),
+            span_id: "eee19b7ec3c1b174".into(),
+            limit: None,
+        });
+        assert_eq!(lines["lines"][0]["fields"]["status"], 503, "{lines}");
+
+        let bad = trace.replace("eee19b7ec3c1b174", "eee19b7e");
+        let (status, body) =
+            send(addr, &post("/v1/traces", "application/json", "", bad.as_bytes()), bad.as_bytes(), 20).await;
+        assert_eq!(status, "HTTP/1.1 400 Bad Request");
+        assert!(body.contains("resourceSpans[0].scopeSpans[0].spans[0].spanId: not 8 bytes of hex"), "{body}");
+        let (status, body) =
+            send(addr, &post("/v1/logs", "application/json", "content-encoding: gzip\r\n", b"plain"), b"plain", 20)
+                .await;
+        assert_eq!(status, "HTTP/1.1 400 Bad Request");
+        assert!(body.contains("not gzip"), "{body}");
+        let (status, _) =
+            send(addr, &post("/v1/logs", "application/json", "content-encoding: br\r\n", b"{}"), b"{}", 20).await;
+        assert_eq!(status, "HTTP/1.1 415 Unsupported Media Type");
+        assert_eq!(console.spans.usage().items, 1);
     }
 }

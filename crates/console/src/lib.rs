@@ -1,8 +1,10 @@
 //! The Trellis console: a web console served by the control plane, answering "what is wrong,
 //! and where" from the signals the mesh already produces, with nothing else to install.
 //!
-//! - [`traces`]: spans received over OTLP/HTTP (`POST /v1/traces`) into a bounded store;
-//! - [`logs`]: access-log lines received as OTLP log records (`POST /v1/logs`), bounded;
+//! - [`traces`]: spans received over OTLP (`POST /v1/traces`, or gRPC) into a bounded store;
+//! - [`logs`]: access-log lines received as OTLP log records (`POST /v1/logs`, or gRPC), bounded;
+//! - `otlp_json`, `otlp_grpc`: OTLP's other encodings and transports (JSON; gRPC), read into
+//!   what the stores take;
 //! - [`metrics`]: every connected proxy's `istio_*` metrics, read from its admin port at an
 //!   interval into a bounded time-series buffer: the service graph and golden signals;
 //! - [`api`]: the HTTP server: the page (`assets/`, embedded in the binary), its JSON API, the
@@ -17,6 +19,8 @@ pub mod api;
 mod assets;
 pub mod logs;
 pub mod metrics;
+mod otlp_grpc;
+mod otlp_json;
 pub mod traces;
 
 use std::net::SocketAddr;

@@ -45,7 +45,13 @@ pub struct Injector {
     pub exclude_outbound_ports: Vec<u16>,
     /// Destination CIDRs never captured.
     pub exclude_outbound_cidrs: Vec<String>,
+    /// Where sidecars send the console their spans and access-log lines (`host:port` of the
+    /// control plane's console, OTLP/HTTP); `None`: nowhere.
+    pub console: Option<String>,
 }
+
+/// The console of a control plane installed by the Helm chart with its defaults.
+pub const DEFAULT_CONSOLE: &str = "trellis-control.trellis-system.svc:15014";
 
 impl Default for Injector {
     fn default() -> Self {
@@ -56,6 +62,7 @@ impl Default for Injector {
             audience: crate::identity::AUDIENCE.into(),
             exclude_outbound_ports: Vec::new(),
             exclude_outbound_cidrs: Vec::new(),
+            console: Some(DEFAULT_CONSOLE.into()),
         }
     }
 }
@@ -206,6 +213,16 @@ impl Injector {
             "--admin".to_string(),
             format!("0.0.0.0:{ADMIN_PORT}"),
         ];
+        if let Some(c) = &self.console {
+            // Spans (sampled as Telemetry resources say; 1% by default, as Istio) and access-log
+            // lines go to the console, off the request path.
+            args.extend([
+                "--otlp-endpoint".to_string(),
+                format!("http://{c}/v1/traces"),
+                "--access-log-otlp-endpoint".to_string(),
+                format!("http://{c}/v1/logs"),
+            ]);
+        }
         if !app_ports.is_empty() {
             args.push("--app-ports".to_string());
             args.push(app_ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","));
@@ -332,6 +349,25 @@ mod tests {
         let once = d.clone();
         assert_eq!(Injector::default().inject_object(&mut d), 0);
         assert_eq!(d, once);
+    }
+
+    #[test]
+    fn sidecars_send_the_console_spans_and_access_logs_unless_there_is_none() {
+        let args = |injector: Injector| {
+            let mut d = deployment();
+            injector.inject_object(&mut d);
+            d["spec"]["template"]["spec"]["initContainers"][1]["args"].clone()
+        };
+        let with = args(Injector::default());
+        let with: Vec<&str> = with.as_array().expect("args").iter().filter_map(|a| a.as_str()).collect();
+        let after = |flag: &str| with.iter().position(|a| *a == flag).and_then(|i| with.get(i + 1)).copied();
+        assert_eq!(after("--otlp-endpoint"), Some("http://trellis-control.trellis-system.svc:15014/v1/traces"));
+        assert_eq!(
+            after("--access-log-otlp-endpoint"),
+            Some("http://trellis-control.trellis-system.svc:15014/v1/logs")
+        );
+        let without = args(Injector { console: None, ..Injector::default() });
+        assert!(!without.to_string().contains("otlp"), "{without}");
     }
 
     #[test]

@@ -444,9 +444,15 @@ async fn start(
         let (program, args) = w.command(&trellis_dir).ok_or_else(|| format!("workload {} has no command", w.name))?;
         let mut env = w.env();
         env.extend(mesh_env.iter().cloned());
-        // The app's own spans (OpenTelemetry SDKs read this variable) go to the console too.
-        if let (Some(c), false) = (opts.console, env.iter().any(|(k, _)| k == OTEL_TRACES_ENDPOINT)) {
-            env.push((OTEL_TRACES_ENDPOINT.into(), format!("http://{c}/v1/traces")));
+        // The app's own spans and logs (OpenTelemetry SDKs read these variables; the console
+        // takes OTLP over HTTP, as protobuf or JSON, and over gRPC, which reads only the
+        // address) go to the console too, unless the workload names its own.
+        if let Some(c) = opts.console {
+            for (var, path) in [(OTEL_TRACES_ENDPOINT, "traces"), (OTEL_LOGS_ENDPOINT, "logs")] {
+                if !env.iter().any(|(k, _)| k == var) {
+                    env.push((var.into(), format!("http://{c}/v1/{path}")));
+                }
+            }
         }
         let args = args.iter().map(|a| expand(a, &env)).collect();
         let spec = ChildSpec {
@@ -482,6 +488,7 @@ async fn start(
 
 /// Where OpenTelemetry SDKs send spans over OTLP/HTTP.
 const OTEL_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+const OTEL_LOGS_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT";
 
 /// Stops everything within ~5 s, in the order that completes in-flight requests: gateways
 /// drain (no new requests enter), apps stop (finishing what they serve, calling out through

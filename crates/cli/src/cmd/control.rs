@@ -65,6 +65,10 @@ pub struct Args {
     /// Where injected sidecars reach this control plane.
     #[arg(long, default_value = "trellis-control.trellis-system.svc:15010")]
     injected_control_plane: String,
+    /// Where injected sidecars reach this control plane's console (`host:port`), to send it
+    /// spans and access-log lines; without it they send none.
+    #[arg(long)]
+    injected_console: Option<String>,
     /// Outbound ports injected sidecars never capture (comma-separated).
     #[arg(long, value_delimiter = ',')]
     exclude_outbound_ports: Vec<u16>,
@@ -165,6 +169,7 @@ async fn serve(args: Args) -> Result<()> {
                 audience: args.token_audience.clone(),
                 exclude_outbound_ports: args.exclude_outbound_ports.clone(),
                 exclude_outbound_cidrs: args.exclude_outbound_cidrs.clone(),
+                console: args.injected_console.clone(),
             };
             let hooks =
                 std::sync::Arc::new(trellis_kube::webhook::Webhooks { store: store.clone(), injector: Some(injector) });

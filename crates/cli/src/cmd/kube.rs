@@ -92,6 +92,13 @@ pub struct InjectArgs {
     /// Where sidecars reach the control plane.
     #[arg(long)]
     control_plane: Option<String>,
+    /// Where sidecars send the console spans and access-log lines (default: the Helm chart's
+    /// control plane, trellis-control.trellis-system.svc:15014).
+    #[arg(long, conflicts_with = "no_console")]
+    console: Option<String>,
+    /// Sidecars send no spans or access-log lines to a console (the chart's `console.enabled=false`).
+    #[arg(long)]
+    no_console: bool,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
 }
@@ -113,6 +120,11 @@ fn run_inject(args: InjectArgs) -> Result<()> {
     }
     if let Some(cp) = args.control_plane {
         injector.control_plane = cp;
+    }
+    if args.no_console {
+        injector.console = None;
+    } else if let Some(c) = args.console {
+        injector.console = Some(c);
     }
     let docs = trellis_config::yaml::parse_documents(&text).map_err(|e| {
         anyhow::anyhow!("{}:{}:{}: invalid YAML: {}", args.file.display(), e.pos.line, e.pos.column, e.message)
