@@ -629,7 +629,9 @@ async fn injected_sidecars_capture_traffic_and_prove_service_account_identities(
     })
     .await;
 
-    let manifests = REFERENCE.replace("trellis-control.trellis-system.svc:15010", &cp_addr);
+    let manifests = REFERENCE
+        .replace("trellis-control.trellis-system.svc:15010", &cp_addr)
+        .replace("trellis-control.trellis-system.svc:15014", &console_addr);
     let applied = cluster.apply_ok(&manifests);
     until("every Pod ready", Duration::from_secs(120), || async {
         let api: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client.clone(), "default");
@@ -919,8 +921,9 @@ endpoints: [{{addresses: ["{}"], conditions: {{ready: true}}}}]
         get(&url, &[]).await;
         let graph = console("/api/graph?window=300").await;
         let edges = graph["edges"].as_array().cloned().unwrap_or_default();
-        let missing: Vec<_> = support::mesh::REFERENCE_CALLS
+        let missing: Vec<_> = [("ingressgateway", "service-a")]
             .iter()
+            .chain(&support::mesh::REFERENCE_CALLS)
             .filter(|(from, to)| {
                 !edges.iter().any(|e| {
                     e["source"] == format!("workload:default/{from}")
@@ -956,7 +959,7 @@ endpoints: [{{addresses: ["{}"], conditions: {{ready: true}}}}]
         let found = console("/api/traces?limit=100").await;
         let across = found["traces"].as_array().into_iter().flatten().find_map(|t| {
             let services: Vec<&str> = t["services"].as_array()?.iter().filter_map(|s| s.as_str()).collect();
-            ["service-a.default", "service-b.default", "service-e.default"]
+            ["ingressgateway.default", "service-a.default", "service-b.default", "service-e.default"]
                 .iter()
                 .all(|s| services.contains(s))
                 .then(|| t["trace_id"].as_str().map(str::to_string))?
@@ -1111,15 +1114,21 @@ async fn the_helm_chart_and_offline_injection_apply_to_a_real_api_server() {
     assert!(String::from_utf8_lossy(&injected.stderr).contains("8 pod template(s) injected"));
     let text = String::from_utf8_lossy(&injected.stdout).into_owned();
     assert_eq!(text.matches("\"name\": \"trellis-proxy\"").count(), 8, "the gateway opts out");
-    assert_eq!(text.matches("\"http://trellis-control.trellis-system.svc:15014/v1/traces\"").count(), 8, "{text}");
-    assert_eq!(text.matches("\"http://trellis-control.trellis-system.svc:15014/v1/logs\"").count(), 8, "{text}");
+    // Eight sidecars, and the gateway's own arguments in the manifest.
+    let traces = "\"http://trellis-control.trellis-system.svc:15014/v1/traces\"";
+    assert_eq!(text.matches(traces).count(), 9, "{text}");
+    assert_eq!(text.matches("\"http://trellis-control.trellis-system.svc:15014/v1/logs\"").count(), 9, "{text}");
     let without = Command::new(trellis_bin())
         .args(["inject", "--no-console", "-f", "../../examples/kubernetes/reference-platform.yaml"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("trellis inject --no-console");
     assert!(without.status.success(), "{}", String::from_utf8_lossy(&without.stderr));
-    assert!(!String::from_utf8_lossy(&without.stdout).contains("--otlp-endpoint"), "--no-console sends nothing");
+    assert_eq!(
+        String::from_utf8_lossy(&without.stdout).matches(traces).count(),
+        1,
+        "--no-console: the gateway's alone"
+    );
     // A server-side dry run does not create the namespaces it would create: make that one first.
     cluster.kubectl_ok(&["create", "namespace", "istio-system"]);
     let (ok, out) = cluster.apply(&text, &["--dry-run=server"]);

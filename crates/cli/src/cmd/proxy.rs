@@ -210,6 +210,9 @@ fn pod_spec(args: &Args) -> Result<ProxySpec> {
         Ok(text) if !text.is_empty() => serde_json::from_str(&text).context("TRELLIS_POD_LABELS")?,
         _ => BTreeMap::new(),
     };
+    // Named from the Pod's own labels: a Pod whose labels the proxy is not told (a gateway
+    // Deployment's, with only `--label`s) is named from its Pod name's shape.
+    let name = workload_name(&pod, &labels);
     let mut labels = labels;
     labels.extend(args.labels.iter().cloned());
     let any = IpAddr::from([0, 0, 0, 0]);
@@ -224,7 +227,7 @@ fn pod_spec(args: &Args) -> Result<ProxySpec> {
         service_account,
         trust_domain: args.trust_domain.clone(),
         role: Role::Sidecar,
-        name: workload_name(&pod, &labels),
+        name,
         namespace,
         labels,
         bind_address: ip,
