@@ -14,7 +14,9 @@
 //! at p50, p90 and p99; [`Paired`] sums them up: the median difference, its distribution-free
 //! interval (order statistics of the differences, as the sign test gives them) and the sign
 //! test's p-value. The console costs nothing measurable when that interval holds zero at every
-//! percentile.
+//! percentile. With `--mesh-per-pair` every pair has new instances of both meshes, so that what
+//! one instance happens to be does not repeat in every pair (pairs sharing two instances are not
+//! independent, and their interval is too narrow).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -372,15 +374,27 @@ fn stores(console: SocketAddr) -> Vec<(String, u64, u64, u64, u64)> {
         .collect()
 }
 
+/// How long a new mesh takes requests at the run's rate before its first window (connections,
+/// pools, caches and the console's stores filled as in use).
+const MESH_WARMUP: Duration = Duration::from_secs(5);
+
+/// How the console's cost is measured: `pairs` pairs of `window`s, the mesh without the console
+/// run with `without_args`, and new meshes for every pair with `mesh_per_pair`.
+pub struct Cost<'a> {
+    pub pairs: usize,
+    pub window: Duration,
+    pub without_args: &'a [String],
+    pub mesh_per_pair: bool,
+}
+
 pub async fn run(
     trellis: &Path,
     rate: u32,
     total: Duration,
     sample_every: Duration,
-    pairs: usize,
-    window_len: Duration,
-    without_args: &[String],
+    cost: Cost<'_>,
 ) -> anyhow::Result<ConsoleRun> {
+    let Cost { pairs, window: window_len, without_args, mesh_per_pair } = cost;
     let console = local(free_port());
     let mesh = up(trellis, Some(console), &[])?;
     let target = Target::Http1(format!("http://127.0.0.1:{}/fast", mesh.gateway));
@@ -415,13 +429,38 @@ pub async fn run(
         samples.push(s);
     }
     // The paired windows: the mesh without the console beside it, each idle but for the window
-    // being measured, alternating which goes first.
-    let without = up(trellis, None, without_args)?;
+    // being measured, alternating which goes first. With `mesh_per_pair`, every pair has new
+    // instances of both meshes (started, warmed and measured in the pair's order): what one
+    // instance happens to be (its ports, where its processes' memory and threads land) then
+    // varies from pair to pair instead of weighing on every pair alike.
+    let (mut with, mut without) = (Some(mesh), None);
     let mut windows = Vec::new();
     for pair in 0..pairs {
         let order = if pair % 2 == 0 { [true, false] } else { [false, true] };
+        if mesh_per_pair {
+            (with, without) = (None, None); // stopped before the new ones start
+            for console in order {
+                let m = if console {
+                    up(trellis, Some(local(free_port())), &[])?
+                } else {
+                    up(trellis, None, without_args)?
+                };
+                if console {
+                    with = Some(m);
+                } else {
+                    without = Some(m);
+                }
+            }
+            for m in order.iter().filter_map(|c| if *c { with.as_ref() } else { without.as_ref() }) {
+                let target = Target::Http1(format!("http://127.0.0.1:{}/fast", m.gateway));
+                load::open_loop(&target, rate, Duration::ZERO, MESH_WARMUP).await?;
+            }
+        } else if without.is_none() {
+            without = Some(up(trellis, None, without_args)?);
+        }
+        let (Some(with), Some(without)) = (&with, &without) else { anyhow::bail!("no mesh to measure") };
         for console in order {
-            let w = window(if console { &mesh } else { &without }, console, rate, window_len).await?;
+            let w = window(if console { with } else { without }, console, rate, window_len).await?;
             eprintln!(
                 "{:<10} p50 {:.3} ms p99 {:.3} ms  errors {}  CPU ms/s: {} (proxies' telemetry threads {:.1})  request threads µs/request: CPU {:.1}, waiting {:.1}  received {:?} dropped {:?}",
                 if console { "console" } else { "no console" },
@@ -438,8 +477,11 @@ pub async fn run(
             windows.push(w);
         }
     }
-    let without_console_rss_mib =
-        control_plane_pid(without.child.id()).map(|p| rss_kib(&[p]) as f64 / 1024.0).unwrap_or(0.0);
+    let without_console_rss_mib = without
+        .as_ref()
+        .and_then(|m| control_plane_pid(m.child.id()))
+        .map(|p| rss_kib(&[p]) as f64 / 1024.0)
+        .unwrap_or(0.0);
     let paired = paired(&windows);
     Ok(ConsoleRun { rate, samples, windows, paired, without_console_rss_mib })
 }

@@ -51,6 +51,10 @@ struct Args {
     /// write and send spans that no one takes: the proxies' share of the console's cost).
     #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
     without_console_args: Vec<String>,
+    /// `console`: new instances of both meshes for every pair of windows, so that what one
+    /// instance happens to be varies between pairs rather than repeating in each.
+    #[arg(long)]
+    mesh_per_pair: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -239,7 +243,13 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
         if args.only.as_deref() == Some("cost") {
             total = Duration::ZERO;
         }
-        let r = console::run(&trellis, rate, total, every, pairs, window, &args.without_console_args).await?;
+        let cost = console::Cost {
+            pairs,
+            window,
+            without_args: &args.without_console_args,
+            mesh_per_pair: args.mesh_per_pair,
+        };
+        let r = console::run(&trellis, rate, total, every, cost).await?;
         if !r.samples.is_empty() {
             println!("### The console over {} s at {rate} req/s (examples/slow-fast, /fast)\n", total.as_secs());
             println!("| at s | p50 ms | p99 ms | errors | spans MiB (bound) | logs MiB (bound) | metrics MiB (bound) | evicted spans / lines / samples | control plane MiB |");
