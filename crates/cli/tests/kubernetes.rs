@@ -1135,3 +1135,143 @@ async fn the_helm_chart_and_offline_injection_apply_to_a_real_api_server() {
     assert!(ok, "kubectl apply --dry-run=server: {out}");
     assert!(out.contains("deployment.apps/service-a created (server dry run)"), "{out}");
 }
+
+/// `trellis dashboard --kubernetes` against the control plane's Service, as the chart makes it.
+const CONTROL_SERVICE: &str = "apiVersion: v1
+kind: Service
+metadata: {name: trellis-control, namespace: trellis-system}
+spec:
+  selector: {app: trellis-control}
+  ports:
+  - {name: grpc, port: 15010, targetPort: 15010}
+  - {name: http-console, port: 15014, targetPort: 15014}
+";
+
+/// Runs `trellis dashboard --kubernetes ARGS` with the cluster's kubeconfig until it exits.
+fn dashboard_fails(cluster: &TestCluster, args: &[&str]) -> String {
+    let out = Command::new(trellis_bin())
+        .args(["dashboard", "--kubernetes", "--port", "0"])
+        .args(args)
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .output()
+        .expect("trellis dashboard");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "trellis dashboard {args:?} did not fail: {stderr}");
+    assert!(out.stdout.is_empty(), "an address was printed though it cannot serve: {stderr}");
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trellis_dashboard_serves_a_clusters_console_through_the_api_server() {
+    // The API server proxies only to Pod IPs that Endpoints may hold (not loopback ones): Pods
+    // get network namespaces of their own, on a bridge.
+    assert!(nix::unistd::Uid::effective().is_root(), "Pod network namespaces need root (CI runs as root)");
+    let cluster = TestCluster::start().await;
+    let client = cluster.client().await;
+    let _node = Node::start_with(client.clone(), vec![], Network::namespaces()).await;
+
+    // What is missing is named, before anything is served.
+    let err = dashboard_fails(&cluster, &[]);
+    assert!(err.contains("no Service trellis-control in namespace trellis-system"), "{err}");
+    cluster.kubectl_ok(&["create", "namespace", "trellis-system"]);
+    cluster.apply_ok(CONTROL_SERVICE);
+    let err = dashboard_fails(&cluster, &[]);
+    assert!(err.contains("no ready Pod behind Service trellis-system/trellis-control"), "{err}");
+    let err = dashboard_fails(&cluster, &["--service-port", "15999"]);
+    assert!(err.contains("has no port 15999 (it has 15010 (grpc), 15014 (http-console))"), "{err}");
+
+    // The control plane with its console in a Pod of the Service, ready when the console answers.
+    let config = cluster.dir.path().join("control-config");
+    std::fs::create_dir_all(&config).expect("config dir");
+    let script = format!(
+        "exec '{}' control --config '{}' --ca-dir '{}' --listen \"$POD_IP:15010\" --console \"$POD_IP:15014\"",
+        trellis_bin(),
+        config.display(),
+        cluster.dir.path().join("control-ca").display()
+    );
+    let deployment = serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "trellis-control", "namespace": "trellis-system"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "trellis-control"}},
+            "template": {
+                "metadata": {"labels": {"app": "trellis-control"}},
+                "spec": {"containers": [{
+                    "name": "control", "image": "trellis:test", "command": ["sh", "-c", script],
+                    "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                    "ports": [{"name": "http-console", "containerPort": 15014}],
+                    "readinessProbe": {"httpGet": {"path": "/api/status", "port": 15014}}
+                }]}
+            }
+        }
+    });
+    cluster.apply_ok(&deployment.to_string());
+    until("the Service's endpoint", Duration::from_secs(60), || async {
+        !cluster
+            .kubectl_ok(&[
+                "get",
+                "endpoints",
+                "-n",
+                "trellis-system",
+                "trellis-control",
+                "-o",
+                "jsonpath={.subsets[*].addresses[*].ip}",
+            ])
+            .trim()
+            .is_empty()
+    })
+    .await;
+
+    let mut child = Command::new(trellis_bin())
+        .args(["dashboard", "--kubernetes", "--port", "0"])
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("trellis dashboard");
+    let stdout = child.stdout.take().expect("stdout");
+    let first = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout).lines().next().and_then(Result::ok)
+    });
+    let url = match tokio::time::timeout(Duration::from_secs(30), first).await {
+        Ok(Ok(Some(url))) => url,
+        other => {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("wait");
+            panic!("no address from trellis dashboard ({other:?}): {}", String::from_utf8_lossy(&out.stderr));
+        }
+    };
+    assert!(url.starts_with("http://127.0.0.1:") && url.ends_with('/'), "{url}");
+
+    // The console's API, its page and every file the page loads, through the API server.
+    let status = get(&format!("{url}api/status"), &[]).await;
+    assert_eq!(status.status, 200, "{}", status.body);
+    let stores: Vec<String> = status.json()["stores"]
+        .as_array()
+        .expect("stores")
+        .iter()
+        .map(|s| s["name"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(stores, ["spans", "logs", "metrics"]);
+    let page = get(&url, &[]).await;
+    assert_eq!(page.status, 200);
+    assert!(page.header("content-type").is_some_and(|c| c.starts_with("text/html")), "{:?}", page.headers);
+    assert!(page.body.contains("<title>Trellis console</title>"), "{}", page.body);
+    // The API server rewrote the page's links under its proxy path: the proof that the page came
+    // through it, and what the dashboard must take back off.
+    let prefix = "/api/v1/namespaces/trellis-system/services/http:trellis-control:15014/proxy";
+    assert!(page.body.contains(&format!("{prefix}/assets/app.js")), "{}", page.body);
+    let links: Vec<&str> =
+        page.body.split(['"', '\'']).filter(|s| s.starts_with(prefix) && s.contains("/assets/")).collect();
+    assert!(links.len() >= 3, "{links:?}");
+    for link in links.iter().copied().chain(["/assets/app.js"]) {
+        let r = get(&format!("{}{link}", url.trim_end_matches('/')), &[]).await;
+        assert_eq!(r.status, 200, "{link}: {}", r.body);
+        assert!(r.body.len() > 100, "{link}: {}", r.body);
+    }
+    let config = get(&format!("{url}api/config"), &[]).await;
+    assert_eq!(config.status, 200, "{}", config.body);
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -13,12 +13,16 @@
 //! with the rules of `trellis analyze`, and sidecar injection ([`inject`]); the injected init
 //! container programs transparent capture ([`capture`]).
 //!
-//! This crate talks to the API server only through kube-rs; it never proxies traffic.
+//! `trellis dashboard --kubernetes` serves the console of a control plane in the cluster on the
+//! user's machine through the API server's Service proxy ([`dashboard`]).
+//!
+//! This crate talks to the API server only through kube-rs; it proxies no mesh traffic.
 #![forbid(unsafe_code)]
 
 pub mod bootstrap;
 pub mod capture;
 pub mod convert;
+pub mod dashboard;
 pub mod identity;
 pub mod inject;
 pub mod source;
@@ -30,5 +34,20 @@ pub use source::{run, Error};
 /// else the Pod's service account when running in a cluster.
 pub async fn client() -> Result<kube::Client, Error> {
     let config = kube::Config::infer().await.map_err(|e| Error::Config(e.to_string()))?;
+    kube::Client::try_from(config).map_err(Error::Client)
+}
+
+/// A client for passing requests on ([`dashboard`]): the ambient configuration or a kubeconfig
+/// context of its own (`--context`, as kubectl's), and no retries of the API server's 503s
+/// (kube-rs retries them by default; the caller answering them at once is what a proxy does).
+pub async fn proxy_client(context: Option<&str>) -> Result<kube::Client, Error> {
+    let mut config = match context {
+        None => kube::Config::infer().await.map_err(|e| Error::Config(e.to_string()))?,
+        Some(c) => {
+            let options = kube::config::KubeConfigOptions { context: Some(c.to_string()), ..Default::default() };
+            kube::Config::from_kubeconfig(&options).await.map_err(|e| Error::Config(e.to_string()))?
+        }
+    };
+    config.default_retry = false;
     kube::Client::try_from(config).map_err(Error::Client)
 }

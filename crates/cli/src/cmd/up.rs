@@ -330,15 +330,42 @@ pub fn exec_supervised(args: ExecArgs) -> ExitCode {
 #[derive(clap::Args, Debug)]
 pub struct DashboardArgs {
     /// The mesh: its config directory or state directory (default: the one running, if one is).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "kubernetes")]
     mesh: Option<PathBuf>,
     /// Open it in the desktop's browser (xdg-open) as well as printing its address.
     #[arg(long)]
     open: bool,
+    /// The console of the control plane in a Kubernetes cluster (the Helm chart's), served here
+    /// through the API server's Service proxy with the kubeconfig's credentials (they need `get`
+    /// on `services/proxy` in its namespace), until interrupted.
+    #[arg(long, short = 'k')]
+    kubernetes: bool,
+    /// With --kubernetes: the kubeconfig context (default: the current one).
+    #[arg(long, requires = "kubernetes")]
+    context: Option<String>,
+    /// With --kubernetes: the control plane's namespace.
+    #[arg(long, short = 'n', default_value = "trellis-system")]
+    namespace: String,
+    /// With --kubernetes: the control plane's Service.
+    #[arg(long, default_value = "trellis-control")]
+    service: String,
+    /// With --kubernetes: the console's port on that Service (the chart's `console.port`).
+    #[arg(long, default_value_t = 15014)]
+    service_port: u16,
+    /// With --kubernetes: the address to serve it on here.
+    #[arg(long, default_value = "127.0.0.1")]
+    address: std::net::IpAddr,
+    /// With --kubernetes: the port to serve it on here (0: any free port).
+    #[arg(long, short = 'p', default_value_t = 15014)]
+    port: u16,
 }
 
-/// `trellis dashboard`: the address of the console of the mesh `trellis up` runs.
+/// `trellis dashboard`: the address of the console of the mesh `trellis up` runs, or, with
+/// `--kubernetes`, the console of a cluster's control plane served here until interrupted.
 pub fn dashboard(args: DashboardArgs) -> ExitCode {
+    if args.kubernetes {
+        return super::block_on(kubernetes_dashboard(args));
+    }
     let Some((_, info)) = running_mesh(args.mesh.as_deref()) else { return ExitCode::FAILURE };
     let Some((port, _)) = info.ports.iter().find(|(_, what)| what == trellis_local::CONSOLE_PORT) else {
         eprintln!("error: the mesh in {} runs without the console (started with --no-console)", info.dir.display());
@@ -346,11 +373,46 @@ pub fn dashboard(args: DashboardArgs) -> ExitCode {
     };
     let url = format!("http://127.0.0.1:{port}/");
     outln!("{url}");
-    if args.open {
-        if let Err(e) = std::process::Command::new("xdg-open").arg(&url).status() {
-            eprintln!("error: cannot open a browser (xdg-open: {e}); open {url} yourself");
-            return ExitCode::FAILURE;
-        }
+    if args.open && !open_browser(&url) {
+        return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+fn open_browser(url: &str) -> bool {
+    match std::process::Command::new("xdg-open").arg(url).status() {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("error: cannot open a browser (xdg-open: {e}); open {url} yourself");
+            false
+        }
+    }
+}
+
+/// `trellis dashboard --kubernetes`: checks that the console answers through the API server
+/// (naming what is missing when it does not), prints the local address, and serves it.
+async fn kubernetes_dashboard(args: DashboardArgs) -> anyhow::Result<()> {
+    use trellis_kube::dashboard::{bind, Console};
+    let client = trellis_kube::proxy_client(args.context.as_deref()).await?;
+    let console = Console { namespace: args.namespace, service: args.service, port: args.service_port };
+    console.check(&client).await.map_err(anyhow::Error::msg)?;
+    let listener = bind(SocketAddr::new(args.address, args.port)).await.map_err(anyhow::Error::msg)?;
+    let here = listener.local_addr()?;
+    let url = match here.ip() {
+        ip if ip.is_unspecified() => format!("http://127.0.0.1:{}/", here.port()),
+        _ => format!("http://{here}/"),
+    };
+    outln!("{url}");
+    eprintln!(
+        "the console of Service {}/{}, through the Kubernetes API server; Ctrl-C stops",
+        console.namespace, console.service
+    );
+    if args.open {
+        open_browser(&url);
+    }
+    tokio::select! {
+        r = console.serve(client, listener) => r?,
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
 }

@@ -292,8 +292,11 @@ impl Drop for TestCluster {
 
 /// A proxy address that refuses: whatever in the test cluster would dial out of this machine
 /// through an HTTP client fails here instead (Go never proxies loopback, so calls to 127.0.0.1
-/// and localhost go direct).
+/// and localhost go direct, as do calls into the Pod network, [`NO_PROXY`]).
 const NOWHERE_PROXY: &str = "http://127.0.0.1:9";
+/// What the cluster's processes reach directly: this machine, and the Pod network of
+/// [`Network::namespaces`] (the API server's Service proxy dials Pod IPs, as on a node).
+const NO_PROXY: &str = "127.0.0.1,localhost,10.244.0.0/16";
 
 fn spawn(program: &Path, args: &[&str], log: &Path) -> Child {
     let log = std::fs::File::create(log).expect("log file");
@@ -301,7 +304,7 @@ fn spawn(program: &Path, args: &[&str], log: &Path) -> Child {
         .args(args)
         .env("HTTPS_PROXY", NOWHERE_PROXY)
         .env("HTTP_PROXY", NOWHERE_PROXY)
-        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("NO_PROXY", NO_PROXY)
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
