@@ -13,8 +13,8 @@
 //! (gateway, sidecars, apps, control plane). Each pair gives one difference (with − without)
 //! at p50, p90 and p99; [`Paired`] sums them up: the median difference, its distribution-free
 //! interval (order statistics of the differences, as the sign test gives them) and the sign
-//! test's p-value. The console costs nothing measurable when that interval holds zero at every
-//! percentile. With `--mesh-per-pair` every pair has new instances of both meshes, so that what
+//! test's p-value. The console adds measurable latency when that interval lies above zero at a
+//! percentile ([`verdict`]; an interval below zero says requests were faster with it). With `--mesh-per-pair` every pair has new instances of both meshes, so that what
 //! one instance happens to be does not repeat in every pair (pairs sharing two instances are not
 //! independent, and their interval is too narrow).
 
@@ -47,7 +47,7 @@ pub struct ConsoleRun {
 }
 
 /// One percentile's differences over the pairs (with the console − without), in microseconds.
-#[derive(Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct Paired {
     pub percentile: &'static str,
     /// Each pair's difference, in the order the pairs ran.
@@ -114,6 +114,43 @@ impl Paired {
     /// Whether the interval holds zero (no difference the pairs can tell from none).
     pub fn holds_zero(&self) -> bool {
         self.interval_us.is_some_and(|(lo, hi)| lo <= 0 && hi >= 0)
+    }
+
+    /// Whether the whole interval lies above zero: requests measurably slower with the console.
+    pub fn slower(&self) -> bool {
+        self.interval_us.is_some_and(|(lo, _)| lo > 0)
+    }
+}
+
+/// The pairs of earlier runs (`bench console` JSON files) as one set, percentile by percentile.
+pub fn pool(files: &[std::path::PathBuf]) -> anyhow::Result<Vec<Paired>> {
+    let mut by: Vec<(&'static str, Vec<i64>)> = vec![("p50", Vec::new()), ("p90", Vec::new()), ("p99", Vec::new())];
+    for f in files {
+        let run: serde_json::Value = serde_json::from_slice(&std::fs::read(f)?)?;
+        for p in run["paired"].as_array().into_iter().flatten() {
+            let Some(slot) = by.iter_mut().find(|(n, _)| Some(*n) == p["percentile"].as_str()) else { continue };
+            slot.1.extend(p["differences_us"].as_array().into_iter().flatten().filter_map(|d| d.as_i64()));
+        }
+    }
+    Ok(by.into_iter().map(|(n, d)| Paired::new(n, d)).collect())
+}
+
+/// What a run's pairs say of the console's cost to requests.
+pub fn verdict(paired: &[Paired]) -> String {
+    let names =
+        |f: fn(&Paired) -> bool| -> Vec<&str> { paired.iter().filter(|p| f(p)).map(|p| p.percentile).collect() };
+    if paired.iter().any(|p| p.interval_us.is_none()) {
+        return "too few pairs to tell (6 or more give a 95% interval)".into();
+    }
+    let slower = names(Paired::slower);
+    if !slower.is_empty() {
+        return format!("measurable: requests slower with it at {}", slower.join(", "));
+    }
+    let faster = names(|p| !p.holds_zero());
+    if faster.is_empty() {
+        "not measurable (every interval holds zero)".into()
+    } else {
+        format!("none added (no interval lies above zero; requests faster with it at {})", faster.join(", "))
     }
 }
 
@@ -502,11 +539,36 @@ mod tests {
         // All 8 one way: p = 2/256.
         let q = Paired::new("p90", vec![93, 1, 112, 123, 89, 138, 10, 150]);
         assert!((q.sign_test_p - 0.0078).abs() < 0.0001, "{q:?}");
-        assert!(!q.holds_zero());
+        assert!(!q.holds_zero() && q.slower());
+        assert_eq!(verdict(&[p.clone(), q.clone()]), "measurable: requests slower with it at p90");
+        let faster = Paired::new("p99", vec![-93, -1, -112, -123, -89, -138, -10, -150]);
+        assert!(!faster.holds_zero() && !faster.slower());
+        assert_eq!(
+            verdict(&[p.clone(), faster]),
+            "none added (no interval lies above zero; requests faster with it at p99)"
+        );
+        assert_eq!(verdict(std::slice::from_ref(&p)), "not measurable (every interval holds zero)");
         assert_eq!(q.median_us, 102.5);
         // 16 pairs: k = 4, [d(4), d(13)], coverage 97.9%.
         let r = Paired::new("p50", (1..=16).collect());
         assert_eq!(r.interval_us, Some((4, 13)));
         assert!(Paired::new("p50", vec![1, 2, 3]).interval_us.is_none());
+    }
+
+    #[test]
+    fn runs_pool_into_one_set_of_pairs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let run = |name: &str, p50: Vec<i64>| {
+            let path = dir.path().join(name);
+            let paired = vec![Paired::new("p50", p50), Paired::new("p99", vec![-1, -2, -3])];
+            std::fs::write(&path, serde_json::to_vec(&serde_json::json!({ "paired": paired })).expect("json"))
+                .expect("write");
+            path
+        };
+        let pooled = pool(&[run("a.json", vec![1, 2, 3, 4]), run("b.json", vec![-5, 6, 7, 8])]).expect("pool");
+        assert_eq!(pooled[0].differences_us, [1, 2, 3, 4, -5, 6, 7, 8]);
+        assert_eq!((pooled[0].slower, pooled[0].faster), (7, 1));
+        assert!(pooled[1].differences_us.is_empty(), "p90 was in neither run");
+        assert_eq!(pooled[2].differences_us.len(), 6);
     }
 }

@@ -55,6 +55,10 @@ struct Args {
     /// instance happens to be varies between pairs rather than repeating in each.
     #[arg(long)]
     mesh_per_pair: bool,
+    /// `console`: run nothing; sum up the pairs of earlier runs (their JSON files) as one set,
+    /// which `--mesh-per-pair` runs are (every pair has instances of its own).
+    #[arg(long, num_args = 1..)]
+    pool: Vec<PathBuf>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -243,6 +247,12 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
         if args.only.as_deref() == Some("cost") {
             total = Duration::ZERO;
         }
+        if !args.pool.is_empty() {
+            let paired = console::pool(&args.pool)?;
+            println!("{} pairs from {} runs", paired.first().map_or(0, |p| p.differences_us.len()), args.pool.len());
+            print_paired(&paired);
+            return Ok(());
+        }
         let cost = console::Cost {
             pairs,
             window,
@@ -331,30 +341,7 @@ async fn run(args: Args, pin: Pinning) -> anyhow::Result<()> {
             "\n| paired, with − without | median µs | interval µs (coverage) | slower / faster pairs | sign test p |"
         );
         println!("|---|---:|---:|---:|---:|");
-        for p in &r.paired {
-            println!(
-                "| {} | {:+.1} | {} | {} / {} | {:.3} |",
-                p.percentile,
-                p.median_us,
-                match (p.interval_us, p.coverage) {
-                    (Some((lo, hi)), Some(c)) => format!("{lo:+} to {hi:+} ({:.1}%)", c * 100.0),
-                    _ => "too few pairs".into(),
-                },
-                p.slower,
-                p.faster,
-                p.sign_test_p
-            );
-        }
-        println!(
-            "\nthe console's cost to requests: {}",
-            if r.paired.iter().any(|p| p.interval_us.is_none()) {
-                "too few pairs to tell (6 or more give a 95% interval)"
-            } else if r.paired.iter().all(|p| p.holds_zero()) {
-                "not measurable (every interval holds zero)"
-            } else {
-                "measurable (an interval excludes zero)"
-            }
-        );
+        print_paired(&r.paired);
         std::fs::create_dir_all(&args.out)?;
         let file = args.out.join(format!("{}-console{}.json", today(), if args.quick { "-quick" } else { "" }));
         std::fs::write(&file, serde_json::to_string_pretty(&r)?)?;
@@ -762,4 +749,25 @@ async fn profile(pin: &Pinning, trellis: &std::path::Path, only: Option<&str>) -
             .join("\n")
     );
     Ok(())
+}
+
+/// The paired differences' table and what they say.
+fn print_paired(paired: &[console::Paired]) {
+    println!("\n| paired, with − without | median µs | interval µs (coverage) | slower / faster pairs | sign test p |");
+    println!("|---|---:|---:|---:|---:|");
+    for p in paired {
+        println!(
+            "| {} | {:+.1} | {} | {} / {} | {:.3} |",
+            p.percentile,
+            p.median_us,
+            match (p.interval_us, p.coverage) {
+                (Some((lo, hi)), Some(c)) => format!("{lo:+} to {hi:+} ({:.1}%)", c * 100.0),
+                _ => "too few pairs".into(),
+            },
+            p.slower,
+            p.faster,
+            p.sign_test_p
+        );
+    }
+    println!("\nthe console's cost to requests: {}", console::verdict(paired));
 }

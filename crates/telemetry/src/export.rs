@@ -1,15 +1,23 @@
 //! Span export, off the request path: a span is written where it ends as an OTLP `Span`
-//! message in one buffer ([`SpanWriter`]: no strings built for the exporter to encode and free),
-//! and goes into a bounded queue (a full queue drops the span and counts it); a task sends them
-//! in batches over OTLP/HTTP (protobuf: the buffers copied behind their lengths) and/or Zipkin
-//! v2 JSON. A receiver that is down costs requests nothing; its spans are counted as dropped.
+//! message ([`SpanWriter`], into a buffer the thread keeps from one span to the next), then
+//! appended, framed as it will be sent, to the spans waiting in that thread's own buffer (its
+//! lock is taken by no one but this thread and, five times a second, the exporter). A thread's
+//! buffer holds at most [`QUEUE`] spans: past that a span is dropped and counted. A task sends
+//! what the buffers hold in batches over OTLP/HTTP (protobuf: the framed spans copied as they
+//! are) and/or Zipkin v2 JSON. A receiver that is down costs requests nothing; its spans are
+//! counted as dropped.
+//!
+//! So a span costs the request path no allocation, no shared queue and no atomic operation on a
+//! cache line another CPU writes: writing it, and one uncontended lock. (It used to be one
+//! allocation, a bounded channel's atomics and a free on the exporter's thread per span; with
+//! the mesh at 1000 requests per second that made requests measurably slower, `bench console`.)
 //!
 //! Requests never wake the task: it wakes every 200 ms and takes what queued up, and only a
-//! backlog of a full batch nudges it sooner. (A wake-up per span, at thousands of requests a
-//! second, cost the mesh more CPU than the spans themselves: `bench console`.) The task runs on
-//! a thread of its own at idle priority ([`crate::idle`]): encoding and sending never take a
-//! CPU from requests.
+//! thread's backlog of a full batch nudges it sooner. The task runs on a thread of its own at
+//! idle priority ([`crate::idle`]): encoding and sending never take a CPU from requests.
 
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -19,7 +27,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use prometheus_client::metrics::counter::Counter;
 use prost::Message;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 
 use crate::otlp;
 use crate::trace::{span_hex, trace_hex, Attr, SpanData, SpanId, SpanKind, TraceId};
@@ -40,93 +48,186 @@ impl ExportConfig {
     }
 }
 
-const QUEUE: usize = 4096;
+/// The most spans one thread's buffer holds until the exporter takes them.
+pub const QUEUE: usize = 4096;
+/// A thread's backlog that wakes the exporter before its tick.
 const BATCH: usize = 512;
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Past this many bytes of spans, what was taken so far is sent as one request (receivers
+/// commonly take 4 MiB).
+const MAX_REQUEST: usize = 3 << 20;
+
+/// Spans by the service reporting them: each group's bytes are `ScopeSpans.spans` fields (key,
+/// length, `Span` message) one after another, as they are sent.
+type Groups = Vec<(Arc<str>, Vec<u8>)>;
+
+/// Spans waiting in one thread's buffer.
+#[derive(Default)]
+struct Pending {
+    groups: Groups,
+    spans: usize,
+    /// How large the last buffer taken from here had grown: the next one starts that large, so
+    /// a thread allocates once per batch, not as the buffer grows.
+    capacity: usize,
+}
+
+enum Pushed {
+    Queued,
+    /// The thread's backlog just reached a batch.
+    Batch,
+    Full,
+}
+
+impl Pending {
+    fn push(&mut self, service: &Arc<str>, span: &[u8]) -> Pushed {
+        if self.spans >= QUEUE {
+            return Pushed::Full;
+        }
+        let same = matches!(self.groups.last(), Some((s, _)) if Arc::ptr_eq(s, service) || **s == **service);
+        if !same {
+            self.groups.push((service.clone(), Vec::with_capacity(self.capacity.max(4096))));
+        }
+        let n = self.groups.len();
+        wire::bytes(2, span, &mut self.groups[n - 1].1);
+        self.spans += 1;
+        if self.spans == BATCH {
+            Pushed::Batch
+        } else {
+            Pushed::Queued
+        }
+    }
+
+    fn take(&mut self) -> (Groups, usize) {
+        let groups = std::mem::take(&mut self.groups);
+        self.capacity = groups.iter().map(|(_, g)| g.len()).max().unwrap_or(0);
+        (groups, std::mem::take(&mut self.spans))
+    }
+}
+
+struct Shared {
+    /// Tells this sink's buffers from another's in a thread's [`BUFFERS`].
+    id: usize,
+    /// Every thread's buffer (registered by its first span).
+    threads: Mutex<Vec<Arc<Mutex<Pending>>>>,
+    /// Wakes the task before its tick: a full batch waiting, or a flush asked for.
+    nudge: Notify,
+    flushes: Mutex<Vec<oneshot::Sender<()>>>,
+    dropped: Counter,
+}
+
+static NEXT_SINK: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's buffer in each sink it has written to.
+    static BUFFERS: RefCell<Vec<(usize, Arc<Mutex<Pending>>)>> = const { RefCell::new(Vec::new()) };
+    /// What [`SpanWriter`] writes into, kept between spans.
+    static SCRATCH: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
 
 /// The request path's handle on the exporter.
 #[derive(Clone)]
 pub struct SpanSink {
-    tx: mpsc::Sender<EncodedSpan>,
-    /// Wakes the task before its tick: a full batch waiting, or a flush asked for.
-    nudge: Arc<Notify>,
-    flushes: Arc<Mutex<Vec<oneshot::Sender<()>>>>,
-    dropped: Counter,
+    shared: Arc<Shared>,
 }
 
 impl SpanSink {
-    /// Starts the export task, on its own thread at idle priority; it ends when the last
-    /// handle is dropped.
+    /// Starts the export task, on its own thread at idle priority; it ends (after sending what
+    /// is left) when the last handle is dropped.
     pub fn start(config: ExportConfig, dropped: Counter) -> std::io::Result<SpanSink> {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let sink = SpanSink { tx, nudge: Arc::default(), flushes: Arc::default(), dropped: dropped.clone() };
-        let (nudge, flushes) = (sink.nudge.clone(), sink.flushes.clone());
-        crate::idle::spawn("span-export", move || run(config, rx, nudge, flushes, dropped))?;
-        Ok(sink)
+        let shared = Arc::new(Shared {
+            id: NEXT_SINK.fetch_add(1, Ordering::Relaxed),
+            threads: Mutex::default(),
+            nudge: Notify::new(),
+            flushes: Mutex::default(),
+            dropped,
+        });
+        let task = shared.clone();
+        crate::idle::spawn("span-export", move || run(config, task))?;
+        Ok(SpanSink { shared })
     }
 
     /// Queues a span; never waits, and wakes nothing unless a full batch is waiting. A full
-    /// queue drops it (counted).
+    /// buffer drops it (counted).
     pub fn submit(&self, span: SpanData) {
         self.submit_encoded(EncodedSpan::from(&span));
     }
 
     /// [`SpanSink::submit`], for a span written with a [`SpanWriter`].
     pub fn submit_encoded(&self, span: EncodedSpan) {
-        if self.tx.try_send(span).is_err() {
-            self.dropped.inc();
-        } else if self.tx.capacity() <= QUEUE - BATCH {
-            self.nudge.notify_one();
+        let EncodedSpan { service, bytes } = span;
+        let pushed = self.with_buffer(|p| p.lock().map(|mut p| p.push(&service, &bytes)).unwrap_or(Pushed::Full));
+        match pushed.unwrap_or(Pushed::Full) {
+            Pushed::Queued => {}
+            Pushed::Batch => self.shared.nudge.notify_one(),
+            Pushed::Full => {
+                self.shared.dropped.inc();
+            }
         }
+        // The writer's buffer, for the next span this thread writes.
+        let _ = SCRATCH.try_with(|s| s.set(bytes));
+    }
+
+    /// Runs `f` on this thread's buffer in this sink, registering one on the thread's first
+    /// span; `None` while the thread is being torn down.
+    fn with_buffer<R>(&self, f: impl FnOnce(&Mutex<Pending>) -> R) -> Option<R> {
+        BUFFERS
+            .try_with(|b| {
+                let mut b = b.borrow_mut();
+                let i = match b.iter().position(|(id, _)| *id == self.shared.id) {
+                    Some(i) => i,
+                    None => {
+                        // Buffers of sinks that are gone (their exporter held the other handle).
+                        b.retain(|(_, p)| Arc::strong_count(p) > 1);
+                        let p = Arc::new(Mutex::new(Pending::default()));
+                        self.shared.threads.lock().ok()?.push(p.clone());
+                        b.push((self.shared.id, p));
+                        b.len() - 1
+                    }
+                };
+                Some(f(&b[i].1))
+            })
+            .ok()
+            .flatten()
     }
 
     /// Sends what is queued now (on shutdown), waiting at most `timeout`.
     pub async fn flush(&self, timeout: Duration) {
         let (ack, done) = oneshot::channel();
-        if let Ok(mut f) = self.flushes.lock() {
+        if let Ok(mut f) = self.shared.flushes.lock() {
             f.push(ack);
         }
-        self.nudge.notify_one();
+        self.shared.nudge.notify_one();
         let _ = tokio::time::timeout(timeout, done).await;
     }
 }
 
-async fn run(
-    config: ExportConfig,
-    mut rx: mpsc::Receiver<EncodedSpan>,
-    nudge: Arc<Notify>,
-    flushes: Arc<Mutex<Vec<oneshot::Sender<()>>>>,
-    dropped: Counter,
-) {
+async fn run(config: ExportConfig, shared: Arc<Shared>) {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut batch = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = nudge.notified() => {}
+            _ = shared.nudge.notified() => {}
         }
-        let acks = flushes.lock().map(|mut f| std::mem::take(&mut *f)).unwrap_or_default();
-        let mut closed = false;
-        loop {
-            match rx.try_recv() {
-                Ok(s) => batch.push(s),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    closed = true;
-                    break;
-                }
-            }
-            if batch.len() == BATCH {
-                send(&client, &config, &batch, &dropped).await;
-                batch.clear();
+        let acks = shared.flushes.lock().map(|mut f| std::mem::take(&mut *f)).unwrap_or_default();
+        // Every handle but this task's dropped: what is left is sent, then the task ends.
+        let closed = Arc::strong_count(&shared) == 1;
+        let threads = shared.threads.lock().map(|t| t.clone()).unwrap_or_default();
+        let (mut batch, mut spans, mut bytes) = (Vec::new(), 0, 0);
+        for t in threads {
+            let Ok((groups, n)) = t.lock().map(|mut p| p.take()) else { continue };
+            spans += n;
+            bytes += groups.iter().map(|(_, g)| g.len()).sum::<usize>();
+            batch.extend(groups);
+            if bytes > MAX_REQUEST {
+                send(&client, &config, &batch, spans, &shared.dropped).await;
+                (batch, spans, bytes) = (Vec::new(), 0, 0);
             }
         }
-        if !batch.is_empty() {
-            send(&client, &config, &batch, &dropped).await;
-            batch.clear();
+        if spans > 0 {
+            send(&client, &config, &batch, spans, &shared.dropped).await;
         }
         for a in acks {
             let _ = a.send(());
@@ -137,25 +238,28 @@ async fn run(
     }
 }
 
-/// One batch to every endpoint; a batch an endpoint does not take is counted as dropped.
+/// One batch (`spans` spans in framed groups) to every endpoint; a batch an endpoint does not
+/// take is counted as dropped.
 async fn send(
     client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
     config: &ExportConfig,
-    batch: &[EncodedSpan],
+    groups: &[(Arc<str>, Vec<u8>)],
+    spans: usize,
     dropped: &Counter,
 ) {
     let mut ok = true;
     if !config.otlp.is_empty() {
-        let body = Bytes::from(encode_otlp(batch));
+        let body = Bytes::from(encode_groups(groups));
         for uri in &config.otlp {
             ok &= post(client, uri, "application/x-protobuf", body.clone()).await;
         }
     }
     if let Some(uri) = &config.zipkin {
-        ok &= post(client, uri, "application/json", encode_zipkin(batch)).await;
+        let each = groups.iter().flat_map(|(svc, g)| framed(g).map(move |s| (&**svc, s)));
+        ok &= post(client, uri, "application/json", zipkin(each)).await;
     }
     if !ok {
-        dropped.inc_by(batch.len() as u64);
+        dropped.inc_by(spans as u64);
     }
 }
 
@@ -275,7 +379,10 @@ impl SpanWriter {
         start: SystemTime,
         end: SystemTime,
     ) -> SpanWriter {
-        let mut buf = Vec::with_capacity(512);
+        // The thread's buffer from its last span ([`SpanSink::submit_encoded`] puts it back).
+        let mut buf = SCRATCH.try_with(Cell::take).unwrap_or_default();
+        buf.clear();
+        buf.reserve(768);
         wire::bytes(1, &trace_id, &mut buf);
         wire::bytes(2, &span_id, &mut buf);
         if let Some(p) = parent {
@@ -328,54 +435,76 @@ impl SpanWriter {
     }
 }
 
-/// Spans grouped by the service reporting them, in the order services first appear.
-fn by_service(spans: &[EncodedSpan]) -> Vec<(&str, Vec<&EncodedSpan>)> {
-    let mut groups: Vec<(&str, Vec<&EncodedSpan>)> = Vec::new();
+/// Spans grouped by the service reporting them, in the order services first appear, each
+/// group framed as [`Pending`] holds it.
+fn framed_groups(spans: &[EncodedSpan]) -> Groups {
+    let mut groups: Groups = Vec::new();
     for s in spans {
-        match groups.iter_mut().find(|(svc, _)| *svc == &*s.service) {
-            Some((_, v)) => v.push(s),
-            None => groups.push((&s.service, vec![s])),
-        }
+        let i = match groups.iter().position(|(svc, _)| **svc == *s.service) {
+            Some(i) => i,
+            None => {
+                groups.push((s.service.clone(), Vec::new()));
+                groups.len() - 1
+            }
+        };
+        wire::bytes(2, &s.bytes, &mut groups[i].1);
     }
     groups
 }
 
-/// Encodes spans as an OTLP `ExportTraceServiceRequest`, one resource per reporting service:
-/// each span's buffer is copied behind its length.
+/// Encodes spans as an OTLP `ExportTraceServiceRequest`, one resource per reporting service.
 pub fn encode_otlp(spans: &[EncodedSpan]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(spans.iter().map(|s| s.bytes.len() + 4).sum::<usize>() + 256);
+    encode_groups(&framed_groups(spans))
+}
+
+/// The `ExportTraceServiceRequest` of framed groups: each group's bytes copied as they are.
+fn encode_groups(groups: &[(Arc<str>, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(groups.iter().map(|(_, g)| g.len() + 256).sum::<usize>());
     let mut resource = Vec::with_capacity(128);
     let mut scope = Vec::with_capacity(64);
     wire::bytes(1, b"trellis-proxy", &mut scope);
     wire::bytes(2, env!("CARGO_PKG_VERSION").as_bytes(), &mut scope);
-    for (svc, spans) in by_service(spans) {
+    for (svc, spans) in groups {
         // Resource { attributes = 1 }
         resource.clear();
-        write_kv(1, "service.name", &Attr::Str(svc.into()), &mut resource);
+        write_kv(1, "service.name", &Attr::Str(svc.clone()), &mut resource);
         write_kv(1, "telemetry.sdk.name", &Attr::Str("trellis".into()), &mut resource);
-        // ScopeSpans { scope = 1, spans = 2 }
-        let scope_spans =
-            wire::len_field(scope.len()) + spans.iter().map(|s| wire::len_field(s.bytes.len())).sum::<usize>();
+        // ScopeSpans { scope = 1, spans = 2 (already framed) }
+        let scope_spans = wire::len_field(scope.len()) + spans.len();
         // ExportTraceServiceRequest { resource_spans = 1: ResourceSpans { resource = 1, scope_spans = 2 } }
         wire::len_prefix(1, wire::len_field(resource.len()) + wire::len_field(scope_spans), &mut out);
         wire::bytes(1, &resource, &mut out);
         wire::len_prefix(2, scope_spans, &mut out);
         wire::bytes(1, &scope, &mut out);
-        for s in spans {
-            wire::bytes(2, &s.bytes, &mut out);
-        }
+        out.extend_from_slice(spans);
     }
     out
+}
+
+/// The `Span` messages of a framed group.
+fn framed(mut group: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        let (_key, rest) = group.split_first()?;
+        let mut rest: &[u8] = rest;
+        let len = prost::encoding::decode_varint(&mut rest).ok()? as usize;
+        let span = rest.get(..len)?;
+        group = &rest[len..];
+        Some(span)
+    })
 }
 
 /// Encodes spans as a Zipkin v2 JSON array (each span's message decoded again: Zipkin is the
 /// rarer export, and this runs on the exporter's idle thread).
 pub fn encode_zipkin(spans: &[EncodedSpan]) -> Vec<u8> {
+    zipkin(spans.iter().map(|s| (&*s.service, &s.bytes[..])))
+}
+
+/// Zipkin v2 JSON of `(reporting service, Span message)` pairs.
+fn zipkin<'a>(spans: impl Iterator<Item = (&'a str, &'a [u8])>) -> Vec<u8> {
     use otlp::any_value::Value as V;
     let list: Vec<serde_json::Value> = spans
-        .iter()
-        .filter_map(|e| {
-            let s = otlp::Span::decode(&e.bytes[..]).ok()?;
+        .filter_map(|(service, bytes)| {
+            let s = otlp::Span::decode(bytes).ok()?;
             let start = s.start_time_unix_nano / 1000;
             let error = s.status.as_ref().is_some_and(|st| st.code == otlp::status::StatusCode::Error as i32);
             let tags: serde_json::Map<String, serde_json::Value> = s
@@ -397,7 +526,7 @@ pub fn encode_zipkin(spans: &[EncodedSpan]) -> Vec<u8> {
                 "name": s.name,
                 "timestamp": start,
                 "duration": (s.end_time_unix_nano / 1000).saturating_sub(start).max(1),
-                "localEndpoint": {"serviceName": &*e.service},
+                "localEndpoint": {"serviceName": service},
                 "tags": tags,
             });
             // Zipkin has no kind for an internal span: it is left out.
@@ -560,5 +689,130 @@ mod tests {
         assert_eq!(json[1]["kind"], "CLIENT");
         assert_eq!(json[1]["localEndpoint"]["serviceName"], "business-logic.default");
         assert_eq!(json[1]["tags"], serde_json::json!({"url.path": "/slow", "error": "true"}));
+    }
+
+    #[test]
+    fn a_threads_buffer_nudges_at_a_batch_and_drops_past_its_bound() {
+        let (a, b): (Arc<str>, Arc<str>) = ("a.default".into(), "b.default".into());
+        let mut p = Pending::default();
+        for i in 1..=QUEUE {
+            let svc = if i % 1000 == 0 { &b } else { &a };
+            match p.push(svc, b"span") {
+                Pushed::Batch => assert_eq!(i, BATCH),
+                Pushed::Queued => assert_ne!(i, BATCH),
+                Pushed::Full => panic!("full at {i}"),
+            }
+        }
+        assert!(matches!(p.push(&a, b"span"), Pushed::Full));
+        let (groups, n) = p.take();
+        assert_eq!(n, QUEUE);
+        // A new group each time the service changes; every span framed in its group.
+        assert_eq!(groups.len(), 9);
+        assert_eq!(groups.iter().map(|(_, g)| framed(g).count()).sum::<usize>(), QUEUE);
+        assert!(groups.iter().flat_map(|(_, g)| framed(g)).all(|s| s == b"span"));
+        // Emptied, and the next buffer starts as large as the largest taken.
+        assert_eq!(p.spans, 0);
+        assert_eq!(p.capacity, 999 * 6);
+        assert!(matches!(p.push(&a, b"span"), Pushed::Queued));
+        assert!(p.groups[0].1.capacity() >= 999 * 6);
+    }
+
+    /// Spans from several threads (plain ones and a runtime's workers), two services, to an
+    /// OTLP/HTTP receiver on a real socket: each arrives once, under its own service.
+    #[test]
+    fn spans_from_every_thread_arrive_once_each() {
+        use http_body_util::BodyExt;
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let received: Arc<Mutex<Vec<otlp::ExportTraceServiceRequest>>> = Arc::default();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let store = received.clone();
+        rt.spawn(async move {
+            while let Ok((io, _)) = listener.accept().await {
+                let store = store.clone();
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(
+                    hyper_util::rt::TokioIo::new(io),
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let store = store.clone();
+                        async move {
+                            let body = req.into_body().collect().await?.to_bytes();
+                            if let (Ok(m), Ok(mut s)) = (otlp::ExportTraceServiceRequest::decode(body), store.lock()) {
+                                s.push(m);
+                            }
+                            Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::new())))
+                        }
+                    }),
+                ));
+            }
+        });
+        let config =
+            ExportConfig { otlp: vec![format!("http://{addr}/v1/traces").parse().expect("uri")], zipkin: None };
+        let dropped = Counter::default();
+        let sink = SpanSink::start(config, dropped.clone()).expect("sink");
+        let per_thread = 700u16; // past a batch: the nudge and the tick both send
+        let mut threads = Vec::new();
+        for t in 0..3u8 {
+            let sink = sink.clone();
+            threads.push(std::thread::spawn(move || {
+                for i in 0..per_thread {
+                    let mut s = span(1, if i % 2 == 0 { "a.default" } else { "b.default" }, None, false, vec![]);
+                    s.span_id[..2].copy_from_slice(&i.to_le_bytes());
+                    s.span_id[7] = t;
+                    sink.submit(s);
+                }
+            }));
+        }
+        for t in threads {
+            t.join().expect("thread");
+        }
+        rt.block_on(async {
+            let tasks: Vec<_> = (3..5u8)
+                .map(|t| {
+                    let sink = sink.clone();
+                    tokio::spawn(async move {
+                        for i in 0..per_thread {
+                            let mut s = span(1, "a.default", None, false, vec![]);
+                            s.span_id[..2].copy_from_slice(&i.to_le_bytes());
+                            s.span_id[7] = t;
+                            sink.submit(s);
+                            tokio::task::yield_now().await;
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.expect("task");
+            }
+            sink.flush(Duration::from_secs(10)).await;
+        });
+        assert_eq!(dropped.get(), 0);
+        let received = received.lock().expect("lock");
+        let mut ids: Vec<(String, Vec<u8>)> = received
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .flat_map(|rs| {
+                let svc = rs
+                    .resource
+                    .as_ref()
+                    .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.name"))
+                    .and_then(|kv| kv.value.as_ref()?.value.clone());
+                let svc = match svc {
+                    Some(otlp::any_value::Value::StringValue(s)) => s,
+                    _ => String::new(),
+                };
+                rs.scope_spans.iter().flat_map(|ss| &ss.spans).map(move |s| (svc.clone(), s.span_id.clone()))
+            })
+            .collect();
+        let total = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(total, 5 * usize::from(per_thread), "every span once");
+        assert_eq!(ids.len(), total, "no span twice");
+        for (svc, id) in &ids {
+            let (i, t) = (u16::from_le_bytes([id[0], id[1]]), id[7]);
+            let want = if t < 3 && i % 2 == 1 { "b.default" } else { "a.default" };
+            assert_eq!(svc, want, "span {i} of thread {t}");
+        }
+        assert!(received.len() >= 2, "batches: {}", received.len());
     }
 }
