@@ -33,7 +33,7 @@ impl Ports {
                 Ok(_) => continue, // another mesh holds this block
                 Err(_) => None,    // no temporary directory to lock in: the bind check alone
             };
-            if (start..start + BLOCK).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            if (start..start + BLOCK).all(bindable) {
                 return Ok(Ports { next: start, end: start + BLOCK, _lock: lock });
             }
         }
@@ -44,12 +44,22 @@ impl Ports {
         while self.next < self.end {
             let p = self.next;
             self.next += 1;
-            if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            if bindable(p) {
                 return Ok(p);
             }
         }
         Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "the mesh needs more than 256 ports"))
     }
+}
+
+/// Whether any app could bind `127.0.0.1:port` now, even one that does not set `SO_REUSEADDR`.
+/// (Listeners made by Rust's std set it, and to them a port whose last connections are still in
+/// `TIME_WAIT`, as a mesh that just stopped leaves its apps' ports for a minute, looks free; an
+/// app binding it without the option, as Python's `socket` does by default, then fails with
+/// "address already in use" until the kernel forgets those connections.)
+fn bindable(port: u16) -> bool {
+    let Ok(s) = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None) else { return false };
+    s.bind(&local(port).into()).is_ok()
 }
 
 fn local(port: u16) -> SocketAddr {
@@ -404,5 +414,31 @@ impl GatewayPlan {
             args.push(format!("{k}={v}"));
         }
         args
+    }
+}
+
+#[cfg(test)]
+mod port_tests {
+    use std::io::{Read, Write};
+
+    /// A port whose server side closed first is in `TIME_WAIT`: free to std's listeners, not to
+    /// an app that binds without `SO_REUSEADDR`, so the mesh does not hand it out.
+    #[test]
+    fn a_port_in_time_wait_is_not_handed_out() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let (mut server, _) = listener.accept().expect("accept");
+        server.write_all(b"bye").expect("write");
+        drop(server); // the server closes first: its end (local port `port`) goes to TIME_WAIT
+        let mut buf = Vec::new();
+        client.read_to_end(&mut buf).expect("read to the server's close");
+        drop(client);
+        drop(listener);
+        assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(), "std's listeners reuse it");
+        assert!(!super::bindable(port), "port {port} in TIME_WAIT was called bindable");
+        // A port nobody used is.
+        let fresh = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        assert!(super::bindable(fresh));
     }
 }
